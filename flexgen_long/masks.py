@@ -1,0 +1,115 @@
+"""BlockMasks from a pattern's block rule, and the dense reference from its token rule.
+
+``build_block_mask`` never materialises a q_len x kv_len tensor: it evaluates the pattern's rectangle rule once per
+(query block, key block) and hands the result to ``BlockMask.from_kv_blocks``. Blocks that are visible in full are
+marked *full*, so FlexAttention skips the mask_mod there; only blocks cut by the pattern's edges (the diagonal, the
+window's far edge, sink and document boundaries) are *partial*.
+
+``dense_mask`` applies the token rule to every (query, key) pair. It is the oracle of the tests, not for long sequences.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask
+
+from .patterns import Documents, Pattern, _is_pow2, check_shape
+
+__all__ = ["build_block_mask", "dense_mask", "density"]
+
+
+def _check_pattern(pattern) -> None:
+    if not isinstance(pattern, Pattern):
+        raise ValueError(f"pattern must be a flexgen_long.patterns pattern (Full, AttnSink, BlockSparse), got "
+                         f"{type(pattern).__name__}")
+
+
+def _documents(doc_ids, kv_len: int, length: int, device) -> Documents | None:
+    if doc_ids is None:
+        return None
+    if not isinstance(doc_ids, Tensor) or doc_ids.dim() not in (1, 2) or doc_ids.shape[-1] != kv_len:
+        got = tuple(doc_ids.shape) if isinstance(doc_ids, Tensor) else type(doc_ids).__name__
+        raise ValueError(f"doc_ids must be a tensor of shape [kv_len={kv_len}] or [batch, kv_len={kv_len}], got {got}")
+    if doc_ids.is_floating_point() or doc_ids.is_complex():
+        raise ValueError(f"doc_ids must be an integer tensor, got dtype {doc_ids.dtype}")
+    return Documents.from_ids(doc_ids.to(device) if device is not None else doc_ids, length)
+
+
+def _ordered(dense: Tensor) -> tuple[Tensor, Tensor]:
+    """Block-level bool [..., R, C] -> (count [..., R], column indices [..., R, C]) with the selected columns first, in
+    order. A cumsum and a scatter, O(R*C): no sort needed, since the selection order is already the column order."""
+    C = dense.shape[-1]
+    num = dense.sum(-1, dtype=torch.int32)
+    slot = torch.cumsum(dense, dim=-1, dtype=torch.int32) - 1
+    slot = torch.where(dense, slot, C).long()  # unselected columns go to a dump slot past the end
+    cols = torch.arange(C, dtype=torch.int32, device=dense.device).expand_as(slot)
+    idx = torch.zeros(*dense.shape[:-1], C + 1, dtype=torch.int32, device=dense.device)
+    idx.scatter_(-1, slot, cols)
+    return num.contiguous(), idx[..., :C].contiguous()
+
+
+def build_block_mask(pattern: Pattern, q_len: int, kv_len: int, *, q_offset: int = 0, num_heads: int = 1,
+                     num_kv_heads: int | None = None, block_size: int = 128, device=None,
+                     doc_ids: Tensor | None = None) -> BlockMask:
+    """BlockMask of ``pattern`` for queries at absolute positions ``q_offset .. q_offset+q_len-1`` over keys
+    ``0 .. kv_len-1``.
+
+    Heads: one mask for all heads unless the pattern depends on the KV head (BlockSparse per_head), then one per query
+    head, query head ``h`` using KV head ``h // (num_heads // num_kv_heads)``. ``doc_ids`` ([kv_len] or
+    [batch, kv_len]) packs documents: a query sees keys of its own document only, with the pattern applied to positions
+    within the document. Memory is O(heads * q_blocks * kv_blocks)."""
+    _check_pattern(pattern)
+    num_kv_heads = check_shape(q_len, kv_len, q_offset, num_heads, num_kv_heads)
+    if not _is_pow2(block_size, 16):
+        raise ValueError(f"block_size must be a power of two >= 16, got {block_size!r}")
+    nq, nk = -(-q_len // block_size), -(-kv_len // block_size)
+    # pad the layout so that the mask_mod's indices stay in bounds on padded rows/columns of the last blocks
+    docs = _documents(doc_ids, kv_len, max(nk * block_size, q_offset + nq * block_size), device)
+    if docs is not None:
+        device = docs.run.device
+    rule = pattern.block_rule(q_len, kv_len, q_offset=q_offset, block_size=block_size, num_kv_heads=num_kv_heads,
+                              docs=docs, device=device)
+    partial, full = rule.partial, rule.full
+    if partial.shape[1] > 1:  # head-dependent: one row of blocks per query head, shared within a GQA group
+        group = num_heads // num_kv_heads
+        partial, full = partial.repeat_interleave(group, dim=1), full.repeat_interleave(group, dim=1)
+    kv_num, kv_idx = _ordered(partial)
+    full_num, full_idx = _ordered(full)
+    off = torch.tensor(q_offset, dtype=torch.int32, device=device)
+    mask_mod = pattern.mask_mod(q_offset=off, num_heads=num_heads, num_kv_heads=num_kv_heads, docs=docs)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size, mask_mod=mask_mod,
+                                    seq_lengths=(q_len, kv_len))
+
+
+def dense_mask(pattern: Pattern, q_len: int, kv_len: int, *, q_offset: int = 0, num_heads: int = 1,
+               num_kv_heads: int | None = None, doc_ids: Tensor | None = None) -> Tensor:
+    """Bool [B, H, q_len, kv_len] from the token rule alone: B = doc_ids' batch (1 without), H = num_heads for a
+    head-dependent pattern, else 1 (broadcasts over heads). For tests and small shapes only."""
+    _check_pattern(pattern)
+    num_kv_heads = check_shape(q_len, kv_len, q_offset, num_heads, num_kv_heads)
+    pat = pattern.bind_heads(num_kv_heads)
+    device = doc_ids.device if isinstance(doc_ids, Tensor) else None
+    q = (q_offset + torch.arange(q_len, device=device))[:, None]
+    k = torch.arange(kv_len, device=device)[None, :]
+    h = (torch.arange(num_heads, device=device) // (num_heads // num_kv_heads)).view(-1, 1, 1) \
+        if pat.head_dependent else torch.zeros(1, 1, 1, dtype=torch.long, device=device)
+    docs = _documents(doc_ids, kv_len, kv_len, None)
+    if docs is None:
+        return pat.visible(q, k, h).expand(h.shape[0], q_len, kv_len).unsqueeze(0)
+    run, start = docs.run.long(), docs.start.long()  # [B, kv_len]
+    rq, rk = run[:, q.squeeze(1)][:, None, :, None], run[:, None, None, :]
+    sq, sk = start[:, q.squeeze(1)][:, None, :, None], start[:, None, None, :]
+    return (rq == rk) & pat.visible(q - sq, k - sk, h)
+
+
+def density(pattern: Pattern, q_len: int, kv_len: int | None = None, *, num_kv_heads: int = 1) -> float:
+    """Fraction of the q_len x kv_len score matrix that is visible (queries are the last q_len keys), exact, in
+    O(q_len) from the pattern's per-row counts. A causal square has density ~0.5."""
+    kv_len = q_len if kv_len is None else kv_len
+    check_shape(q_len, kv_len, kv_len - q_len, num_kv_heads, num_kv_heads)
+    pat = pattern.bind_heads(num_kv_heads)
+    q = torch.arange(kv_len - q_len, kv_len, dtype=torch.int64)
+    heads = range(num_kv_heads) if pat.head_dependent else [0]
+    total = sum(int(pat.row_count(q, h).sum()) for h in heads) / len(heads)
+    return total / (q_len * kv_len)

@@ -1,0 +1,339 @@
+"""What a query may see: LongGen's attention patterns.
+
+Every pattern answers three questions, all on positions *within one document* (``q`` the query's, ``k`` the key's):
+
+* the token rule ``visible(q, k, kv_head)`` -- exact semantics (shared/FACTS.md section 4), vectorised over tensors;
+* the rectangle rule ``rect(q0, q1, k0, k1, kv_head) -> (any, all)`` -- whether *some* / *every* pair of the
+  rectangle ``[q0, q1] x [k0, k1]`` is visible (bounds inclusive). This is what makes block masks cheap: a BlockMask is
+  the rectangle rule evaluated once per (query block, key block), no token pair is ever enumerated;
+* ``row_count(q)`` -- how many keys a query at position ``q`` sees (for densities and cache sizes).
+
+``Pattern.mask_mod`` turns the token rule into a FlexAttention ``mask_mod`` for queries at absolute positions
+``q_offset + q_idx`` (decode, chunked prefill), GQA heads, and packed documents; ``Pattern.block_rule`` evaluates the
+rectangle rule for a whole (q_len, kv_len) grid, documents included. ``flexgen_long.masks`` builds BlockMasks from it.
+
+Documents: a packed sequence carries one id per token; a *document* is a maximal run of equal ids. A key is visible
+only inside the query's own document, and the pattern sees positions relative to the document's first token (so every
+document has its own sinks and its own block grid).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["Pattern", "Full", "AttnSink", "BlockSparse", "Documents", "BlockRule", "check_shape"]
+
+
+def _require(ok: bool, field: str, allowed: str, got) -> None:
+    if not ok:
+        raise ValueError(f"{field} must be {allowed}, got {got!r}")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_pow2(x, minimum: int) -> bool:
+    return _is_int(x) and x >= minimum and x & (x - 1) == 0
+
+
+class Documents(NamedTuple):
+    """Per-token document layout of a packed batch, padded past the sequence so out-of-range indices stay in bounds.
+
+    ``run``: [B, L] int32 run index of each token's document (non-decreasing, consecutive);
+    ``start``/``end``: [B, L] int32 absolute position of the first/last token of that document.
+    """
+
+    run: Tensor
+    start: Tensor
+    end: Tensor
+
+    @staticmethod
+    def from_ids(doc_ids: Tensor, length: int | None = None) -> "Documents":
+        """Build the layout from per-token ids ([L] or [B, L]); positions from ``L`` to ``length`` become one more
+        document of padding (never visible to a real query)."""
+        if not isinstance(doc_ids, Tensor) or doc_ids.dim() not in (1, 2) or doc_ids.is_floating_point():
+            got = doc_ids.shape if isinstance(doc_ids, Tensor) else type(doc_ids).__name__
+            raise ValueError(f"doc_ids must be an integer tensor of shape [kv_len] or [batch, kv_len], got {got}")
+        ids = doc_ids.reshape(1, -1) if doc_ids.dim() == 1 else doc_ids
+        B, L = ids.shape
+        length = L if length is None else max(length, L)
+        new = torch.ones(B, length, dtype=torch.bool, device=ids.device)
+        new[:, 1:L] = ids[:, 1:] != ids[:, :-1]  # a new run starts wherever the id changes
+        if length > L:
+            new[:, L + 1 :] = False  # [L, length) is one padding run
+        pos = torch.arange(length, device=ids.device, dtype=torch.int32).expand(B, length)
+        run = torch.cumsum(new, dim=1, dtype=torch.int32) - 1
+        start = torch.where(new, pos, 0).cummax(dim=1).values.to(torch.int32)
+        last = torch.ones_like(new)  # token is the last of its run
+        last[:, :-1] = new[:, 1:]
+        end = torch.where(last, pos, length).flip(1).cummin(dim=1).values.flip(1).to(torch.int32)
+        return Documents(run.contiguous(), start.contiguous(), end.contiguous())
+
+
+class BlockRule(NamedTuple):
+    """Block-level classification of a (q_len, kv_len) grid: ``partial`` blocks need the mask_mod, ``full`` blocks are
+    entirely visible, the rest are skipped. Both [B, H, num_q_blocks, num_kv_blocks] bool, H = num_kv_heads for a
+    head-dependent pattern else 1, B = 1 without documents."""
+
+    partial: Tensor
+    full: Tensor
+
+
+def check_shape(q_len, kv_len, q_offset, num_heads, num_kv_heads) -> int:
+    """Validate query/key geometry; returns num_kv_heads (defaulting to num_heads).
+
+    Queries sit at absolute positions q_offset .. q_offset+q_len-1 over keys 0 .. kv_len-1, and every query is also a
+    key (self-attention with a cache), hence q_offset + q_len <= kv_len."""
+    _require(_is_int(q_len) and q_len >= 1, "q_len", "an int >= 1", q_len)
+    _require(_is_int(kv_len) and kv_len >= 1, "kv_len", "an int >= 1", kv_len)
+    _require(_is_int(q_offset) and q_offset >= 0, "q_offset", "an int >= 0", q_offset)
+    _require(q_offset + q_len <= kv_len, "q_offset + q_len", f"<= kv_len={kv_len} (queries are keys too)",
+             q_offset + q_len)
+    _require(_is_int(num_heads) and num_heads >= 1, "num_heads", "an int >= 1", num_heads)
+    if num_kv_heads is None:
+        num_kv_heads = num_heads
+    _require(_is_int(num_kv_heads) and num_kv_heads >= 1 and num_heads % num_kv_heads == 0, "num_kv_heads",
+             f"a divisor of num_heads={num_heads}", num_kv_heads)
+    return num_kv_heads
+
+
+class Pattern:
+    """Base class. Subclasses define ``visible``, ``rect`` and ``row_count`` on document-relative positions."""
+
+    #: True when the rule depends on the KV head (BlockSparse with per_head=True).
+    head_dependent: bool = False
+
+    # -- the rules (overridden) ---------------------------------------------------------------------------------------
+    def visible(self, q: Tensor, k: Tensor, kv_head: Tensor | int = 0) -> Tensor:
+        raise NotImplementedError
+
+    def rect(self, q0: Tensor, q1: Tensor, k0: Tensor, k1: Tensor, kv_head: Tensor | int = 0) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def row_count(self, q: Tensor, kv_head: Tensor | int = 0) -> Tensor:
+        raise NotImplementedError
+
+    def bind_heads(self, num_kv_heads: int) -> "Pattern":
+        """The pattern as used with ``num_kv_heads`` KV heads (only BlockSparse's per-head shift depends on it)."""
+        return self
+
+    # -- FlexAttention ------------------------------------------------------------------------------------------------
+    def mask_mod(self, *, q_offset: Tensor | int = 0, num_heads: int = 1, num_kv_heads: int | None = None,
+                 docs: Documents | None = None) -> Callable:
+        """FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` for queries at absolute ``q_offset + q_idx``.
+
+        ``h`` is the query head; its KV head is ``h // (num_heads // num_kv_heads)``. The offset is captured as a 0-d
+        tensor so that a compiled kernel is reused across offsets (a Python int would be a new constant each time)."""
+        num_kv_heads = num_kv_heads or num_heads
+        pat = self.bind_heads(num_kv_heads)
+        group = num_heads // num_kv_heads
+        off = q_offset if isinstance(q_offset, Tensor) else torch.tensor(q_offset, dtype=torch.int32)
+
+        if docs is None:
+            def mask_mod(b, h, q_idx, kv_idx):
+                return pat.visible(q_idx + off, kv_idx, h // group)
+        else:
+            run, start = docs.run, docs.start
+            batched = run.shape[0] > 1  # one layout for every sequence of the batch, or one per sequence
+
+            def mask_mod(b, h, q_idx, kv_idx):
+                b = b if batched else 0
+                q = q_idx + off
+                same = run[b, q] == run[b, kv_idx]
+                return same & pat.visible(q - start[b, q], kv_idx - start[b, kv_idx], h // group)
+
+        mask_mod.__name__ = f"{type(self).__name__.lower()}_mask"
+        return mask_mod
+
+    # -- the block rule over a whole grid ------------------------------------------------------------------------------
+    def block_rule(self, q_len: int, kv_len: int, *, q_offset: int = 0, block_size: int = 128,
+                   num_kv_heads: int = 1, docs: Documents | None = None, device=None) -> BlockRule:
+        """Classify every (query block, key block) of the grid. Query block ``i`` covers absolute positions
+        ``q_offset + i*block_size`` .. (clipped to the last query); key block ``j`` covers ``j*block_size`` .. (clipped
+        to kv_len-1). Memory and time are O(num_q_blocks * num_kv_blocks * heads), never O(q_len * kv_len)."""
+        pat = self.bind_heads(num_kv_heads)
+        dev = docs.run.device if docs is not None else device
+        i32 = dict(dtype=torch.int32, device=dev)
+        nq, nk = -(-q_len // block_size), -(-kv_len // block_size)
+        q0 = q_offset + torch.arange(nq, **i32) * block_size
+        q1 = torch.clamp(q0 + block_size - 1, max=q_offset + q_len - 1)
+        k0 = torch.arange(nk, **i32) * block_size
+        k1 = torch.clamp(k0 + block_size - 1, max=kv_len - 1)
+        h = torch.arange(num_kv_heads, **i32).view(-1, 1, 1) if pat.head_dependent else 0
+        if docs is None:
+            q0, q1, k0, k1 = q0[:, None], q1[:, None], k0[None, :], k1[None, :]
+            any_, all_ = pat.rect(q0, q1, k0, k1, h)
+            shape = (1, num_kv_heads if pat.head_dependent else 1, nq, nk)
+            any_, all_ = any_.expand(shape), all_.expand(shape)
+        else:
+            any_, all_ = pat._doc_rect(docs, q0, q1, k0, k1, h)
+        return BlockRule(partial=any_ & ~all_, full=all_)
+
+    def _doc_rect(self, docs: Documents, q0, q1, k0, k1, h):
+        """Rectangle rule for packed documents, exactly: the pairs of a rectangle that can be visible lie in the
+        documents common to its query range and key range. Documents strictly between the first and the last common
+        one lie wholly inside both ranges, so their diagonal (k == q, visible in every pattern) is in the rectangle;
+        the first and the last common document are checked on their sub-rectangles. A rectangle is full only if it
+        lies in one document and that sub-rectangle is full."""
+        run, start, end = docs.run, docs.start, docs.end
+        B = run.shape[0]
+        H = h.shape[0] if isinstance(h, Tensor) else 1
+        g = lambda t, idx: t.gather(1, idx.reshape(1, -1).expand(B, -1))  # noqa: E731  [B, n]
+        dq0, dq1, dk0, dk1 = g(run, q0), g(run, q1), g(run, k0), g(run, k1)
+        sq0, eq0, sq1, eq1 = g(start, q0), g(end, q0), g(start, q1), g(end, q1)
+        sk0, ek0, sk1, ek1 = g(start, k0), g(end, k0), g(start, k1), g(end, k1)
+        # broadcast to [B, 1, NQ, NK]
+        Q = lambda t: t[:, None, :, None]  # noqa: E731
+        K = lambda t: t[:, None, None, :]  # noqa: E731
+        dq0, dq1, sq0, eq0, sq1, eq1 = map(Q, (dq0, dq1, sq0, eq0, sq1, eq1))
+        dk0, dk1, sk0, ek0, sk1, ek1 = map(K, (dk0, dk1, sk0, ek0, sk1, ek1))
+        q0, q1, k0, k1 = q0[None, None, :, None], q1[None, None, :, None], k0[None, None, None, :], k1[None, None, None, :]
+
+        first_from_q = dq0 >= dk0  # first common document = the later of the two first documents
+        s_f = torch.where(first_from_q, sq0, sk0)
+        e_f = torch.where(first_from_q, eq0, ek0)
+        last_from_q = dq1 <= dk1  # last common document = the earlier of the two last documents
+        s_l = torch.where(last_from_q, sq1, sk1)
+        e_l = torch.where(last_from_q, eq1, ek1)
+        d_first = torch.maximum(dq0, dk0)
+        d_last = torch.minimum(dq1, dk1)
+        overlap = d_first <= d_last
+
+        def sub_any(s, e):
+            a, _ = self.rect(torch.maximum(q0, s) - s, torch.minimum(q1, e) - s,
+                             torch.maximum(k0, s) - s, torch.minimum(k1, e) - s, h)
+            return a
+
+        any_ = overlap & (sub_any(s_f, e_f) | sub_any(s_l, e_l) | (d_last - d_first >= 2))
+        one_doc = (dq0 == dq1) & (dk0 == dk1) & (dq0 == dk0)
+        _, all_in = self.rect(q0 - sq0, q1 - sq0, k0 - sq0, k1 - sq0, h)
+        all_ = one_doc & all_in
+        shape = (B, H, q0.shape[2], k0.shape[3])
+        return any_.expand(shape), all_.expand(shape)
+
+
+@dataclass(frozen=True)
+class Full(Pattern):
+    """Causal attention: ``k <= q``."""
+
+    def visible(self, q, k, kv_head=0):
+        return k <= q
+
+    def rect(self, q0, q1, k0, k1, kv_head=0):
+        return k0 <= q1, k1 <= q0
+
+    def row_count(self, q, kv_head=0):
+        return q + 1
+
+
+@dataclass(frozen=True)
+class AttnSink(Pattern):
+    """Attention sink + sliding window: ``k <= q and (k < sink or q - k < window)``.
+
+    The window counts the query itself (``window`` keys, as HF's ``sliding_window``); ``sink=0`` is a plain sliding
+    window."""
+
+    sink: int
+    window: int
+
+    def __post_init__(self):
+        _require(_is_int(self.sink) and self.sink >= 0, "AttnSink.sink", "an int >= 0", self.sink)
+        _require(_is_int(self.window) and self.window >= 1, "AttnSink.window", "an int >= 1", self.window)
+
+    def visible(self, q, k, kv_head=0):
+        return (k <= q) & ((k < self.sink) | (q - k < self.window))
+
+    def rect(self, q0, q1, k0, k1, kv_head=0):
+        # some pair: a sink key at or before the last query, or some q - k in [0, window - 1]
+        any_ = (k0 <= q1) & ((k0 < self.sink) | (q0 - k1 < self.window))
+        # every pair: causal everywhere, and every non-sink key within the window of the last query
+        all_ = (k1 <= q0) & ((k1 < self.sink) | (q1 - torch.clamp(k0, min=self.sink) < self.window))
+        return any_, all_
+
+    def row_count(self, q, kv_head=0):
+        sink = torch.clamp(q + 1, max=self.sink)
+        win = torch.clamp(q + 1, max=self.window)
+        overlap = torch.clamp(sink - torch.clamp(q - self.window + 1, min=0), min=0)
+        return sink + win - overlap
+
+
+@dataclass(frozen=True)
+class BlockSparse(Pattern):
+    """Local blocks + blocks on a fixed vertical stride (LongGen / Sparse-Transformer style).
+
+    With ``qb = q // block`` and ``kb = k // block``: ``k <= q and (qb - kb < local_blocks or
+    (kb + shift(h)) % vertical_stride == 0)``. ``local_blocks`` counts the query's own block. ``shift(h) = 0`` unless
+    ``per_head``, then ``h * max(1, vertical_stride // num_kv_heads)`` for KV head ``h`` -- all query heads of a GQA
+    group share their KV head's pattern. With shift 0, block 0 is on the stride (it acts as a sink)."""
+
+    block: int
+    local_blocks: int
+    vertical_stride: int
+    per_head: bool = False
+    num_kv_heads: int | None = None  # set by bind_heads(); only the per-head shift uses it
+
+    def __post_init__(self):
+        _require(_is_pow2(self.block, 16), "BlockSparse.block", "a power of two >= 16", self.block)
+        _require(_is_int(self.local_blocks) and self.local_blocks >= 1, "BlockSparse.local_blocks", "an int >= 1",
+                 self.local_blocks)
+        _require(_is_int(self.vertical_stride) and self.vertical_stride >= 1, "BlockSparse.vertical_stride",
+                 "an int >= 1", self.vertical_stride)
+        _require(isinstance(self.per_head, bool), "BlockSparse.per_head", "True or False", self.per_head)
+        _require(self.num_kv_heads is None or (_is_int(self.num_kv_heads) and self.num_kv_heads >= 1),
+                 "BlockSparse.num_kv_heads", "None or an int >= 1", self.num_kv_heads)
+
+    @property
+    def head_dependent(self) -> bool:  # type: ignore[override]
+        # with one KV head (or a stride of 1) every head has shift 0 mod the stride: one mask serves all heads
+        return self.per_head and self.vertical_stride > 1 and self.num_kv_heads != 1
+
+    def bind_heads(self, num_kv_heads: int) -> "BlockSparse":
+        if not self.per_head or self.num_kv_heads == num_kv_heads:
+            return self
+        return BlockSparse(self.block, self.local_blocks, self.vertical_stride, True, num_kv_heads)
+
+    def shift(self, kv_head: Tensor | int):
+        if not self.per_head:
+            return 0
+        if self.num_kv_heads is None:
+            raise ValueError("BlockSparse(per_head=True) needs the number of KV heads: call bind_heads(num_kv_heads)")
+        return kv_head * max(1, self.vertical_stride // self.num_kv_heads)
+
+    def _on_stride(self, kb, kv_head):
+        return (kb + self.shift(kv_head)) % self.vertical_stride == 0
+
+    def visible(self, q, k, kv_head=0):
+        qb, kb = q // self.block, k // self.block
+        return (k <= q) & ((qb - kb < self.local_blocks) | self._on_stride(kb, kv_head))
+
+    def rect(self, q0, q1, k0, k1, kv_head=0):
+        bs, L, V = self.block, self.local_blocks, self.vertical_stride
+        s = self.shift(kv_head)
+        kb0, kb1 = k0 // bs, k1 // bs
+        # local: the diagonal if the ranges overlap, else the closest pair (q0, k1)
+        any_local = (k0 <= q1) & ((q0 <= k1) | (q0 // bs - kb1 < L))
+        # stride: the first on-stride block at or after kb0 must start at or before min(k1, q1)
+        kb_on = kb0 + torch.remainder(-(kb0 + s), V)
+        any_stride = kb_on <= torch.minimum(k1, q1) // bs
+        any_ = (k0 <= q1) & (any_local | any_stride)
+        # every pair: causal everywhere, and the first off-stride key block (if any) local to the last query
+        kb_off = torch.where(self._on_stride(kb0, kv_head), kb0 + 1, kb0)
+        no_off = (kb_off > kb1) | (V == 1)
+        all_ = (k1 <= q0) & (no_off | (q1 // bs - kb_off < L))
+        return any_, all_
+
+    def row_count(self, q, kv_head=0):
+        bs, L, V = self.block, self.local_blocks, self.vertical_stride
+        qb = q // bs
+        lo = torch.clamp(qb - L + 1, min=0)  # first local block
+        local = q + 1 - lo * bs
+        # on-stride blocks among [0, lo): kb with (kb + s) % V == 0
+        s = torch.remainder(torch.as_tensor(self.shift(kv_head)), V)
+        first = torch.remainder(-s, V)  # first on-stride block index
+        n_stride = torch.where(lo > first, (lo - 1 - first) // V + 1, 0)
+        return local + n_stride * bs

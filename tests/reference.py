@@ -1,0 +1,79 @@
+"""Independent oracles for the tests: FACTS section 4 written out token by token in plain Python, and the expansion
+of a BlockMask to tokens. Nothing here imports the rules under test."""
+
+from __future__ import annotations
+
+import torch
+
+from flexgen_long.patterns import AttnSink, BlockSparse, Full
+
+
+def visible(pat, q: int, k: int, kv_head: int, num_kv_heads: int) -> bool:
+    """FACTS section 4, literally (q, k positions within the document)."""
+    if k > q:
+        return False
+    if isinstance(pat, Full):
+        return True
+    if isinstance(pat, AttnSink):
+        return k < pat.sink or q - k < pat.window
+    if isinstance(pat, BlockSparse):
+        qb, kb = q // pat.block, k // pat.block
+        shift = kv_head * max(1, pat.vertical_stride // num_kv_heads) if pat.per_head else 0
+        return qb - kb < pat.local_blocks or (kb + shift) % pat.vertical_stride == 0
+    raise TypeError(pat)
+
+
+def doc_starts(ids: list[int]) -> tuple[list[int], list[int]]:
+    """(run index, first position of the run) per token; a document is a maximal run of equal ids."""
+    runs, starts, r, s = [], [], -1, 0
+    for t, d in enumerate(ids):
+        if t == 0 or d != ids[t - 1]:
+            r, s = r + 1, t
+        runs.append(r)
+        starts.append(s)
+    return runs, starts
+
+
+def dense(pat, q_len, kv_len, q_offset=0, num_heads=1, num_kv_heads=None, doc_ids=None) -> torch.Tensor:
+    """Bool [B, num_heads, q_len, kv_len] by loops."""
+    num_kv_heads = num_kv_heads or num_heads
+    group = num_heads // num_kv_heads
+    batch = [None] if doc_ids is None else (doc_ids.reshape(-1, kv_len).tolist())
+    out = torch.zeros(len(batch), num_heads, q_len, kv_len, dtype=torch.bool)
+    for b, ids in enumerate(batch):
+        runs, starts = doc_starts(ids) if ids is not None else ([0] * kv_len, [0] * kv_len)
+        for h in range(num_heads):
+            for i in range(q_len):
+                q = q_offset + i
+                for k in range(q + 1 if q < kv_len else kv_len):
+                    if runs[k] == runs[q]:
+                        out[b, h, i, k] = visible(pat, q - starts[q], k - starts[k], h // group, num_kv_heads)
+    return out
+
+
+def expand_block_mask(bm, q_len: int, kv_len: int):
+    """Token-level mask that FlexAttention applies for ``bm``: partial blocks through bm.mask_mod, full blocks all
+    true, absent blocks false. Returns (mask [B, H, q_len, kv_len], full_tokens, partial_tokens)."""
+    Bsz, H, nq = bm.kv_num_blocks.shape
+    bq, bk = bm.BLOCK_SIZE
+    nk = -(-kv_len // bk)
+
+    def blocks(num, idx):
+        valid = torch.arange(idx.shape[-1]) < num[..., None].long()
+        assert ((idx >= 0) & (idx < nk))[valid].all(), "kv block index out of range"
+        sel = torch.where(valid, idx.long(), nk)
+        cnt = torch.zeros(Bsz, H, nq, nk + 1, dtype=torch.int32).scatter_add_(-1, sel, torch.ones_like(sel, dtype=torch.int32))
+        assert cnt[..., :nk].max() <= 1, "kv block listed twice in a row"
+        return cnt[..., :nk] > 0
+
+    part = blocks(bm.kv_num_blocks, bm.kv_indices)
+    full = blocks(bm.full_kv_num_blocks, bm.full_kv_indices) if bm.full_kv_num_blocks is not None else part & False
+    assert not (part & full).any(), "a block is both partial and full"
+    tok = lambda x: x.repeat_interleave(bq, 2).repeat_interleave(bk, 3)[:, :, :q_len, :kv_len]  # noqa: E731
+    part_t, full_t = tok(part), tok(full)
+    b = torch.arange(Bsz).view(-1, 1, 1, 1)
+    h = torch.arange(H).view(1, -1, 1, 1)
+    q = torch.arange(q_len).view(1, 1, -1, 1)
+    k = torch.arange(kv_len).view(1, 1, 1, -1)
+    mm = bm.mask_mod(b, h, q, k).expand(Bsz, H, q_len, kv_len)
+    return full_t | (part_t & mm), full_t, part_t
