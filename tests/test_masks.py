@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import flex_attention
+from torch.nn.attention.flex_attention import _transpose_ordered, flex_attention
 
 from flexgen_long.masks import build_block_mask, dense_mask
 from flexgen_long.patterns import AttnSink, BlockSparse, Full
@@ -47,6 +47,13 @@ def check(pat, q_len, kv_len, q_offset, heads, kv_heads, block_size, doc_ids=Non
     has_vis = (w == 1).any(dim=(3, 5))
     has_masked = (w == 0).any(dim=(3, 5))
     assert (has_vis & has_masked)[is_part].all(), "a partial block is entirely visible or entirely masked"
+    # the key-major view (used by the backward pass) equals what torch derives from the query-major one
+    for num, idx, qnum, qidx in [(bm.kv_num_blocks, bm.kv_indices, bm.q_num_blocks, bm.q_indices),
+                                 (bm.full_kv_num_blocks, bm.full_kv_indices, bm.full_q_num_blocks, bm.full_q_indices)]:
+        tnum, tidx = _transpose_ordered(num, idx)
+        assert torch.equal(qnum, tnum)
+        valid = torch.arange(tidx.shape[-1]) < tnum[..., None]
+        assert torch.equal(torch.where(valid, qidx, -1), torch.where(valid, tidx, -1))
     return bm
 
 
