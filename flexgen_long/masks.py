@@ -71,11 +71,11 @@ def build_block_mask(pattern: Pattern, q_len: int, kv_len: int, *, q_offset: int
     rule = pattern.block_rule(q_len, kv_len, q_offset=q_offset, block_size=block_size, num_kv_heads=num_kv_heads,
                               docs=docs, device=device)
     partial, full = rule.partial, rule.full
-    if partial.shape[1] > 1:  # head-dependent: one row of blocks per query head, shared within a GQA group
+    views = [_ordered(partial), _ordered(full), _ordered(partial.transpose(-2, -1)), _ordered(full.transpose(-2, -1))]
+    if partial.shape[1] > 1:  # head-dependent: computed per KV head, then one row of blocks per query head
         group = num_heads // num_kv_heads
-        partial, full = partial.repeat_interleave(group, dim=1), full.repeat_interleave(group, dim=1)
-    kv_num, kv_idx = _ordered(partial)
-    full_num, full_idx = _ordered(full)
+        views = [tuple(t.repeat_interleave(group, dim=1) for t in view) for view in views]
+    (kv_num, kv_idx), (full_num, full_idx), (q_num, q_idx), (full_q_num, full_q_idx) = views
     off = torch.tensor(q_offset, dtype=torch.int32, device=device)
     mask_mod = pattern.mask_mod(q_offset=off, num_heads=num_heads, num_kv_heads=num_kv_heads, docs=docs)
     bm = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size, mask_mod=mask_mod,
@@ -83,8 +83,7 @@ def build_block_mask(pattern: Pattern, q_len: int, kv_len: int, *, q_offset: int
     # The backward pass walks the mask by key block. from_kv_blocks would derive that view by expanding the indices to
     # a dense block matrix and argsorting it (a few ms at 128K with per-head masks); the transposed block rule gives
     # the same indices in one cumsum.
-    bm.q_num_blocks, bm.q_indices = _ordered(partial.transpose(-2, -1))
-    bm.full_q_num_blocks, bm.full_q_indices = _ordered(full.transpose(-2, -1))
+    bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices = q_num, q_idx, full_q_num, full_q_idx
     return bm
 
 
