@@ -65,9 +65,9 @@ def correctness() -> list[dict]:
     out = []
     torch.manual_seed(0)
     cases = [
-        (AttnSink(4, 100), 333, 1000, 667, 64, None),
+        (AttnSink(4, 100), 333, 1000, 667, 128, None),
         (AttnSink(0, 257), 1000, 1000, 0, 128, "docs"),
-        (BlockSparse(64, 2, 4, per_head=True), 777, 1100, 323, 64, None),
+        (BlockSparse(64, 2, 4, per_head=True), 777, 1100, 323, 128, None),
         (BlockSparse(128, 1, 3), 1000, 1000, 0, 128, "docs"),
         (Full(), 1000, 1000, 0, 128, "docs"),
     ]
@@ -166,6 +166,8 @@ def bench_attention(L: int, levers: bool) -> list[dict]:
     for name, pat, bs, opts in variants:
         bm = build_block_mask(pat, L, L, num_heads=HQ, num_kv_heads=HKV, block_size=bs, device="cuda")
         dens = density(pat, L, num_kv_heads=HKV)
+        if bs < 128 and opts is None:  # the kernel's tiles must divide the mask's blocks
+            opts = {"BLOCK_M": bs, "BLOCK_N": bs, "BLOCK_M1": bs // 2, "BLOCK_N1": bs, "BLOCK_M2": bs, "BLOCK_N2": bs // 2}
         kw = {"kernel_options": opts} if opts else {}
         f = lambda: flex(q, k, v, block_mask=bm, enable_gqa=True, **kw)  # noqa: E731
         row = {"length": L, "variant": name, "pattern": repr(pat), "mask_block": bs, "kernel_options": opts,
