@@ -84,7 +84,7 @@ def correctness() -> list[dict]:
         o = flex(q, k, v, block_mask=bm, enable_gqa=True)
         g = torch.randn_like(o)
         gq, gk, gv = torch.autograd.grad(o, (q, k, v), g)
-        m = dense_mask(pat, ql, kl, q_offset=off, num_heads=HQ // 4, num_kv_heads=HKV // 4, doc_ids=doc_ids)
+        m = dense_mask(pat, ql, kl, q_offset=off, num_heads=HQ // 4, num_kv_heads=HKV // 4, doc_ids=doc_ids, device="cuda")
         with sdpa_kernel([SDPBackend.MATH]):
             r = F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)
         rq, rk, rv = torch.autograd.grad(r, (q, k, v), g)

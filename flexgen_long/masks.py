@@ -88,13 +88,17 @@ def build_block_mask(pattern: Pattern, q_len: int, kv_len: int, *, q_offset: int
 
 
 def dense_mask(pattern: Pattern, q_len: int, kv_len: int, *, q_offset: int = 0, num_heads: int = 1,
-               num_kv_heads: int | None = None, doc_ids: Tensor | None = None) -> Tensor:
+               num_kv_heads: int | None = None, doc_ids: Tensor | None = None, device=None) -> Tensor:
     """Bool [B, H, q_len, kv_len] from the token rule alone: B = doc_ids' batch (1 without), H = num_heads for a
-    head-dependent pattern, else 1 (broadcasts over heads). For tests and small shapes only."""
+    head-dependent pattern, else 1 (broadcasts over heads). On ``device`` (default: doc_ids' device, else CPU).
+    For tests and small shapes only."""
     _check_pattern(pattern)
     num_kv_heads = check_shape(q_len, kv_len, q_offset, num_heads, num_kv_heads)
     pat = pattern.bind_heads(num_kv_heads)
-    device = doc_ids.device if isinstance(doc_ids, Tensor) else None
+    if device is None:
+        device = doc_ids.device if isinstance(doc_ids, Tensor) else None
+    if isinstance(doc_ids, Tensor):
+        doc_ids = doc_ids.to(device)
     q = (q_offset + torch.arange(q_len, device=device))[:, None]
     k = torch.arange(kv_len, device=device)[None, :]
     h = (torch.arange(num_heads, device=device) // (num_heads // num_kv_heads)).view(-1, 1, 1) \
