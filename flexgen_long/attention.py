@@ -1,0 +1,173 @@
+"""One attention layer of the hybrid model: torchtune's projections and RoPE, GQA, a pattern, and the kernel choice.
+
+Kernel dispatch (``HybridAttention.attend``, the one place that picks a kernel):
+
+* full layer, unpacked batch      -> ``F.scaled_dot_product_attention(is_causal=True)``: torch picks its fastest backend
+                                     (cuDNN / flash on GPU); no mask tensor at all;
+* sparse layer, or a packed batch -> compiled ``flex_attention`` with the pattern's BlockMask (``masks.build_block_mask``,
+                                     document-masked when packed);
+* the same, but the MaskSet is *dense* (CPU with gradients: flex has no CPU backward) -> SDPA with the bool mask of the
+                                     same token rule (``masks.dense_mask``). Same semantics, O(S^2) memory: tests only.
+
+GQA is never expanded: SDPA and flex get ``enable_gqa=True`` and K/V with ``num_kv_heads`` heads.
+
+Masks are built once per forward pass, one per distinct pattern, by ``MaskSet`` (the model builds it and hands it to
+every layer through torchtune's ``mask`` keyword).
+
+The flex guard: uncompiled ``flex_attention`` materialises the whole score matrix, and dynamo silently runs a function
+uncompiled once it has recompiled it ``recompile_limit`` times (shared/FACTS.md section 2). All flex calls go through
+one module-level compiled function whose body checks ``torch.compiler.is_compiling()``: dynamo folds that to True
+while tracing, so compiled code never sees the check, but when dynamo gives up (recompile limit, compile disabled,
+``set_stance("force_eager")``) the body runs as plain Python, sees False, and raises ``FlexNotCompiledError`` for any
+sequence longer than ``FLEX_EAGER_MAX_LEN``. Short sequences may run eagerly (cheap CPU tests use this).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torchtune.modules import MultiHeadAttention
+
+from .masks import build_block_mask, dense_mask
+from .patterns import Documents, Full, Pattern
+
+__all__ = ["HybridAttention", "MaskSet", "FlexNotCompiledError", "FLEX_EAGER_MAX_LEN", "flex_attention_compiled",
+           "positions_in_documents"]
+
+#: Longest query or key length that flex may run uncompiled (its eager path allocates B*H*q_len*kv_len scores).
+FLEX_EAGER_MAX_LEN = 2048
+#: BlockMask block size (query and key); FlexAttention's default tile.
+BLOCK_SIZE = 128
+
+
+class FlexNotCompiledError(RuntimeError):
+    """flex_attention was about to run uncompiled on a long sequence."""
+
+
+def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask) -> Tensor:
+    if not torch.compiler.is_compiling():
+        # Only reached when dynamo did not compile this call (see the module docstring).
+        if max(q.shape[-2], k.shape[-2]) > FLEX_EAGER_MAX_LEN:
+            raise FlexNotCompiledError(
+                f"flex_attention would run uncompiled on q_len={q.shape[-2]}, kv_len={k.shape[-2]} (> "
+                f"FLEX_EAGER_MAX_LEN={FLEX_EAGER_MAX_LEN}), materialising the full score matrix. Usual cause: dynamo "
+                f"hit torch._dynamo.config.recompile_limit={torch._dynamo.config.recompile_limit} for this function "
+                "(new shapes or mask_mods on every call; run with TORCH_LOGS=recompiles), or compilation is disabled.")
+    return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+
+#: The one compiled flex entry point. dynamic=False: training and prefill shapes repeat, and static shapes give the
+#: best kernels; each new sequence length costs a recompile, which the guard above catches once they pile up.
+flex_attention_compiled = torch.compile(_flex, dynamic=False, fullgraph=True)
+
+
+def positions_in_documents(doc_ids: Tensor) -> Tensor:
+    """[B, S] (or [S] -> [1, S]) RoPE positions that restart at 0 at every document start."""
+    docs = Documents.from_ids(doc_ids)
+    pos = torch.arange(docs.start.shape[1], device=docs.start.device, dtype=torch.int32)
+    return (pos - docs.start).long()
+
+
+class MaskSet:
+    """The masks of one forward pass: for each distinct pattern, what its kernel needs for this batch.
+
+    ``kind`` is ``"block"`` (BlockMasks for flex) or ``"dense"`` (bool masks for SDPA; CPU with gradients). A Full
+    pattern on an unpacked batch needs no mask (SDPA ``is_causal``) and gets none."""
+
+    def __init__(self, patterns: Iterable[Pattern], seq_len: int, *, num_heads: int, num_kv_heads: int,
+                 device, doc_ids: Tensor | None = None, kind: str = "block"):
+        if kind not in ("block", "dense"):
+            raise ValueError(f"MaskSet kind must be 'block' or 'dense', got {kind!r}")
+        if doc_ids is not None:
+            if not isinstance(doc_ids, Tensor) or doc_ids.dim() not in (1, 2) or doc_ids.shape[-1] != seq_len \
+                    or doc_ids.is_floating_point() or doc_ids.dtype == torch.bool:
+                got = (doc_ids.dtype, tuple(doc_ids.shape)) if isinstance(doc_ids, Tensor) else type(doc_ids).__name__
+                raise ValueError(f"doc_ids must be an integer tensor of shape [batch, seq_len={seq_len}] or "
+                                 f"[seq_len], got {got}")
+            doc_ids = doc_ids.to(device)
+        self.seq_len, self.kind, self.doc_ids = seq_len, kind, doc_ids
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.masks: dict[Pattern, Tensor | BlockMask] = {}
+        for p in dict.fromkeys(patterns):  # distinct, in layer order
+            if isinstance(p, Full) and doc_ids is None:
+                continue
+            if kind == "block":
+                self.masks[p] = build_block_mask(p, seq_len, seq_len, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                                                 block_size=BLOCK_SIZE, device=device, doc_ids=doc_ids)
+            else:
+                self.masks[p] = dense_mask(p, seq_len, seq_len, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                                           doc_ids=doc_ids).to(device)
+
+    @staticmethod
+    def kind_for(device, needs_grad: bool) -> str:
+        """'dense' where flex cannot run the backward pass (CPU with gradients), else 'block'."""
+        return "dense" if torch.device(device).type == "cpu" and needs_grad else "block"
+
+    def __getitem__(self, pattern: Pattern):
+        try:
+            return self.masks[pattern]
+        except KeyError:
+            raise KeyError(f"no mask for {pattern!r} in this MaskSet (built for {list(self.masks)})") from None
+
+
+class HybridAttention(MultiHeadAttention):
+    """torchtune's ``MultiHeadAttention`` (same submodules, same state-dict keys) with a fixed ``pattern`` and its own
+    kernel dispatch. Self-attention only; no KV cache yet (generation with compact per-pattern caches comes later and
+    plugs in at ``attend``)."""
+
+    def __init__(self, *, embed_dim: int, num_heads: int, num_kv_heads: int, head_dim: int, q_proj: nn.Module,
+                 k_proj: nn.Module, v_proj: nn.Module, output_proj: nn.Module, pos_embeddings: nn.Module,
+                 max_seq_len: int, pattern: Pattern):
+        super().__init__(embed_dim=embed_dim, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                         q_proj=q_proj, k_proj=k_proj, v_proj=v_proj, output_proj=output_proj,
+                         pos_embeddings=pos_embeddings, max_seq_len=max_seq_len, is_causal=True, attn_dropout=0.0)
+        if not isinstance(pattern, Pattern):
+            raise ValueError(f"pattern must be a flexgen_long.patterns pattern, got {pattern!r}")
+        self.pattern = pattern
+        self._attention_call = None  # torchtune's SDPA/flex gate is not used (CUDA-only flex, expands GQA)
+
+    def extra_repr(self) -> str:
+        return f"pattern={self.pattern!r}"
+
+    def setup_cache(self, batch_size: int, dtype: torch.dtype, max_seq_len: int) -> None:
+        raise NotImplementedError("HybridAttention has no KV cache yet: torchtune's KVCache keeps every key, which "
+                                  "defeats the sparse layers; per-pattern compact caches come with the generation "
+                                  "feature")
+
+    def forward(self, x: Tensor, y: Tensor | None = None, *, mask: MaskSet | None = None,
+                input_pos: Tensor | None = None) -> Tensor:
+        if y is not None and y is not x:
+            raise ValueError("HybridAttention is self-attention: y must be None or x itself")
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
+        q = self.pos_embeddings(q, input_pos=input_pos)
+        k = self.pos_embeddings(k, input_pos=input_pos)
+        if mask is None:  # a layer used on its own: unpacked, masks for this layer only
+            mask = MaskSet([self.pattern], s, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                           device=x.device, kind=MaskSet.kind_for(x.device, torch.is_grad_enabled()))
+        out = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
+        return self.output_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, masks: MaskSet) -> Tensor:
+        """The kernel dispatch. q [B, Hq, S, D], k/v [B, Hkv, S, D] -> [B, Hq, S, D]."""
+        if not isinstance(masks, MaskSet):
+            raise ValueError("mask must be a flexgen_long.attention.MaskSet (the hybrid model builds one per forward "
+                             f"from doc_ids); torchtune bool masks / BlockMasks would override the per-layer patterns, "
+                             f"got {type(masks).__name__}")
+        if q.shape[-2] != masks.seq_len:
+            raise ValueError(f"MaskSet was built for seq_len={masks.seq_len}, the layer got {q.shape[-2]} tokens")
+        if isinstance(self.pattern, Full) and masks.doc_ids is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        m = masks[self.pattern]
+        if masks.kind == "dense":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)
+        if q.device.type == "cpu" and (q.requires_grad or k.requires_grad or v.requires_grad):
+            raise RuntimeError("flex_attention has no CPU backward: build the MaskSet with kind='dense' "
+                               "(the model does this by itself when gradients are needed on CPU)")
+        return flex_attention_compiled(q, k, v, m)

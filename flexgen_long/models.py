@@ -1,0 +1,223 @@
+"""torchtune builders for LongGen hybrid Llamas: full attention in some layers, a sparse pattern in the others.
+
+The module tree and state-dict keys are torchtune's llama ones (``tok_embeddings``, ``layers.{i}.attn.q_proj`` ...,
+``norm``, ``output``), so torchtune's HF / Meta checkpointers load real weights unchanged; only the attention kernels
+differ. Every builder is usable as ``_component_`` in a torchtune YAML config::
+
+    model:
+      _component_: flexgen_long.models.longgen_llama2_7b
+      max_seq_len: 131072
+      rope_base: 5000000
+      full_layers: middle
+      sparse_pattern:
+        _component_: flexgen_long.patterns.AttnSink
+        sink: 64
+        window: 1984
+
+Forward: ``model(tokens, doc_ids=None)`` -> logits [B, S, vocab]. ``doc_ids`` [B, S] packs documents (a document is a
+maximal run of equal ids; see ``doc_ids_from_seq_lens`` for torchtune's packed datasets): attention stays inside each
+document and RoPE positions restart at every document.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import Tensor, nn
+from torchtune.models.llama3._component_builders import llama3_mlp
+from torchtune.models.llama3_1._position_embeddings import Llama3ScaledRoPE
+from torchtune.modules import RMSNorm, RotaryPositionalEmbeddings, TiedLinear, TransformerDecoder, \
+    TransformerSelfAttentionLayer
+
+from .attention import HybridAttention, MaskSet, positions_in_documents
+from .layout import DEFAULT_SPARSE_PATTERN, layer_patterns
+from .patterns import AttnSink
+
+__all__ = ["HybridDecoder", "longgen_llama", "doc_ids_from_seq_lens", "longgen_llama2_7b", "longgen_llama2_13b",
+           "longgen_llama2_70b", "longgen_llama3_1_8b", "longgen_llama3_1_70b", "longgen_llama3_2_1b",
+           "longgen_llama3_2_3b", "longgen_tiny", "LLAMA3_1_ROPE_SCALING", "LLAMA3_2_ROPE_SCALING"]
+
+#: HF ``rope_scaling`` of Llama-3.1 and Llama-3.2 (config.json), as torchtune's Llama3ScaledRoPE applies it.
+LLAMA3_1_ROPE_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192}
+LLAMA3_2_ROPE_SCALING = {**LLAMA3_1_ROPE_SCALING, "factor": 32.0}
+
+
+class HybridDecoder(TransformerDecoder):
+    """torchtune's ``TransformerDecoder`` whose forward builds the masks of all layers once (one per distinct
+    pattern) and passes them down through each layer's ``mask`` keyword."""
+
+    def forward(self, tokens: Tensor, *, mask: MaskSet | None = None, input_pos: Tensor | None = None,
+                doc_ids: Tensor | None = None):
+        """tokens [B, S] -> logits [B, S, vocab] (a list with hidden states if ``output_hidden_states`` is set).
+
+        ``doc_ids`` [B, S] or [S]: per-token document ids of a packed batch. ``input_pos``: RoPE positions; by default
+        0..S-1, or positions within each document when ``doc_ids`` is given. ``mask``: a prebuilt ``MaskSet`` (else
+        built here); torchtune's bool masks / BlockMasks are refused, since they would override the layer patterns."""
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be [batch, seq_len], got shape {tuple(tokens.shape)}")
+        seq_len = tokens.shape[1]
+        if seq_len > self.max_seq_len:
+            raise ValueError(f"seq_len {seq_len} exceeds max_seq_len={self.max_seq_len} (raise max_seq_len in the "
+                             "builder; RoPE tables are built up to it)")
+        attn = [m for m in self.modules() if isinstance(m, HybridAttention)]
+        if mask is None:
+            needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+            mask = MaskSet([a.pattern for a in attn], seq_len, num_heads=attn[0].num_heads,
+                           num_kv_heads=attn[0].num_kv_heads, device=tokens.device, doc_ids=doc_ids,
+                           kind=MaskSet.kind_for(tokens.device, needs_grad))
+        elif not isinstance(mask, MaskSet):
+            raise ValueError("mask must be None or a flexgen_long.attention.MaskSet; pass packing as doc_ids "
+                             f"(torchtune masks would override the per-layer patterns), got {type(mask).__name__}")
+        elif doc_ids is not None:
+            raise ValueError("pass doc_ids or a prebuilt MaskSet, not both (the MaskSet already holds its doc_ids)")
+        if input_pos is None and mask.doc_ids is not None:
+            input_pos = positions_in_documents(mask.doc_ids)
+
+        h = self.tok_embeddings(tokens)
+        hidden = []
+        for i, layer in enumerate(self.layers):
+            if i in self.output_hidden_states:
+                hidden.append(h)
+            h = layer(h, mask=mask, input_pos=input_pos)
+        out = self.unembed(h)
+        return [*hidden, out] if hidden else out
+
+    def setup_caches(self, *args, **kwargs):
+        raise NotImplementedError("the hybrid model has no KV cache yet: torchtune's KVCache keeps every key of "
+                                  "every layer; compact per-pattern caches come with the generation feature")
+
+
+def doc_ids_from_seq_lens(seq_lens) -> Tensor:
+    """Per-token document ids [B, S] from torchtune packed datasets' ``seq_lens`` (per sample, the lengths of the
+    packed documents, padding included as the last one, summing to the packed length): a list of 1-D int tensors, or
+    a 1-D tensor for a single sample."""
+    if isinstance(seq_lens, Tensor) and seq_lens.dim() == 1:
+        seq_lens = [seq_lens]
+    if isinstance(seq_lens, Tensor) and seq_lens.dim() == 2:
+        seq_lens = list(seq_lens)
+    if not isinstance(seq_lens, (list, tuple)) or not seq_lens:
+        raise ValueError(f"seq_lens must be a non-empty list of 1-D integer tensors, got {type(seq_lens).__name__}")
+    rows = []
+    for i, lens in enumerate(seq_lens):
+        lens = torch.as_tensor(lens)
+        if lens.dim() != 1 or lens.is_floating_point() or (lens < 0).any():
+            raise ValueError(f"seq_lens[{i}] must be a 1-D tensor of non-negative ints, got {lens!r}")
+        lens = lens[lens > 0]  # an empty document has no tokens (and would not separate its neighbours)
+        rows.append(torch.repeat_interleave(torch.arange(len(lens), device=lens.device), lens))
+    total = {int(r.numel()) for r in rows}
+    if len(total) != 1:
+        raise ValueError(f"seq_lens must sum to the same packed length in every sample, got totals {sorted(total)}")
+    return torch.stack(rows)
+
+
+def _rope(head_dim: int, max_seq_len: int, rope_base: float, rope_scaling: Mapping | None) -> nn.Module:
+    if rope_scaling is None:
+        return RotaryPositionalEmbeddings(dim=head_dim, max_seq_len=max_seq_len, base=rope_base)
+    if not isinstance(rope_scaling, Mapping) or rope_scaling.get("rope_type", rope_scaling.get("type")) != "llama3":
+        raise ValueError("rope_scaling must be None or an HF-style dict with rope_type 'llama3' (factor, "
+                         f"low_freq_factor, high_freq_factor, original_max_position_embeddings), got {rope_scaling!r}")
+    allowed = {"rope_type", "type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+    extra = set(rope_scaling) - allowed
+    if extra:
+        raise ValueError(f"rope_scaling has unknown keys {sorted(extra)}; allowed: {sorted(allowed)}")
+    return Llama3ScaledRoPE(dim=head_dim, max_seq_len=max_seq_len, base=rope_base,
+                            scale_factor=rope_scaling.get("factor", 8),
+                            low_freq_factor=rope_scaling.get("low_freq_factor", 1),
+                            high_freq_factor=rope_scaling.get("high_freq_factor", 4),
+                            old_context_len=rope_scaling.get("original_max_position_embeddings", 8192))
+
+
+def longgen_llama(vocab_size: int, num_layers: int, num_heads: int, num_kv_heads: int, embed_dim: int,
+                  intermediate_dim: int, max_seq_len: int, rope_base: float = 500_000, norm_eps: float = 1e-5, *,
+                  full_layers="middle", sparse_pattern=DEFAULT_SPARSE_PATTERN, rope_scaling: Mapping | None = None,
+                  tie_word_embeddings: bool = False) -> HybridDecoder:
+    """A Llama (torchtune's llama2/llama3 structure) whose layers follow a LongGen layout.
+
+    ``full_layers`` / ``sparse_pattern``: see ``flexgen_long.layout``. ``rope_base``: RoPE theta (raise it for length
+    extension). ``rope_scaling``: None, or HF's llama3 dict (``LLAMA3_1_ROPE_SCALING``) for Llama-3.1-style scaled
+    RoPE. ``tie_word_embeddings``: output projection shares the embedding (Llama-3.2 1B/3B)."""
+    for name, val in (("vocab_size", vocab_size), ("num_layers", num_layers), ("num_heads", num_heads),
+                      ("num_kv_heads", num_kv_heads), ("embed_dim", embed_dim), ("intermediate_dim", intermediate_dim),
+                      ("max_seq_len", max_seq_len)):
+        if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {val!r}")
+    if embed_dim % num_heads or num_heads % num_kv_heads:
+        raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads}), and num_heads by "
+                         f"num_kv_heads ({num_kv_heads})")
+    patterns = layer_patterns(num_layers, full_layers, sparse_pattern)
+    head_dim = embed_dim // num_heads
+    rope = _rope(head_dim, max_seq_len, rope_base, rope_scaling)  # one table shared by all layers, as in torchtune
+    layers = nn.ModuleList()
+    for pattern in patterns:
+        attn = HybridAttention(
+            embed_dim=embed_dim, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+            q_proj=nn.Linear(embed_dim, num_heads * head_dim, bias=False),
+            k_proj=nn.Linear(embed_dim, num_kv_heads * head_dim, bias=False),
+            v_proj=nn.Linear(embed_dim, num_kv_heads * head_dim, bias=False),
+            output_proj=nn.Linear(embed_dim, embed_dim, bias=False),
+            pos_embeddings=rope, max_seq_len=max_seq_len, pattern=pattern)
+        layers.append(TransformerSelfAttentionLayer(
+            attn=attn, mlp=llama3_mlp(dim=embed_dim, hidden_dim=intermediate_dim),
+            sa_norm=RMSNorm(dim=embed_dim, eps=norm_eps), mlp_norm=RMSNorm(dim=embed_dim, eps=norm_eps)))
+    tok_embeddings = nn.Embedding(vocab_size, embed_dim)
+    output = TiedLinear(tok_embeddings) if tie_word_embeddings else nn.Linear(embed_dim, vocab_size, bias=False)
+    return HybridDecoder(tok_embeddings=tok_embeddings, layers=layers, max_seq_len=max_seq_len, num_heads=num_heads,
+                         head_dim=head_dim, norm=RMSNorm(embed_dim, eps=norm_eps), output=output)
+
+
+# -- presets: torchtune's shapes (torchtune.models.llama2 / llama3_1 / llama3_2) ------------------------------------------
+
+def longgen_llama2_7b(full_layers="middle", sparse_pattern=DEFAULT_SPARSE_PATTERN, max_seq_len: int = 4096,
+                      rope_base: float = 10_000, rope_scaling=None) -> HybridDecoder:
+    return longgen_llama(32_000, 32, 32, 32, 4096, 11008, max_seq_len, rope_base, 1e-5, full_layers=full_layers,
+                         sparse_pattern=sparse_pattern, rope_scaling=rope_scaling)
+
+
+def longgen_llama2_13b(full_layers="middle", sparse_pattern=DEFAULT_SPARSE_PATTERN, max_seq_len: int = 4096,
+                       rope_base: float = 10_000, rope_scaling=None) -> HybridDecoder:
+    return longgen_llama(32_000, 40, 40, 40, 5120, 13824, max_seq_len, rope_base, 1e-5, full_layers=full_layers,
+                         sparse_pattern=sparse_pattern, rope_scaling=rope_scaling)
+
+
+def longgen_llama2_70b(full_layers="middle", sparse_pattern=DEFAULT_SPARSE_PATTERN, max_seq_len: int = 4096,
+                       rope_base: float = 10_000, rope_scaling=None) -> HybridDecoder:
+    return longgen_llama(32_000, 80, 64, 8, 8192, 28672, max_seq_len, rope_base, 1e-5, full_layers=full_layers,
+                         sparse_pattern=sparse_pattern, rope_scaling=rope_scaling)
+
+
+def longgen_llama3_1_8b(full_layers="middle", sparse_pattern=DEFAULT_SPARSE_PATTERN, max_seq_len: int = 131072,
+                        rope_base: float = 500_000, rope_scaling=LLAMA3_1_ROPE_SCALING) -> HybridDecoder:
+    return longgen_llama(128_256, 32, 32, 8, 4096, 14336, max_seq_len, rope_base, 1e-5, full_layers=full_layers,
+                         sparse_pattern=sparse_pattern, rope_scaling=rope_scaling)
+
+
+def longgen_llama3_1_70b(full_layers="middle", sparse_pattern=DEFAULT_SPARSE_PATTERN, max_seq_len: int = 131072,
+                         rope_base: float = 500_000, rope_scaling=LLAMA3_1_ROPE_SCALING) -> HybridDecoder:
+    return longgen_llama(128_256, 80, 64, 8, 8192, 28672, max_seq_len, rope_base, 1e-5, full_layers=full_layers,
+                         sparse_pattern=sparse_pattern, rope_scaling=rope_scaling)
+
+
+def longgen_llama3_2_1b(full_layers="middle", sparse_pattern=DEFAULT_SPARSE_PATTERN, max_seq_len: int = 131072,
+                        rope_base: float = 500_000, rope_scaling=LLAMA3_2_ROPE_SCALING) -> HybridDecoder:
+    return longgen_llama(128_256, 16, 32, 8, 2048, 8192, max_seq_len, rope_base, 1e-5, full_layers=full_layers,
+                         sparse_pattern=sparse_pattern, rope_scaling=rope_scaling, tie_word_embeddings=True)
+
+
+def longgen_llama3_2_3b(full_layers="middle", sparse_pattern=DEFAULT_SPARSE_PATTERN, max_seq_len: int = 131072,
+                        rope_base: float = 500_000, rope_scaling=LLAMA3_2_ROPE_SCALING) -> HybridDecoder:
+    return longgen_llama(128_256, 28, 24, 8, 3072, 8192, max_seq_len, rope_base, 1e-5, full_layers=full_layers,
+                         sparse_pattern=sparse_pattern, rope_scaling=rope_scaling, tie_word_embeddings=True)
+
+
+#: tiny's sparse default: small enough that sequences of a few hundred tokens are really sparse.
+TINY_SPARSE_PATTERN = AttnSink(sink=4, window=60)
+
+
+def longgen_tiny(full_layers="middle", sparse_pattern=TINY_SPARSE_PATTERN, max_seq_len: int = 2048,
+                 rope_base: float = 10_000, rope_scaling=None, vocab_size: int = 256) -> HybridDecoder:
+    """Byte-level toy (vocab 256, 4 layers, dim 64, 4 heads, 2 KV heads, FFN 256; layer 1 full by default): a CPU
+    forward+backward takes milliseconds."""
+    return longgen_llama(vocab_size, 4, 4, 2, 64, 256, max_seq_len, rope_base, 1e-5, full_layers=full_layers,
+                         sparse_pattern=sparse_pattern, rope_scaling=rope_scaling)
