@@ -19,7 +19,10 @@ uncompiled once it has recompiled it ``recompile_limit`` times (shared/FACTS.md 
 one module-level compiled function whose body checks ``torch.compiler.is_compiling()``: dynamo folds that to True
 while tracing, so compiled code never sees the check, but when dynamo gives up (recompile limit, compile disabled,
 ``set_stance("force_eager")``) the body runs as plain Python, sees False, and raises ``FlexNotCompiledError`` for any
-sequence longer than ``FLEX_EAGER_MAX_LEN``. Short sequences may run eagerly (cheap CPU tests use this).
+sequence longer than ``FLEX_EAGER_MAX_LEN``. Short sequences may run eagerly (cheap CPU tests use this). Because the
+function is compiled with ``fullgraph=True``, torch 2.13 already raises ``FailOnRecompileLimitHit`` itself at the
+limit; the in-body check is what holds where dynamo falls back instead (other versions, outer compiled regions that
+give up, disabled compilation).
 """
 
 from __future__ import annotations
