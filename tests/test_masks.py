@@ -137,7 +137,7 @@ def test_no_dense_tensor_in_the_build(monkeypatch):
     monkeypatch.setattr(torch, "zeros", spy)
     bm = build_block_mask(AttnSink(64, 4096), 65536, 65536, num_heads=32, num_kv_heads=8, block_size=128)
     assert bm.kv_indices.numel() == 512 * 512
-    assert max(seen) <= 512 * 513
+    assert max(seen) <= 2 * 512 * 513  # partial and full block views, stacked; a token mask would be 65536**2
 
 
 # ---- FlexAttention (compiled CPU kernel) with the BlockMask == SDPA with the dense mask --------------------------------
