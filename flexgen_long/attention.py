@@ -9,7 +9,8 @@ Kernel dispatch (``HybridAttention.attend``, the one place that picks a kernel):
 * the same, but the MaskSet is *dense* (CPU with gradients: flex has no CPU backward) -> SDPA with the bool mask of the
                                      same token rule (``masks.dense_mask``). Same semantics, O(S^2) memory: tests only.
 
-GQA is never expanded: SDPA and flex get ``enable_gqa=True`` and K/V with ``num_kv_heads`` heads.
+GQA: flex and the dense-mask SDPA get K/V with ``num_kv_heads`` heads (``enable_gqa=True``); only the causal SDPA path
+expands K/V to all query heads, because ``enable_gqa`` keeps torch 2.11 off its cuDNN/flash kernels there (measured).
 
 Masks are built once per forward pass, one per distinct pattern, by ``MaskSet`` (the model builds it and hands it to
 every layer through torchtune's ``mask`` keyword).
@@ -166,7 +167,13 @@ class HybridAttention(MultiHeadAttention):
         if q.shape[-2] != masks.seq_len:
             raise ValueError(f"MaskSet was built for seq_len={masks.seq_len}, the layer got {q.shape[-2]} tokens")
         if isinstance(self.pattern, Full) and masks.doc_ids is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            # K/V are expanded here, and only here: with enable_gqa=True torch 2.11 does not pick cuDNN/flash for
+            # causal SDPA (H200, bf16, 16K tokens, 32 q / 8 kv heads, D=64: 20.5 ms vs 4.2 ms expanded;
+            # analysis/results/model_gpu_check_NVIDIA_H200.json). Flex handles GQA natively, so it gets unexpanded K/V.
+            group = q.shape[1] // k.shape[1]
+            if group > 1:
+                k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         m = masks[self.pattern]
         if masks.kind == "dense":
             return F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)
