@@ -221,5 +221,7 @@ def test_bad_forward_arguments():
         model(tok, mask=torch.ones(1, 32, 32, dtype=torch.bool))
     with pytest.raises(ValueError, match="doc_ids"):
         model(tok, doc_ids=torch.zeros(1, 31, dtype=torch.long))
+    with pytest.raises(ValueError, match="doc_ids batch 3"):
+        model(tok, doc_ids=torch.zeros(3, 32, dtype=torch.long))
     with pytest.raises(NotImplementedError, match="KV cache"):
         model.setup_caches(1, torch.float32)
