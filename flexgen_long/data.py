@@ -1,0 +1,257 @@
+"""Long-document training data: documents -> tokens -> packed sequences with document ids.
+
+A training example is one packed sequence of exactly ``seq_len`` tokens::
+
+    tokens   [seq_len] int64   documents laid end to end, each ``BOS text EOS``
+    labels   [seq_len] int64   the next token inside the same document, else -100 (ignored by the loss)
+    doc_ids  [seq_len] int32   0, 0, ..., 1, 1, ...: a document is a maximal run of equal ids; the model restarts
+                               positions and attention patterns in each one (flexgen_long.patterns, "Documents")
+
+A document longer than what is left of a sequence continues in the next one as a new document (its own positions);
+the tail that does not fill a whole sequence is dropped. Synthetic long-context tasks (passkey retrieval, multi-key
+needle) can be mixed in at a configurable share of tokens; they are trained on their answers only.
+
+Sources: local text files (a directory, a glob, a file, or ``"python-stdlib"``: the standard library's own ``.py``
+files, which exist on every machine with Python and need no network -- the tiny job's corpus), and Hugging Face
+datasets (``hf_long_documents``; imports ``datasets`` lazily, needs the hub or a local cache).
+
+All text is tokenized up front into one int32 tensor (``max_tokens`` bounds it): simple and deterministic, which is
+what resuming mid-epoch needs. Corpora of billions of tokens want a streaming variant.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import random
+import sysconfig
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch.utils.data import Dataset
+
+__all__ = ["PYTHON_STDLIB", "PackedDocuments", "long_documents", "hf_long_documents", "text_files",
+           "passkey_task", "multikey_needle_task", "SYNTHETIC_TASKS", "CROSS_ENTROPY_IGNORE_INDEX"]
+
+PYTHON_STDLIB = "python-stdlib"
+CROSS_ENTROPY_IGNORE_INDEX = -100  # torchtune's and torch's default ignore_index
+_TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".json", ".jsonl", ".html", ".tex")
+
+
+# -- sources ------------------------------------------------------------------------------------------------------------
+def text_files(source: str, suffixes: Iterable[str] = _TEXT_SUFFIXES) -> list[Path]:
+    """Files of a local source, sorted: ``"python-stdlib"`` (the top-level ``.py`` modules of this Python's standard
+    library, found at run time via ``sysconfig``), a glob (``data/**/*.txt``), a directory (every file with one of
+    ``suffixes``, recursively) or one file. Raises ``FileNotFoundError`` naming ``dataset.source`` when nothing
+    matches."""
+    if not isinstance(source, str) or not source:
+        raise ValueError(f"dataset.source must be a path, a glob or {PYTHON_STDLIB!r}, got {source!r}")
+    if source == PYTHON_STDLIB:
+        root = Path(sysconfig.get_paths()["stdlib"])
+        files = sorted(p for p in root.glob("*.py") if p.is_file())
+        where = f"{PYTHON_STDLIB} ({root})"
+    elif any(c in source for c in "*?["):
+        files = sorted(Path(p) for p in globlib.glob(source, recursive=True) if Path(p).is_file())
+        where = f"glob {source!r}"
+    else:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            suffixes = tuple(suffixes)
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes)
+            where = f"directory {str(path)!r} (suffixes {', '.join(suffixes)})"
+        elif path.is_file():
+            files = [path]
+            where = str(path)
+        else:
+            raise FileNotFoundError(f"dataset.source={source!r}: no such file or directory (give a directory, a glob, "
+                                    f"a file or {PYTHON_STDLIB!r})")
+    if not files:
+        raise FileNotFoundError(f"dataset.source={source!r}: no text files in {where}")
+    return files
+
+
+def _read_files(files: list[Path]) -> Iterator[str]:
+    for f in files:
+        text = f.read_text(encoding="utf-8", errors="replace")
+        if text.strip():
+            yield text
+
+
+# -- synthetic long-context tasks ---------------------------------------------------------------------------------------
+_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+
+
+def _fill(tokenizer, n: int) -> list[int]:
+    """``n`` tokens of the classic passkey filler (token-level repetition: no huge strings to encode)."""
+    unit = tokenizer.encode(_FILLER, add_bos=False, add_eos=False)
+    return (unit * (n // len(unit) + 1))[:max(n, 0)]
+
+
+def _task(tokenizer, length: int, needles: list[str], question: str, answer: str,
+          rng: random.Random) -> tuple[list[int], list[bool]]:
+    """``BOS intro filler(needles at random depths) question answer EOS`` of exactly ``length`` tokens (or more when
+    the needles alone exceed it); the trained mask covers the answer and EOS."""
+    enc = lambda s: tokenizer.encode(s, add_bos=False, add_eos=False)  # noqa: E731
+    intro = enc("There is important info hidden inside a lot of irrelevant text. Find it and memorize it. ")
+    needle_ids = [enc(" " + s + " ") for s in needles]
+    q, a = enc(" " + question), enc(" " + answer)
+    fixed = 1 + len(intro) + sum(map(len, needle_ids)) + len(q) + len(a) + 1
+    filler = _fill(tokenizer, length - fixed)
+    cuts = sorted(rng.randrange(len(filler) + 1) for _ in needles)
+    body, prev = [], 0
+    for cut, nid in zip(cuts, needle_ids):
+        body += filler[prev:cut] + nid
+        prev = cut
+    body += filler[prev:]
+    prompt = [tokenizer.bos_id] + intro + body + q
+    tokens = prompt + a + [tokenizer.eos_id]
+    return tokens, [False] * len(prompt) + [True] * (len(a) + 1)
+
+
+def passkey_task(tokenizer, length: int, rng: random.Random) -> tuple[list[int], list[bool]]:
+    """Passkey retrieval (Mohtashami & Jaggi 2023): a 5-digit key hidden at a random depth, asked for at the end."""
+    key = str(rng.randrange(10000, 100000))
+    return _task(tokenizer, length, [f"The pass key is {key}. Remember it. {key} is the pass key."],
+                 "What is the pass key? The pass key is", f"{key}.", rng)
+
+
+def multikey_needle_task(tokenizer, length: int, rng: random.Random, num_keys: int = 4) -> tuple[list[int], list[bool]]:
+    """Multi-key needle (RULER's MK-NIAH): ``num_keys`` key/value needles at random depths, one key asked for."""
+    keys = [f"{rng.choice(_WORDS)}-{rng.choice(_WORDS)}-{rng.randrange(100)}" for _ in range(num_keys)]
+    values = [str(rng.randrange(1000000, 10000000)) for _ in keys]
+    j = rng.randrange(num_keys)
+    return _task(tokenizer, length, [f"One of the special magic numbers for {k} is: {v}." for k, v in zip(keys, values)],
+                 f"What is the special magic number for {keys[j]}? The special magic number for {keys[j]} is:",
+                 f"{values[j]}.", rng)
+
+
+_WORDS = ("amber", "basil", "cedar", "delta", "ember", "fjord", "garnet", "harbor", "indigo", "juniper", "kestrel",
+          "lagoon", "meadow", "nectar", "onyx", "pepper", "quartz", "raven", "saffron", "tundra", "umber", "violet",
+          "willow", "xenon", "yarrow", "zephyr")
+
+SYNTHETIC_TASKS: dict[str, Callable] = {"passkey": passkey_task, "multikey_needle": multikey_needle_task}
+
+
+# -- packing ------------------------------------------------------------------------------------------------------------
+class PackedDocuments(Dataset):
+    """Fixed-length packed sequences (see the module docstring). ``stats`` counts documents and tokens by kind."""
+
+    def __init__(self, tokens: torch.Tensor, trained: torch.Tensor, doc_start: torch.Tensor, seq_len: int,
+                 stats: dict):
+        n = tokens.numel() // seq_len
+        self.seq_len = seq_len
+        self.tokens = tokens[: n * seq_len].view(n, seq_len)
+        self.trained = trained[: n * seq_len].view(n, seq_len)
+        self.doc_start = doc_start[: n * seq_len].view(n, seq_len).clone()
+        self.doc_start[:, 0] = True  # a document cut by a sequence boundary continues as a new one
+        self.stats = dict(stats, sequences=n)
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def __getitem__(self, i: int) -> dict:
+        tokens, start = self.tokens[i].long(), self.doc_start[i]
+        doc_ids = torch.cumsum(start, 0, dtype=torch.int32) - 1
+        labels = torch.full_like(tokens, CROSS_ENTROPY_IGNORE_INDEX)
+        # predict token t+1 at t only inside one document and only where t+1 is trained
+        keep = ~start[1:] & self.trained[i, 1:]
+        labels[:-1] = torch.where(keep, tokens[1:], CROSS_ENTROPY_IGNORE_INDEX)
+        return {"tokens": tokens, "labels": labels, "doc_ids": doc_ids}
+
+
+def _check_args(seq_len, max_tokens, synthetic_share, synthetic_length, synthetic_tasks):
+    if not isinstance(seq_len, int) or seq_len < 2:
+        raise ValueError(f"seq_len must be an int >= 2, got {seq_len!r}")
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < seq_len):
+        raise ValueError(f"dataset.max_tokens must be null or an int >= seq_len={seq_len}, got {max_tokens!r}")
+    if not isinstance(synthetic_share, (int, float)) or not 0 <= synthetic_share < 1:
+        raise ValueError(f"dataset.synthetic_share must be a number in [0, 1), got {synthetic_share!r}")
+    if synthetic_length is not None and (not isinstance(synthetic_length, int) or synthetic_length < 64):
+        raise ValueError(f"dataset.synthetic_length must be null (= seq_len) or an int >= 64, got {synthetic_length!r}")
+    bad = [t for t in synthetic_tasks if t not in SYNTHETIC_TASKS]
+    if bad or not synthetic_tasks:
+        raise ValueError(f"dataset.synthetic_tasks must be a non-empty list of {sorted(SYNTHETIC_TASKS)}, "
+                         f"got {list(synthetic_tasks)!r}")
+
+
+def pack_documents(tokenizer, texts: Iterable[str], seq_len: int, *, max_tokens: int | None = None,
+                   synthetic_share: float = 0.0, synthetic_length: int | None = None,
+                   synthetic_tasks=("passkey", "multikey_needle"), seed: int = 0) -> PackedDocuments:
+    """Tokenize ``texts`` (each one document, ``BOS text EOS``), mix in synthetic tasks so that they make
+    ``synthetic_share`` of the tokens, shuffle the documents (seeded) and pack them into ``seq_len`` sequences.
+    ``max_tokens`` bounds the total (natural + synthetic)."""
+    synthetic_tasks = list(synthetic_tasks)
+    _check_args(seq_len, max_tokens, synthetic_share, synthetic_length, synthetic_tasks)
+    natural_budget = None if max_tokens is None else int(max_tokens * (1 - synthetic_share))
+    docs: list[tuple[list[int], list[bool] | None]] = []
+    natural = 0
+    for text in texts:
+        ids = tokenizer.encode(text, add_bos=True, add_eos=True)
+        if natural_budget is not None and natural + len(ids) > natural_budget:
+            ids = ids[: natural_budget - natural]
+        docs.append((ids, None))
+        natural += len(ids)
+        if natural_budget is not None and natural >= natural_budget:
+            break
+    rng = random.Random(seed)
+    synthetic, n_synth = 0, 0
+    synth_target = int(natural * synthetic_share / (1 - synthetic_share))
+    length = synthetic_length or seq_len
+    while synthetic_share > 0 and synthetic < synth_target:
+        task = SYNTHETIC_TASKS[synthetic_tasks[n_synth % len(synthetic_tasks)]]
+        ids, trained = task(tokenizer, length, rng)
+        docs.append((ids, trained))
+        synthetic += len(ids)
+        n_synth += 1
+    rng.shuffle(docs)
+    total = natural + synthetic
+    if total < seq_len:
+        raise ValueError(f"dataset: the source yields {total} tokens, fewer than one sequence of seq_len={seq_len}; "
+                         f"add text or lower seq_len")
+    tokens = torch.empty(total, dtype=torch.int32)
+    trained = torch.ones(total, dtype=torch.bool)
+    doc_start = torch.zeros(total, dtype=torch.bool)
+    pos = 0
+    for ids, mask in docs:
+        tokens[pos: pos + len(ids)] = torch.tensor(ids, dtype=torch.int32)
+        if mask is not None:
+            trained[pos: pos + len(ids)] = torch.tensor(mask)
+        doc_start[pos] = True
+        pos += len(ids)
+    stats = {"documents": len(docs) - n_synth, "synthetic_documents": n_synth, "natural_tokens": natural,
+             "synthetic_tokens": synthetic}
+    return PackedDocuments(tokens, trained, doc_start, seq_len, stats)
+
+
+# -- builders for configs -----------------------------------------------------------------------------------------------
+def long_documents(tokenizer, seq_len: int, source: str = PYTHON_STDLIB, *, max_tokens: int | None = None,
+                   synthetic_share: float = 0.0, synthetic_length: int | None = None,
+                   synthetic_tasks=("passkey", "multikey_needle"), seed: int = 0) -> PackedDocuments:
+    """Packed long documents from local text files (``text_files`` explains ``source``); one file = one document."""
+    files = text_files(source)
+    return pack_documents(tokenizer, _read_files(files), seq_len, max_tokens=max_tokens,
+                          synthetic_share=synthetic_share, synthetic_length=synthetic_length,
+                          synthetic_tasks=synthetic_tasks, seed=seed)
+
+
+def hf_long_documents(tokenizer, seq_len: int, name: str, *, split: str = "train", text_column: str = "text",
+                      max_tokens: int | None = None, synthetic_share: float = 0.0,
+                      synthetic_length: int | None = None, synthetic_tasks=("passkey", "multikey_needle"),
+                      seed: int = 0, **load_dataset_kwargs) -> PackedDocuments:
+    """Packed long documents from a Hugging Face dataset (one row's ``text_column`` = one document), streamed so that
+    only ``max_tokens`` worth of rows is read. Needs the ``datasets`` package and the hub (or its local cache)."""
+    try:
+        import datasets  # lazily: only users of the hub need it
+    except ImportError as e:
+        raise ImportError("hf_long_documents needs the 'datasets' package (pip install datasets)") from e
+    rows = datasets.load_dataset(name, split=split, streaming=True, **load_dataset_kwargs)
+
+    def texts():
+        for row in rows:
+            if text_column not in row:
+                raise ValueError(f"dataset.text_column={text_column!r} is not a column of {name!r}; columns: "
+                                 f"{sorted(row)}")
+            yield row[text_column]
+
+    return pack_documents(tokenizer, texts(), seq_len, max_tokens=max_tokens, synthetic_share=synthetic_share,
+                          synthetic_length=synthetic_length, synthetic_tasks=synthetic_tasks, seed=seed)

@@ -1,0 +1,395 @@
+"""LongGen length-extension finetuning (Ge et al., ICLR 2025): one light training stage that both extends a pretrained
+Llama's context (e.g. 4K -> 128K, with a larger RoPE base) and converts it into the hybrid architecture -- full
+attention in the middle third of the layers, a sparse pattern (AttnSink or BlockSparse) in the others.
+
+Run from the repository root::
+
+    tune run recipes/longgen_finetune.py --config recipes/configs/tiny_longgen.yaml [key=value ...]
+    tune run --nproc_per_node 8 recipes/longgen_finetune.py --config recipes/configs/llama2_7b_longgen_128k.yaml
+
+Per step: ``gradient_accumulation_steps`` micro-batches of ``batch_size`` packed sequences of ``seq_len`` tokens
+(documents kept apart by ``doc_ids``), the loss summed over their trained tokens and normalised by their count,
+gradient clipping, an optimizer step and a warmup + cosine LR step. Every ``checkpoint.save_every_n_steps`` steps and at
+the end: an HF-format checkpoint plus the recipe state, written atomically (flexgen_long.training). With
+``checkpoint.resume: true`` the run continues from the latest checkpoint in ``output_dir`` on the same loss curve as an
+uninterrupted run (weights, optimizer, LR schedule, data position and RNG are restored).
+
+On several GPUs (torchrun sets WORLD_SIZE > 1) the model is sharded with FSDP2 (torchtune.training.shard_model), one
+shard per transformer layer; each rank reads its own slice of every batch.
+"""
+
+from __future__ import annotations
+
+import random
+import resource
+import shutil
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from tqdm import tqdm
+from torchtune import config, training, utils
+from torchtune.modules import TransformerSelfAttentionLayer
+from torchtune.recipe_interfaces import FTRecipeInterface
+
+from flexgen_long import training as ckpt
+from flexgen_long.data import CROSS_ENTROPY_IGNORE_INDEX
+from flexgen_long.patterns import AttnSink, BlockSparse, Full
+
+log = utils.get_logger("INFO")
+
+# Every top-level key the recipe reads; anything else is a typo and is refused before any work starts.
+RECIPE_KEYS = {
+    "output_dir", "seq_len", "model", "tokenizer", "dataset", "seed", "batch_size", "gradient_accumulation_steps",
+    "max_steps", "optimizer", "lr_scheduler", "clip_grad_norm", "loss", "checkpoint", "device", "dtype", "compile",
+    "enable_activation_checkpointing", "fsdp_cpu_offload", "metric_logger", "log_every_n_steps",
+    "log_peak_memory_stats",
+}
+CHECKPOINT_KEYS = {"base_dir", "resume", "save_every_n_steps", "keep_last_n"}
+
+
+def _fail(field: str, message: str) -> None:
+    raise ValueError(f"config field '{field}': {message}")
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Checks that need no model: unknown keys, types and ranges of the recipe's own fields."""
+    unknown = sorted(set(cfg.keys()) - RECIPE_KEYS)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown}; the recipe reads: {sorted(RECIPE_KEYS)}")
+    missing = sorted(k for k in ("output_dir", "seq_len", "model", "tokenizer", "dataset", "optimizer", "max_steps",
+                                  "batch_size") if k not in cfg)
+    if missing:
+        raise ValueError(f"missing config key(s) {missing}")
+    unknown = sorted(set(cfg.get("checkpoint", {}).keys()) - CHECKPOINT_KEYS)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {['checkpoint.' + k for k in unknown]}; allowed: "
+                         f"{sorted('checkpoint.' + k for k in CHECKPOINT_KEYS)}")
+    for field in ("seq_len", "batch_size", "max_steps"):
+        if not isinstance(cfg[field], int) or cfg[field] < 1:
+            _fail(field, f"must be an int >= 1, got {cfg[field]!r}")
+    for field in ("gradient_accumulation_steps", "log_every_n_steps"):
+        if not isinstance(cfg.get(field, 1), int) or cfg.get(field, 1) < 1:
+            _fail(field, f"must be an int >= 1, got {cfg.get(field)!r}")
+    every = cfg.get("checkpoint", {}).get("save_every_n_steps")
+    if every is not None and (not isinstance(every, int) or every < 1):
+        _fail("checkpoint.save_every_n_steps", f"must be null (only at the end) or an int >= 1, got {every!r}")
+    keep = cfg.get("checkpoint", {}).get("keep_last_n")
+    if keep is not None and (not isinstance(keep, int) or keep < 1):
+        _fail("checkpoint.keep_last_n", f"must be null (keep all) or an int >= 1, got {keep!r}")
+    if cfg.get("dtype", "fp32") not in ("fp32", "bf16"):
+        _fail("dtype", f"must be 'fp32' or 'bf16', got {cfg.get('dtype')!r}")
+    base = cfg.get("checkpoint", {}).get("base_dir")
+    if base is not None and not Path(base).is_dir():
+        _fail("checkpoint.base_dir", f"{base!r} is not a directory (give an HF model directory, or null for "
+                                     "random init)")
+
+
+def validate_model(model: nn.Module, seq_len: int) -> None:
+    """Checks that need the model (built on the meta device: no memory, any size): the training length against the
+    model's RoPE setting, and every sparse layer's pattern against the training length."""
+    if seq_len > model.max_seq_len:
+        _fail("seq_len", f"{seq_len} exceeds model.max_seq_len={model.max_seq_len}, the length the model's RoPE is "
+                         "set up for; raise model.max_seq_len (and model.rope_base for length extension) or lower "
+                         "seq_len")
+    for i, layer in enumerate(model.layers):
+        p = getattr(layer.attn, "pattern", Full())
+        if isinstance(p, AttnSink) and p.sink + p.window >= seq_len:
+            _fail("model.sparse_pattern", f"AttnSink(sink={p.sink}, window={p.window}) of layer {i} sees every key "
+                                          f"of a seq_len={seq_len} sequence (sink + window >= seq_len): the layer "
+                                          "would be full attention; lower the window, or use model.full_layers=all "
+                                          "for a full-attention model")
+        if isinstance(p, BlockSparse):
+            if seq_len % p.block:
+                _fail("model.sparse_pattern", f"BlockSparse.block={p.block} of layer {i} must divide "
+                                              f"seq_len={seq_len} (the pattern is laid out in whole blocks)")
+            if p.local_blocks * p.block >= seq_len or p.vertical_stride == 1:
+                _fail("model.sparse_pattern", f"BlockSparse(block={p.block}, local_blocks={p.local_blocks}, "
+                                              f"vertical_stride={p.vertical_stride}) of layer {i} sees every key of "
+                                              f"a seq_len={seq_len} sequence: need local_blocks * block < seq_len "
+                                              "and vertical_stride > 1")
+
+
+def _instantiate(section: str, node, *args, **kwargs):
+    """config.instantiate, with the config section named in errors from the component's arguments."""
+    try:
+        return config.instantiate(node, *args, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"config section '{section}': {e}") from e
+
+
+class LongGenFinetuneRecipe(FTRecipeInterface):
+    def __init__(self, cfg: DictConfig) -> None:
+        validate_config(cfg)
+        self._device = utils.get_device(cfg.get("device", "cpu"))
+        self._dtype = training.get_dtype(cfg.get("dtype", "fp32"), device=self._device)
+        self._world_size, self._rank = utils.get_world_size_and_rank()
+        self._is_rank_zero = self._rank == 0
+        self._output_dir = Path(cfg.output_dir)
+        self._seq_len = cfg.seq_len
+        self._batch_size = cfg.batch_size
+        self._accum = cfg.get("gradient_accumulation_steps", 1)
+        self._max_steps = cfg.max_steps
+        self._clip = cfg.get("clip_grad_norm")
+        self._log_every = cfg.get("log_every_n_steps", 1)
+        self._log_memory = cfg.get("log_peak_memory_stats", True)
+        ck = cfg.get("checkpoint", {})
+        self._save_every = ck.get("save_every_n_steps")
+        self._keep_last = ck.get("keep_last_n")
+        self._resume = bool(ck.get("resume", False))
+        self._base_dir = ck.get("base_dir")
+        self._seed = training.set_seed(cfg.get("seed", 0))
+        self.global_step = 0  # optimizer steps done
+        self._micro_batches = 0  # micro-batches consumed (per rank): the data position
+
+    # -- setup ----------------------------------------------------------------------------------------------------------
+    def setup(self, cfg: DictConfig) -> None:
+        # Validate the model shape and patterns on the meta device first: errors before any weights or data exist.
+        with torch.device("meta"):
+            meta_model = _instantiate("model", cfg.model)
+        validate_model(meta_model, self._seq_len)
+        del meta_model
+
+        self._metric_logger = config.instantiate(cfg.metric_logger) if self._is_rank_zero else None
+        if self._metric_logger is not None:
+            self._metric_logger.log_config(cfg)
+        self._tokenizer = _instantiate("tokenizer", cfg.tokenizer)
+        self._dataset = _instantiate("dataset", cfg.dataset, self._tokenizer, self._seq_len)
+        per_epoch = len(self._dataset) // (self._batch_size * self._world_size)
+        if per_epoch < 1:
+            _fail("batch_size", f"{self._batch_size} x {self._world_size} rank(s) exceeds the dataset's "
+                                f"{len(self._dataset)} sequences of seq_len={self._seq_len}")
+        self._batches_per_epoch = per_epoch
+
+        self._model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+        self._model = self._setup_model(cfg)
+        self._optimizer = _instantiate("optimizer", cfg.optimizer, self._model.parameters())
+        self._lr_scheduler = _instantiate("lr_scheduler", cfg.lr_scheduler, self._optimizer,
+                                          num_training_steps=self._max_steps)
+        self._loss_fn = _instantiate("loss", cfg.get("loss", {"_component_": "torch.nn.CrossEntropyLoss"}))
+        if hasattr(self._loss_fn, "num_output_chunks"):  # torchtune's CEWithChunkedOutputLoss: no [S, V] fp32 logits
+            self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
+        if cfg.get("compile", False):
+            self._loss_fn = training.compile_loss(self._loss_fn, verbose=self._is_rank_zero)
+
+        if self._resume and ckpt.latest_checkpoint(self._output_dir) is not None:
+            self._load_recipe_state(ckpt.latest_checkpoint(self._output_dir))
+        elif self._is_rank_zero:
+            old = ckpt.list_checkpoints(self._output_dir)
+            if old:
+                # A fresh run must not leave higher-numbered checkpoints of an older run that resume would pick up.
+                log.info(f"Starting fresh (checkpoint.resume=false): removing {len(old)} old checkpoint(s) in "
+                         f"{self._output_dir}: {', '.join(p.name for p in old)}")
+                for p in old:
+                    shutil.rmtree(p)
+        if self._is_rank_zero:
+            ckpt.remove_stale_temp_dirs(self._output_dir)
+            s = self._dataset.stats
+            log.info(f"Data: {s['sequences']} sequences of {self._seq_len} tokens from {s['documents']} documents "
+                     f"+ {s['synthetic_documents']} synthetic tasks ({s['synthetic_tokens']} of "
+                     f"{s['natural_tokens'] + s['synthetic_tokens']} tokens); {self._batches_per_epoch} micro-batches "
+                     "per epoch")
+
+    def _setup_model(self, cfg: DictConfig) -> nn.Module:
+        base_sd = ckpt.load_hf_state_dict(self._base_dir)[0] if self._base_dir else None
+        compile_model = cfg.get("compile", False)
+        act_ckpt = cfg.get("enable_activation_checkpointing", False)
+        if self._world_size == 1:
+            with training.set_default_dtype(self._dtype), self._device:
+                model = _instantiate("model", cfg.model)
+            if base_sd is not None:
+                model.load_state_dict(base_sd, strict=True)
+            if act_ckpt:
+                training.set_activation_checkpointing(model, auto_wrap_policy={TransformerSelfAttentionLayer})
+            if compile_model:
+                training.compile_model(model, verbose=self._is_rank_zero)
+        else:
+            # FSDP2: without base weights every rank builds the same seeded random init on CPU as the full state dict.
+            if base_sd is None:
+                with training.set_default_dtype(self._dtype):
+                    base_sd = _instantiate("model", cfg.model).state_dict()
+            with training.set_default_dtype(self._dtype), torch.device("meta"):
+                model = _instantiate("model", cfg.model)
+            if compile_model:
+                training.compile_model(model, verbose=self._is_rank_zero)
+            if act_ckpt:
+                training.set_activation_checkpointing(model, auto_wrap_policy={TransformerSelfAttentionLayer})
+            training.shard_model(model, [lambda name, m: isinstance(m, TransformerSelfAttentionLayer)],
+                                 cpu_offload=cfg.get("fsdp_cpu_offload", False))
+            with training.set_default_dtype(self._dtype), self._device:
+                for m in model.modules():  # RoPE tables are buffers outside the state dict: rebuild off meta
+                    if hasattr(m, "rope_init"):
+                        m.rope_init()
+            training.load_from_full_model_state_dict(model, base_sd, self._device, strict=True,
+                                                     cpu_offload=cfg.get("fsdp_cpu_offload", False))
+            training.validate_no_params_on_meta_device(model)
+        if self._is_rank_zero:
+            n = sum(p.numel() for p in model.parameters()) * (self._world_size if self._world_size > 1 else 1)
+            full = [i for i, layer in enumerate(model.layers) if isinstance(getattr(layer.attn, "pattern", Full()),
+                                                                             Full)]
+            sparse = {repr(layer.attn.pattern) for layer in model.layers if hasattr(layer.attn, "pattern")
+                      and not isinstance(layer.attn.pattern, Full)}
+            log.info(f"Model: {n / 1e6:.2f}M parameters, {len(model.layers)} layers, full attention in {full}, "
+                     f"sparse: {', '.join(sorted(sparse)) or 'none'}; {self._dtype}, {self._device}, world size "
+                     f"{self._world_size}" + (f", from {self._base_dir}" if self._base_dir else ", random init"))
+        return model
+
+    # -- data -----------------------------------------------------------------------------------------------------------
+    def _batch(self, index: int) -> dict:
+        """Micro-batch ``index`` of this rank: epoch ``index // batches_per_epoch`` visits the dataset in a permutation
+        seeded by (seed, epoch); a pure function of the index, so the data position is one integer."""
+        epoch, j = divmod(index, self._batches_per_epoch)
+        if getattr(self, "_perm_epoch", None) != epoch:
+            g = torch.Generator().manual_seed(self._seed * 100003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(len(self._dataset), generator=g), epoch
+        start = (j * self._world_size + self._rank) * self._batch_size
+        items = [self._dataset[int(k)] for k in self._perm[start: start + self._batch_size]]
+        return {k: torch.stack([it[k] for it in items]).to(self._device) for k in items[0]}
+
+    # -- train ----------------------------------------------------------------------------------------------------------
+    def _loss(self, batch: dict) -> torch.Tensor:
+        logits = self._model(batch["tokens"], doc_ids=batch["doc_ids"])
+        labels = batch["labels"]
+        if isinstance(logits, list):  # chunked output for CEWithChunkedOutputLoss
+            return self._loss_fn(logits, labels)
+        return self._loss_fn(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
+
+    def train(self) -> None:
+        self._model.train()
+        if self.global_step >= self._max_steps:
+            log.info(f"Already trained to max_steps={self._max_steps} ({self._output_dir}); nothing to do")
+            return
+        bar = tqdm(total=self._max_steps, initial=self.global_step, disable=not self._is_rank_zero, desc="train")
+        t0 = time.perf_counter()
+        tokens_seen = 0
+        while self.global_step < self._max_steps:
+            self._optimizer.zero_grad(set_to_none=True)
+            batches = [self._batch(self._micro_batches + i) for i in range(self._accum)]
+            num_tokens = torch.stack([(b["labels"] != CROSS_ENTROPY_IGNORE_INDEX).sum() for b in batches]).sum()
+            if self._world_size > 1:
+                dist.all_reduce(num_tokens)
+            running_loss = torch.zeros((), device=self._device)
+            for b in batches:
+                n = (b["labels"] != CROSS_ENTROPY_IGNORE_INDEX).sum()
+                loss = self._loss(b) * n  # mean over this micro-batch's tokens -> sum
+                loss.backward()
+                running_loss += loss.detach()
+                tokens_seen += b["tokens"].numel()
+            self._micro_batches += self._accum
+            if self._world_size > 1:
+                dist.all_reduce(running_loss)
+            # Gradients hold sum(loss over all trained tokens) / world size (FSDP averages): scale to the mean.
+            training.scale_grads(self._model, self._world_size / num_tokens)
+            grad_norm = None
+            if self._clip is not None:
+                grad_norm = torch.nn.utils.clip_grad_norm_(self._model.parameters(), max_norm=float(self._clip))
+                if hasattr(grad_norm, "full_tensor"):  # DTensor under FSDP2
+                    grad_norm = grad_norm.full_tensor()
+            self._optimizer.step()
+            self._lr_scheduler.step()
+            self.global_step += 1
+            loss_value = (running_loss / num_tokens).item()
+            bar.update(1)
+            bar.set_description(f"step {self.global_step} loss {loss_value:.4f}")
+
+            if self.global_step % self._log_every == 0 or self.global_step in (1, self._max_steps):
+                elapsed = time.perf_counter() - t0
+                metrics = {"loss": round(loss_value, 4), "lr": float(f"{self._optimizer.param_groups[0]['lr']:.4g}"),
+                           "tokens_per_second_per_rank": round(tokens_seen / elapsed)}
+                if grad_norm is not None:
+                    metrics["grad_norm"] = round(float(grad_norm), 4)
+                if self._log_memory:
+                    metrics.update(self._memory_stats())
+                if self._metric_logger is not None:
+                    self._metric_logger.log_dict(metrics, step=self.global_step)
+                t0, tokens_seen = time.perf_counter(), 0
+            if self._save_every and self.global_step % self._save_every == 0 and self.global_step < self._max_steps:
+                self.save_checkpoint(epoch=self._micro_batches // self._batches_per_epoch)
+        bar.close()
+        self.save_checkpoint(epoch=self._micro_batches // self._batches_per_epoch)
+
+    def _memory_stats(self) -> dict:
+        if self._device.type == "cpu":  # torchtune's get_memory_stats supports accelerators only
+            return {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+        return {k: round(v, 3) for k, v in training.get_memory_stats(self._device, reset_stats=True).items()}
+
+    # -- checkpoints ------------------------------------------------------------------------------------------------------
+    def save_checkpoint(self, epoch: int) -> None:
+        if self._world_size > 1:
+            model_sd = training.gather_cpu_state_dict(self._model, self._is_rank_zero, device=self._device)
+            opt_sd = training.get_full_optimizer_state_dict(self._model, self._optimizer, self._is_rank_zero,
+                                                            device=self._device)
+        else:
+            model_sd = {k: v.cpu() for k, v in self._model.state_dict().items()}
+            opt_sd = self._optimizer.state_dict()
+        if self._is_rank_zero:
+            model_sd = {k.replace("._orig_mod", "").replace("._checkpoint_wrapped_module", ""): v
+                        for k, v in model_sd.items()}  # torch.compile / activation-checkpoint wrapper prefixes
+            state = {"global_step": self.global_step, "micro_batches": self._micro_batches, "epoch": epoch,
+                     "optimizer": opt_sd, "lr_scheduler": self._lr_scheduler.state_dict(),
+                     "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                     "seed": self._seed, "world_size": self._world_size, "batch_size": self._batch_size,
+                     "gradient_accumulation_steps": self._accum}
+            path = ckpt.save_checkpoint(self._output_dir, self.global_step, model_sd,
+                                        ckpt.hf_config(self._model, self._model_cfg, self._dtype), state)
+            removed = []
+            if self._keep_last:
+                for old in ckpt.list_checkpoints(self._output_dir)[:-self._keep_last]:
+                    shutil.rmtree(old)
+                    removed.append(old.name)
+            log.info(f"Checkpoint: {path}" + (f" (removed {', '.join(removed)})" if removed else ""))
+        if self._world_size > 1:
+            dist.barrier()
+
+    def _load_recipe_state(self, path: Path) -> None:
+        sd, _ = ckpt.load_hf_state_dict(path)
+        state = torch.load(path / ckpt.STATE_FILE, map_location="cpu", weights_only=False)
+        for key, now in (("world_size", self._world_size), ("batch_size", self._batch_size),
+                         ("gradient_accumulation_steps", self._accum), ("seed", self._seed)):
+            if state[key] != now:
+                _fail(key if key != "world_size" else "nproc_per_node",
+                      f"is {now} but {path} was trained with {state[key]}; resuming must keep it (the data "
+                      "position would not match)")
+        if self._world_size > 1:
+            training.load_from_full_model_state_dict(self._model, sd, self._device, strict=True)
+            training.load_from_full_optimizer_state_dict(self._model, self._optimizer, state["optimizer"],
+                                                         self._device)
+        else:
+            target = getattr(self._model, "_orig_mod", self._model)
+            target.load_state_dict(sd, strict=True)
+            self._optimizer.load_state_dict(state["optimizer"])
+        self._lr_scheduler.load_state_dict(state["lr_scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.global_step, self._micro_batches = state["global_step"], state["micro_batches"]
+        if self._is_rank_zero:
+            log.info(f"Resumed from {path} at step {self.global_step}")
+
+    def cleanup(self) -> None:
+        if self._metric_logger is not None:
+            self._metric_logger.close()
+        if self._world_size > 1:
+            dist.destroy_process_group()
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    if training.is_distributed():
+        # NCCL for GPU tensors; gloo for CPU ones (FSDP2 CPU offload). utils.get_device picks cuda:LOCAL_RANK.
+        training.init_distributed(backend="cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo")
+    recipe = LongGenFinetuneRecipe(cfg)
+    recipe.setup(cfg)
+    recipe.train()
+    recipe.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())
