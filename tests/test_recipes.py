@@ -181,3 +181,24 @@ def test_block_sparse_that_does_not_fit_is_refused(tmp_path, pattern, message):
     cfg.model.sparse_pattern = {"_component_": "flexgen_long.patterns.BlockSparse", **pattern}
     with pytest.raises(ValueError, match=r"config field 'model.sparse_pattern': .*" + message):
         _run(cfg)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "recipes" / "configs").glob("*.yaml")))
+def test_every_shipped_config_validates(name, tmp_path):
+    """Keys, model shape (built on the meta device: no memory at 7B), RoPE length and pattern fit of each config."""
+    from recipes.longgen_finetune import validate_config, validate_model
+    from torchtune import config
+
+    cfg = OmegaConf.load(REPO / "recipes" / "configs" / f"{name}.yaml")
+    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"checkpoint.base_dir={tmp_path}"]))
+    validate_config(cfg)
+    with torch.device("meta"):
+        model = config.instantiate(cfg.model)
+    validate_model(model, cfg.seq_len)
+    full = [i for i, layer in enumerate(model.layers) if type(layer.attn.pattern).__name__ == "Full"]
+    n = len(model.layers)
+    if "_full_" in name:
+        assert full == list(range(n))
+    else:  # LongGen: the middle third full, the rest sparse
+        assert 0 < len(full) < n and full[0] > 0 and full[-1] < n - 1
+
