@@ -1,0 +1,253 @@
+"""Per-layer KV caches sized by each layer's pattern, and the memory plan that sizes them before anything is allocated.
+
+Every cache is a set of *slots*: ``k``/``v`` [B, Hkv, slots, D] plus ``pos`` [B, Hp, slots] int32, the absolute
+position held by each slot (-1 = empty), Hp = Hkv for a head-dependent pattern (BlockSparse per_head) else 1. Keys are
+stored after RoPE at their absolute positions (as the model was trained; no StreamingLLM re-rotation), so a slot's key is
+valid for every later query whatever slot it sits in. Attention over a cache masks slots by the pattern's own token rule
+evaluated on ``pos`` -- which makes stale slots (a block that left the local window, an overwritten ring slot) invisible
+without ever copying or clearing them.
+
+=============  ==========================================  =================================================================
+pattern        slots                                       slot of position p (one write per token, O(1), no roll/copy)
+=============  ==========================================  =================================================================
+Full           max_len                                     p
+AttnSink       min(max_len, sink + window)                 p if p < sink else sink + (p - sink) % window  (a ring)
+BlockSparse    local_blocks*block (off-stride ring)        off-stride for head h: ring slot (kb % local_blocks)*block + p%block
+               + ceil(nblocks / stride)*block (on-stride)  on-stride: local_blocks*block + (kb // stride)*block + p%block
+=============  ==========================================  =================================================================
+
+Why each is exact: AttnSink's ring slot for p was last held by p - window, which no query >= p sees. BlockSparse's
+off-stride ring slot for block kb was last held by block kb - local_blocks, outside every later query's local window;
+on-stride blocks (per KV head: ``(kb + shift(h)) % stride == 0``) have a slot each, forever. So after any write the slots
+hold every key a later query may see. A full ring (AttnSink at q >= sink + window - 1) holds *exactly* the visible keys.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .attention import HybridAttention
+from .patterns import AttnSink, BlockSparse, Full, Pattern
+
+__all__ = ["LayerCache", "ModelCache", "CachePlan", "LayerPlan", "plan_cache", "cache_slots", "free_memory_bytes",
+           "check_fits"]
+
+
+def cache_slots(pattern: Pattern, max_len: int) -> int:
+    """Number of slots a layer with ``pattern`` needs for sequences of up to ``max_len`` tokens."""
+    if isinstance(pattern, Full):
+        return max_len
+    if isinstance(pattern, AttnSink):
+        return min(max_len, pattern.sink + pattern.window)
+    if isinstance(pattern, BlockSparse):
+        nblocks = -(-max_len // pattern.block)
+        local = 0 if pattern.vertical_stride == 1 else pattern.local_blocks * pattern.block  # stride 1: all on-stride
+        return local + (-(-nblocks // pattern.vertical_stride)) * pattern.block
+    raise ValueError(f"pattern must be Full, AttnSink or BlockSparse, got {type(pattern).__name__}")
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    layer: int
+    pattern: Pattern
+    slots: int
+    bytes: int  # k + v + pos
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    layers: tuple[LayerPlan, ...]
+    batch_size: int
+    max_len: int
+    dtype: torch.dtype
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(lp.bytes for lp in self.layers)
+
+    def __str__(self) -> str:
+        rows = [f"KV cache plan: batch {self.batch_size}, max_len {self.max_len}, {self.dtype}"]
+        for lp in self.layers:
+            rows.append(f"  layer {lp.layer:3d} {type(lp.pattern).__name__:11s} {lp.slots:>9d} slots "
+                        f"{lp.bytes / 2**20:10.2f} MiB")
+        rows.append(f"  total {self.total_bytes / 2**30:.3f} GiB ({self.total_bytes} bytes)")
+        return "\n".join(rows)
+
+
+def _attn_layers(model: nn.Module) -> list[HybridAttention]:
+    attn = [m for m in model.modules() if isinstance(m, HybridAttention)]
+    if not attn:
+        raise ValueError("model has no HybridAttention layers (build it with flexgen_long.models)")
+    return attn
+
+
+def _check_positive(name: str, val) -> None:
+    if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {val!r}")
+
+
+def _layer_bytes(pattern, batch_size, num_kv_heads, head_dim, slots, dtype) -> int:
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    hp = num_kv_heads if pattern.bind_heads(num_kv_heads).head_dependent else 1
+    return 2 * batch_size * num_kv_heads * slots * head_dim * itemsize + batch_size * hp * slots * 4
+
+
+def plan_cache(model: nn.Module, batch_size: int, max_len: int, dtype: torch.dtype = torch.bfloat16) -> CachePlan:
+    """Bytes per layer and in total of the caches for ``batch_size`` sequences of up to ``max_len`` tokens. Computed
+    from shapes only (the model may live on the meta device); nothing is allocated."""
+    _check_positive("batch_size", batch_size)
+    _check_positive("max_len", max_len)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype must be a torch.dtype, got {dtype!r}")
+    plans = []
+    for i, a in enumerate(_attn_layers(model)):
+        slots = cache_slots(a.pattern.bind_heads(a.num_kv_heads), max_len)
+        plans.append(LayerPlan(i, a.pattern, slots, _layer_bytes(a.pattern, batch_size, a.num_kv_heads, a.head_dim,
+                                                                  slots, dtype)))
+    return CachePlan(tuple(plans), batch_size, max_len, dtype)
+
+
+def free_memory_bytes(device) -> int:
+    """Free memory on ``device``: cudaMemGetInfo on GPUs, MemAvailable on the host."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "meta":
+        return 1 << 62
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def check_fits(plan: CachePlan, device, reserve_bytes: int = 0) -> None:
+    """Raise MemoryError, with the numbers, when the plan (plus ``reserve_bytes`` for activations) exceeds free memory."""
+    free = free_memory_bytes(device)
+    need = plan.total_bytes + reserve_bytes
+    if need > free:
+        raise MemoryError(f"KV caches need {plan.total_bytes} bytes ({plan.total_bytes / 2**30:.2f} GiB) + "
+                          f"{reserve_bytes} reserved = {need / 2**30:.2f} GiB, but only {free} bytes "
+                          f"({free / 2**30:.2f} GiB) are free on {device} (batch {plan.batch_size}, max_len "
+                          f"{plan.max_len}); lower batch size / max_len or use sparser layers")
+
+
+class LayerCache:
+    """The slots of one layer (see the module docstring). ``write_prefill`` stores a chunk of one sequence,
+    ``write_step`` one token per sequence (static shapes, device-side positions: CUDA-graph safe)."""
+
+    def __init__(self, pattern: Pattern, batch_size: int, num_kv_heads: int, head_dim: int, max_len: int,
+                 dtype: torch.dtype, device):
+        self.pattern = pattern.bind_heads(num_kv_heads)
+        self.max_len = max_len
+        self.num_kv_heads = num_kv_heads
+        self.slots = cache_slots(self.pattern, max_len)
+        hp = num_kv_heads if self.pattern.head_dependent else 1
+        self.k = torch.zeros(batch_size, num_kv_heads, self.slots, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.pos = torch.full((batch_size, hp, self.slots), -1, dtype=torch.int32, device=device)
+        self._heads = torch.arange(hp, device=device).view(hp, 1)  # [Hp, 1] KV-head index for per-head rules
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes + self.pos.nbytes
+
+    def reset(self) -> None:
+        self.pos.fill_(-1)  # empty slots are masked by pos < 0; k/v need no clearing
+
+    # -- where a position goes -----------------------------------------------------------------------------------------
+    def slot_of(self, p: Tensor) -> Tensor:
+        """Slots of positions ``p`` (any shape [...]) -> [..., Hp] (one column per KV head of a per-head pattern)."""
+        p = p.long().unsqueeze(-1)
+        pat = self.pattern
+        if isinstance(pat, Full):
+            return p
+        if isinstance(pat, AttnSink):
+            return torch.where(p < pat.sink, p, pat.sink + torch.remainder(p - pat.sink, pat.window))
+        bs, L, V = pat.block, pat.local_blocks, pat.vertical_stride
+        if V == 1:  # every block is on the stride: the store is a plain buffer
+            return p
+        kb, off = p // bs, p % bs
+        on = pat._on_stride(kb, self._heads.view(-1) if pat.head_dependent else 0)
+        return torch.where(on, L * bs + (kb // V) * bs + off, (kb % L) * bs + off)
+
+    def _kept(self, p: Tensor, end: int) -> Tensor:
+        """[n, Hp] whether position p of a write ending at ``end`` is still needed by queries >= end (a write of many
+        tokens into a ring keeps only the last occupant of each slot, so no scatter ever has duplicate targets)."""
+        pat = self.pattern
+        p2 = p.long().unsqueeze(-1)
+        if isinstance(pat, Full):
+            return torch.ones_like(p2, dtype=torch.bool)
+        if isinstance(pat, AttnSink):
+            return (p2 < pat.sink) | (p2 >= end - pat.window)
+        kb = p2 // pat.block
+        h = self._heads.view(-1) if pat.head_dependent else 0
+        return pat._on_stride(kb, h) | (kb > (end - 1) // pat.block - pat.local_blocks) | (pat.vertical_stride == 1)
+
+    # -- writes ---------------------------------------------------------------------------------------------------------
+    def write_prefill(self, row: int, k: Tensor, v: Tensor, offset: int) -> None:
+        """Store a chunk k/v [1, Hkv, C, D] of sequence ``row`` at positions offset .. offset+C-1 (slots keep only what
+        later queries need). Prefill only: may select on the host."""
+        C = k.shape[2]
+        if offset + C > self.max_len:
+            raise ValueError(f"positions up to {offset + C} exceed the cache's max_len={self.max_len}")
+        p = torch.arange(offset, offset + C, device=k.device)
+        slot, kept = self.slot_of(p), self._kept(p, offset + C)  # [C, Hp]
+        hp = slot.shape[1]
+        for h in range(hp):
+            sel = kept[:, h].nonzero().squeeze(1)
+            s = slot[sel, h]
+            heads = slice(None) if hp == 1 else slice(h, h + 1)
+            self.k[row, heads].index_copy_(1, s, k[0, heads][:, sel])
+            self.v[row, heads].index_copy_(1, s, v[0, heads][:, sel])
+            self.pos[row, h].index_copy_(0, s, p[sel].to(torch.int32))
+
+    def write_step(self, k: Tensor, v: Tensor, pos: Tensor) -> None:
+        """Store one token per sequence: k/v [B, Hkv, 1, D] at positions ``pos`` [B] (a device tensor; no host sync)."""
+        slot = self.slot_of(pos)  # [B, Hp]
+        B, Hkv, _, D = k.shape
+        idx = slot.expand(B, Hkv) if slot.shape[1] == 1 else slot
+        idx = idx.view(B, Hkv, 1, 1).expand(B, Hkv, 1, D)
+        self.k.scatter_(2, idx, k)
+        self.v.scatter_(2, idx, v)
+        self.pos.scatter_(2, slot.unsqueeze(-1), pos.view(-1, 1, 1).expand(B, slot.shape[1], 1).to(torch.int32))
+
+    # -- visibility ------------------------------------------------------------------------------------------------------
+    def visible(self, qpos: Tensor, kpos: Tensor) -> Tensor:
+        """Bool [B, Hp, Q, S] from query positions [B, Q] and key positions [B, Hp, S], by the pattern's token rule."""
+        h = self._heads.view(1, -1, 1, 1) if self.pattern.head_dependent else 0
+        q, k = qpos[:, None, :, None].long(), kpos[:, :, None, :].long()
+        return (k >= 0) & self.pattern.visible(q, k, h)
+
+
+class ModelCache:
+    """One LayerCache per attention layer of a model."""
+
+    def __init__(self, model: nn.Module, batch_size: int, max_len: int, dtype: torch.dtype, device,
+                 check_memory: bool = True):
+        if max_len > model.max_seq_len:
+            raise ValueError(f"max_len {max_len} exceeds model.max_seq_len={model.max_seq_len} (the RoPE table length)")
+        self.plan = plan_cache(model, batch_size, max_len, dtype)
+        if check_memory:
+            check_fits(self.plan, device)  # before a single byte is allocated
+        self.batch_size, self.max_len = batch_size, max_len
+        self.layers = {a: LayerCache(a.pattern, batch_size, a.num_kv_heads, a.head_dim, max_len, dtype, device)
+                       for a in _attn_layers(model)}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.layers.values())
+
+    def reset(self) -> None:
+        for c in self.layers.values():
+            c.reset()
+
+    def __getitem__(self, layer: HybridAttention) -> LayerCache:
+        return self.layers[layer]

@@ -1,0 +1,225 @@
+"""Generation over compact per-layer KV caches: chunked prefill, one-token decode steps, sampling, streaming.
+
+    from flexgen_long.generation import generate
+    outs = generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=32)          # greedy, a batch of 2 prompts
+    outs[0].tokens, outs[0].tokens_per_s
+
+Prompts of different lengths are prefilled one row at a time (each row's cache slots see only its own positions) and
+decoded together, every row at its own absolute position (RoPE and masks per row), so a batch gives exactly what each
+prompt gives alone. Prefill runs in chunks of ``prefill_chunk`` tokens (default: the whole prompt); a chunk at offset o
+attends to the cached keys plus its own under the layer's pattern, so chunking changes memory, not results.
+
+A decode step (``decode_step``) has static shapes and keeps positions on the device: the loop never syncs inside a step
+(it syncs once per token to stream and check stop tokens). On CUDA the step is captured once into a CUDA graph per
+kind of mask use (rings not yet full / full) and replayed, so a step costs what its kernels cost.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .attention import HybridAttention, KVCacheStep
+from .cache import ModelCache
+
+__all__ = ["generate", "Generation", "prefill", "decode_step", "forward_cached", "sample", "exact_layers"]
+
+
+@dataclass
+class Generation:
+    """One prompt's result: the generated ids (a stop token, when hit, is the last), timings shared by the batch."""
+
+    tokens: list[int] = field(default_factory=list)
+    prompt_len: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        n = max(len(self.tokens) - 1, 0)  # the first token comes from the prefill
+        return n / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+def forward_cached(model: nn.Module, tokens: Tensor, step: KVCacheStep, input_pos: Tensor,
+                   last_only: bool = False) -> Tensor:
+    """The model's forward over its caches. ``last_only``: logits of the last token only (a long prefill chunk would
+    otherwise materialise [C, vocab] logits)."""
+    h = model.tok_embeddings(tokens)
+    for layer in model.layers:
+        h = layer(h, mask=step, input_pos=input_pos)
+    if last_only:
+        h = h[:, -1:]
+    return model.unembed(h)
+
+
+def prefill(model: nn.Module, cache: ModelCache, prompt: Tensor, row: int, chunk: int | None = None,
+            all_logits: bool = False) -> Tensor:
+    """Run ``prompt`` [n] (one sequence) through the model into row ``row`` of the caches, ``chunk`` tokens at a time.
+    Returns the last token's logits [vocab] (or every token's [n, vocab] with ``all_logits``)."""
+    n = prompt.shape[0]
+    chunk = n if chunk is None else chunk
+    outs = []
+    for o in range(0, n, chunk):
+        toks = prompt[o:o + chunk].view(1, -1)
+        pos = torch.arange(o, o + toks.shape[1], device=prompt.device).view(1, -1)
+        logits = forward_cached(model, toks, KVCacheStep(cache, "prefill", row=row, offset=o), pos,
+                                last_only=not all_logits)
+        outs.append(logits[0])
+    return torch.cat(outs) if all_logits else outs[-1][-1]
+
+
+def decode_step(model: nn.Module, cache: ModelCache, tokens: Tensor, pos: Tensor,
+                exact: frozenset = frozenset()) -> Tensor:
+    """One token per sequence: ``tokens`` [B] at positions ``pos`` [B] (device tensors) -> logits [B, vocab].
+    ``exact``: layers whose caches hold exactly the visible keys (see ``exact_layers``): no mask there."""
+    step = KVCacheStep(cache, "decode", pos=pos, exact=exact)
+    return forward_cached(model, tokens.view(-1, 1), step, pos.view(-1, 1))[:, -1]
+
+
+def exact_layers(model: nn.Module, cache: ModelCache, lo: int, hi: int) -> frozenset:
+    """Layers whose cache, after writing tokens at positions in [lo, hi] (one per row), holds exactly the keys each
+    row's query may see: a full buffer that every row fills to its last slot, or an AttnSink ring that every row has
+    filled (q >= sink + window - 1). BlockSparse stores keep stale off-stride slots: never exact. Host arithmetic."""
+    from .patterns import AttnSink, Full
+    out = set()
+    for a in model.modules():
+        if not isinstance(a, HybridAttention):
+            continue
+        c, p = cache[a], a.pattern
+        if (isinstance(p, Full) or (isinstance(p, AttnSink) and c.slots < p.sink + p.window)) \
+                and lo == hi == c.slots - 1:
+            out.add(a)
+        elif isinstance(p, AttnSink) and c.slots == p.sink + p.window and lo >= c.slots - 1:
+            out.add(a)
+    return frozenset(out)
+
+
+def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+           generator: torch.Generator | None = None) -> Tensor:
+    """[B, vocab] -> [B] ids. temperature 0: greedy (argmax); else softmax(logits / T) restricted to the top_k ids
+    and / or the smallest set whose probability reaches top_p."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, idx = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # keep ids until the mass before them reaches top_p
+        logits = logits.scatter(-1, idx, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def _check(prompts, max_new_tokens, temperature, top_k, top_p, prefill_chunk, vocab_size):
+    if not isinstance(prompts, Sequence) or not prompts or isinstance(prompts, (str, bytes)):
+        raise ValueError(f"prompts must be a non-empty list of lists of token ids, got {type(prompts).__name__}")
+    for i, p in enumerate(prompts):
+        if isinstance(p, Tensor):
+            p = p.tolist()
+        if not isinstance(p, Sequence) or not p or not all(isinstance(t, int) and 0 <= t < vocab_size for t in p):
+            raise ValueError(f"prompts[{i}] must be a non-empty list of ints in [0, vocab_size={vocab_size}), got "
+                             f"{str(p)[:80]}")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+    if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
+        raise ValueError(f"prefill_chunk must be None (whole prompt) or an int >= 1, got {prefill_chunk!r}")
+
+
+class _GraphedStep:
+    """decode_step captured into one CUDA graph per ``exact`` set; static input buffers, replayed each token."""
+
+    def __init__(self, model, cache, batch_size, device):
+        self.model, self.cache = model, cache
+        self.tokens = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.graphs: dict[frozenset, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+
+    def __call__(self, tokens: Tensor, pos: Tensor, exact: frozenset) -> Tensor:
+        self.tokens.copy_(tokens)
+        self.pos.copy_(pos)
+        if exact in self.graphs:
+            graph, out = self.graphs[exact]
+            graph.replay()
+            return out
+        # First step of this kind: run it for real on a side stream (warm-up, as CUDA graphs require), then capture
+        # the same step; capturing runs nothing, so the caches are written once.
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            result = decode_step(self.model, self.cache, self.tokens, self.pos, exact).clone()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = decode_step(self.model, self.cache, self.tokens, self.pos, exact)
+        self.graphs[exact] = (graph, out)
+        return result
+
+
+@torch.inference_mode()
+def generate(model: nn.Module, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, stop_tokens=None, prefill_chunk: int | None = None,
+             on_token: Callable[[int, int], None] | None = None, cuda_graph: bool | None = None,
+             generator: torch.Generator | None = None) -> list[Generation]:
+    """Generate up to ``max_new_tokens`` ids after each prompt (lists of token ids, any lengths).
+
+    temperature 0 = greedy; ``top_k`` / ``top_p`` restrict sampling; a row stops after emitting one of ``stop_tokens``.
+    ``on_token(row, token_id)`` is called for every emitted token, in order (streaming). ``prefill_chunk``: prefill this
+    many tokens at a time (bounded activation memory; same results). ``cuda_graph``: replay decode steps from CUDA
+    graphs (default: on CUDA). The caches are planned and checked against free memory before they are allocated."""
+    vocab = model.tok_embeddings.num_embeddings
+    _check(prompts, max_new_tokens, temperature, top_k, top_p, prefill_chunk, vocab)
+    stop = set(int(t) for t in (stop_tokens or ()))
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    prompts = [list(p.tolist() if isinstance(p, Tensor) else p) for p in prompts]
+    lens = [len(p) for p in prompts]
+    B, max_len = len(prompts), max(lens) + max_new_tokens
+    if max_len > model.max_seq_len:
+        raise ValueError(f"longest prompt ({max(lens)}) + max_new_tokens ({max_new_tokens}) = {max_len} exceeds "
+                         f"model.max_seq_len={model.max_seq_len}")
+    cache = ModelCache(model, B, max_len, dtype, device)
+    if cuda_graph is None:
+        cuda_graph = device.type == "cuda"
+    step_fn = _GraphedStep(model, cache, B, device) if cuda_graph else \
+        (lambda tok, pos, exact: decode_step(model, cache, tok, pos, exact))
+
+    t0 = time.perf_counter()
+    last = torch.stack([prefill(model, cache, torch.tensor(p, device=device), row, prefill_chunk)
+                        for row, p in enumerate(prompts)])
+    tok = sample(last, temperature, top_k, top_p, generator)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t1 = time.perf_counter()
+    results = [Generation(prompt_len=n, prefill_s=t1 - t0) for n in lens]
+    pos = torch.tensor(lens, device=device)  # position of the token fed next, per row
+    done = [False] * B
+    for t in range(max_new_tokens):
+        ids = tok.tolist()  # the loop's one sync per token: streaming and stop tokens need the ids on the host
+        for b, i in enumerate(ids):
+            if not done[b]:
+                results[b].tokens.append(i)
+                if on_token is not None:
+                    on_token(b, i)
+                done[b] = i in stop
+        if all(done) or t == max_new_tokens - 1:
+            break
+        exact = exact_layers(model, cache, min(lens) + t, max(lens) + t)
+        tok = sample(step_fn(tok, pos, exact), temperature, top_k, top_p, generator)
+        pos = pos + 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    for r in results:
+        r.decode_s = time.perf_counter() - t1
+    return results
