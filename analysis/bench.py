@@ -144,11 +144,12 @@ def free():
 
 
 def sdpa_context(device: torch.device):
-    """cuDNN / flash for every causal SDPA call on GPU (the best dense baseline, FACTS section 5); CPU: torch's pick."""
+    """A factory of fresh contexts (sdpa_kernel's context manager is single-use) forcing cuDNN / flash for every causal
+    SDPA call on GPU (the best dense baseline, FACTS section 5), and its description; CPU: torch's pick."""
     if device.type != "cuda":
-        return contextlib.nullcontext(), "default (cpu)"
+        return contextlib.nullcontext, "default (cpu)"
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]), "cudnn,flash (forced)"
+    return (lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION])), "cudnn,flash (forced)"
 
 
 # -- KV accounting -----------------------------------------------------------------------------------------------------
@@ -326,11 +327,11 @@ def bench_ours(a, device, dtype, res: dict) -> dict:
         for v, (fl, sp) in variants.items():
             pats = set_layout(model, fl, sp)
             res["kv"].setdefault(v, {})[str(S)] = kv_bytes(pats, S, hkv, d, dtype.itemsize)
-            with ctx:
+            with ctx():
                 r = guarded(lambda: timer.measure(prefill_fn(model, tokens, pats), budget))
             res["prefill"].setdefault(v, {})[str(S)] = r
             print(f"prefill {v:12s} {S:7d}: {_fmt(r)}", flush=True)
-            with ctx:
+            with ctx():
                 r = guarded(lambda: decode_record(model, tokens, timer))
             res["decode"].setdefault(v, {})[str(S)] = r
             free()
@@ -348,7 +349,7 @@ def bench_ours(a, device, dtype, res: dict) -> dict:
             tokens = torch.randint(0, res["shape"]["vocab_size"], (1, S), device=device)
             for v, (fl, sp) in variants.items():
                 set_layout(tmodel, fl, sp)
-                with ctx:
+                with ctx():
                     r = guarded(lambda: timer.measure(train_fn(tmodel, tokens), budget))
                 tmodel.zero_grad(set_to_none=True)
                 res["train"].setdefault(v, {})[str(S)] = r
