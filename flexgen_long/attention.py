@@ -243,6 +243,9 @@ class HybridAttention(MultiHeadAttention):
         qpos = torch.arange(o, o + C, device=q.device, dtype=torch.int32)
         kpos = torch.cat([cache.pos[row:row + 1], qpos.expand(1, cache.pos.shape[1], C)], dim=2)
         mask = _expand_heads(cache.visible(qpos[None], kpos), self.num_heads)
-        out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, enable_gqa=True)
+        group = self.num_heads // self.num_kv_heads
+        if group > 1:  # a masked SDPA with enable_gqa may fall back to the math kernel (C x slots scores per head)
+            kk, vv = kk.repeat_interleave(group, dim=1), vv.repeat_interleave(group, dim=1)
+        out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
         cache.write_prefill(row, k, v, o)
         return out
