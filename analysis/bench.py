@@ -40,7 +40,6 @@ import argparse
 import contextlib
 import gc
 import importlib.util
-import inspect
 import json
 import platform
 import statistics
@@ -288,23 +287,33 @@ def train_fn(model, tokens):
     return fn
 
 
-def decode_record(model, tokens, timer) -> dict:
-    """Decode step time through flexgen_long.generation, imported lazily (a colleague's module). Measured as the
-    difference of generating n+1 and 1 tokens, divided by n, so the prefill cancels."""
+def decode_record(model, tokens, timer, budget_ms: float) -> dict:
+    """Decode step time through flexgen_long.generation (imported lazily: it may be absent in a checkout): fill its
+    compact caches with the prompt (its own prefill, untimed here), then time one step at position S over caches
+    holding S tokens -- full buffers and rings exactly full, the mask-free SDPA path that generate() takes --
+    replayed from a CUDA graph as generate() does on GPU. The step rewrites the same slot each time."""
     if importlib.util.find_spec("flexgen_long.generation") is None:
         return {"not_measured": "generation module absent"}
     gen = importlib.import_module("flexgen_long.generation")
-    fn = getattr(gen, "generate", None)
-    if fn is None or "max_new_tokens" not in inspect.signature(fn).parameters:
-        return {"not_measured": "flexgen_long.generation has no generate(model, tokens, max_new_tokens=...)"}
-    n = 16
-
-    def make(k):
-        return lambda: fn(model, tokens, max_new_tokens=k)
-    t1 = timer.measure(make(1), budget_ms=0, min_reps=3, max_reps=3)
-    tn = timer.measure(make(n + 1), budget_ms=0, min_reps=3, max_reps=3)
-    return {"median_ms": (tn["median_ms"] - t1["median_ms"]) / n, "method": f"(generate {n + 1} - generate 1) / {n}",
-            "generate_1": t1, f"generate_{n + 1}": tn, "peak_mem_gib": tn.get("peak_mem_gib")}
+    from flexgen_long.cache import ModelCache
+    S, dev = tokens.shape[1], tokens.device
+    dtype = next(model.parameters()).dtype
+    with torch.inference_mode():
+        cache = ModelCache(model, 1, S + 1, dtype, dev)
+        gen.prefill(model, cache, tokens[0], 0)
+        tok, pos = torch.zeros(1, dtype=torch.long, device=dev), torch.full((1,), S, dtype=torch.long, device=dev)
+        exact = gen.exact_layers(model, cache, S, S)
+        if dev.type == "cuda":
+            step = gen._GraphedStep(model, cache, 1, dev)  # first call captures the graph; later calls replay it
+            fn = lambda: step(tok, pos, exact)  # noqa: E731
+        else:
+            fn = lambda: gen.decode_step(model, cache, tok, pos, exact)  # noqa: E731
+        r = timer.measure(fn, budget_ms, min_reps=10, max_reps=200)
+    r.update({"cache_gib": cache.nbytes / 2**30 if not callable(cache.nbytes) else cache.nbytes() / 2**30,
+              "exact_layers": len(exact), "method": "generation.decode_step at position S over S cached tokens"
+              + (", CUDA graph replay" if dev.type == "cuda" else "")})
+    del cache
+    return r
 
 
 def bench_ours(a, device, dtype, res: dict) -> dict:
@@ -315,7 +324,7 @@ def bench_ours(a, device, dtype, res: dict) -> dict:
     max_len = max(a.lengths)
     res.update({"variants": {k: {"full_layers": fl, "sparse_pattern": repr(sp)} for k, (fl, sp) in variants.items()},
                 "sdpa_backend": backend, "prefill": {}, "decode": {}, "train": {}, "kv": {}})
-    model = build(name, None, max_len, device, dtype)
+    model = build(name, None, max_len + 1, device, dtype)  # +1: the decode step at position S
     model.requires_grad_(False)
     res["shape"] = shape_of(model)
     L, hkv, d = res["shape"]["num_layers"], res["shape"]["num_kv_heads"], res["shape"]["head_dim"]
@@ -332,8 +341,9 @@ def bench_ours(a, device, dtype, res: dict) -> dict:
             res["prefill"].setdefault(v, {})[str(S)] = r
             print(f"prefill {v:12s} {S:7d}: {_fmt(r)}", flush=True)
             with ctx():
-                r = guarded(lambda: decode_record(model, tokens, timer))
+                r = guarded(lambda: decode_record(model, tokens, timer, 300 if a.tiny else 1000))
             res["decode"].setdefault(v, {})[str(S)] = r
+            print(f"decode  {v:12s} {S:7d}: {_fmt(r)}", flush=True)
             free()
     del model
     free()
