@@ -1,0 +1,216 @@
+"""Figures from committed benchmark JSON (analysis/bench.py): speedups, KV memory and absolute times vs context length.
+
+    python analysis/plot_speedups.py [--results 'analysis/results/bench_*.json'] [--out analysis/figures]
+
+For each ``bench.py ours`` result (one card, one model shape) it draws, into ``--out``:
+
+* ``speedup_<card>_<model>.png`` -- dense time / hybrid time vs context length, one panel each for prefill, decode and
+  training, one line per hybrid variant (plus ours vs the HF peer where a ``bench.py hf`` result for the same card and
+  shape exists), the paper's 1.67x / 1.41x / 1.55x dashed;
+* ``kv_<card>_<model>.png`` -- analytic KV cache size per variant, and the paper's -62% as a dashed line under dense;
+* ``times_<card>_<model>.png`` -- absolute median times (log axis) with min-max bars, HF peer included.
+
+Missing points (out of memory, errors, not measured) are left out of the lines and listed in the figure's footnote,
+so a figure never shows a number the JSON does not hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: CI and device machines have no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+PHASES = ("prefill", "decode", "train")
+COLORS = {"dense": "black", "attnsink": "tab:blue", "blocksparse": "tab:orange", "hf:sdpa": "tab:red",
+          "hf:flex_attention": "tab:purple"}
+
+
+def load(pattern: str) -> list[dict]:
+    out = []
+    for path in sorted(glob.glob(pattern)):
+        with open(path) as f:
+            r = json.load(f)
+        r["_path"] = path
+        out.append(r)
+    return out
+
+
+def _ok(rec) -> bool:
+    return isinstance(rec, dict) and isinstance(rec.get("median_ms"), (int, float)) and rec["median_ms"] > 0
+
+
+def _why(rec) -> str:
+    if not isinstance(rec, dict):
+        return "missing"
+    if rec.get("oom"):
+        return "OOM"
+    return rec.get("not_measured") or rec.get("error", "failed")[:40]
+
+
+def series(table: dict, variant: str) -> tuple[list[int], list[dict], list[str]]:
+    """(lengths, records) of the measured points of one variant, sorted by length, and notes for the rest."""
+    pts, notes = [], []
+    for length, rec in (table or {}).get(variant, {}).items():
+        if _ok(rec):
+            pts.append((int(length), rec))
+        else:
+            notes.append(f"{variant} {int(length) // 1024}K: {_why(rec)}")
+    pts.sort(key=lambda p: p[0])
+    return [p[0] for p in pts], [p[1] for p in pts], notes
+
+
+def speedups(table: dict, base: str, variant: str) -> tuple[list[int], list[float]]:
+    """Lengths where both were measured, and base median / variant median."""
+    b, v = table.get(base, {}), table.get(variant, {})
+    xs = sorted(int(k) for k in v if _ok(v[k]) and _ok(b.get(k)))
+    return xs, [b[str(x)]["median_ms"] / v[str(x)]["median_ms"] for x in xs]
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", s).strip("_")
+
+
+def _xaxis(ax, lengths):
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths)
+    ax.set_xticklabels([f"{x // 1024}K" if x >= 1024 else str(x) for x in lengths])
+    ax.set_xlabel("context length (tokens)")
+
+
+def _footnote(fig, notes):
+    if notes:
+        fig.text(0.01, 0.01, "not plotted: " + "; ".join(sorted(set(notes))), fontsize=6, wrap=True, va="bottom")
+
+
+def plot_run(ours: dict, hf: dict | None, out_dir: Path) -> dict:
+    """Draw the three figures of one ``ours`` result (and its HF peer, if any). Returns {name: (figure, path,
+    {panel title: [line labels]})} so tests can check what was drawn."""
+    card, model = ours["card"], ours["model"]
+    tag = f"{_slug(card)}_{model}"
+    title = f"{model} shape, {card}, {ours.get('dtype', 'bf16')}, batch {ours.get('batch', 1)} (torch {ours['torch']})"
+    paper = ours.get("paper", {})
+    variants = [v for v in ours.get("variants", {}) if v != "dense"]
+    lengths = sorted({int(x) for t in PHASES for v in ours.get(t, {}).values() for x in v})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    drawn = {}
+
+    # speedup vs length: dense / hybrid, per phase; ours vs HF where the peer measured the same phase
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    labels, notes = {}, []
+    for ax, phase in zip(axes, PHASES):
+        table = ours.get(phase, {})
+        for v in variants:
+            xs, ys = speedups(table, "dense", v)
+            notes += series(table, v)[2] + series(table, "dense")[2]
+            if xs:
+                ax.plot(xs, ys, "o-", color=COLORS.get(v), label=f"{v} vs dense")
+        if hf and phase in ("prefill", "decode"):
+            for impl, recs in hf.get(phase, {}).items():
+                xs = sorted(int(k) for k in recs if _ok(recs[k]) and _ok(table.get("attnsink", {}).get(k)))
+                ys = [recs[str(x)]["median_ms"] / table["attnsink"][str(x)]["median_ms"] for x in xs]
+                notes += [n.replace(impl, f"HF {impl}", 1) for n in series(hf.get(phase), impl)[2]]
+                if xs:
+                    ax.plot(xs, ys, "s:", color=COLORS.get(f"hf:{impl}"), label=f"attnsink vs HF {impl}")
+        if phase in paper:
+            ax.axhline(paper[phase], ls="--", color="gray", label=f"paper {paper[phase]:.2f}x")
+        ax.axhline(1.0, color="lightgray", lw=0.8)
+        ax.set_title(f"{phase}" + (" (reduced depth)" if phase == "train" else ""))
+        ax.set_ylabel("speedup (baseline time / hybrid time)")
+        _xaxis(ax, lengths)
+        ax.legend(fontsize=7)
+        labels[phase] = [ln.get_label() for ln in ax.get_lines()]
+    if ours.get("train_setup"):
+        ts = ours["train_setup"]
+        axes[2].set_title(f"train fwd+bwd, {ts['num_layers']} of {ours['shape']['num_layers']} layers "
+                          f"(full: {ts['full_layers'].get('attnsink')})")
+    fig.suptitle(f"Hybrid LongGen speedup over dense: {title}")
+    _footnote(fig, notes)
+    fig.tight_layout(rect=(0, 0.04, 1, 0.95))
+    path = out_dir / f"speedup_{tag}.png"
+    fig.savefig(path, dpi=110)
+    drawn["speedup"] = (fig, path, labels)
+
+    # KV memory vs length (analytic)
+    fig, ax = plt.subplots(figsize=(6.5, 4.6))
+    kv = ours.get("kv", {})
+    for v, recs in kv.items():
+        xs = sorted(int(k) for k in recs)
+        ax.plot(xs, [recs[str(x)]["kv_gib"] for x in xs], "o-", color=COLORS.get(v), label=v)
+    if "dense" in kv and "kv_reduction" in paper:
+        xs = sorted(int(k) for k in kv["dense"])
+        ax.plot(xs, [kv["dense"][str(x)]["kv_gib"] * (1 - paper["kv_reduction"]) for x in xs], "--", color="gray",
+                label=f"paper: dense -{paper['kv_reduction']:.0%}")
+    ax.set_yscale("log")
+    ax.set_ylabel("KV cache (GiB, analytic)")
+    _xaxis(ax, lengths)
+    ax.set_title(f"KV cache vs length\n{title}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out_dir / f"kv_{tag}.png"
+    fig.savefig(path, dpi=110)
+    drawn["kv"] = (fig, path, {"kv": [ln.get_label() for ln in ax.get_lines()]})
+
+    # absolute times, log axis, min-max bars
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    labels, notes = {}, []
+    for ax, phase in zip(axes, PHASES):
+        sources = [(v, ours.get(phase, {}), v) for v in ours.get("variants", {})]
+        if hf and phase in hf:
+            sources += [(f"HF {impl}", hf[phase], impl) for impl in hf[phase]]
+        for label, table, key in sources:
+            xs, recs, n = series(table, key)
+            notes += [x.replace(key, label, 1) for x in n]
+            if xs:
+                med = [r["median_ms"] for r in recs]
+                err = [[m - r["min_ms"] for m, r in zip(med, recs)], [r["max_ms"] - m for m, r in zip(med, recs)]]
+                color = COLORS.get(key if not label.startswith("HF") else f"hf:{key}")
+                ax.errorbar(xs, med, yerr=err, fmt="o-" if not label.startswith("HF") else "s:", color=color,
+                            label=label, capsize=3)
+        ax.set_yscale("log")
+        ax.set_ylabel("median time (ms, log)" + (" per token" if phase == "decode" else ""))
+        ax.set_title(phase + (" step (reduced depth)" if phase == "train" else ""))
+        _xaxis(ax, lengths)
+        ax.legend(fontsize=7)
+        labels[phase] = [c.get_label() for c in ax.containers]
+    fig.suptitle(f"Absolute times: {title}")
+    _footnote(fig, notes)
+    fig.tight_layout(rect=(0, 0.04, 1, 0.95))
+    path = out_dir / f"times_{tag}.png"
+    fig.savefig(path, dpi=110)
+    drawn["times"] = (fig, path, labels)
+    return drawn
+
+
+def plot_all(results: str, out: str) -> list[dict]:
+    runs = load(results)
+    ours = [r for r in runs if r.get("benchmark") == "model_ours"]
+    hfs = {(r["card"], r["model"]): r for r in runs if r.get("benchmark") == "model_hf"}
+    drawn = []
+    for r in ours:
+        drawn.append(plot_run(r, hfs.get((r["card"], r["model"])), Path(out)))
+    return drawn
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--results", default="analysis/results/bench_*.json", help="glob of bench.py JSON files")
+    ap.add_argument("--out", default="analysis/figures")
+    a = ap.parse_args(argv)
+    drawn = plot_all(a.results, a.out)
+    for d in drawn:
+        for name, (fig, path, _) in d.items():
+            print(path)
+            plt.close(fig)
+    if not drawn:
+        raise SystemExit(f"no bench.py 'ours' results match {a.results!r}")
+
+
+if __name__ == "__main__":
+    main()
