@@ -1,0 +1,127 @@
+"""flexgen_long.generation against the no-cache oracle: the hybrid model's own full forward ``model(tokens)`` (same
+sparse masks, dense-mask SDPA on CPU) -- teacher-forced logits through the caches, greedy tokens vs greedy by full
+recompute, chunked vs unchunked prefill, batches of mixed lengths vs each prompt alone."""
+
+import pytest
+import torch
+
+from flexgen_long.cache import ModelCache
+from flexgen_long.generation import decode_step, exact_layers, generate, prefill, sample
+from flexgen_long.models import longgen_llama, longgen_tiny
+from flexgen_long.patterns import AttnSink, BlockSparse
+
+# (pattern, num_kv_heads): windows small enough that 150-token sequences wrap rings ~14x and drop many stride blocks
+CASES = [(AttnSink(3, 10), 4), (AttnSink(3, 10), 2), (AttnSink(0, 7), 1),
+         (BlockSparse(16, 2, 3, per_head=True), 2), (BlockSparse(16, 2, 3, per_head=True), 4),
+         (BlockSparse(16, 2, 4, per_head=False), 2)]
+IDS = [f"{p!r}-kv{h}" for p, h in CASES]
+
+
+def _model(pattern, kv_heads, vocab=97):
+    torch.manual_seed(0)
+    return longgen_llama(vocab, 4, 4, kv_heads, 32, 64, 512, full_layers="middle", sparse_pattern=pattern)
+
+
+def _oracle(model, toks):
+    with torch.enable_grad():  # grad-enabled forward on CPU = dense masks of the same token rule, no cache
+        return model(toks).detach()
+
+
+@pytest.mark.parametrize("pattern, kv_heads", CASES, ids=IDS)
+def test_teacher_forced_logits_equal_full_forward(pattern, kv_heads):
+    """Batch of 3 prompts of mixed lengths (prefilled in chunks), then teacher-forced decode of the rest together;
+    every row's logits == the full forward of that row's sequence. 150 tokens >= 3x every window."""
+    model = _model(pattern, kv_heads)
+    S, B = 150, 3
+    toks = torch.randint(0, 97, (B, S))
+    ref = _oracle(model, toks)
+    lens = [37, 5, 64]
+    with torch.no_grad():
+        cache = ModelCache(model, B, S, torch.float32, "cpu")
+        got = [[prefill(model, cache, toks[b, :n], b, chunk=11, all_logits=True)] for b, n in enumerate(lens)]
+        pos = torch.tensor(lens)
+        for t in range(S - max(lens)):
+            logits = decode_step(model, cache, toks[torch.arange(B), pos], pos,
+                                 exact_layers(model, cache, int(pos.min()), int(pos.max())))
+            for b in range(B):
+                got[b].append(logits[b:b + 1])
+            pos = pos + 1
+    for b, n in enumerate(lens):
+        g = torch.cat(got[b])
+        torch.testing.assert_close(g, ref[b, :g.shape[0]], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("pattern, kv_heads", CASES[:1] + CASES[3:4], ids=IDS[:1] + IDS[3:4])
+def test_chunked_prefill_equals_unchunked(pattern, kv_heads):
+    model = _model(pattern, kv_heads)
+    prompt = torch.randint(0, 97, (140,))
+    with torch.no_grad():
+        outs = []
+        for chunk in (None, 1, 16, 33):
+            cache = ModelCache(model, 1, 160, torch.float32, "cpu")
+            logits = prefill(model, cache, prompt, 0, chunk, all_logits=True)
+            # what the next query (position 140) may see; stale slots (never read) may differ between chunkings
+            live = [(c.visible(torch.tensor([[140]]), c.pos)[:, :, 0], c) for c in cache.layers.values()]
+            outs.append((logits, [(torch.where(m[..., None], c.k, 0), torch.where(m, c.pos, -1)) for m, c in live]))
+    for logits, layers in outs[1:]:
+        torch.testing.assert_close(logits, outs[0][0], atol=2e-5, rtol=1e-4)
+        for (k, p), (k0, p0) in zip(layers, outs[0][1]):
+            assert torch.equal(p, p0)  # the same positions in the same slots
+            torch.testing.assert_close(k, k0, atol=1e-5, rtol=1e-5)
+
+
+def _greedy_by_recompute(model, prompt, n):
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            with torch.enable_grad():
+                logits = model(torch.tensor([seq]))[0, -1].detach()
+            seq.append(int(logits.argmax()))
+    return seq[len(prompt):]
+
+
+@pytest.mark.parametrize("pattern, kv_heads", [CASES[1], CASES[3]], ids=[IDS[1], IDS[3]])
+def test_greedy_equals_full_recompute_and_batch_equals_alone(pattern, kv_heads):
+    model = _model(pattern, kv_heads)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (30, 3, 55)]
+    streamed = []
+    outs = generate(model, prompts, max_new_tokens=40, prefill_chunk=16, on_token=lambda b, t: streamed.append((b, t)))
+    for b, p in enumerate(prompts):
+        assert outs[b].tokens == _greedy_by_recompute(model, p, 40)
+        assert outs[b].prompt_len == len(p) and outs[b].tokens_per_s > 0
+        assert [t for r, t in streamed if r == b] == outs[b].tokens
+        alone = generate(model, [p], max_new_tokens=40)[0].tokens
+        assert alone == outs[b].tokens
+
+
+def test_stop_tokens_and_sampling():
+    model = longgen_tiny(vocab_size=50)
+    out = generate(model, [[1, 2, 3]], max_new_tokens=30)[0].tokens
+    stop = out[4]
+    cut = generate(model, [[1, 2, 3]], max_new_tokens=30, stop_tokens=[stop])[0].tokens
+    assert cut == out[:out.index(stop) + 1]
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    a = generate(model, [[1, 2], [3]], max_new_tokens=10, temperature=0.8, top_k=10, top_p=0.9, generator=g1)
+    b = generate(model, [[1, 2], [3]], max_new_tokens=10, temperature=0.8, top_k=10, top_p=0.9, generator=g2)
+    assert [r.tokens for r in a] == [r.tokens for r in b]
+    assert all(0 <= t < 50 for r in a for t in r.tokens)
+
+
+def test_sample_filters():
+    logits = torch.tensor([[0.0, 5.0, 4.0, -1.0]])
+    assert sample(logits).tolist() == [1]
+    for _ in range(20):
+        assert sample(logits, 1.0, top_k=2).item() in (1, 2)
+        assert sample(logits, 1.0, top_p=0.5).item() == 1  # p(1) = 0.72 >= 0.5 alone
+
+
+@pytest.mark.parametrize("kw, msg", [(dict(max_new_tokens=0), "max_new_tokens"), (dict(temperature=-1), "temperature"),
+                                     (dict(top_k=0), "top_k"), (dict(top_p=1.5), "top_p"),
+                                     (dict(prefill_chunk=0), "prefill_chunk"), (dict(prompts=[[]]), r"prompts\[0\]"),
+                                     (dict(prompts=[[1, 999]]), "vocab_size"), (dict(max_new_tokens=5000), "max_seq_len")])
+def test_bad_arguments(kw, msg):
+    model = longgen_tiny(vocab_size=50)
+    args = dict(prompts=[[1, 2]], max_new_tokens=4) | kw
+    with pytest.raises(ValueError, match=msg):
+        generate(model, args.pop("prompts"), **args)
