@@ -125,3 +125,36 @@ def test_bad_arguments(kw, msg):
     args = dict(prompts=[[1, 2]], max_new_tokens=4) | kw
     with pytest.raises(ValueError, match=msg):
         generate(model, args.pop("prompts"), **args)
+
+
+def test_generate_recipe_runs_as_typed_and_loads_a_checkpoint(tmp_path):
+    """`tune run recipes/longgen_generate.py --config recipes/configs/tiny_generate.yaml` from the repo root (as the
+    README says), on random weights and with checkpoint_dir= a checkpoint in the finetune recipe's format."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from flexgen_long import training
+
+    repo = Path(__file__).resolve().parents[1]
+    tune = str(Path(sys.executable).parent / "tune")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    cfg = "recipes/configs/tiny_generate.yaml"
+    r = subprocess.run([tune, "run", "recipes/longgen_generate.py", "--config", cfg, "max_new_tokens=8",
+                        "temperature=0"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "=== [0] def fibonacci(n):" in r.stdout and "tokens/s" in r.stderr + r.stdout
+    assert "KV cache plan" in r.stderr + r.stdout
+
+    model_cfg = {"_component_": "flexgen_long.models.longgen_tiny", "vocab_size": 259, "max_seq_len": 256}
+    model = longgen_tiny(vocab_size=259, max_seq_len=256)
+    path = training.save_checkpoint(tmp_path, 7, model.state_dict(), training.hf_config(model, model_cfg))
+    r = subprocess.run([tune, "run", "recipes/longgen_generate.py", "--config", cfg, "max_new_tokens=8",
+                        "temperature=0", f"checkpoint_dir={path}", "prompts=[abc]"], cwd=repo, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    prompt = [256, 97, 98, 99]  # BOS + "abc"
+    want = generate(model, [prompt], max_new_tokens=8)[0].tokens
+    from flexgen_long.tokenizers import ByteTokenizer
+    assert f"=== [0] abc{ByteTokenizer().decode(want)}" in r.stdout
