@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    tune run recipes/longgen_generate.py --config recipes/configs/tiny_generate.yaml [key=value ...]
+    tune run recipes/longgen_generate.py --config recipes/configs/generate/tiny.yaml [key=value ...]
 
 Steps: build the model (from ``checkpoint_dir``, a checkpoint written by recipes/longgen_finetune.py, or from the
 ``model`` section with random weights), print the KV-cache memory plan (checked against free memory before anything is

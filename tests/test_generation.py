@@ -128,7 +128,7 @@ def test_bad_arguments(kw, msg):
 
 
 def test_generate_recipe_runs_as_typed_and_loads_a_checkpoint(tmp_path):
-    """`tune run recipes/longgen_generate.py --config recipes/configs/tiny_generate.yaml` from the repo root (as the
+    """`tune run recipes/longgen_generate.py --config recipes/configs/generate/tiny.yaml` from the repo root (as the
     README says), on random weights and with checkpoint_dir= a checkpoint in the finetune recipe's format."""
     import os
     import subprocess
@@ -140,7 +140,7 @@ def test_generate_recipe_runs_as_typed_and_loads_a_checkpoint(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     tune = str(Path(sys.executable).parent / "tune")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    cfg = "recipes/configs/tiny_generate.yaml"
+    cfg = "recipes/configs/generate/tiny.yaml"
     r = subprocess.run([tune, "run", "recipes/longgen_generate.py", "--config", cfg, "max_new_tokens=8",
                         "temperature=0"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
