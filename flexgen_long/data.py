@@ -30,10 +30,14 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["PYTHON_STDLIB", "PackedDocuments", "long_documents", "hf_long_documents", "text_files",
+__all__ = ["PYTHON_STDLIB", "PYTHON_STDLIB_PACKAGES", "PackedDocuments", "long_documents", "hf_long_documents", "text_files",
            "passkey_task", "multikey_needle_task", "SYNTHETIC_TASKS", "CROSS_ENTROPY_IGNORE_INDEX"]
 
 PYTHON_STDLIB = "python-stdlib"
+#: The standard library's *subpackages* (``email/``, ``asyncio/`` ...; no tests, no site-packages): files disjoint from
+#: ``python-stdlib`` (top-level modules only), so evaluation text held out from the training corpus.
+PYTHON_STDLIB_PACKAGES = "python-stdlib-packages"
+_NOT_HELD_OUT = {"site-packages", "dist-packages", "test", "tests", "idle_test", "idlelib", "turtledemo", "__pycache__"}
 CROSS_ENTROPY_IGNORE_INDEX = -100  # torchtune's and torch's default ignore_index
 _TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".json", ".jsonl", ".html", ".tex")
 
@@ -41,15 +45,23 @@ _TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".json", ".jsonl", ".html", ".te
 # -- sources ------------------------------------------------------------------------------------------------------------
 def text_files(source: str, suffixes: Iterable[str] = _TEXT_SUFFIXES) -> list[Path]:
     """Files of a local source, sorted: ``"python-stdlib"`` (the top-level ``.py`` modules of this Python's standard
-    library, found at run time via ``sysconfig``), a glob (``data/**/*.txt``), a directory (every file with one of
+    library, found at run time via ``sysconfig``), ``"python-stdlib-packages"`` (the ``.py`` files of its subpackages:
+    disjoint from the former, the held-out evaluation text), a glob (``data/**/*.txt``), a directory (every file with one of
     ``suffixes``, recursively) or one file. Raises ``FileNotFoundError`` naming ``dataset.source`` when nothing
     matches."""
     if not isinstance(source, str) or not source:
-        raise ValueError(f"dataset.source must be a path, a glob or {PYTHON_STDLIB!r}, got {source!r}")
+        raise ValueError(f"dataset.source must be a path, a glob, {PYTHON_STDLIB!r} or {PYTHON_STDLIB_PACKAGES!r}, "
+                         f"got {source!r}")
     if source == PYTHON_STDLIB:
         root = Path(sysconfig.get_paths()["stdlib"])
         files = sorted(p for p in root.glob("*.py") if p.is_file())
         where = f"{PYTHON_STDLIB} ({root})"
+    elif source == PYTHON_STDLIB_PACKAGES:
+        root = Path(sysconfig.get_paths()["stdlib"])
+        files = sorted(p for p in root.glob("*/**/*.py") if p.is_file()
+                       and not _NOT_HELD_OUT & set(p.relative_to(root).parts[:-1])
+                       and not p.relative_to(root).parts[0].startswith("config-"))
+        where = f"{PYTHON_STDLIB_PACKAGES} ({root})"
     elif any(c in source for c in "*?["):
         files = sorted(Path(p) for p in globlib.glob(source, recursive=True) if Path(p).is_file())
         where = f"glob {source!r}"
@@ -87,42 +99,60 @@ def _fill(tokenizer, n: int) -> list[int]:
     return (unit * (n // len(unit) + 1))[:max(n, 0)]
 
 
-def _task(tokenizer, length: int, needles: list[str], question: str, answer: str,
-          rng: random.Random) -> tuple[list[int], list[bool]]:
+def _task(tokenizer, length: int, needles: list[str], question: str, answer: str, rng: random.Random, *,
+          depth: float | None = None, target: int = 0, prompt_only: bool = False) -> tuple[list[int], list[bool]]:
     """``BOS intro filler(needles at random depths) question answer EOS`` of exactly ``length`` tokens (or more when
-    the needles alone exceed it); the trained mask covers the answer and EOS."""
+    the needles alone exceed it); the trained mask covers the answer and EOS.
+
+    ``depth`` in [0, 1]: needle ``target`` (the one asked for) starts at that fraction of the filler (0 = right after
+    the intro, 1 = right before the question); the others stay at random depths. ``prompt_only``: ``length`` counts
+    the prompt (everything before the answer) instead of the whole example -- evaluation's context length, equal for
+    every task and answer, so a grid cell is one prompt shape. With neither, the rng is drawn from exactly as before
+    (training data is unchanged by these options)."""
+    if depth is not None and not (isinstance(depth, (int, float)) and 0.0 <= depth <= 1.0):
+        raise ValueError(f"depth must be None (random) or a number in [0, 1], got {depth!r}")
     enc = lambda s: tokenizer.encode(s, add_bos=False, add_eos=False)  # noqa: E731
     intro = enc("There is important info hidden inside a lot of irrelevant text. Find it and memorize it. ")
     needle_ids = [enc(" " + s + " ") for s in needles]
     q, a = enc(" " + question), enc(" " + answer)
-    fixed = 1 + len(intro) + sum(map(len, needle_ids)) + len(q) + len(a) + 1
+    fixed = 1 + len(intro) + sum(map(len, needle_ids)) + len(q) + (0 if prompt_only else len(a) + 1)
     filler = _fill(tokenizer, length - fixed)
-    cuts = sorted(rng.randrange(len(filler) + 1) for _ in needles)
+    cuts = [rng.randrange(len(filler) + 1) for _ in needles]
+    if depth is not None:
+        cuts[target] = round(depth * len(filler))
+        order = sorted(range(len(needles)), key=lambda i: (cuts[i], i != target))
+    else:  # as before: the sorted random cuts are dealt to the needles in order
+        cuts, order = sorted(cuts), range(len(needles))
+        cuts = dict(zip(order, cuts))
     body, prev = [], 0
-    for cut, nid in zip(cuts, needle_ids):
-        body += filler[prev:cut] + nid
-        prev = cut
+    for i in order:
+        body += filler[prev:cuts[i]] + needle_ids[i]
+        prev = cuts[i]
     body += filler[prev:]
     prompt = [tokenizer.bos_id] + intro + body + q
     tokens = prompt + a + [tokenizer.eos_id]
     return tokens, [False] * len(prompt) + [True] * (len(a) + 1)
 
 
-def passkey_task(tokenizer, length: int, rng: random.Random) -> tuple[list[int], list[bool]]:
-    """Passkey retrieval (Mohtashami & Jaggi 2023): a 5-digit key hidden at a random depth, asked for at the end."""
+def passkey_task(tokenizer, length: int, rng: random.Random, *, depth: float | None = None,
+                 prompt_only: bool = False) -> tuple[list[int], list[bool]]:
+    """Passkey retrieval (Mohtashami & Jaggi 2023): a 5-digit key hidden at a random depth (or at ``depth``, a
+    fraction of the filler), asked for at the end. ``prompt_only``: see ``_task``."""
     key = str(rng.randrange(10000, 100000))
     return _task(tokenizer, length, [f"The pass key is {key}. Remember it. {key} is the pass key."],
-                 "What is the pass key? The pass key is", f"{key}.", rng)
+                 "What is the pass key? The pass key is", f"{key}.", rng, depth=depth, prompt_only=prompt_only)
 
 
-def multikey_needle_task(tokenizer, length: int, rng: random.Random, num_keys: int = 4) -> tuple[list[int], list[bool]]:
-    """Multi-key needle (RULER's MK-NIAH): ``num_keys`` key/value needles at random depths, one key asked for."""
+def multikey_needle_task(tokenizer, length: int, rng: random.Random, num_keys: int = 4, *,
+                         depth: float | None = None, prompt_only: bool = False) -> tuple[list[int], list[bool]]:
+    """Multi-key needle (RULER's MK-NIAH): ``num_keys`` key/value needles at random depths, one key asked for; with
+    ``depth``, the asked-for needle sits at that fraction of the filler. ``prompt_only``: see ``_task``."""
     keys = [f"{rng.choice(_WORDS)}-{rng.choice(_WORDS)}-{rng.randrange(100)}" for _ in range(num_keys)]
     values = [str(rng.randrange(1000000, 10000000)) for _ in keys]
     j = rng.randrange(num_keys)
     return _task(tokenizer, length, [f"One of the special magic numbers for {k} is: {v}." for k, v in zip(keys, values)],
                  f"What is the special magic number for {keys[j]}? The special magic number for {keys[j]} is:",
-                 f"{values[j]}.", rng)
+                 f"{values[j]}.", rng, depth=depth, target=j, prompt_only=prompt_only)
 
 
 _WORDS = ("amber", "basil", "cedar", "delta", "ember", "fjord", "garnet", "harbor", "indigo", "juniper", "kestrel",

@@ -109,3 +109,33 @@ def test_bad_sources(tmp_path):
         long_documents(TOK, 16, str(tmp_path), synthetic_share=1.0)
     with pytest.raises(ValueError, match=r"dataset.synthetic_tasks"):
         long_documents(TOK, 16, str(tmp_path), synthetic_share=0.5, synthetic_tasks=["sudoku"])
+
+
+@pytest.mark.parametrize("task", [passkey_task, multikey_needle_task])
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_synthetic_task_depth_and_prompt_length(task, depth):
+    """The asked-for needle starts at ``depth`` of the filler; with prompt_only the prompt is exactly ``length``."""
+    ids, trained = task(TOK, 3000, random.Random(7), depth=depth, prompt_only=True)
+    prompt = [t for t, m in zip(ids, trained) if not m]
+    assert len(prompt) == 3000 and trained[3000:] == [True] * (len(ids) - 3000)
+    text = TOK.decode(prompt)
+    value = TOK.decode([t for t, m in zip(ids, trained) if m]).strip().rstrip(".")
+    # the needle holding the answer: "The pass key is V." or "...magic numbers for K is: V."
+    needle_at = text.index(f" {value}.")
+    intro_end = text.index("memorize it. ") + len("memorize it. ")
+    question_at = text.rindex(" What is")
+    filler_span = question_at - intro_end  # filler + needles, in characters (= bytes: ASCII)
+    frac = (needle_at - intro_end) / filler_span
+    assert abs(frac - depth) < 0.12, (frac, depth)  # the needles' own lengths shift it a little
+
+
+def test_synthetic_task_depth_refuses_out_of_range():
+    with pytest.raises(ValueError, match=r"depth must be None \(random\) or a number in \[0, 1\], got 1.5"):
+        passkey_task(TOK, 500, random.Random(0), depth=1.5)
+
+
+def test_held_out_stdlib_source_is_disjoint_from_training():
+    from flexgen_long.data import PYTHON_STDLIB_PACKAGES
+    train, held = set(text_files(PYTHON_STDLIB)), set(text_files(PYTHON_STDLIB_PACKAGES))
+    assert len(held) > 50 and not train & held
+    assert not any("site-packages" in f.parts or "test" in f.parts for f in held)
