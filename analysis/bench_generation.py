@@ -51,7 +51,7 @@ def weight_bytes_per_step(model) -> int:
     return sum(p.nbytes for p in model.parameters()) - emb.nbytes + emb[0].nbytes
 
 
-def measure(model, ctx: int, chunk: int, decode_reps: int = 30) -> dict:
+def measure(model, ctx: int, chunk: int, decode_reps: int = 30, compile_decode: bool = False) -> dict:
     dev = torch.device("cuda")
     plan = plan_cache(model, 1, ctx + 1, torch.bfloat16)
     kv_bytes = sum(lp.bytes for lp in plan.layers)
@@ -83,6 +83,17 @@ def measure(model, ctx: int, chunk: int, decode_reps: int = 30) -> dict:
         g(tok, pos, frozenset())
         row["decode_masked_ms"] = _cuda_time(lambda: g(tok, pos, frozenset()), decode_reps)
         row["decode_eager_ms"] = _cuda_time(lambda: decode_step(model, cache, tok, pos, exact), 5)
+        if compile_decode:  # the same step through torch.compile, then captured (compiles on the warm-up call)
+            t = time.perf_counter()
+            gc_ = _GraphedStep(model, cache, 1, dev, compile=True)
+            gc_(tok, pos, exact)
+            row["decode_compile_s"] = time.perf_counter() - t
+            gc_(tok, pos, exact)
+            row["decode_compiled_ms"] = _cuda_time(lambda: gc_(tok, pos, exact), decode_reps)
+            ref_logits = g(tok, pos, exact).float()
+            row["decode_compiled_max_rel_diff"] = float((gc_(tok, pos, exact).float() - ref_logits).abs().max()
+                                                        / ref_logits.abs().max())
+            del gc_
     kv_read = sum(c.k.nbytes + c.v.nbytes for c in cache.layers.values())
     row["bytes_per_step"] = weight_bytes_per_step(model) + kv_read
     row["decode_GBps"] = row["bytes_per_step"] / (row["decode_ms"] * 1e-3) / 1e9
@@ -121,6 +132,7 @@ def main():
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
     ap.add_argument("--chunk", type=int, default=8192)
     ap.add_argument("--one-million", action="store_true")
+    ap.add_argument("--compile-decode", action="store_true", help="also time the torch.compile'd decode step")
     args = ap.parse_args()
     res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "sparse_pattern": repr(SPARSE),
            "full_layers": "middle (10..20 of 32)", "prefill_chunk": args.chunk, "dtype": "bf16", "batch": 1}
@@ -138,7 +150,7 @@ def main():
             for layout in (("hybrid",) if args.one_million else ("hybrid", "dense")):
                 set_layout(model, layout == "hybrid", full_idx)
                 torch.cuda.reset_peak_memory_stats()
-                r = {"shape": shape, "layout": layout, **measure(model, ctx, args.chunk)}
+                r = {"shape": shape, "layout": layout, **measure(model, ctx, args.chunk, compile_decode=args.compile_decode)}
                 rows.append(r)
                 print(json.dumps(r), flush=True)
                 with open(args.out, "w") as f:
@@ -159,6 +171,9 @@ def main():
             s["kv_reduction"] = 1 - r["kv_bytes"] / d["kv_bytes"]
             if "decode_ms" in d and "decode_ms" in r:
                 s["decode_speedup"] = d["decode_ms"] / r["decode_ms"]
+            if "decode_compiled_ms" in d and "decode_compiled_ms" in r:
+                s["decode_compiled_speedup"] = d["decode_compiled_ms"] / r["decode_compiled_ms"]
+                s["decode_compiled_GBps_hybrid"] = r["bytes_per_step"] / (r["decode_compiled_ms"] * 1e-3) / 1e9
                 s["prefill_speedup"] = d["prefill_s"] / r["prefill_s"]
         summ.append(s)
     res["summary"] = summ
