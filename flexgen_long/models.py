@@ -34,7 +34,7 @@ from .attention import HybridAttention, KVCacheStep, MaskSet, positions_in_docum
 from .layout import DEFAULT_SPARSE_PATTERN, layer_patterns
 from .patterns import AttnSink
 
-__all__ = ["HybridDecoder", "longgen_llama", "doc_ids_from_seq_lens", "longgen_llama2_7b", "longgen_llama2_13b",
+__all__ = ["HybridDecoder", "longgen_llama", "doc_ids_from_seq_lens", "relayout", "longgen_llama2_7b", "longgen_llama2_13b",
            "longgen_llama2_70b", "longgen_llama3_1_8b", "longgen_llama3_1_70b", "longgen_llama3_2_1b",
            "longgen_llama3_2_3b", "longgen_tiny", "LLAMA3_1_ROPE_SCALING", "LLAMA3_2_ROPE_SCALING"]
 
@@ -94,6 +94,22 @@ class HybridDecoder(TransformerDecoder):
         raise NotImplementedError("torchtune's KVCache keeps every key of every layer; the hybrid model uses compact KV caches "
                                   "per pattern: flexgen_long.cache.ModelCache (and flexgen_long.generation."
                                   "generate, which allocates them)")
+
+
+def relayout(model: nn.Module, full_layers="none", sparse_pattern=DEFAULT_SPARSE_PATTERN) -> nn.Module:
+    """Give an existing model a new layout in place (``flexgen_long.layout`` rules) and return it. Weights are
+    untouched: patterns only decide which keys each query sees, and every forward / cache reads ``attn.pattern``.
+
+    The StreamingLLM baseline is ``relayout(full_model, "none", AttnSink(sink, window))``: a model trained with full
+    attention, run with sink + window attention on every layer, so generation keeps a ring cache of sink + window
+    keys per layer. Keys keep their absolute RoPE positions (no re-rotation inside the cache, unlike the original
+    StreamingLLM), which is what our caches store; positions up to the model's trained length stay in distribution."""
+    attn = [m for m in model.modules() if isinstance(m, HybridAttention)]
+    if not attn:
+        raise ValueError("relayout needs a model built by flexgen_long.models (no HybridAttention layers found)")
+    for a, pattern in zip(attn, layer_patterns(len(attn), full_layers, sparse_pattern)):
+        a.pattern = pattern
+    return model
 
 
 def doc_ids_from_seq_lens(seq_lens) -> Tensor:

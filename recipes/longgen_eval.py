@@ -1,0 +1,350 @@
+"""Long-context evaluation of a LongGen (or full-attention) checkpoint: retrieval accuracy over a grid of context
+lengths x needle depths, and perplexity vs context length on held-out long documents.
+
+Run from the repository root::
+
+    tune run recipes/longgen_eval.py --config recipes/configs/eval/tiny.yaml [key=value ...]
+    tune run recipes/longgen_eval.py --config recipes/configs/repro/eval.yaml \\
+        checkpoint_dir=outputs/repro/s2_a name=f_streaming_llm streaming_llm.sink=64 streaming_llm.window=448
+
+Steps, top to bottom:
+
+1. Model: ``checkpoint_dir`` (a checkpoint of recipes/longgen_finetune.py, or its output_dir -- the latest step is
+   taken) rebuilt with ``flexgen_long.training.load_model``; without it, the ``model`` section with random weights
+   (smoke tests). With ``streaming_llm: {sink, window}`` every layer is switched to ``AttnSink(sink, window)`` at
+   inference (``flexgen_long.models.relayout``): the StreamingLLM baseline, a model trained with full attention
+   whose KV caches keep only sink + window keys per layer (ring caches, flexgen_long.cache).
+2. Retrieval: for each task (``passkey``, ``multikey_needle`` -- flexgen_long.data's generators), context length L
+   and depth d, ``samples_per_cell`` prompts of exactly L tokens with the asked-for needle at depth d (seeded by
+   (seed, task, L, d): every model sees the same prompts). Scoring: the answer is greedy-decoded with
+   ``flexgen_long.generation.generate`` (compact caches, exactly as deployment would run it) for as many tokens as
+   the true answer has; a sample counts only when those tokens equal the answer's token ids exactly
+   (" 12345." for a passkey). Accuracy per cell = the fraction of exact matches.
+3. Perplexity: ``perplexity_documents`` held-out documents (``perplexity_source``, default the standard library's
+   subpackages, disjoint from the training corpus ``python-stdlib``) with at least max(lengths) tokens; at each L,
+   the NLL of tokens 1..L-1 of the same documents given their prefix, through the same cached prefill as
+   generation (so the StreamingLLM baseline is scored with its ring caches). ppl = exp(mean NLL); also over the
+   second half of the positions alone, where context beyond a sparse window matters most.
+4. Writes ``<output_dir>/<name>.json`` and ``<output_dir>/<name>_retrieval.png`` (a heatmap per task).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from tqdm import tqdm
+from torchtune import config, utils
+
+from flexgen_long import training
+from flexgen_long.cache import ModelCache
+from flexgen_long.data import PYTHON_STDLIB_PACKAGES, SYNTHETIC_TASKS, text_files
+from flexgen_long.generation import generate, prefill
+from flexgen_long.models import relayout
+from flexgen_long.patterns import AttnSink, Full
+
+log = utils.get_logger("INFO")
+
+RECIPE_KEYS = {"output_dir", "name", "checkpoint_dir", "model", "tokenizer", "streaming_llm", "tasks", "lengths",
+               "depths", "samples_per_cell", "perplexity_source", "perplexity_documents", "prefill_chunk", "seed",
+               "device", "dtype"}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+SCORING = ("greedy decoding (flexgen_long.generation.generate, temperature 0) of as many tokens as the answer has; "
+           "exact match of the answer's token ids")
+
+
+def _fail(field: str, message: str):
+    raise ValueError(f"config field '{field}': {message}")
+
+
+def _int_list(cfg, field: str, minimum: int) -> list[int]:
+    vals = cfg.get(field)
+    if vals is None or isinstance(vals, (str, int)) or not len(vals) \
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in vals):
+        _fail(field, f"must be a non-empty list of ints >= {minimum}, got {vals!r}")
+    if len(set(vals)) != len(vals):
+        _fail(field, f"has duplicates: {list(vals)!r}")
+    return list(vals)
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Checks that need no model: unknown keys, the grid, the types of the recipe's own fields."""
+    unknown = sorted(set(cfg.keys()) - RECIPE_KEYS)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown}; the recipe reads: {sorted(RECIPE_KEYS)}")
+    missing = sorted(k for k in ("output_dir", "tokenizer", "lengths") if k not in cfg)
+    if missing:
+        raise ValueError(f"missing config key(s) {missing}")
+    if not cfg.get("checkpoint_dir") and "model" not in cfg:
+        raise ValueError("config needs 'checkpoint_dir' (a finetuning checkpoint) or a 'model' section (random "
+                         "weights)")
+    _int_list(cfg, "lengths", 64)  # below 64 tokens a prompt cannot hold intro, needle and question
+    tasks = cfg.get("tasks", ["passkey", "multikey_needle"])
+    if tasks is None or isinstance(tasks, str) or any(t not in SYNTHETIC_TASKS for t in tasks) \
+            or len(set(tasks)) != len(tasks):
+        _fail("tasks", f"must be a list of distinct names from {sorted(SYNTHETIC_TASKS)} (may be empty), "
+                       f"got {tasks!r}")
+    depths = cfg.get("depths", [0.0, 0.5, 1.0])
+    if depths is None or isinstance(depths, str) or (tasks and not len(depths)) \
+            or not all(isinstance(d, (int, float)) and not isinstance(d, bool) and 0 <= d <= 1 for d in depths):
+        _fail("depths", f"must be a non-empty list of numbers in [0, 1] (0 = first, 1 = last before the question), "
+                        f"got {depths!r}")
+    for field in ("samples_per_cell", "perplexity_documents"):
+        v = cfg.get(field, 1)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0 or (field == "samples_per_cell" and v < 1):
+            _fail(field, f"must be an int >= {1 if field == 'samples_per_cell' else 0} (perplexity_documents: 0 "
+                         f"skips perplexity), got {v!r}")
+    chunk = cfg.get("prefill_chunk")
+    if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+        _fail("prefill_chunk", f"must be null (whole prompt) or an int >= 1, got {chunk!r}")
+    if cfg.get("dtype", "fp32") not in DTYPES:
+        _fail("dtype", f"must be one of {sorted(DTYPES)}, got {cfg.get('dtype')!r}")
+    s = cfg.get("streaming_llm")
+    if s is not None:
+        if not isinstance(s, (dict, DictConfig)) or set(s.keys()) != {"sink", "window"}:
+            _fail("streaming_llm", f"must be null or {{sink: int, window: int}}, got {s!r}")
+        try:
+            AttnSink(sink=s["sink"], window=s["window"])
+        except ValueError as e:
+            _fail("streaming_llm", str(e))
+
+
+# -- model ---------------------------------------------------------------------------------------------------------------
+def resolve_checkpoint(path: str) -> Path:
+    """A checkpoint directory (holds config.json), or a finetuning output_dir (its latest step_<N>)."""
+    p = Path(path)
+    if (p / training.CONFIG_FILE).is_file():
+        return p
+    latest = training.latest_checkpoint(p)
+    if latest is None:
+        _fail("checkpoint_dir", f"{path!r} is neither a checkpoint (no {training.CONFIG_FILE}) nor an output_dir "
+                                "with step_<N> checkpoints")
+    return latest
+
+
+def build_model(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, str | None]:
+    """The model to evaluate, in eval mode, with the StreamingLLM override applied when configured."""
+    ckpt = None
+    if cfg.get("checkpoint_dir"):
+        ckpt = resolve_checkpoint(cfg.checkpoint_dir)
+        model = training.load_model(ckpt, device=device, dtype=dtype)
+    else:
+        with torch.device(device):
+            model = config.instantiate(cfg.model)
+        model = model.to(dtype=dtype)
+    s = cfg.get("streaming_llm")
+    if s is not None:
+        relayout(model, "none", AttnSink(sink=s["sink"], window=s["window"]))
+    return model.eval(), (str(ckpt) if ckpt else None)
+
+
+def layout_summary(model: nn.Module) -> dict:
+    patterns = [layer.attn.pattern for layer in model.layers]
+    return {"num_layers": len(patterns), "full_layers": [i for i, p in enumerate(patterns) if isinstance(p, Full)],
+            "patterns": [repr(p) for p in patterns]}
+
+
+# -- retrieval -----------------------------------------------------------------------------------------------------------
+def retrieval_samples(tokenizer, task: str, length: int, depth: float, n: int, seed: int):
+    """``n`` (prompt ids, answer ids) of ``task`` with prompts of exactly ``length`` tokens and the asked-for needle
+    at ``depth``. Seeded by (seed, task, length, depth) -- a str seed is hashed deterministically -- so every model
+    and every run sees the same prompts."""
+    rng = random.Random(f"{seed}/{task}/{length}/{depth}")
+    out = []
+    for _ in range(n):
+        ids, trained = SYNTHETIC_TASKS[task](tokenizer, length, rng, depth=depth, prompt_only=True)
+        if trained[length - 1] or not trained[length]:
+            _fail("lengths", f"{length} is too short for the {task} task's intro, needles and question")
+        out.append((ids[:length], ids[length:-1]))  # the answer without its EOS
+    return out
+
+
+def exact_match(predicted: list[list[int]], answers: list[list[int]]) -> float:
+    """Fraction of predictions whose first len(answer) tokens equal the answer."""
+    if len(predicted) != len(answers) or not answers:
+        raise ValueError(f"exact_match needs one prediction per answer, got {len(predicted)} for {len(answers)}")
+    return sum(list(p[:len(a)]) == list(a) for p, a in zip(predicted, answers)) / len(answers)
+
+
+AnswerFn = Callable[[list[list[int]], int], list[list[int]]]
+
+
+def greedy_answers(model: nn.Module, prefill_chunk: int | None = None) -> AnswerFn:
+    """(prompts, max_new_tokens) -> generated ids: one batch through flexgen_long.generation.generate, greedy.
+    No CUDA graphs: an answer is a handful of tokens, fewer than a graph capture's warm-up costs."""
+    def answer(prompts, max_new_tokens):
+        outs = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
+                        prefill_chunk=prefill_chunk, cuda_graph=False)
+        return [o.tokens for o in outs]
+    return answer
+
+
+def evaluate_retrieval(answer_fn: AnswerFn, tokenizer, tasks, lengths, depths, samples_per_cell: int, seed: int,
+                       bar=None) -> dict:
+    """accuracy[task][depth index][length index] over the grid, each cell one batch of samples_per_cell prompts."""
+    results = {}
+    for task in tasks:
+        acc = [[None] * len(lengths) for _ in depths]
+        for j, length in enumerate(lengths):
+            for i, depth in enumerate(depths):
+                samples = retrieval_samples(tokenizer, task, length, depth, samples_per_cell, seed)
+                answers = [a for _, a in samples]
+                predicted = answer_fn([p for p, _ in samples], max(map(len, answers)))
+                acc[i][j] = exact_match(predicted, answers)
+                if bar is not None:
+                    bar.set_description(f"{task} L={length} depth={depth}: {acc[i][j]:.2f}")
+                    bar.update(1)
+        results[task] = {"lengths": list(lengths), "depths": list(depths), "accuracy": acc,
+                         "mean_by_length": [sum(acc[i][j] for i in range(len(depths))) / len(depths)
+                                            for j in range(len(lengths))],
+                         "samples_per_cell": samples_per_cell}
+    return results
+
+
+# -- perplexity ----------------------------------------------------------------------------------------------------------
+def heldout_documents(tokenizer, source: str, min_tokens: int, n: int, seed: int) -> list[list[int]]:
+    """``n`` documents of ``source`` with at least ``min_tokens`` tokens (BOS + text), chosen by a seeded shuffle of
+    the sorted file list; their first ``min_tokens`` tokens."""
+    try:
+        files = text_files(source)
+    except (FileNotFoundError, ValueError) as e:
+        _fail("perplexity_source", str(e))
+    files = list(files)
+    random.Random(seed).shuffle(files)
+    docs = []
+    for f in files:
+        ids = tokenizer.encode(f.read_text(encoding="utf-8", errors="replace"), add_bos=True, add_eos=False)
+        if len(ids) >= min_tokens:
+            docs.append(ids[:min_tokens])
+            if len(docs) == n:
+                break
+    if not docs:
+        _fail("perplexity_source", f"{source!r} has no document of at least max(lengths)={min_tokens} tokens; lower "
+                                   "lengths or point perplexity_source at longer documents")
+    return docs
+
+
+@torch.inference_mode()
+def sequence_nll(model: nn.Module, tokens: list[int], prefill_chunk: int | None = None) -> torch.Tensor:
+    """NLL [n-1] of tokens[1:] given their prefix, through the model's cached prefill (generation's code path)."""
+    param = next(model.parameters())
+    x = torch.tensor(tokens, device=param.device)
+    cache = ModelCache(model, 1, len(tokens), param.dtype, param.device)
+    logits = prefill(model, cache, x, row=0, chunk=prefill_chunk, all_logits=True)
+    return F.cross_entropy(logits[:-1].float(), x[1:], reduction="none")
+
+
+def evaluate_perplexity(model: nn.Module, docs: list[list[int]], lengths, prefill_chunk: int | None = None,
+                        bar=None) -> dict:
+    ppl, ppl_half, nll = [], [], []
+    for length in lengths:
+        losses = torch.stack([sequence_nll(model, d[:length], prefill_chunk) for d in docs])  # [docs, L-1]
+        # loss index t scores token t+1: the second half of the positions is t+1 >= length // 2
+        half = losses[:, max(length // 2 - 1, 0):]
+        nll.append(losses.mean().item())
+        ppl.append(math.exp(nll[-1]))
+        ppl_half.append(math.exp(half.mean().item()))
+        if bar is not None:
+            bar.set_description(f"perplexity L={length}: {ppl[-1]:.3f}")
+            bar.update(1)
+    return {"lengths": list(lengths), "documents": len(docs), "nll": nll, "ppl": ppl, "ppl_second_half": ppl_half}
+
+
+# -- output --------------------------------------------------------------------------------------------------------------
+def plot_heatmaps(retrieval: dict, title: str, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(retrieval)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(1.2 + 1.1 * len(retrieval[tasks[0]]["lengths"]) * len(tasks),
+                                                       1.5 + 0.45 * len(retrieval[tasks[0]]["depths"])),
+                             squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        r = retrieval[task]
+        im = ax.imshow(r["accuracy"], vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(r["lengths"])), [str(L) for L in r["lengths"]])
+        ax.set_yticks(range(len(r["depths"])), [f"{d:g}" for d in r["depths"]])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("needle depth")
+        ax.set_title(f"{task} (n={r['samples_per_cell']}/cell)")
+        for i, row in enumerate(r["accuracy"]):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
+    fig.colorbar(im, ax=axes[0].tolist(), label="exact-match accuracy")
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    validate_config(cfg)
+    seed = cfg.get("seed", 0)
+    torch.manual_seed(seed)
+    device = torch.device(cfg.get("device", "cpu"))
+    dtype = DTYPES[cfg.get("dtype", "fp32")]
+    lengths = list(cfg.lengths)
+    tasks = list(cfg.get("tasks", ["passkey", "multikey_needle"]))
+    depths = [float(d) for d in cfg.get("depths", [0.0, 0.5, 1.0])]
+    n_docs = cfg.get("perplexity_documents", 4)
+    chunk = cfg.get("prefill_chunk")
+
+    model, ckpt = build_model(cfg, device, dtype)
+    # every prompt is one of len(lengths) shapes (retrieval and perplexity alike): at most that many flex compiles per
+    # sparse pattern; leave dynamo room for them instead of tripping its recompile guard (FACTS section 2)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(lengths) + 8)
+    answer_room = 16  # tokens after the longest prompt: the answers (" 12345." / " 1234567." in bytes) and slack
+    if max(lengths) + answer_room > model.max_seq_len:
+        _fail("lengths", f"max(lengths)={max(lengths)} + {answer_room} answer tokens exceeds the model's "
+                         f"max_seq_len={model.max_seq_len} (its RoPE table); drop the longer lengths")
+    tokenizer = config.instantiate(cfg.tokenizer)
+    for task in tasks:  # a length too short for a task fails here, before any model work
+        for length in lengths:
+            retrieval_samples(tokenizer, task, length, 0.0, 1, seed)
+    name = cfg.get("name") or (Path(ckpt).parent.name if ckpt else "random")
+    layout = layout_summary(model)
+    log.info(f"Evaluating {name}: {ckpt or 'random weights'}; full layers {layout['full_layers']}, "
+             f"sparse: {sorted(set(layout['patterns']) - {repr(Full())}) or 'none'}")
+
+    docs = heldout_documents(tokenizer, cfg.get("perplexity_source", PYTHON_STDLIB_PACKAGES), max(lengths), n_docs,
+                             seed) if n_docs else []
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(tasks) * len(lengths) * len(depths) + (len(lengths) if docs else 0), desc="eval")
+    retrieval = evaluate_retrieval(greedy_answers(model, chunk), tokenizer, tasks, lengths, depths,
+                                   cfg.get("samples_per_cell", 1), seed, bar)
+    perplexity = evaluate_perplexity(model, docs, lengths, chunk, bar) if docs else None
+    bar.close()
+
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = {"name": name, "checkpoint": ckpt, "layout": layout,
+              "streaming_llm": OmegaConf.to_container(cfg.streaming_llm) if cfg.get("streaming_llm") else None,
+              "scoring": SCORING, "retrieval": retrieval, "perplexity": perplexity,
+              "perplexity_source": cfg.get("perplexity_source", PYTHON_STDLIB_PACKAGES) if docs else None,
+              "seed": seed, "device": str(device), "card": torch.cuda.get_device_name(device)
+              if device.type == "cuda" else "cpu", "dtype": cfg.get("dtype", "fp32"), "torch": torch.__version__,
+              "seconds": round(time.perf_counter() - t0, 2)}
+    json_path = out_dir / f"{name}.json"
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    if retrieval:
+        plot_heatmaps(retrieval, f"{name}: retrieval accuracy", out_dir / f"{name}_retrieval.png")
+    for task, r in retrieval.items():
+        log.info(f"{task}: mean accuracy by length " + ", ".join(f"{L}: {a:.2f}" for L, a in
+                                                                 zip(r["lengths"], r["mean_by_length"])))
+    if perplexity:
+        log.info("perplexity by length " + ", ".join(f"{L}: {p:.3f}" for L, p in zip(lengths, perplexity["ppl"])))
+    log.info(f"Wrote {json_path}")
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())
