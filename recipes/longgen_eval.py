@@ -266,9 +266,9 @@ def plot_heatmaps(retrieval: dict, title: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tasks = list(retrieval)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(1.2 + 1.1 * len(retrieval[tasks[0]]["lengths"]) * len(tasks),
-                                                       1.5 + 0.45 * len(retrieval[tasks[0]]["depths"])),
-                             squeeze=False)
+    width = 2.0 + (1.0 + 0.9 * len(retrieval[tasks[0]]["lengths"])) * len(tasks)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(width, 2.0 + 0.45 * len(retrieval[tasks[0]]["depths"])),
+                             squeeze=False, layout="constrained")
     for ax, task in zip(axes[0], tasks):
         r = retrieval[task]
         im = ax.imshow(r["accuracy"], vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
@@ -282,7 +282,7 @@ def plot_heatmaps(retrieval: dict, title: str, path: Path) -> None:
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
     fig.colorbar(im, ax=axes[0].tolist(), label="exact-match accuracy")
     fig.suptitle(title)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

@@ -1,0 +1,234 @@
+"""Driver of the small-scale LongGen retrieval reproduction (issue 7): one command per stage, run from the repo root.
+
+    python analysis/repro/run_stage.py calibrate          # 30 steps of s1 and of s2 (b): measured tokens/s, minutes
+    python analysis/repro/run_stage.py s1                 # pretrain, full attention, 1K context
+    python analysis/repro/run_stage.py s2 VARIANT         # extend s1 to 8K with VARIANT's layout
+    python analysis/repro/run_stage.py s3 VARIANT         # evaluate (VARIANT f: StreamingLLM on a's checkpoint)
+    python analysis/repro/run_stage.py table              # markdown table + heatmap links from the results
+
+Each training / eval stage is exactly one ``tune run`` of the project's recipes with the configs in
+recipes/configs/repro/ plus a few overrides; the driver prints the command before running it. Checkpoints go to
+``--outputs`` (default outputs/repro, not committed); JSON, PNG and the table to ``--results`` (default
+analysis/results/repro, committed). Training always passes ``checkpoint.resume=true``: rerunning a stage that a time
+limit cut off continues it; rerunning a finished one does nothing. ``--set key=value`` adds overrides (repeatable);
+``--toy`` shrinks everything to a CPU smoke test (tiny widths, 2 steps) -- the tests run the driver that way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))  # flexgen_long from this checkout, also without an installed package
+CONFIGS = "recipes/configs/repro"
+
+#: The sparse patterns of s2 (8K): 512 keys per AttnSink query; BlockSparse 256 local + one block in 16.
+PATTERNS = {
+    "attnsink": {"_component_": "flexgen_long.patterns.AttnSink", "sink": 64, "window": 448},
+    "blocksparse": {"_component_": "flexgen_long.patterns.BlockSparse", "block": 64, "local_blocks": 4,
+                    "vertical_stride": 16, "per_head": True},
+}
+#: (full_layers, sparse pattern) per variant; 8 layers -> a third is 3 layers in every placement.
+VARIANTS = {
+    "a": ("all", "attnsink"),                  # full attention (the pattern is unused)
+    "b": ("middle", "attnsink"),               # LongGen AttnSink, layers 2-4 full
+    "c": ("middle", "blocksparse"),            # LongGen BlockSparse, layers 2-4 full
+    "d": ("none", "attnsink"),                 # every layer sparse
+    "e_bottom": ("bottom", "attnsink"),        # layers 0-2 full
+    "e_top": ("top", "attnsink"),              # layers 5-7 full
+    "e_interleave": ([1, 4, 7], "attnsink"),   # spread out ("interleave:3" would give only 2 of 8 layers)
+}
+#: f: evaluation only -- variant a's checkpoint with AttnSink(64, 448) on every layer at inference.
+STREAMING = {"checkpoint_of": "a", "sink": 64, "window": 448}
+
+# --toy: CPU-sized overrides that keep every code path (8 layers, both pattern kinds, eval grid) but run in seconds.
+TOY_MODEL = ["model.embed_dim=32", "model.num_heads=2", "model.num_kv_heads=1", "model.intermediate_dim=64",
+             "device=cpu", "dtype=fp32", "optimizer.fused=false", "batch_size=2", "max_steps=2",
+             "log_every_n_steps=1", "lr_scheduler.num_warmup_steps=1", "dataset.max_tokens=20000"]
+TOY = {
+    "s1": TOY_MODEL + ["seq_len=128", "model.max_seq_len=128", "dataset.synthetic_length=128"],
+    "s2": TOY_MODEL + ["seq_len=256", "model.max_seq_len=288", "dataset.synthetic_length=256"],
+    "s3": ["device=cpu", "dtype=fp32", "tasks=[passkey]", "lengths=[256]", "depths=[0.0,1.0]", "samples_per_cell=1",
+           "perplexity_documents=1"],
+}
+TOY_PATTERNS = {
+    "attnsink": {"_component_": "flexgen_long.patterns.AttnSink", "sink": 4, "window": 28},
+    "blocksparse": {"_component_": "flexgen_long.patterns.BlockSparse", "block": 16, "local_blocks": 2,
+                    "vertical_stride": 4, "per_head": True},
+}
+TOY_STREAMING = {"sink": 4, "window": 28}
+
+
+def _tune(recipe: str, config: str, overrides: list[str], log_path: Path) -> str:
+    """Run ``tune run recipe --config config overrides`` from the repo root, echo and keep its output."""
+    # `python -m torchtune._cli.tune` is the `tune` console script, found wherever torchtune is importable (the GPU
+    # image installs it with pip --target, which puts no script on PATH)
+    cmd = [sys.executable, "-m", "torchtune._cli.tune", "run", recipe, "--config", config, *overrides]
+    print("+ tune " + " ".join(cmd[4:]), flush=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    with subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as p, \
+            open(log_path, "w") as log:
+        for line in p.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+            lines.append(line)
+    if p.returncode:
+        raise SystemExit(f"stage failed (exit {p.returncode}); log: {log_path}")
+    return "".join(lines)
+
+
+def _pattern_overrides(name: str, toy: bool) -> list[str]:
+    """Field by field (torchtune's CLI merges into the YAML node): s2_extend.yaml holds an AttnSink, so a BlockSparse
+    first removes sink / window (``~key``), which BlockSparse would refuse as unknown arguments."""
+    p = (TOY_PATTERNS if toy else PATTERNS)[name]
+    drop = [] if name == "attnsink" else ["~model.sparse_pattern.sink", "~model.sparse_pattern.window"]
+    return drop + [f"model.sparse_pattern.{k}={json.dumps(v)}" for k, v in p.items()]
+
+
+def _full_layers(value) -> str:
+    return "model.full_layers=" + (json.dumps(value).replace(" ", "") if isinstance(value, list) else value)
+
+
+def train_summary(stdout: str, stage: str, variant: str, overrides: list[str], seconds: float) -> dict:
+    """Loss and tokens/s from the recipe's metric lines ("Step N | loss:L lr:... tokens_per_second_per_rank:T")."""
+    rows = [(int(s), float(l), float(t)) for s, l, t in
+            re.findall(r"Step (\d+) \| loss:([0-9.]+) .*?tokens_per_second_per_rank:([0-9.]+)", stdout)]
+    # the first logged window holds start-up (first flex compiles, allocator warm-up): not the steady state
+    steady = [t for _, _, t in rows[1:]] or [t for _, _, t in rows]
+    return {"stage": stage, "variant": variant, "overrides": overrides, "wall_seconds": round(seconds, 1),
+            "logged_steps": [s for s, _, _ in rows], "loss": [l for _, l, _ in rows],
+            "tokens_per_s": statistics.median(steady) if steady else None,
+            "already_done": "nothing to do" in stdout}
+
+
+def run_train(stage: str, variant: str, args) -> dict:
+    out = Path(args.outputs) / (stage if stage == "s1" else f"s2_{variant}")
+    overrides = [f"output_dir={out}", "checkpoint.resume=true"]
+    if stage == "s2":
+        from flexgen_long.training import latest_checkpoint
+        base = latest_checkpoint(Path(args.outputs) / "s1")
+        if base is None:
+            raise SystemExit(f"no s1 checkpoint in {Path(args.outputs) / 's1'}: run `python {Path(__file__).relative_to(REPO)} s1` "
+                             "first (on the same machine: checkpoints are not committed)")
+        full, pattern = VARIANTS[variant]
+        overrides += [f"checkpoint.base_dir={base}", _full_layers(full), *_pattern_overrides(pattern, args.toy)]
+    overrides += (TOY[stage] if args.toy else []) + list(args.set)
+    config = f"{CONFIGS}/{'s1_pretrain' if stage == 's1' else 's2_extend'}.yaml"
+    t0 = time.perf_counter()
+    stdout = _tune("recipes/longgen_finetune.py", config, overrides,
+                   Path(args.outputs) / "logs" / f"{stage}_{variant}.log")
+    summary = train_summary(stdout, stage, variant, overrides, time.perf_counter() - t0)
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / f"train_{stage}_{variant}.json"
+    if summary["already_done"] and path.exists():
+        return json.loads(path.read_text())  # keep the real run's numbers
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"training summary: {path}", flush=True)
+    return summary
+
+
+def run_eval(variant: str, args) -> None:
+    ckpt_of = STREAMING["checkpoint_of"] if variant == "f" else variant
+    overrides = [f"checkpoint_dir={Path(args.outputs) / f's2_{ckpt_of}'}", f"name={variant}",
+                 f"output_dir={args.results}"]
+    if variant == "f":
+        s = TOY_STREAMING if args.toy else STREAMING
+        overrides += [f"streaming_llm.sink={s['sink']}", f"streaming_llm.window={s['window']}"]
+    overrides += (TOY["s3"] if args.toy else []) + list(args.set)
+    _tune("recipes/longgen_eval.py", f"{CONFIGS}/eval.yaml", overrides,
+          Path(args.outputs) / "logs" / f"s3_{variant}.log")
+
+
+def calibrate(args) -> None:
+    """30 steps of s1 and of s2 (b) into a scratch directory: the measured tokens/s, and what the configs' step counts
+    would take at that rate -- before spending the budget on the full stages."""
+    from omegaconf import OmegaConf
+    scratch = argparse.Namespace(**{**vars(args), "outputs": str(Path(args.outputs) / "calibrate"),
+                                    "results": str(Path(args.outputs) / "calibrate"),
+                                    "set": [*args.set, "max_steps=30", "log_every_n_steps=10",
+                                            "checkpoint.save_every_n_steps=null"]})
+    for stage, variant, cfg in (("s1", "s1", "s1_pretrain"), ("s2", "b", "s2_extend")):
+        s = run_train(stage, variant, scratch)
+        c = OmegaConf.load(REPO / CONFIGS / f"{cfg}.yaml")
+        tokens = c["max_steps"] * c["batch_size"] * c["seq_len"]
+        tps = s["tokens_per_s"]
+        print(f"calibrate {stage}: {tps} tokens/s -> the config's {c['max_steps']} steps ({tokens} tokens) take "
+              f"{tokens / tps / 60:.1f} min of training" if tps else f"calibrate {stage}: no rate logged", flush=True)
+
+
+def build_table(results: Path) -> str:
+    """Markdown: variant x length -- passkey / multi-key accuracy (mean over depths), perplexity; training tokens/s."""
+    evals = {p.stem: json.loads(p.read_text()) for p in sorted(results.glob("*.json"))
+             if not p.stem.startswith("train_")}
+    if not evals:
+        raise SystemExit(f"no evaluation JSON in {results}: run the s3 stages first")
+    order = [v for v in [*VARIANTS, "f"] if v in evals] + sorted(set(evals) - set(VARIANTS) - {"f"})
+    lengths = sorted({L for e in evals.values() for r in e["retrieval"].values() for L in r["lengths"]}
+                     | {L for e in evals.values() if e.get("perplexity") for L in e["perplexity"]["lengths"]})
+
+    def cell(e, task, L):
+        r = e["retrieval"].get(task)
+        return f"{r['mean_by_length'][r['lengths'].index(L)]:.2f}" if r and L in r["lengths"] else "–"
+
+    def ppl(e, L):
+        p = e.get("perplexity")
+        return f"{p['ppl'][p['lengths'].index(L)]:.3f}" if p and L in p["lengths"] else "–"
+
+    def tps(v):
+        f = results / f"train_s2_{STREAMING['checkpoint_of'] if v == 'f' else v}.json"
+        t = json.loads(f.read_text()).get("tokens_per_s") if f.exists() else None
+        return f"{t:,.0f}" if t else "–"
+
+    head = ["variant", "layout"] + [f"passkey {L}" for L in lengths] + [f"multikey {L}" for L in lengths] + \
+           [f"ppl {L}" for L in lengths] + ["s2 train tokens/s"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for v in order:
+        e = evals[v]
+        lay = f"full {e['layout']['full_layers']}" + (" + StreamingLLM" if e.get("streaming_llm") else "")
+        rows.append("| " + " | ".join([v, lay] + [cell(e, "passkey", L) for L in lengths] +
+                                      [cell(e, "multikey_needle", L) for L in lengths] +
+                                      [ppl(e, L) for L in lengths] + [tps(v)]) + " |")
+    cards = sorted({e.get("card", "?") for e in evals.values()})
+    figs = "\n".join(f"![{v}]({v}_retrieval.png)" for v in order if (results / f"{v}_retrieval.png").exists())
+    return (f"Accuracy: exact match, mean over needle depths ({next(iter(evals.values()))['scoring']}). "
+            f"Perplexity: held-out documents. Cards: {', '.join(cards)}.\n\n" + "\n".join(rows) + "\n\n" + figs + "\n")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("stage", choices=["calibrate", "s1", "s2", "s3", "table"])
+    ap.add_argument("variant", nargs="?", help=f"s2: one of {list(VARIANTS)}; s3: those or f")
+    ap.add_argument("--outputs", default="outputs/repro", help="checkpoints and logs (not committed)")
+    ap.add_argument("--results", default="analysis/results/repro", help="JSON, heatmaps, table (committed)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra recipe override")
+    ap.add_argument("--toy", action="store_true", help="CPU smoke-test sizes (seconds)")
+    args = ap.parse_args(argv)
+    allowed = {"s2": list(VARIANTS), "s3": [*VARIANTS, "f"]}.get(args.stage)
+    if allowed is None and args.variant is not None:
+        ap.error(f"stage {args.stage} takes no variant")
+    if allowed is not None and args.variant not in allowed:
+        ap.error(f"stage {args.stage} needs a variant from {allowed}, got {args.variant!r}")
+    if args.stage == "calibrate":
+        calibrate(args)
+    elif args.stage in ("s1", "s2"):
+        run_train(args.stage, args.variant or "s1", args)
+    elif args.stage == "s3":
+        run_eval(args.variant, args)
+    else:
+        results = Path(args.results)
+        table = build_table(results)
+        (results / "table.md").write_text(table)
+        print(table)
+
+
+if __name__ == "__main__":
+    main()
