@@ -286,8 +286,8 @@ def plot_heatmaps(retrieval: dict, title: str, path: Path) -> None:
     plt.close(fig)
 
 
-@config.parse
-def recipe_main(cfg: DictConfig) -> None:
+def evaluate(cfg: DictConfig) -> dict:
+    """The whole recipe (steps 1-4 of the module docstring); returns what it wrote to JSON."""
     validate_config(cfg)
     seed = cfg.get("seed", 0)
     torch.manual_seed(seed)
@@ -344,6 +344,12 @@ def recipe_main(cfg: DictConfig) -> None:
     if perplexity:
         log.info("perplexity by length " + ", ".join(f"{L}: {p:.3f}" for L, p in zip(lengths, perplexity["ppl"])))
     log.info(f"Wrote {json_path}")
+    return result
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    evaluate(cfg)
 
 
 if __name__ == "__main__":

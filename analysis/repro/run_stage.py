@@ -97,6 +97,12 @@ def _full_layers(value) -> str:
     return "model.full_layers=" + (json.dumps(value).replace(" ", "") if isinstance(value, list) else value)
 
 
+def layout_overrides(variant: str, toy: bool = False) -> list[str]:
+    """The s2 overrides that make ``variant``: its full layers and its sparse pattern."""
+    full, pattern = VARIANTS[variant]
+    return [_full_layers(full), *_pattern_overrides(pattern, toy)]
+
+
 def train_summary(stdout: str, stage: str, variant: str, overrides: list[str], seconds: float) -> dict:
     """Loss and tokens/s from the recipe's metric lines ("Step N | loss:L lr:... tokens_per_second_per_rank:T")."""
     rows = [(int(s), float(l), float(t)) for s, l, t in
@@ -118,8 +124,7 @@ def run_train(stage: str, variant: str, args) -> dict:
         if base is None:
             raise SystemExit(f"no s1 checkpoint in {Path(args.outputs) / 's1'}: run `python {Path(__file__).relative_to(REPO)} s1` "
                              "first (on the same machine: checkpoints are not committed)")
-        full, pattern = VARIANTS[variant]
-        overrides += [f"checkpoint.base_dir={base}", _full_layers(full), *_pattern_overrides(pattern, args.toy)]
+        overrides += [f"checkpoint.base_dir={base}", *layout_overrides(variant, args.toy)]
     overrides += (TOY[stage] if args.toy else []) + list(args.set)
     config = f"{CONFIGS}/{'s1_pretrain' if stage == 's1' else 's2_extend'}.yaml"
     t0 = time.perf_counter()

@@ -1,0 +1,217 @@
+"""recipes/longgen_eval.py and the retrieval reproduction driver (analysis/repro/run_stage.py): grid and files, the
+StreamingLLM override, exact-match scoring against oracle stubs, perplexity against an independent NLL, config
+validation, and the driver's stages end to end at toy size."""
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from flexgen_long import training
+from flexgen_long.attention import MaskSet
+from flexgen_long.cache import ModelCache
+from flexgen_long.models import longgen_tiny
+from flexgen_long.patterns import AttnSink
+from flexgen_long.tokenizers import ByteTokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_EVAL = REPO / "recipes" / "configs" / "eval" / "tiny.yaml"
+TOK = ByteTokenizer()
+TINY_CFG = {"_component_": "flexgen_long.models.longgen_tiny", "vocab_size": 259, "max_seq_len": 1024,
+            "full_layers": "middle",
+            "sparse_pattern": {"_component_": "flexgen_long.patterns.AttnSink", "sink": 4, "window": 60}}
+
+
+def _tiny_checkpoint(root: Path) -> Path:
+    """A random tiny model saved as the finetuning recipe saves it (HF safetensors + config.json)."""
+    from torchtune import config
+    model = config.instantiate(OmegaConf.create(TINY_CFG))
+    return training.save_checkpoint(root, 3, model.state_dict(), training.hf_config(model, TINY_CFG))
+
+
+def _cfg(**overrides):
+    cfg = OmegaConf.load(TINY_EVAL)
+    return OmegaConf.merge(cfg, OmegaConf.create(overrides))
+
+
+def test_eval_on_checkpoint_writes_grid_json_and_heatmap(tmp_path):
+    from recipes.longgen_eval import evaluate
+
+    _tiny_checkpoint(tmp_path / "run")
+    out = tmp_path / "eval"
+    res = evaluate(_cfg(checkpoint_dir=str(tmp_path / "run"), output_dir=str(out), lengths=[500, 640],
+                        depths=[0.0, 0.5, 1.0], samples_per_cell=2, perplexity_documents=1))
+    assert res["name"] == "run" and res["checkpoint"].endswith("step_3")  # output_dir given: the latest step
+    on_disk = json.loads((out / "run.json").read_text())
+    assert on_disk == json.loads(json.dumps(res))
+    for task in ("passkey", "multikey_needle"):
+        r = on_disk["retrieval"][task]
+        assert r["lengths"] == [500, 640] and r["depths"] == [0.0, 0.5, 1.0]
+        assert len(r["accuracy"]) == 3 and all(len(row) == 2 for row in r["accuracy"])
+        assert all(a in (0.0, 0.5, 1.0) for row in r["accuracy"] for a in row)  # 2 samples per cell
+    p = on_disk["perplexity"]
+    assert p["lengths"] == [500, 640] and p["documents"] == 1 and all(v > 1 for v in p["ppl"])
+    assert on_disk["layout"]["full_layers"] == [1] and on_disk["streaming_llm"] is None
+    png = (out / "run_retrieval.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_streaming_llm_switches_every_layer_to_sink_window_ring_caches(tmp_path):
+    from recipes.longgen_eval import build_model
+
+    _tiny_checkpoint(tmp_path)
+    cfg = _cfg(checkpoint_dir=str(tmp_path), streaming_llm={"sink": 8, "window": 40})
+    model, _ = build_model(cfg, torch.device("cpu"), torch.float32)
+    assert all(layer.attn.pattern == AttnSink(8, 40) for layer in model.layers)
+    cache = ModelCache(model, 1, 700, torch.float32, "cpu")
+    assert [c.slots for c in cache.layers.values()] == [48] * len(model.layers)  # ring of sink + window, not 700
+    # weights are the checkpoint's, untouched
+    ref = training.load_model(tmp_path / "step_3")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
+
+
+def _oracle(prompts, max_new):
+    """A perfect reader: finds the asked-for value in the prompt text by regex, independent of the task code."""
+    outs = []
+    for p in prompts:
+        text = TOK.decode(p)
+        if "pass key" in text:
+            value = re.search(r"The pass key is (\d+)\.", text).group(1)
+        else:
+            key = re.search(r"special magic number for (\S+)\? ", text).group(1)
+            value = re.search(rf"magic numbers for {re.escape(key)} is: (\d+)\.", text).group(1)
+        outs.append(TOK.encode(f" {value}.", add_bos=False, add_eos=False) + [TOK.eos_id])
+    return outs
+
+
+def test_exact_match_scoring_on_oracle_and_wrong_stubs():
+    from recipes.longgen_eval import evaluate_retrieval
+
+    grid = dict(tasks=["passkey", "multikey_needle"], lengths=[500, 700], depths=[0.0, 0.3, 1.0],
+                samples_per_cell=3, seed=5)
+    right = evaluate_retrieval(_oracle, TOK, **grid)
+    assert all(a == 1.0 for r in right.values() for row in r["accuracy"] for a in row)
+    wrong = evaluate_retrieval(lambda ps, n: [TOK.encode(" 00000.", add_bos=False, add_eos=False)] * len(ps),
+                               TOK, **grid)
+    assert all(a == 0.0 for r in wrong.values() for row in r["accuracy"] for a in row)
+
+    def off_by_one_digit(ps, n):  # right except its last digit: not an exact match
+        return [o[:-3] + [(o[-3] - 48 + 1) % 10 + 48] + o[-2:] for o in _oracle(ps, n)]
+    assert all(a == 0.0 for r in evaluate_retrieval(off_by_one_digit, TOK, **grid).values()
+               for row in r["accuracy"] for a in row)
+
+
+def test_perplexity_equals_exp_mean_nll_of_an_independent_forward():
+    from recipes.longgen_eval import evaluate_perplexity
+
+    model = longgen_tiny(vocab_size=259, max_seq_len=256).eval()  # layer 1 full, others AttnSink(4, 60)
+    docs = [torch.randint(0, 256, (200,)).tolist(), torch.randint(0, 256, (200,)).tolist()]
+    got = evaluate_perplexity(model, docs, [80, 200])
+    for j, L in enumerate([80, 200]):
+        nll, second = [], []
+        for d in docs:
+            x = torch.tensor(d[:L])[None]
+            with torch.no_grad():  # no cache, dense bool masks of the same patterns: a different code path
+                ms = MaskSet([layer.attn.pattern for layer in model.layers], L, num_heads=4, num_kv_heads=2,
+                             device="cpu", kind="dense")
+                logp = model(x, mask=ms)[0].log_softmax(-1)
+            per_tok = [-logp[t, d[t + 1]].item() for t in range(L - 1)]
+            nll += per_tok
+            second += [v for t, v in enumerate(per_tok) if t + 1 >= L // 2]
+        assert got["ppl"][j] == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-5)
+        assert got["ppl_second_half"][j] == pytest.approx(math.exp(sum(second) / len(second)), rel=1e-5)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"learning_rate": 1}, r"unknown config key\(s\) \['learning_rate'\]"),
+    ({"lengths": []}, r"config field 'lengths': must be a non-empty list of ints >= 64"),
+    ({"depths": [0.5, 2.0]}, r"config field 'depths'"),
+    ({"tasks": ["sudoku"]}, r"config field 'tasks'"),
+    ({"streaming_llm": {"sink": 4}}, r"config field 'streaming_llm'"),
+    ({"streaming_llm": {"sink": 4, "window": 0}}, r"config field 'streaming_llm': AttnSink.window"),
+    ({"lengths": [1020]}, r"config field 'lengths': max\(lengths\)=1020 \+ 16 answer tokens exceeds"),
+    ({"lengths": [100]}, r"config field 'lengths': 100 is too short for the passkey task"),
+])
+def test_bad_eval_config_names_the_field(tmp_path, overrides, message):
+    from recipes.longgen_eval import evaluate
+
+    with pytest.raises(ValueError, match=message):
+        evaluate(_cfg(output_dir=str(tmp_path), **overrides))
+    assert not list(tmp_path.iterdir())
+
+
+# -- the reproduction's configs and driver -----------------------------------------------------------------------------
+def _tune_cfg(config: str, overrides: list[str]):
+    """The config exactly as `tune run ... --config config overrides` builds it (torchtune's own merge, with ~key)."""
+    from torchtune.config._parse import TuneRecipeArgumentParser
+    from torchtune.config._utils import _merge_yaml_and_cli_args
+
+    yaml_args, cli_args = TuneRecipeArgumentParser(description="").parse_known_args(["--config", config, *overrides])
+    return _merge_yaml_and_cli_args(yaml_args, cli_args)
+
+
+sys.path.insert(0, str(REPO / "analysis" / "repro"))
+import run_stage  # noqa: E402
+
+
+@pytest.mark.parametrize("variant", [None, *run_stage.VARIANTS])
+def test_repro_training_configs_validate(variant, tmp_path):
+    from recipes.longgen_finetune import validate_config, validate_model
+    from torchtune import config
+
+    name = "s1_pretrain" if variant is None else "s2_extend"
+    over = [] if variant is None else [f"checkpoint.base_dir={tmp_path}", *run_stage.layout_overrides(variant)]
+    cfg = _tune_cfg(str(REPO / run_stage.CONFIGS / f"{name}.yaml"), over)
+    validate_config(cfg)
+    with torch.device("meta"):
+        model = config.instantiate(cfg.model)
+    validate_model(model, cfg.seq_len)
+    full = [i for i, layer in enumerate(model.layers) if type(layer.attn.pattern).__name__ == "Full"]
+    want = {None: range(8), "a": range(8), "b": [2, 3, 4], "c": [2, 3, 4], "d": [], "e_bottom": [0, 1, 2],
+            "e_top": [5, 6, 7], "e_interleave": [1, 4, 7]}[variant]
+    assert full == list(want)
+    if variant == "c":
+        assert type(model.layers[0].attn.pattern).__name__ == "BlockSparse"
+    assert model.max_seq_len >= cfg.seq_len
+    assert sum(p.numel() for p in model.parameters()) < 30e6  # bf16 weights stay under 60 MB (carried between calls)
+
+
+def test_repro_eval_config_validates():
+    from recipes.longgen_eval import validate_config
+
+    cfg = _tune_cfg(str(REPO / run_stage.CONFIGS / "eval.yaml"), ["checkpoint_dir=x", "streaming_llm.sink=64",
+                                                                    "streaming_llm.window=448"])
+    validate_config(cfg)
+    s2 = OmegaConf.load(REPO / run_stage.CONFIGS / "s2_extend.yaml")
+    assert max(cfg.lengths) + 16 <= s2.model.max_seq_len  # the longest prompt and its answer fit the RoPE table
+
+
+def test_repro_driver_stages_end_to_end_toy(tmp_path):
+    """s1 -> s2 (a) -> s3 (f: StreamingLLM on a) -> table, as documented, at toy size on CPU."""
+    out, res = tmp_path / "out", tmp_path / "res"
+
+    def stage(*args):
+        r = subprocess.run([sys.executable, "analysis/repro/run_stage.py", *args, "--toy", "--outputs", str(out),
+                            "--results", str(res)], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        return r.stdout
+
+    stage("s1")
+    assert training.latest_checkpoint(out / "s1").name == "step_2"
+    log = stage("s2", "a")
+    assert f"checkpoint.base_dir={out / 's1' / 'step_2'}" in log and "model.full_layers=all" in log
+    train = json.loads((res / "train_s2_a.json").read_text())
+    assert train["logged_steps"] == [1, 2] and train["tokens_per_s"] > 0
+    stage("s3", "f")
+    f = json.loads((res / "f.json").read_text())
+    assert f["layout"]["full_layers"] == [] and f["streaming_llm"] == {"sink": 4, "window": 28}
+    assert f["checkpoint"] == str(out / "s2_a" / "step_2") and (res / "f_retrieval.png").exists()
+    table = stage("table")
+    assert "| f | full [] + StreamingLLM |" in table and (res / "table.md").read_text() in table + "\n"
