@@ -157,7 +157,11 @@ def remove_stale_temp_dirs(output_dir: str | os.PathLike) -> list[Path]:
 # -- reading ------------------------------------------------------------------------------------------------------------
 def load_hf_state_dict(checkpoint_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """Torchtune-keyed state dict and the HF config of an HF Llama directory (ours, or a hub download with one or
-    several ``*.safetensors`` files)."""
+    several ``*.safetensors`` files).
+
+    Read-only on purpose: torchtune's FullModelHFCheckpointer (flexgen_long.checkpoint, for scripts that want it) needs
+    an output directory it writes into and a model_type; the recipe only reads a base model here and writes its own
+    atomic checkpoints (save_checkpoint), so it uses the same conversion (hf_to_tune) without the checkpointer."""
     from safetensors.torch import load_file
 
     d = Path(checkpoint_dir)
