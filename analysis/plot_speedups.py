@@ -89,6 +89,15 @@ def _footnote(fig, notes):
         fig.text(0.01, 0.01, "not plotted: " + "; ".join(sorted(set(notes))), fontsize=6, wrap=True, va="bottom")
 
 
+def _save_panels(fig, suptitle: str, notes: list, path: Path) -> Path:
+    """Title, the 'not plotted' footnote, layout and PNG of a three-panel figure."""
+    fig.suptitle(suptitle)
+    _footnote(fig, notes)
+    fig.tight_layout(rect=(0, 0.04, 1, 0.95))
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def plot_run(ours: dict, hf: dict | None, out_dir: Path) -> dict:
     """Draw the three figures of one ``ours`` result (and its HF peer, if any). Returns {name: (figure, path,
     {panel title: [line labels]})} so tests can check what was drawn."""
@@ -130,11 +139,7 @@ def plot_run(ours: dict, hf: dict | None, out_dir: Path) -> dict:
         ts = ours["train_setup"]
         axes[2].set_title(f"train fwd+bwd, {ts['num_layers']} of {ours['shape']['num_layers']} layers "
                           f"(full: {ts['full_layers'].get('attnsink')})")
-    fig.suptitle(f"Hybrid LongGen speedup over dense: {title}")
-    _footnote(fig, notes)
-    fig.tight_layout(rect=(0, 0.04, 1, 0.95))
-    path = out_dir / f"speedup_{tag}.png"
-    fig.savefig(path, dpi=110)
+    path = _save_panels(fig, f"Hybrid LongGen speedup over dense: {title}", notes, out_dir / f"speedup_{tag}.png")
     drawn["speedup"] = (fig, path, labels)
 
     # KV memory vs length (analytic)
@@ -179,11 +184,7 @@ def plot_run(ours: dict, hf: dict | None, out_dir: Path) -> dict:
         _xaxis(ax, lengths)
         ax.legend(fontsize=7)
         labels[phase] = [c.get_label() for c in ax.containers]
-    fig.suptitle(f"Absolute times: {title}")
-    _footnote(fig, notes)
-    fig.tight_layout(rect=(0, 0.04, 1, 0.95))
-    path = out_dir / f"times_{tag}.png"
-    fig.savefig(path, dpi=110)
+    path = _save_panels(fig, f"Absolute times: {title}", notes, out_dir / f"times_{tag}.png")
     drawn["times"] = (fig, path, labels)
     return drawn
 

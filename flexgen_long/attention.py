@@ -134,6 +134,14 @@ class KVCacheStep:
         if mode not in ("prefill", "decode"):
             raise ValueError(f"KVCacheStep mode must be 'prefill' or 'decode', got {mode!r}")
         self.caches, self.mode, self.row, self.offset, self.pos, self.exact = caches, mode, row, offset, pos, exact
+        self._masks: dict = {}  # masks of this step, built once and shared by every layer that needs the same one
+
+    def mask(self, key, build):
+        """The mask for ``key`` in this step, built by ``build()`` on first use (masks once per forward, not per
+        layer: a prefill chunk's layers of one pattern all need the same BlockMask)."""
+        if key not in self._masks:
+            self._masks[key] = build()
+        return self._masks[key]
 
 
 def _expand_heads(mask: Tensor, num_heads: int) -> Tensor:
@@ -143,8 +151,8 @@ def _expand_heads(mask: Tensor, num_heads: int) -> Tensor:
 
 class HybridAttention(MultiHeadAttention):
     """torchtune's ``MultiHeadAttention`` (same submodules, same state-dict keys) with a fixed ``pattern`` and its own
-    kernel dispatch. Self-attention only; no KV cache yet (generation with compact per-pattern caches comes later and
-    plugs in at ``attend``)."""
+    kernel dispatch. Self-attention only; KV caches are flexgen_long.cache's compact per-pattern ones, reached through
+    a ``KVCacheStep`` passed as ``mask`` (``attend`` -> ``_attend_cached``), not torchtune's ``setup_cache``."""
 
     def __init__(self, *, embed_dim: int, num_heads: int, num_kv_heads: int, head_dim: int, q_proj: nn.Module,
                  k_proj: nn.Module, v_proj: nn.Module, output_proj: nn.Module, pos_embeddings: nn.Module,
@@ -161,9 +169,9 @@ class HybridAttention(MultiHeadAttention):
         return f"pattern={self.pattern!r}"
 
     def setup_cache(self, batch_size: int, dtype: torch.dtype, max_seq_len: int) -> None:
-        raise NotImplementedError("HybridAttention has no KV cache yet: torchtune's KVCache keeps every key, which "
-                                  "defeats the sparse layers; per-pattern compact caches come with the generation "
-                                  "feature")
+        raise NotImplementedError("torchtune's KV cache keeps every key, which defeats the sparse layers; use the "
+                                  "compact per-pattern caches of flexgen_long.cache.ModelCache (flexgen_long.generation."
+                                  "generate allocates them)")
 
     def forward(self, x: Tensor, y: Tensor | None = None, *, mask: MaskSet | None = None,
                 input_pos: Tensor | None = None) -> Tensor:
@@ -229,14 +237,16 @@ class HybridAttention(MultiHeadAttention):
             return F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=mask, enable_gqa=True)
         row, o, C = step.row, step.offset, q.shape[2]
         if q.device.type == "cuda" and o == 0:
-            out = self.attend(q, k, v, MaskSet([self.pattern], C, num_heads=self.num_heads,
-                                                num_kv_heads=self.num_kv_heads, device=q.device))
+            masks = step.mask(("first", self.pattern), lambda: MaskSet(
+                [self.pattern], C, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, device=q.device))
+            out = self.attend(q, k, v, masks)
             cache.write_prefill(row, k, v, o)
             return out
         if q.device.type == "cuda" and isinstance(self.pattern, Full):
             cache.write_prefill(row, k, v, o)
-            bm = build_block_mask(Full(), C, cache.max_len, q_offset=o, num_heads=self.num_heads,
-                                  num_kv_heads=self.num_kv_heads, block_size=BLOCK_SIZE, device=q.device)
+            bm = step.mask(("full_over_buffer", cache.max_len), lambda: build_block_mask(
+                Full(), C, cache.max_len, q_offset=o, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                block_size=BLOCK_SIZE, device=q.device))
             return flex_attention_compiled(q, cache.k[row:row + 1], cache.v[row:row + 1], bm)
         kk = torch.cat([cache.k[row:row + 1], k], dim=2)
         vv = torch.cat([cache.v[row:row + 1], v], dim=2)

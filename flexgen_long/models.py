@@ -30,7 +30,7 @@ from torchtune.models.llama3_1._position_embeddings import Llama3ScaledRoPE
 from torchtune.modules import RMSNorm, RotaryPositionalEmbeddings, TiedLinear, TransformerDecoder, \
     TransformerSelfAttentionLayer
 
-from .attention import HybridAttention, KVCacheStep, MaskSet, positions_in_documents
+from .attention import HybridAttention, MaskSet, positions_in_documents
 from .layout import DEFAULT_SPARSE_PATTERN, layer_patterns
 from .patterns import AttnSink
 
@@ -65,20 +65,18 @@ class HybridDecoder(TransformerDecoder):
                 and doc_ids.shape[0] not in (1, tokens.shape[0]):
             raise ValueError(f"doc_ids batch {doc_ids.shape[0]} must be 1 or the tokens' batch {tokens.shape[0]}")
         attn = [m for m in self.modules() if isinstance(m, HybridAttention)]
-        if isinstance(mask, KVCacheStep):  # generation over compact caches (flexgen_long.generation)
-            if doc_ids is not None or input_pos is None:
-                raise ValueError("with a KVCacheStep pass input_pos (absolute positions) and no doc_ids")
-        elif mask is None:
+        if mask is None:
             needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
             mask = MaskSet([a.pattern for a in attn], seq_len, num_heads=attn[0].num_heads,
                            num_kv_heads=attn[0].num_kv_heads, device=tokens.device, doc_ids=doc_ids,
                            kind=MaskSet.kind_for(tokens.device, needs_grad))
         elif not isinstance(mask, MaskSet):
-            raise ValueError("mask must be None, a flexgen_long.attention.MaskSet or a KVCacheStep; pass packing as doc_ids "
-                             f"(torchtune masks would override the per-layer patterns), got {type(mask).__name__}")
+            raise ValueError("mask must be None or a flexgen_long.attention.MaskSet; pass packing as doc_ids "
+                             "(torchtune masks would override the per-layer patterns; generation over KV caches goes "
+                             f"through flexgen_long.generation), got {type(mask).__name__}")
         elif doc_ids is not None:
             raise ValueError("pass doc_ids or a prebuilt MaskSet, not both (the MaskSet already holds its doc_ids)")
-        if input_pos is None and isinstance(mask, MaskSet) and mask.doc_ids is not None:
+        if input_pos is None and mask.doc_ids is not None:
             input_pos = positions_in_documents(mask.doc_ids)
 
         h = self.tok_embeddings(tokens)
