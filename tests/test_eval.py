@@ -194,7 +194,7 @@ def test_repro_eval_config_validates():
 
 
 def test_repro_driver_stages_end_to_end_toy(tmp_path):
-    """s1 -> s2 (a) -> s3 (f: StreamingLLM on a) -> table, as documented, at toy size on CPU."""
+    """s1 -> s2 (a and d, two at a time) -> s3 (f: StreamingLLM on a) -> table, as documented, at toy size on CPU."""
     out, res = tmp_path / "out", tmp_path / "res"
 
     def stage(*args):
@@ -205,13 +205,21 @@ def test_repro_driver_stages_end_to_end_toy(tmp_path):
 
     stage("s1")
     assert training.latest_checkpoint(out / "s1").name == "step_2"
-    log = stage("s2", "a")
+    log = stage("s2", "a,d", "--gpus", "2")
+    assert "[s2 a] started on GPU 0" in log and "[s2 d] started on GPU 1" in log
+    assert "[s2 a] done" in log and "[s2 d] done" in log
+    log = (out / "logs" / "s2_a.driver.log").read_text()
     assert f"checkpoint.base_dir={out / 's1' / 'step_2'}" in log and "model.full_layers=all" in log
+    assert "model.full_layers=none" in (out / "logs" / "s2_d.driver.log").read_text()
+    assert json.loads((res / "train_s2_d.json").read_text())["logged_steps"] == [1, 2]
     train = json.loads((res / "train_s2_a.json").read_text())
     assert train["logged_steps"] == [1, 2] and train["tokens_per_s"] > 0
     stage("s3", "f")
     f = json.loads((res / "f.json").read_text())
     assert f["layout"]["full_layers"] == [] and f["streaming_llm"] == {"sink": 4, "window": 28}
     assert f["checkpoint"] == str(out / "s2_a" / "step_2") and (res / "f_retrieval.png").exists()
+    bad = subprocess.run([sys.executable, "analysis/repro/run_stage.py", "s3", "a,zz"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "'all' or a comma list" in bad.stderr and "'a,zz'" in bad.stderr
     table = stage("table")
     assert "| f | full [] + StreamingLLM |" in table and (res / "table.md").read_text() in table + "\n"

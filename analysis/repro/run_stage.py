@@ -6,6 +6,15 @@
     python analysis/repro/run_stage.py s3 VARIANT         # evaluate (VARIANT f: StreamingLLM on a's checkpoint)
     python analysis/repro/run_stage.py table              # markdown table + heatmap links from the results
 
+s2 and s3 also take ``all`` or a comma list (``s2 b,c,d``) with ``--gpus N``: the variants then run as separate
+processes, N at a time, one GPU each (CUDA_VISIBLE_DEVICES), each with its own log under ``--outputs``/logs.
+On a 4-GPU machine the whole experiment is four commands:
+
+    python analysis/repro/run_stage.py s1
+    python analysis/repro/run_stage.py s2 all --gpus 4
+    python analysis/repro/run_stage.py s3 all --gpus 4
+    python analysis/repro/run_stage.py table
+
 Each training / eval stage is exactly one ``tune run`` of the project's recipes with the configs in
 recipes/configs/repro/ plus a few overrides; the driver prints the command before running it. Checkpoints go to
 ``--outputs`` (default outputs/repro, not committed); JSON, PNG and the table to ``--results`` (default
@@ -170,6 +179,45 @@ def calibrate(args) -> None:
               f"{tokens / tps / 60:.1f} min of training" if tps else f"calibrate {stage}: no rate logged", flush=True)
 
 
+def run_parallel(stage: str, variants: list[str], gpus: int, args) -> None:
+    """Run ``stage`` for each variant as its own driver process, ``gpus`` at a time, one GPU each; print a line as
+    each starts and ends. Why not torchrun: the variants are independent jobs, not one data-parallel job."""
+    import os
+    logs = Path(args.outputs) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    extra = ["--outputs", args.outputs, "--results", args.results, *(["--toy"] if args.toy else []),
+             *[a for kv in args.set for a in ("--set", kv)]]
+    queue, running, failed, t0 = list(variants), {}, [], time.perf_counter()
+    free = list(range(gpus))
+    while queue or running:
+        while queue and free:
+            v, gpu = queue.pop(0), free.pop(0)
+            log = open(logs / f"{stage}_{v}.driver.log", "w")
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu), "PYTHONUNBUFFERED": "1"}
+            p = subprocess.Popen([sys.executable, __file__, stage, v, *extra], cwd=REPO, env=env,
+                                 stdout=log, stderr=subprocess.STDOUT)
+            running[v] = (p, gpu, log, time.perf_counter())
+            print(f"[{stage} {v}] started on GPU {gpu}; log {log.name}", flush=True)
+        time.sleep(0.2 if args.toy else 2)
+        for v, (p, gpu, log, start) in list(running.items()):
+            if p.poll() is None:
+                continue
+            log.close()
+            del running[v]
+            free.append(gpu)
+            took = time.perf_counter() - start
+            if p.returncode:
+                failed.append(v)
+                tail = Path(log.name).read_text().splitlines()[-15:]
+                print(f"[{stage} {v}] FAILED (exit {p.returncode}) after {took:.0f} s:\n  " + "\n  ".join(tail),
+                      flush=True)
+            else:
+                print(f"[{stage} {v}] done in {took:.0f} s ({time.perf_counter() - t0:.0f} s since the start)",
+                      flush=True)
+    if failed:
+        raise SystemExit(f"{stage}: {len(failed)} of {len(variants)} variants failed: {failed}")
+
+
 def build_table(results: Path) -> str:
     """Markdown: variant x length -- passkey / multi-key accuracy (mean over depths), perplexity; training tokens/s."""
     evals = {p.stem: json.loads(p.read_text()) for p in sorted(results.glob("*.json"))
@@ -211,17 +259,28 @@ def build_table(results: Path) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("stage", choices=["calibrate", "s1", "s2", "s3", "table"])
-    ap.add_argument("variant", nargs="?", help=f"s2: one of {list(VARIANTS)}; s3: those or f")
+    ap.add_argument("variant", nargs="?",
+                    help=f"s2: one of {list(VARIANTS)}; s3: those or f; either: 'all' or a comma list")
     ap.add_argument("--outputs", default="outputs/repro", help="checkpoints and logs (not committed)")
     ap.add_argument("--results", default="analysis/results/repro", help="JSON, heatmaps, table (committed)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra recipe override")
     ap.add_argument("--toy", action="store_true", help="CPU smoke-test sizes (seconds)")
+    ap.add_argument("--gpus", type=int, default=1,
+                    help="with several variants: how many run at once, one GPU each (default 1)")
     args = ap.parse_args(argv)
     allowed = {"s2": list(VARIANTS), "s3": [*VARIANTS, "f"]}.get(args.stage)
     if allowed is None and args.variant is not None:
         ap.error(f"stage {args.stage} takes no variant")
-    if allowed is not None and args.variant not in allowed:
-        ap.error(f"stage {args.stage} needs a variant from {allowed}, got {args.variant!r}")
+    if args.gpus < 1:
+        ap.error(f"--gpus must be >= 1, got {args.gpus}")
+    if allowed is not None:
+        many = allowed if args.variant == "all" else (args.variant or "").split(",")
+        bad = [v for v in many if v not in allowed]
+        if bad or not many:
+            ap.error(f"stage {args.stage} needs a variant from {allowed}, 'all' or a comma list of them; "
+                     f"got {args.variant!r}")
+        if len(many) > 1:
+            return run_parallel(args.stage, many, args.gpus, args)
     if args.stage == "calibrate":
         calibrate(args)
     elif args.stage in ("s1", "s2"):

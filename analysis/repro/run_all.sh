@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The whole small-scale retrieval reproduction (issue 7) on one machine, stage after stage:
+#   s1 pretrain (one GPU) -> s2 extend every variant -> s3 evaluate every variant and f -> table.
+# s2 and s3 run their variants side by side, one GPU each (GPUS=N to choose; default: every visible GPU).
+# Each stage resumes from its checkpoints, so rerunning after an interruption continues where it stopped.
+#   bash analysis/repro/run_all.sh            # from anywhere; checkpoints in outputs/repro, results committed-ready
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PYTHON:-python3}
+GPUS=${GPUS:-$($PY -c 'import torch; print(max(1, torch.cuda.device_count()))')}
+D="$PY analysis/repro/run_stage.py"
+echo "repro: $GPUS GPU(s), start $(date -u +%T)"
+$D s1
+echo "repro: s1 finished $(date -u +%T)"
+$D s2 all --gpus "$GPUS"
+echo "repro: s2 finished $(date -u +%T)"
+$D s3 all --gpus "$GPUS"
+echo "repro: s3 finished $(date -u +%T)"
+$D table
+echo "repro: ALL DONE $(date -u +%T)"
