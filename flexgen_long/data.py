@@ -7,9 +7,12 @@ A training example is one packed sequence of exactly ``seq_len`` tokens::
     doc_ids  [seq_len] int32   0, 0, ..., 1, 1, ...: a document is a maximal run of equal ids; the model restarts
                                positions and attention patterns in each one (flexgen_long.patterns, "Documents")
 
-A document longer than what is left of a sequence continues in the next one as a new document (its own positions);
-the tail that does not fill a whole sequence is dropped. Synthetic long-context tasks (passkey retrieval, multi-key
-needle) can be mixed in at a configurable share of tokens; they are trained on their answers only.
+A natural document longer than what is left of a sequence continues in the next one as a new document (its own
+positions); the tail that does not fill a whole sequence is dropped. Synthetic long-context tasks (passkey retrieval,
+multi-key needle) can be mixed in at a configurable share of tokens; they are trained on their answers only, and each
+lies whole inside one sequence: one cut by a sequence boundary would train the model to produce an answer whose needle
+it cannot see (a hallucination drill -- the first repro run lost its retrieval that way). Where a task does not fit
+what is left of a sequence, natural text fills the gap first (untrained padding once the natural text runs out).
 
 Sources: local text files (a directory, a glob, a file, or ``"python-stdlib"``: the standard library's own ``.py``
 files, which exist on every machine with Python and need no network -- the tiny job's corpus), and Hugging Face
@@ -196,8 +199,9 @@ def _check_args(seq_len, max_tokens, synthetic_share, synthetic_length, syntheti
         raise ValueError(f"dataset.max_tokens must be null or an int >= seq_len={seq_len}, got {max_tokens!r}")
     if not isinstance(synthetic_share, (int, float)) or not 0 <= synthetic_share < 1:
         raise ValueError(f"dataset.synthetic_share must be a number in [0, 1), got {synthetic_share!r}")
-    if synthetic_length is not None and (not isinstance(synthetic_length, int) or synthetic_length < 64):
-        raise ValueError(f"dataset.synthetic_length must be null (= seq_len) or an int >= 64, got {synthetic_length!r}")
+    if synthetic_length is not None and (not isinstance(synthetic_length, int) or not 64 <= synthetic_length <= seq_len):
+        raise ValueError(f"dataset.synthetic_length must be null (= seq_len) or an int in [64, seq_len={seq_len}] "
+                         f"(a task must fit one sequence), got {synthetic_length!r}")
     bad = [t for t in synthetic_tasks if t not in SYNTHETIC_TASKS]
     if bad or not synthetic_tasks:
         raise ValueError(f"dataset.synthetic_tasks must be a non-empty list of {sorted(SYNTHETIC_TASKS)}, "
@@ -228,13 +232,19 @@ def pack_documents(tokenizer, texts: Iterable[str], seq_len: int, *, max_tokens:
     synth_target = int(natural * synthetic_share / (1 - synthetic_share))
     length = synthetic_length or seq_len
     while synthetic_share > 0 and synthetic < synth_target:
-        task = SYNTHETIC_TASKS[synthetic_tasks[n_synth % len(synthetic_tasks)]]
-        ids, trained = task(tokenizer, length, rng)
+        name = synthetic_tasks[n_synth % len(synthetic_tasks)]
+        ids, trained = SYNTHETIC_TASKS[name](tokenizer, length, rng)
+        if len(ids) > seq_len:  # the needles alone outgrow the sequence: it would be cut (see the module docstring)
+            raise ValueError(f"dataset.synthetic_tasks: a {name} task needs {len(ids)} tokens with this tokenizer, "
+                             f"more than seq_len={seq_len}; raise seq_len (and dataset.synthetic_length) or drop "
+                             f"{name} from dataset.synthetic_tasks")
         docs.append((ids, trained))
         synthetic += len(ids)
         n_synth += 1
     rng.shuffle(docs)
-    total = natural + synthetic
+    n_natural = len(docs) - n_synth
+    docs, padding = _keep_tasks_whole(docs, seq_len, tokenizer.eos_id)
+    total = natural + synthetic + padding
     if total < seq_len:
         raise ValueError(f"dataset: the source yields {total} tokens, fewer than one sequence of seq_len={seq_len}; "
                          f"add text or lower seq_len")
@@ -248,9 +258,45 @@ def pack_documents(tokenizer, texts: Iterable[str], seq_len: int, *, max_tokens:
             trained[pos: pos + len(ids)] = torch.tensor(mask)
         doc_start[pos] = True
         pos += len(ids)
-    stats = {"documents": len(docs) - n_synth, "synthetic_documents": n_synth, "natural_tokens": natural,
-             "synthetic_tokens": synthetic}
+    stats = {"documents": n_natural, "synthetic_documents": n_synth,
+             "natural_tokens": natural, "synthetic_tokens": synthetic, "padding_tokens": padding}
     return PackedDocuments(tokens, trained, doc_start, seq_len, stats)
+
+
+def _keep_tasks_whole(docs: list, seq_len: int, pad_id: int) -> tuple[list, int]:
+    """Reorder the shuffled ``docs`` so that no synthetic task (mask not None) crosses a multiple of ``seq_len``: before
+    a task that does not fit what is left of the current sequence, fill the gap with the next natural documents (cut
+    where needed; the rest stays queued); without natural text left, with untrained padding (``pad_id``, a document of
+    its own). Natural documents keep their shuffled order; the tasks keep theirs. Returns (docs, padding tokens)."""
+    naturals = [ids for ids, m in docs if m is None]
+    out, pos, padding, k = [], 0, 0, 0  # k: the next natural document (or the rest of a cut one) to place
+    def put(ids, mask):
+        nonlocal pos
+        out.append((ids, mask))
+        pos += len(ids)
+    for ids, mask in docs:
+        if mask is None:
+            if k < len(naturals):  # in order; fills may already have placed it
+                put(naturals[k], None)
+                k += 1
+            continue
+        room = -pos % seq_len
+        if len(ids) > room and room:
+            while room and k < len(naturals):
+                piece = naturals[k]
+                put(piece[:room], None)
+                if len(piece) > room:
+                    naturals[k] = piece[room:]
+                else:
+                    k += 1
+                room = -pos % seq_len
+            if room:
+                put([pad_id] * room, [False] * room)
+                padding += room
+        put(ids, mask)
+    for ids in naturals[k:]:
+        put(ids, None)
+    return out, padding
 
 
 # -- builders for configs -----------------------------------------------------------------------------------------------

@@ -73,12 +73,46 @@ def test_synthetic_task_trains_on_the_answer_only(task):
 
 
 def test_synthetic_share_and_labels():
-    ds = long_documents(TOK, 256, PYTHON_STDLIB, max_tokens=40_000, synthetic_share=0.25, synthetic_length=200)
+    ds = long_documents(TOK, 512, PYTHON_STDLIB, max_tokens=40_000, synthetic_share=0.25, synthetic_length=500)
     s = ds.stats
     share = s["synthetic_tokens"] / (s["synthetic_tokens"] + s["natural_tokens"])
     assert 0.2 < share < 0.3 and s["synthetic_documents"] > 0
     labels = torch.stack([ds[i]["labels"] for i in range(len(ds))])
     assert (labels != CROSS_ENTROPY_IGNORE_INDEX).any() and (labels == CROSS_ENTROPY_IGNORE_INDEX).any()
+
+
+@pytest.mark.parametrize("seq_len,length,share", [(512, 512, 0.5), (512, 500, 0.3), (1024, 600, 0.9)])
+def test_every_synthetic_task_lies_whole_in_one_sequence(seq_len, length, share):
+    """A task cut by a sequence boundary would train an answer whose needle is not in view: each trained answer's
+    document must start (BOS + intro) in the same sequence and hold the answer in a needle; no token is lost."""
+    ds = long_documents(TOK, seq_len, PYTHON_STDLIB, max_tokens=60_000, synthetic_share=share,
+                        synthetic_length=length)
+    s = ds.stats
+    intro = TOK.encode("There is important info", add_bos=False, add_eos=False)
+    answers = 0
+    for i in range(len(ds)):
+        ex = ds[i]
+        tok, lab, doc = ex["tokens"].tolist(), ex["labels"].tolist(), ex["doc_ids"].tolist()
+        for d in sorted({doc[j] for j, l in enumerate(lab) if l != CROSS_ENTROPY_IGNORE_INDEX}):
+            span = [t for t, e in zip(tok, doc) if e == d]
+            if span[1:1 + len(intro)] != intro:
+                continue  # a natural document: trained everywhere
+            assert span[0] == TOK.bos_id and span[-1] == TOK.eos_id  # whole: from BOS to EOS in this sequence
+            text = TOK.decode(span[1:-1])
+            value = text.rsplit(" ", 1)[-1].rstrip(".")
+            assert value.isdigit() and text[: -len(value) - 2].count(value) >= 1
+            answers += 1
+    assert answers > 0.8 * s["synthetic_documents"]  # all but the dropped tail
+    kept = len(ds) * seq_len
+    assert s["natural_tokens"] + s["synthetic_tokens"] + s["padding_tokens"] - kept < seq_len  # only the tail dropped
+
+
+def test_a_task_longer_than_a_sequence_is_refused():
+    with pytest.raises(ValueError, match=r"synthetic_length must be .* \[64, seq_len=128\]"):
+        long_documents(TOK, 128, PYTHON_STDLIB, max_tokens=10_000, synthetic_share=0.2, synthetic_length=200)
+    # 4 multi-key needles alone are ~480 byte tokens: more than a 256-token sequence
+    with pytest.raises(ValueError, match=r"a multikey_needle task needs \d+ tokens .* seq_len=256"):
+        long_documents(TOK, 256, PYTHON_STDLIB, max_tokens=10_000, synthetic_share=0.2, synthetic_length=200)
 
 
 def test_stdlib_corpus_is_found_at_run_time():

@@ -205,8 +205,9 @@ def test_repro_driver_stages_end_to_end_toy(tmp_path):
 
     stage("s1")
     assert training.latest_checkpoint(out / "s1").name == "step_2"
-    log = stage("s2", "a,d", "--gpus", "2")
-    assert "[s2 a] started on GPU 0" in log and "[s2 d] started on GPU 1" in log
+    log = stage("s2", "a,d", "--gpus", "1", "--jobs-per-gpu", "2")
+    assert "[s2 a] started on GPU 0" in log and "[s2 d] started on GPU 0" in log
+    assert log.index("[s2 d] started") < log.index("[s2 a] done")  # side by side
     assert "[s2 a] done" in log and "[s2 d] done" in log
     log = (out / "logs" / "s2_a.driver.log").read_text()
     assert f"checkpoint.base_dir={out / 's1' / 'step_2'}" in log and "model.full_layers=all" in log

@@ -19,6 +19,7 @@ TUNE = str(Path(sys.executable).parent / "tune")  # the venv's console script, a
 TINY = "recipes/configs/tiny_longgen.yaml"
 # The tiny job, shrunk to seconds: shorter sequences, fewer tokens, every step logged.
 SMALL = ["seq_len=256", "model.max_seq_len=256", "dataset.max_tokens=30000", "dataset.synthetic_length=200",
+         "dataset.synthetic_tasks=[passkey]",  # 4 multi-key needles alone outgrow a 256-token sequence
          "batch_size=2", "gradient_accumulation_steps=2", "log_every_n_steps=1", "lr_scheduler.num_warmup_steps=2"]
 
 

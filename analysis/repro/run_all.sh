@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole small-scale retrieval reproduction (issue 7) on one machine, stage after stage:
 #   s1 pretrain (one GPU) -> s2 extend every variant -> s3 evaluate every variant and f -> table.
-# s2 and s3 run their variants side by side, one GPU each (GPUS=N to choose; default: every visible GPU).
+# s2 and s3 run their variants side by side, one GPU each (GPUS=N to choose; default: every visible GPU), or
+# JOBS_PER_GPU=K at a time on each GPU (default 1; on a single GPU, 4 fills the gaps between this small model's kernels).
 # Each stage resumes from its checkpoints, so rerunning after an interruption continues where it stopped.
 #   bash analysis/repro/run_all.sh            # from anywhere; checkpoints in outputs/repro, results committed-ready
 set -euo pipefail
@@ -12,9 +13,9 @@ D="$PY analysis/repro/run_stage.py"
 echo "repro: $GPUS GPU(s), start $(date -u +%T)"
 $D s1
 echo "repro: s1 finished $(date -u +%T)"
-$D s2 all --gpus "$GPUS"
+$D s2 all --gpus "$GPUS" --jobs-per-gpu "${JOBS_PER_GPU:-1}"
 echo "repro: s2 finished $(date -u +%T)"
-$D s3 all --gpus "$GPUS"
+$D s3 all --gpus "$GPUS" --jobs-per-gpu "${JOBS_PER_GPU:-1}"
 echo "repro: s3 finished $(date -u +%T)"
 $D table
 echo "repro: ALL DONE $(date -u +%T)"
