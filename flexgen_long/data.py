@@ -199,9 +199,11 @@ def _check_args(seq_len, max_tokens, synthetic_share, synthetic_length, syntheti
         raise ValueError(f"dataset.max_tokens must be null or an int >= seq_len={seq_len}, got {max_tokens!r}")
     if not isinstance(synthetic_share, (int, float)) or not 0 <= synthetic_share < 1:
         raise ValueError(f"dataset.synthetic_share must be a number in [0, 1), got {synthetic_share!r}")
-    if synthetic_length is not None and (not isinstance(synthetic_length, int) or not 64 <= synthetic_length <= seq_len):
-        raise ValueError(f"dataset.synthetic_length must be null (= seq_len) or an int in [64, seq_len={seq_len}] "
-                         f"(a task must fit one sequence), got {synthetic_length!r}")
+    lengths = synthetic_length if isinstance(synthetic_length, (list, tuple)) else [synthetic_length]
+    if synthetic_length is not None and (not lengths or any(isinstance(n, bool) or not isinstance(n, int)
+                                                            or not 64 <= n <= seq_len for n in lengths)):
+        raise ValueError(f"dataset.synthetic_length must be null (= seq_len), an int in [64, seq_len={seq_len}] or a "
+                         f"non-empty list of them (a task must fit one sequence), got {synthetic_length!r}")
     bad = [t for t in synthetic_tasks if t not in SYNTHETIC_TASKS]
     if bad or not synthetic_tasks:
         raise ValueError(f"dataset.synthetic_tasks must be a non-empty list of {sorted(SYNTHETIC_TASKS)}, "
@@ -209,10 +211,11 @@ def _check_args(seq_len, max_tokens, synthetic_share, synthetic_length, syntheti
 
 
 def pack_documents(tokenizer, texts: Iterable[str], seq_len: int, *, max_tokens: int | None = None,
-                   synthetic_share: float = 0.0, synthetic_length: int | None = None,
+                   synthetic_share: float = 0.0, synthetic_length: int | list[int] | None = None,
                    synthetic_tasks=("passkey", "multikey_needle"), seed: int = 0) -> PackedDocuments:
     """Tokenize ``texts`` (each one document, ``BOS text EOS``), mix in synthetic tasks so that they make
     ``synthetic_share`` of the tokens, shuffle the documents (seeded) and pack them into ``seq_len`` sequences.
+    ``synthetic_length``: one task length, or a list that the tasks cycle through (each task at each length in turn).
     ``max_tokens`` bounds the total (natural + synthetic)."""
     synthetic_tasks = list(synthetic_tasks)
     _check_args(seq_len, max_tokens, synthetic_share, synthetic_length, synthetic_tasks)
@@ -230,9 +233,11 @@ def pack_documents(tokenizer, texts: Iterable[str], seq_len: int, *, max_tokens:
     rng = random.Random(seed)
     synthetic, n_synth = 0, 0
     synth_target = int(natural * synthetic_share / (1 - synthetic_share))
-    length = synthetic_length or seq_len
+    # a list of lengths: every task at every length in turn (task fastest), e.g. a curriculum of 1K-8K needles
+    lengths = list(synthetic_length) if isinstance(synthetic_length, (list, tuple)) else [synthetic_length or seq_len]
     while synthetic_share > 0 and synthetic < synth_target:
         name = synthetic_tasks[n_synth % len(synthetic_tasks)]
+        length = lengths[(n_synth // len(synthetic_tasks)) % len(lengths)]
         ids, trained = SYNTHETIC_TASKS[name](tokenizer, length, rng)
         if len(ids) > seq_len:  # the needles alone outgrow the sequence: it would be cut (see the module docstring)
             raise ValueError(f"dataset.synthetic_tasks: a {name} task needs {len(ids)} tokens with this tokenizer, "
@@ -263,18 +268,23 @@ def pack_documents(tokenizer, texts: Iterable[str], seq_len: int, *, max_tokens:
     return PackedDocuments(tokens, trained, doc_start, seq_len, stats)
 
 
-def _keep_tasks_whole(docs: list, seq_len: int, pad_id: int) -> tuple[list, int]:
-    """Reorder the shuffled ``docs`` so that no synthetic task (mask not None) crosses a multiple of ``seq_len``: before
-    a task that does not fit what is left of the current sequence, fill the gap with the next natural documents (cut
-    where needed; the rest stays queued); without natural text left, with untrained padding (``pad_id``, a document of
-    its own). Natural documents keep their shuffled order; the tasks keep theirs. Returns (docs, padding tokens)."""
+def _keep_tasks_whole(docs: list, seq_len: int, pad_id: int, lookahead: int = 256) -> tuple[list, int]:
+    """Reorder the shuffled ``docs`` so that no synthetic task (mask not None) crosses a multiple of ``seq_len``. Before
+    a task that does not fit what is left of the current sequence, the gap is filled with (1) later tasks that fit
+    (first fit among the next ``lookahead`` documents: tasks of several lengths pack tightly), (2) the next natural
+    documents (cut where needed; the rest stays queued), (3) untrained padding (``pad_id``, a document of its own)
+    once the natural text has run out. Returns (docs, padding tokens)."""
     naturals = [ids for ids, m in docs if m is None]
+    placed = [False] * len(docs)
     out, pos, padding, k = [], 0, 0, 0  # k: the next natural document (or the rest of a cut one) to place
+
     def put(ids, mask):
         nonlocal pos
         out.append((ids, mask))
         pos += len(ids)
-    for ids, mask in docs:
+    for i, (ids, mask) in enumerate(docs):
+        if placed[i]:
+            continue
         if mask is None:
             if k < len(naturals):  # in order; fills may already have placed it
                 put(naturals[k], None)
@@ -282,6 +292,13 @@ def _keep_tasks_whole(docs: list, seq_len: int, pad_id: int) -> tuple[list, int]
             continue
         room = -pos % seq_len
         if len(ids) > room and room:
+            for j in range(i + 1, min(i + 1 + lookahead, len(docs))):
+                if not placed[j] and docs[j][1] is not None and len(docs[j][0]) <= room:
+                    put(*docs[j])
+                    placed[j] = True
+                    room = -pos % seq_len
+                    if not room:
+                        break
             while room and k < len(naturals):
                 piece = naturals[k]
                 put(piece[:room], None)

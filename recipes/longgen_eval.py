@@ -19,7 +19,9 @@ Steps, top to bottom:
    (seed, task, L, d): every model sees the same prompts). Scoring: the answer is greedy-decoded with
    ``flexgen_long.generation.generate`` (compact caches, exactly as deployment would run it) for as many tokens as
    the true answer has; a sample counts only when those tokens equal the answer's token ids exactly
-   (" 12345." for a passkey). Accuracy per cell = the fraction of exact matches.
+   (" 12345." for a passkey). Accuracy per cell = the fraction of exact matches. For diagnosis the JSON also holds
+   each cell's token accuracy (the fraction of answer tokens right, position by position: near misses vs no
+   retrieval) and its first ``examples_per_cell`` decoded answers next to the true ones.
 3. Perplexity: ``perplexity_documents`` held-out documents (``perplexity_source``, default the standard library's
    subpackages, disjoint from the training corpus ``python-stdlib``) with at least max(lengths) tokens; at each L,
    the NLL of tokens 1..L-1 of the same documents given their prefix, through the same cached prefill as
@@ -175,6 +177,14 @@ def exact_match(predicted: list[list[int]], answers: list[list[int]]) -> float:
     return sum(list(p[:len(a)]) == list(a) for p, a in zip(predicted, answers)) / len(answers)
 
 
+def token_accuracy(predicted: list[list[int]], answers: list[list[int]]) -> float:
+    """Fraction of answer tokens predicted right, position by position (a near miss scores high, a guess ~0.1)."""
+    if len(predicted) != len(answers) or not answers:
+        raise ValueError(f"token_accuracy needs one prediction per answer, got {len(predicted)} for {len(answers)}")
+    right = sum(sum(x == y for x, y in zip(p, a)) for p, a in zip(predicted, answers))
+    return right / sum(map(len, answers))
+
+
 AnswerFn = Callable[[list[list[int]], int], list[list[int]]]
 
 
@@ -189,24 +199,31 @@ def greedy_answers(model: nn.Module, prefill_chunk: int | None = None) -> Answer
 
 
 def evaluate_retrieval(answer_fn: AnswerFn, tokenizer, tasks, lengths, depths, samples_per_cell: int, seed: int,
-                       bar=None) -> dict:
-    """accuracy[task][depth index][length index] over the grid, each cell one batch of samples_per_cell prompts."""
+                       bar=None, examples_per_cell: int = 2) -> dict:
+    """accuracy[task][depth index][length index] over the grid, each cell one batch of samples_per_cell prompts;
+    also token_accuracy (same indexing) and, per cell "L/depth", the first examples_per_cell [predicted, true]."""
     results = {}
     for task in tasks:
         acc = [[None] * len(lengths) for _ in depths]
+        tok_acc = [[None] * len(lengths) for _ in depths]
+        examples = {}
         for j, length in enumerate(lengths):
             for i, depth in enumerate(depths):
                 samples = retrieval_samples(tokenizer, task, length, depth, samples_per_cell, seed)
                 answers = [a for _, a in samples]
                 predicted = answer_fn([p for p, _ in samples], max(map(len, answers)))
                 acc[i][j] = exact_match(predicted, answers)
+                tok_acc[i][j] = round(token_accuracy(predicted, answers), 4)
+                examples[f"{length}/{depth}"] = [[tokenizer.decode(list(p[:len(a)])), tokenizer.decode(list(a))]
+                                                 for p, a in list(zip(predicted, answers))[:examples_per_cell]]
                 if bar is not None:
                     bar.set_description(f"{task} L={length} depth={depth}: {acc[i][j]:.2f}")
                     bar.update(1)
         results[task] = {"lengths": list(lengths), "depths": list(depths), "accuracy": acc,
                          "mean_by_length": [sum(acc[i][j] for i in range(len(depths))) / len(depths)
                                             for j in range(len(lengths))],
-                         "samples_per_cell": samples_per_cell}
+                         "samples_per_cell": samples_per_cell, "token_accuracy": tok_acc,
+                         "examples": examples}
     return results
 
 

@@ -192,8 +192,9 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
             s = self._dataset.stats
             log.info(f"Data: {s['sequences']} sequences of {self._seq_len} tokens from {s['documents']} documents "
                      f"+ {s['synthetic_documents']} synthetic tasks ({s['synthetic_tokens']} of "
-                     f"{s['natural_tokens'] + s['synthetic_tokens']} tokens); {self._batches_per_epoch} micro-batches "
-                     "per epoch")
+                     f"{s['natural_tokens'] + s['synthetic_tokens']} tokens, each task whole in one sequence"
+                     + (f"; {s['padding_tokens']} untrained padding tokens" if s.get("padding_tokens") else "")
+                     + f"); {self._batches_per_epoch} micro-batches per epoch")
 
     def _setup_model(self, cfg: DictConfig) -> nn.Module:
         base_sd = ckpt.load_hf_state_dict(self._base_dir)[0] if self._base_dir else None

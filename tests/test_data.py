@@ -107,6 +107,25 @@ def test_every_synthetic_task_lies_whole_in_one_sequence(seq_len, length, share)
     assert s["natural_tokens"] + s["synthetic_tokens"] + s["padding_tokens"] - kept < seq_len  # only the tail dropped
 
 
+def test_synthetic_lengths_list_cycles_every_task_through_every_length():
+    ds = long_documents(TOK, 1024, PYTHON_STDLIB, max_tokens=60_000, synthetic_share=0.5,
+                        synthetic_length=[512, 1024], seed=2)
+    intro = TOK.encode("There is important info", add_bos=False, add_eos=False)
+    seen = set()
+    for i in range(len(ds)):
+        ex = ds[i]
+        tok, doc = ex["tokens"].tolist(), ex["doc_ids"].tolist()
+        for d in set(doc):
+            span = [t for t, e in zip(tok, doc) if e == d]
+            if span[1:1 + len(intro)] == intro:
+                kind = "passkey" if "pass key" in TOK.decode(span) else "multikey_needle"
+                seen.add((kind, len(span)))
+    assert seen == {("passkey", 512), ("passkey", 1024), ("multikey_needle", 512), ("multikey_needle", 1024)}
+    for bad in ([], [512, 2048], [32], ["512"], [True]):
+        with pytest.raises(ValueError, match="synthetic_length must be"):
+            long_documents(TOK, 1024, PYTHON_STDLIB, max_tokens=10_000, synthetic_share=0.2, synthetic_length=bad)
+
+
 def test_a_task_longer_than_a_sequence_is_refused():
     with pytest.raises(ValueError, match=r"synthetic_length must be .* \[64, seq_len=128\]"):
         long_documents(TOK, 128, PYTHON_STDLIB, max_tokens=10_000, synthetic_share=0.2, synthetic_length=200)

@@ -104,8 +104,14 @@ def test_exact_match_scoring_on_oracle_and_wrong_stubs():
 
     def off_by_one_digit(ps, n):  # right except its last digit: not an exact match
         return [o[:-3] + [(o[-3] - 48 + 1) % 10 + 48] + o[-2:] for o in _oracle(ps, n)]
-    assert all(a == 0.0 for r in evaluate_retrieval(off_by_one_digit, TOK, **grid).values()
-               for row in r["accuracy"] for a in row)
+    near = evaluate_retrieval(off_by_one_digit, TOK, **grid)
+    assert all(a == 0.0 for r in near.values() for row in r["accuracy"] for a in row)
+    # token accuracy tells a near miss (one token of " 12345." / " 1234567." wrong) from a guess
+    assert all(t == 1.0 for r in right.values() for row in r["token_accuracy"] for t in row)
+    assert all(t == round(6 / 7, 4) for row in near["passkey"]["token_accuracy"] for t in row)
+    assert all(t == round(8 / 9, 4) for row in near["multikey_needle"]["token_accuracy"] for t in row)
+    pred, true = near["passkey"]["examples"]["700/0.3"][0]
+    assert len(near["passkey"]["examples"]) == 6 and pred != true and pred[:-2] == true[:-2] and pred[-1] == "."
 
 
 def test_perplexity_equals_exp_mean_nll_of_an_independent_forward():
