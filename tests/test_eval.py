@@ -230,3 +230,4 @@ def test_repro_driver_stages_end_to_end_toy(tmp_path):
     assert bad.returncode == 2 and "'all' or a comma list" in bad.stderr and "'a,zz'" in bad.stderr
     table = stage("table")
     assert "| f | full [] + StreamingLLM |" in table and (res / "table.md").read_text() in table + "\n"
+    assert (res / "summary.png").stat().st_size > 10_000

@@ -4,7 +4,7 @@
     python analysis/repro/run_stage.py s1                 # pretrain, full attention, 1K context
     python analysis/repro/run_stage.py s2 VARIANT         # extend s1 to 8K with VARIANT's layout
     python analysis/repro/run_stage.py s3 VARIANT         # evaluate (VARIANT f: StreamingLLM on a's checkpoint)
-    python analysis/repro/run_stage.py table              # markdown table + heatmap links from the results
+    python analysis/repro/run_stage.py table              # markdown table + heatmap links + summary.png
 
 s2 and s3 also take ``all`` or a comma list (``s2 b,c,d``) with ``--gpus N`` (and ``--jobs-per-gpu K``): the variants
 then run as separate processes, N x K at a time, each on one GPU (CUDA_VISIBLE_DEVICES), each with its own log under
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -125,7 +126,9 @@ def train_summary(stdout: str, stage: str, variant: str, overrides: list[str], s
     return {"stage": stage, "variant": variant, "overrides": overrides, "wall_seconds": round(seconds, 1),
             "logged_steps": [s for s, _, _ in rows], "loss": [l for _, l, _ in rows],
             "tokens_per_s": statistics.median(steady) if steady else None,
-            "already_done": "nothing to do" in stdout}
+            "already_done": "nothing to do" in stdout,
+            # tokens/s is per job: with --jobs-per-gpu K, K jobs shared the GPU (run_parallel sets this)
+            "jobs_per_gpu": int(os.environ.get("FLEXGEN_REPRO_JOBS_PER_GPU", "1"))}
 
 
 def run_train(stage: str, variant: str, args) -> dict:
@@ -187,7 +190,6 @@ def run_parallel(stage: str, variants: list[str], gpus: int, args) -> None:
     """Run ``stage`` for each variant as its own driver process, ``gpus x --jobs-per-gpu`` at a time, each on one GPU;
     print a line as each starts and ends. Why not torchrun: the variants are independent jobs, not one data-parallel
     job. Several jobs per GPU pay off for this small model, whose steps leave the GPU idle between kernel launches."""
-    import os
     logs = Path(args.outputs) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     extra = ["--outputs", args.outputs, "--results", args.results, *(["--toy"] if args.toy else []),
@@ -198,7 +200,8 @@ def run_parallel(stage: str, variants: list[str], gpus: int, args) -> None:
         while queue and free:
             v, gpu = queue.pop(0), free.pop(0)
             log = open(logs / f"{stage}_{v}.driver.log", "w")
-            env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu), "PYTHONUNBUFFERED": "1"}
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu), "PYTHONUNBUFFERED": "1",
+                   "FLEXGEN_REPRO_JOBS_PER_GPU": str(args.jobs_per_gpu)}
             p = subprocess.Popen([sys.executable, __file__, stage, v, *extra], cwd=REPO, env=env,
                                  stdout=log, stderr=subprocess.STDOUT)
             running[v] = (p, gpu, log, time.perf_counter())
@@ -223,6 +226,15 @@ def run_parallel(stage: str, variants: list[str], gpus: int, args) -> None:
         raise SystemExit(f"{stage}: {len(failed)} of {len(variants)} variants failed: {failed}")
 
 
+def layout_label(e: dict) -> str:
+    """'full [2, 3, 4] + AttnSink' from an eval JSON's layout (the sparse kind, or StreamingLLM at inference)."""
+    full = e["layout"]["full_layers"]
+    sparse = sorted({p.split("(")[0] for p in e["layout"].get("patterns", []) if not p.startswith("Full")})
+    if e.get("streaming_llm"):
+        return f"full {full} + StreamingLLM"
+    return f"full {full}" + (f" + {'/'.join(sparse)}" if sparse else "")
+
+
 def build_table(results: Path) -> str:
     """Markdown: variant x length -- passkey / multi-key accuracy (mean over depths), perplexity; training tokens/s."""
     evals = {p.stem: json.loads(p.read_text()) for p in sorted(results.glob("*.json"))
@@ -243,15 +255,16 @@ def build_table(results: Path) -> str:
 
     def tps(v):
         f = results / f"train_s2_{STREAMING['checkpoint_of'] if v == 'f' else v}.json"
-        t = json.loads(f.read_text()).get("tokens_per_s") if f.exists() else None
-        return f"{t:,.0f}" if t else "–"
+        d = json.loads(f.read_text()) if f.exists() else {}
+        t, k = d.get("tokens_per_s"), d.get("jobs_per_gpu", 1)
+        return (f"{t:,.0f}" + (f" ({k} jobs/GPU)" if k > 1 else "")) if t else "–"
 
     head = ["variant", "layout"] + [f"passkey {L}" for L in lengths] + [f"multikey {L}" for L in lengths] + \
            [f"ppl {L}" for L in lengths] + ["s2 train tokens/s"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for v in order:
         e = evals[v]
-        lay = f"full {e['layout']['full_layers']}" + (" + StreamingLLM" if e.get("streaming_llm") else "")
+        lay = layout_label(e)
         rows.append("| " + " | ".join([v, lay] + [cell(e, "passkey", L) for L in lengths] +
                                       [cell(e, "multikey_needle", L) for L in lengths] +
                                       [ppl(e, L) for L in lengths] + [tps(v)]) + " |")
@@ -259,6 +272,43 @@ def build_table(results: Path) -> str:
     figs = "\n".join(f"![{v}]({v}_retrieval.png)" for v in order if (results / f"{v}_retrieval.png").exists())
     return (f"Accuracy: exact match, mean over needle depths ({next(iter(evals.values()))['scoring']}). "
             f"Perplexity: held-out documents. Cards: {', '.join(cards)}.\n\n" + "\n".join(rows) + "\n\n" + figs + "\n")
+
+
+def plot_summary(results: Path, out: Path) -> Path:
+    """One figure for the whole experiment: passkey and multi-key accuracy (mean over depths) and perplexity against
+    context length, a line per variant (full attention solid black, StreamingLLM dashed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    evals = {p.stem: json.loads(p.read_text()) for p in sorted(results.glob("*.json")) if not p.stem.startswith("train_")}
+    order = [v for v in [*VARIANTS, "f"] if v in evals] + sorted(set(evals) - set(VARIANTS) - {"f"})
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    panels = [("passkey", "passkey accuracy"), ("multikey_needle", "multi-key needle accuracy"), (None, "perplexity")]
+    for ax, (task, title) in zip(axes, panels):
+        for v in order:
+            e = evals[v]
+            style = {"color": "black", "lw": 2.5} if v == "a" else {"ls": "--"} if v == "f" else {}
+            label = f"{v}: {layout_label(e)}"
+            if task is None:
+                p = e.get("perplexity")
+                if p:
+                    ax.plot(p["lengths"], p["ppl"], marker="o", label=label, **style)
+            elif task in e["retrieval"]:
+                r = e["retrieval"][task]
+                ax.plot(r["lengths"], r["mean_by_length"], marker="o", label=label, **style)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_title(title + ("" if task is None else " (mean over depths)"))
+        if task is not None:
+            ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+    axes[2].legend(fontsize=8, loc="best")
+    cards = ", ".join(sorted({e.get("card", "?") for e in evals.values()}))
+    fig.suptitle(f"Small-scale LongGen reproduction: retrieval and perplexity after extension 1K -> 8K ({cards})")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 def main(argv=None) -> None:
@@ -299,6 +349,7 @@ def main(argv=None) -> None:
         table = build_table(results)
         (results / "table.md").write_text(table)
         print(table)
+        print(f"summary figure: {plot_summary(results, results / 'summary.png')}")
 
 
 if __name__ == "__main__":
