@@ -225,9 +225,13 @@ def test_repro_driver_stages_end_to_end_toy(tmp_path):
     f = json.loads((res / "f.json").read_text())
     assert f["layout"]["full_layers"] == [] and f["streaming_llm"] == {"sink": 4, "window": 28}
     assert f["checkpoint"] == str(out / "s2_a" / "step_2") and (res / "f_retrieval.png").exists()
+    stage("s3", "f,a", "--step", "2", "--jobs-per-gpu", "2")  # an intermediate checkpoint: results in step_2/
+    assert json.loads((res / "step_2" / "f.json").read_text())["checkpoint"] == str(out / "s2_a" / "step_2")
+    assert (res / "step_2" / "a_retrieval.png").exists()
     bad = subprocess.run([sys.executable, "analysis/repro/run_stage.py", "s3", "a,zz"], cwd=REPO,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "'all' or a comma list" in bad.stderr and "'a,zz'" in bad.stderr
     table = stage("table")
     assert "| f | full [] + StreamingLLM |" in table and (res / "table.md").read_text() in table + "\n"
-    assert (res / "summary.png").stat().st_size > 10_000
+    assert (res / "summary.png").stat().st_size > 10_000 and "accuracy over training" in table
+    assert (res / "steps.png").stat().st_size > 10_000

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole small-scale retrieval reproduction (issue 7) on one machine, stage after stage:
-#   s1 pretrain (one GPU) -> s2 extend every variant -> s3 evaluate every variant and f -> table.
+#   s1 pretrain (one GPU) -> s2 extend every variant -> s3 evaluate every variant and f (and their intermediate s2
+#   checkpoints, EVAL_STEPS="1000 2000" by default; EVAL_STEPS= to skip) -> table, summary.png, steps.png.
 # s2 and s3 run their variants side by side, one GPU each (GPUS=N to choose; default: every visible GPU), or
 # JOBS_PER_GPU=K at a time on each GPU (default 1; on a single GPU, 4 fills the gaps between this small model's kernels).
 # Each stage resumes from its checkpoints, so rerunning after an interruption continues where it stopped.
@@ -17,5 +18,8 @@ $D s2 all --gpus "$GPUS" --jobs-per-gpu "${JOBS_PER_GPU:-1}"
 echo "repro: s2 finished $(date -u +%T)"
 $D s3 all --gpus "$GPUS" --jobs-per-gpu "${JOBS_PER_GPU:-1}"
 echo "repro: s3 finished $(date -u +%T)"
+for step in ${EVAL_STEPS-1000 2000}; do  # intermediate s2 checkpoints: accuracy against training steps
+  $D s3 all --step "$step" --gpus "$GPUS" --jobs-per-gpu "${JOBS_PER_GPU:-1}"
+done
 $D table
 echo "repro: ALL DONE $(date -u +%T)"

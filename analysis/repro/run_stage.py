@@ -158,15 +158,22 @@ def run_train(stage: str, variant: str, args) -> dict:
 
 
 def run_eval(variant: str, args) -> None:
+    """The eval recipe on the variant's latest s2 checkpoint, or with ``--step N`` on its step-N checkpoint (results
+    then go to ``--results``/step_N, so that accuracy can be followed over training)."""
     ckpt_of = STREAMING["checkpoint_of"] if variant == "f" else variant
-    overrides = [f"checkpoint_dir={Path(args.outputs) / f's2_{ckpt_of}'}", f"name={variant}",
-                 f"output_dir={args.results}"]
+    ckpt = Path(args.outputs) / f"s2_{ckpt_of}"
+    results = Path(args.results)
+    if args.step is not None:
+        ckpt, results = ckpt / f"step_{args.step}", results / f"step_{args.step}"
+        if not ckpt.is_dir():
+            raise SystemExit(f"no checkpoint {ckpt}: --step takes a step that s2 kept (checkpoint.keep_last_n)")
+    overrides = [f"checkpoint_dir={ckpt}", f"name={variant}", f"output_dir={results}"]
     if variant == "f":
         s = TOY_STREAMING if args.toy else STREAMING
         overrides += [f"streaming_llm.sink={s['sink']}", f"streaming_llm.window={s['window']}"]
     overrides += (TOY["s3"] if args.toy else []) + list(args.set)
     _tune("recipes/longgen_eval.py", f"{CONFIGS}/eval.yaml", overrides,
-          Path(args.outputs) / "logs" / f"s3_{variant}.log")
+          Path(args.outputs) / "logs" / f"s3_{variant}{'' if args.step is None else f'_step{args.step}'}.log")
 
 
 def calibrate(args) -> None:
@@ -193,13 +200,15 @@ def run_parallel(stage: str, variants: list[str], gpus: int, args) -> None:
     logs = Path(args.outputs) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     extra = ["--outputs", args.outputs, "--results", args.results, *(["--toy"] if args.toy else []),
+             *(["--step", str(args.step)] if getattr(args, "step", None) is not None else []),
              *[a for kv in args.set for a in ("--set", kv)]]
     queue, running, failed, t0 = list(variants), {}, [], time.perf_counter()
     free = [g for _ in range(args.jobs_per_gpu) for g in range(gpus)]
     while queue or running:
         while queue and free:
             v, gpu = queue.pop(0), free.pop(0)
-            log = open(logs / f"{stage}_{v}.driver.log", "w")
+            tag = "" if getattr(args, "step", None) is None else f"_step{args.step}"
+            log = open(logs / f"{stage}_{v}{tag}.driver.log", "w")
             env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu), "PYTHONUNBUFFERED": "1",
                    "FLEXGEN_REPRO_JOBS_PER_GPU": str(args.jobs_per_gpu)}
             p = subprocess.Popen([sys.executable, __file__, stage, v, *extra], cwd=REPO, env=env,
@@ -311,6 +320,41 @@ def plot_summary(results: Path, out: Path) -> Path:
     return out
 
 
+def plot_steps(results: Path, out: Path) -> Path:
+    """Passkey accuracy (mean over depths) against s2 training step, one panel per context length, a line per
+    variant: the intermediate checkpoints in ``results``/step_N plus the final one (its step from the train JSON)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    points: dict[str, dict[int, dict]] = {}
+    for d in sorted(results.glob("step_*")):
+        for p in d.glob("*.json"):
+            points.setdefault(p.stem, {})[int(d.name.split("_")[1])] = json.loads(p.read_text())
+    for v in list(points):
+        final, train = results / f"{v}.json", results / f"train_s2_{STREAMING['checkpoint_of'] if v == 'f' else v}.json"
+        if final.exists() and train.exists() and json.loads(train.read_text())["logged_steps"]:
+            points[v][json.loads(train.read_text())["logged_steps"][-1]] = json.loads(final.read_text())
+    lengths = sorted({L for pts in points.values() for e in pts.values() for L in e["retrieval"]["passkey"]["lengths"]})
+    fig, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths), 4), squeeze=False, sharey=True)
+    for ax, L in zip(axes[0], lengths):
+        for v in [v for v in [*VARIANTS, "f"] if v in points]:
+            steps = sorted(points[v])
+            acc = [points[v][t]["retrieval"]["passkey"]["mean_by_length"][
+                points[v][t]["retrieval"]["passkey"]["lengths"].index(L)] for t in steps]
+            style = {"color": "black", "lw": 2.5} if v == "a" else {"ls": "--"} if v == "f" else {}
+            ax.plot(steps, acc, marker="o", label=v, **style)
+        ax.set_title(f"passkey at {L} tokens")
+        ax.set_xlabel("s2 step")
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy (mean over depths)")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("stage", choices=["calibrate", "s1", "s2", "s3", "table"])
@@ -322,12 +366,16 @@ def main(argv=None) -> None:
     ap.add_argument("--toy", action="store_true", help="CPU smoke-test sizes (seconds)")
     ap.add_argument("--gpus", type=int, default=1,
                     help="with several variants: how many run at once, one GPU each (default 1)")
+    ap.add_argument("--step", type=int, default=None,
+                    help="s3: evaluate the s2 checkpoint of this step (results in --results/step_N)")
     ap.add_argument("--jobs-per-gpu", type=int, default=1,
                     help="with several variants: how many share one GPU (default 1)")
     args = ap.parse_args(argv)
     allowed = {"s2": list(VARIANTS), "s3": [*VARIANTS, "f"]}.get(args.stage)
     if allowed is None and args.variant is not None:
         ap.error(f"stage {args.stage} takes no variant")
+    if args.step is not None and args.stage != "s3":
+        ap.error("--step is for stage s3 (evaluate an intermediate s2 checkpoint)")
     if args.gpus < 1 or args.jobs_per_gpu < 1:
         ap.error(f"--gpus and --jobs-per-gpu must be >= 1, got {args.gpus} and {args.jobs_per_gpu}")
     if allowed is not None:
@@ -350,6 +398,8 @@ def main(argv=None) -> None:
         (results / "table.md").write_text(table)
         print(table)
         print(f"summary figure: {plot_summary(results, results / 'summary.png')}")
+        if any(results.glob("step_*/*.json")):
+            print(f"accuracy over training: {plot_steps(results, results / 'steps.png')}")
 
 
 if __name__ == "__main__":
