@@ -67,7 +67,7 @@ TOY = {
     # passkey only: 4 multi-key needles alone (~480 byte tokens) outgrow these sequences
     "s1": TOY_MODEL + ["seq_len=256", "model.max_seq_len=256", "dataset.synthetic_length=256",
                        "dataset.synthetic_tasks=[passkey]"],
-    "s2": TOY_MODEL + ["seq_len=512", "model.max_seq_len=544", "dataset.synthetic_length=512",
+    "s2": TOY_MODEL + ["seq_len=512", "model.max_seq_len=544", "dataset.synthetic_length=[256,512]",
                        "dataset.synthetic_tasks=[passkey]"],
     "s3": ["device=cpu", "dtype=fp32", "tasks=[passkey]", "lengths=[256]", "depths=[0.0,1.0]", "samples_per_cell=1",
            "perplexity_documents=1"],
