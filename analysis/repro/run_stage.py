@@ -235,6 +235,18 @@ def run_parallel(stage: str, variants: list[str], gpus: int, args) -> None:
         raise SystemExit(f"{stage}: {len(failed)} of {len(variants)} variants failed: {failed}")
 
 
+def load_evals(results: Path) -> tuple[dict, list[str]]:
+    """The eval JSONs in ``results`` by name, and the names in display order (the variants, f, then any others)."""
+    evals = {p.stem: json.loads(p.read_text()) for p in sorted(results.glob("*.json"))
+             if not p.stem.startswith("train_")}
+    return evals, [v for v in [*VARIANTS, "f"] if v in evals] + sorted(set(evals) - set(VARIANTS) - {"f"})
+
+
+def line_style(variant: str) -> dict:
+    """Figures: full attention solid black and thick, StreamingLLM dashed, the rest matplotlib's cycle."""
+    return {"color": "black", "lw": 2.5} if variant == "a" else {"ls": "--"} if variant == "f" else {}
+
+
 def layout_label(e: dict) -> str:
     """'full [2, 3, 4] + AttnSink' from an eval JSON's layout (the sparse kind, or StreamingLLM at inference)."""
     full = e["layout"]["full_layers"]
@@ -246,11 +258,9 @@ def layout_label(e: dict) -> str:
 
 def build_table(results: Path) -> str:
     """Markdown: variant x length -- passkey / multi-key accuracy (mean over depths), perplexity; training tokens/s."""
-    evals = {p.stem: json.loads(p.read_text()) for p in sorted(results.glob("*.json"))
-             if not p.stem.startswith("train_")}
+    evals, order = load_evals(results)
     if not evals:
         raise SystemExit(f"no evaluation JSON in {results}: run the s3 stages first")
-    order = [v for v in [*VARIANTS, "f"] if v in evals] + sorted(set(evals) - set(VARIANTS) - {"f"})
     lengths = sorted({L for e in evals.values() for r in e["retrieval"].values() for L in r["lengths"]}
                      | {L for e in evals.values() if e.get("perplexity") for L in e["perplexity"]["lengths"]})
 
@@ -289,14 +299,13 @@ def plot_summary(results: Path, out: Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    evals = {p.stem: json.loads(p.read_text()) for p in sorted(results.glob("*.json")) if not p.stem.startswith("train_")}
-    order = [v for v in [*VARIANTS, "f"] if v in evals] + sorted(set(evals) - set(VARIANTS) - {"f"})
+    evals, order = load_evals(results)
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     panels = [("passkey", "passkey accuracy"), ("multikey_needle", "multi-key needle accuracy"), (None, "perplexity")]
     for ax, (task, title) in zip(axes, panels):
         for v in order:
             e = evals[v]
-            style = {"color": "black", "lw": 2.5} if v == "a" else {"ls": "--"} if v == "f" else {}
+            style = line_style(v)
             label = f"{v}: {layout_label(e)}"
             if task is None:
                 p = e.get("perplexity")
@@ -341,7 +350,7 @@ def plot_steps(results: Path, out: Path) -> Path:
             steps = sorted(points[v])
             acc = [points[v][t]["retrieval"]["passkey"]["mean_by_length"][
                 points[v][t]["retrieval"]["passkey"]["lengths"].index(L)] for t in steps]
-            style = {"color": "black", "lw": 2.5} if v == "a" else {"ls": "--"} if v == "f" else {}
+            style = line_style(v)
             ax.plot(steps, acc, marker="o", label=v, **style)
         ax.set_title(f"passkey at {L} tokens")
         ax.set_xlabel("s2 step")
