@@ -11,8 +11,9 @@ A natural document longer than what is left of a sequence continues in the next 
 positions); the tail that does not fill a whole sequence is dropped. Synthetic long-context tasks (passkey retrieval,
 multi-key needle) can be mixed in at a configurable share of tokens; they are trained on their answers only, and each
 lies whole inside one sequence: one cut by a sequence boundary would train the model to produce an answer whose needle
-it cannot see (a hallucination drill -- the first repro run lost its retrieval that way). Where a task does not fit
-what is left of a sequence, natural text fills the gap first (untrained padding once the natural text runs out).
+it cannot see (a hallucination drill -- the first repro runs lost their retrieval that way). Where a task does not fit
+what is left of a sequence, later tasks that fit fill the gap, then natural text, then untrained padding
+(``_keep_tasks_whole``).
 
 Sources: local text files (a directory, a glob, a file, or ``"python-stdlib"``: the standard library's own ``.py``
 files, which exist on every machine with Python and need no network -- the tiny job's corpus), and Hugging Face
@@ -192,6 +193,13 @@ class PackedDocuments(Dataset):
         return {"tokens": tokens, "labels": labels, "doc_ids": doc_ids}
 
 
+def _task_lengths(synthetic_length, seq_len: int) -> list:
+    """``synthetic_length`` as a list: null -> [seq_len], an int -> [it], a list -> itself."""
+    if isinstance(synthetic_length, (list, tuple)):
+        return list(synthetic_length)
+    return [seq_len if synthetic_length is None else synthetic_length]
+
+
 def _check_args(seq_len, max_tokens, synthetic_share, synthetic_length, synthetic_tasks):
     if not isinstance(seq_len, int) or seq_len < 2:
         raise ValueError(f"seq_len must be an int >= 2, got {seq_len!r}")
@@ -199,9 +207,9 @@ def _check_args(seq_len, max_tokens, synthetic_share, synthetic_length, syntheti
         raise ValueError(f"dataset.max_tokens must be null or an int >= seq_len={seq_len}, got {max_tokens!r}")
     if not isinstance(synthetic_share, (int, float)) or not 0 <= synthetic_share < 1:
         raise ValueError(f"dataset.synthetic_share must be a number in [0, 1), got {synthetic_share!r}")
-    lengths = synthetic_length if isinstance(synthetic_length, (list, tuple)) else [synthetic_length]
-    if synthetic_length is not None and (not lengths or any(isinstance(n, bool) or not isinstance(n, int)
-                                                            or not 64 <= n <= seq_len for n in lengths)):
+    lengths = _task_lengths(synthetic_length, seq_len)
+    bad_length = lambda n: isinstance(n, bool) or not isinstance(n, int) or not 64 <= n <= seq_len  # noqa: E731
+    if synthetic_length is not None and (not lengths or any(map(bad_length, lengths))):
         raise ValueError(f"dataset.synthetic_length must be null (= seq_len), an int in [64, seq_len={seq_len}] or a "
                          f"non-empty list of them (a task must fit one sequence), got {synthetic_length!r}")
     bad = [t for t in synthetic_tasks if t not in SYNTHETIC_TASKS]
@@ -234,7 +242,7 @@ def pack_documents(tokenizer, texts: Iterable[str], seq_len: int, *, max_tokens:
     synthetic, n_synth = 0, 0
     synth_target = int(natural * synthetic_share / (1 - synthetic_share))
     # a list of lengths: every task at every length in turn (task fastest), e.g. a curriculum of 1K-8K needles
-    lengths = list(synthetic_length) if isinstance(synthetic_length, (list, tuple)) else [synthetic_length or seq_len]
+    lengths = _task_lengths(synthetic_length, seq_len)
     while synthetic_share > 0 and synthetic < synth_target:
         name = synthetic_tasks[n_synth % len(synthetic_tasks)]
         length = lengths[(n_synth // len(synthetic_tasks)) % len(lengths)]
@@ -318,7 +326,7 @@ def _keep_tasks_whole(docs: list, seq_len: int, pad_id: int, lookahead: int = 25
 
 # -- builders for configs -----------------------------------------------------------------------------------------------
 def long_documents(tokenizer, seq_len: int, source: str = PYTHON_STDLIB, *, max_tokens: int | None = None,
-                   synthetic_share: float = 0.0, synthetic_length: int | None = None,
+                   synthetic_share: float = 0.0, synthetic_length: int | list[int] | None = None,
                    synthetic_tasks=("passkey", "multikey_needle"), seed: int = 0) -> PackedDocuments:
     """Packed long documents from local text files (``text_files`` explains ``source``); one file = one document."""
     files = text_files(source)
@@ -329,7 +337,7 @@ def long_documents(tokenizer, seq_len: int, source: str = PYTHON_STDLIB, *, max_
 
 def hf_long_documents(tokenizer, seq_len: int, name: str, *, split: str = "train", text_column: str = "text",
                       max_tokens: int | None = None, synthetic_share: float = 0.0,
-                      synthetic_length: int | None = None, synthetic_tasks=("passkey", "multikey_needle"),
+                      synthetic_length: int | list[int] | None = None, synthetic_tasks=("passkey", "multikey_needle"),
                       seed: int = 0, **load_dataset_kwargs) -> PackedDocuments:
     """Packed long documents from a Hugging Face dataset (one row's ``text_column`` = one document), streamed so that
     only ``max_tokens`` worth of rows is read. Needs the ``datasets`` package and the hub (or its local cache)."""

@@ -200,14 +200,14 @@ def run_parallel(stage: str, variants: list[str], gpus: int, args) -> None:
     logs = Path(args.outputs) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     extra = ["--outputs", args.outputs, "--results", args.results, *(["--toy"] if args.toy else []),
-             *(["--step", str(args.step)] if getattr(args, "step", None) is not None else []),
+             *(["--step", str(args.step)] if args.step is not None else []),
              *[a for kv in args.set for a in ("--set", kv)]]
     queue, running, failed, t0 = list(variants), {}, [], time.perf_counter()
     free = [g for _ in range(args.jobs_per_gpu) for g in range(gpus)]
     while queue or running:
         while queue and free:
             v, gpu = queue.pop(0), free.pop(0)
-            tag = "" if getattr(args, "step", None) is None else f"_step{args.step}"
+            tag = "" if args.step is None else f"_step{args.step}"
             log = open(logs / f"{stage}_{v}{tag}.driver.log", "w")
             env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu), "PYTHONUNBUFFERED": "1",
                    "FLEXGEN_REPRO_JOBS_PER_GPU": str(args.jobs_per_gpu)}
@@ -341,8 +341,9 @@ def plot_steps(results: Path, out: Path) -> Path:
             points.setdefault(p.stem, {})[int(d.name.split("_")[1])] = json.loads(p.read_text())
     for v in list(points):
         final, train = results / f"{v}.json", results / f"train_s2_{STREAMING['checkpoint_of'] if v == 'f' else v}.json"
-        if final.exists() and train.exists() and json.loads(train.read_text())["logged_steps"]:
-            points[v][json.loads(train.read_text())["logged_steps"][-1]] = json.loads(final.read_text())
+        logged = json.loads(train.read_text())["logged_steps"] if train.exists() else []
+        if final.exists() and logged:
+            points[v][logged[-1]] = json.loads(final.read_text())
     lengths = sorted({L for pts in points.values() for e in pts.values() for L in e["retrieval"]["passkey"]["lengths"]})
     fig, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths), 4), squeeze=False, sharey=True)
     for ax, L in zip(axes[0], lengths):
