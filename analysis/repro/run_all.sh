@@ -10,12 +10,15 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python3}
 GPUS=${GPUS:-$($PY -c 'import torch; print(max(1, torch.cuda.device_count()))')}
-D="$PY analysis/repro/run_stage.py"
+R=${RESULTS:-analysis/results/repro}  # on the device tool: an ignored folder (outputs/...), tarred at the end
+D="$PY analysis/repro/run_stage.py --results $R ${TOY:+--toy}"  # TOY=1: the CPU smoke-test sizes
 echo "repro: $GPUS GPU(s), start $(date -u +%T)"
 $D s1
+$D heads s1                                             # where s1 copies the passkey from (retrieval heads)
 echo "repro: s1 finished $(date -u +%T)"
 $D s2 all --gpus "$GPUS" --jobs-per-gpu "${JOBS_PER_GPU:-1}"
 echo "repro: s2 finished $(date -u +%T)"
+$D heads all --gpus "$GPUS" --jobs-per-gpu "${JOBS_PER_GPU:-1}"
 $D s3 all --gpus "$GPUS" --jobs-per-gpu "${JOBS_PER_GPU:-1}"
 echo "repro: s3 finished $(date -u +%T)"
 for step in ${EVAL_STEPS-1000 2000}; do  # intermediate s2 checkpoints: accuracy against training steps

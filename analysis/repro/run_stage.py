@@ -4,6 +4,7 @@
     python analysis/repro/run_stage.py s1                 # pretrain, full attention, 1K context
     python analysis/repro/run_stage.py s2 VARIANT         # extend s1 to 8K with VARIANT's layout
     python analysis/repro/run_stage.py s3 VARIANT         # evaluate (VARIANT f: StreamingLLM on a's checkpoint)
+    python analysis/repro/run_stage.py heads s1           # retrieval heads: which layers copy the passkey
     python analysis/repro/run_stage.py table              # markdown table + heatmap links + summary.png
 
 s2 and s3 also take ``all`` or a comma list (``s2 b,c,d``) with ``--gpus N`` (and ``--jobs-per-gpu K``): the variants
@@ -38,6 +39,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # flexgen_long from this checkout, also without an installed package
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # retrieval_heads, next to this file
 CONFIGS = "recipes/configs/repro"
 
 #: The sparse patterns of s2 (8K): 512 keys per AttnSink query; BlockSparse 256 local + one block in 16.
@@ -55,6 +57,13 @@ VARIANTS = {
     "e_bottom": ("bottom", "attnsink"),        # layers 0-2 full
     "e_top": ("top", "attnsink"),              # layers 5-7 full
     "e_interleave": ([1, 4, 7], "attnsink"),   # spread out ("interleave:3" would give only 2 of 8 layers)
+}
+#: Diagnostics, run only when named (not in ``all``): the other middle third of 8 layers. [2, 3, 4] (what "middle"
+#: gives) and [3, 4, 5] are both three layers about the model's centre (3.5); run 4 showed retrieval improving the
+#: higher the full layers sit, so the upper choice tests whether placement alone explains (b)'s gap.
+DIAGNOSTIC = {
+    "b_upper_mid": ([3, 4, 5], "attnsink"),
+    "c_upper_mid": ([3, 4, 5], "blocksparse"),
 }
 #: f: evaluation only -- variant a's checkpoint with AttnSink(64, 448) on every layer at inference.
 STREAMING = {"checkpoint_of": "a", "sink": 64, "window": 448}
@@ -113,7 +122,7 @@ def _full_layers(value) -> str:
 
 def layout_overrides(variant: str, toy: bool = False) -> list[str]:
     """The s2 overrides that make ``variant``: its full layers and its sparse pattern."""
-    full, pattern = VARIANTS[variant]
+    full, pattern = {**VARIANTS, **DIAGNOSTIC}[variant]
     return [_full_layers(full), *_pattern_overrides(pattern, toy)]
 
 
@@ -176,6 +185,19 @@ def run_eval(variant: str, args) -> None:
           Path(args.outputs) / "logs" / f"s3_{variant}{'' if args.step is None else f'_step{args.step}'}.log")
 
 
+def run_heads(name: str, args) -> None:
+    """Retrieval heads (analysis/repro/retrieval_heads.py) of s1's or a variant's latest checkpoint -> --results/
+    heads_NAME.json/png: which layers copy the passkey, i.e. where the full layers would keep retrieval."""
+    from flexgen_long.training import latest_checkpoint
+    import retrieval_heads
+    out = Path(args.outputs) / ("s1" if name == "s1" else f"s2_{name}")
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        raise SystemExit(f"no checkpoint in {out}: run stage {'s1' if name == 's1' else 's2 ' + name} first")
+    extra = ["--device", "cpu", "--dtype", "fp32", "--samples", "1"] if args.toy else []
+    retrieval_heads.main([str(ckpt), "--out", str(Path(args.results) / f"heads_{name}"), "--name", name, *extra])
+
+
 def calibrate(args) -> None:
     """30 steps of s1 and of s2 (b) into a scratch directory: the measured tokens/s, and what the configs' step counts
     would take at that rate -- before spending the budget on the full stages."""
@@ -202,8 +224,15 @@ def run_parallel(stage: str, variants: list[str], gpus: int, args) -> None:
     extra = ["--outputs", args.outputs, "--results", args.results, *(["--toy"] if args.toy else []),
              *(["--step", str(args.step)] if args.step is not None else []),
              *[a for kv in args.set for a in ("--set", kv)]]
+    # GPU g of this driver is the g-th visible device: a driver restricted by CUDA_VISIBLE_DEVICES=2,3 runs its jobs
+    # on physical GPUs 2 and 3 (each child sees one of them), so two drivers can share a machine
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    devices = visible or [str(g) for g in range(gpus)]
+    if gpus > len(devices):
+        raise SystemExit(f"--gpus {gpus} but CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']} "
+                         f"shows {len(devices)}")
     queue, running, failed, t0 = list(variants), {}, [], time.perf_counter()
-    free = [g for _ in range(args.jobs_per_gpu) for g in range(gpus)]
+    free = [devices[g] for _ in range(args.jobs_per_gpu) for g in range(gpus)]
     while queue or running:
         while queue and free:
             v, gpu = queue.pop(0), free.pop(0)
@@ -238,8 +267,9 @@ def run_parallel(stage: str, variants: list[str], gpus: int, args) -> None:
 def load_evals(results: Path) -> tuple[dict, list[str]]:
     """The eval JSONs in ``results`` by name, and the names in display order (the variants, f, then any others)."""
     evals = {p.stem: json.loads(p.read_text()) for p in sorted(results.glob("*.json"))
-             if not p.stem.startswith("train_")}
-    return evals, [v for v in [*VARIANTS, "f"] if v in evals] + sorted(set(evals) - set(VARIANTS) - {"f"})
+             if not p.stem.startswith(("train_", "heads_"))}
+    known = [*VARIANTS, "f", *DIAGNOSTIC]
+    return evals, [v for v in known if v in evals] + sorted(set(evals) - set(known))
 
 
 def line_style(variant: str) -> dict:
@@ -289,6 +319,10 @@ def build_table(results: Path) -> str:
                                       [ppl(e, L) for L in lengths] + [tps(v)]) + " |")
     cards = sorted({e.get("card", "?") for e in evals.values()})
     figs = "\n".join(f"![{v}]({v}_retrieval.png)" for v in order if (results / f"{v}_retrieval.png").exists())
+    heads = sorted(results.glob("heads_*.png"))
+    if heads:  # retrieval heads (the heads stage): where each model copies the passkey from
+        figs += "\n\nRetrieval heads (copy score per layer and head; F = full-attention layer):\n\n" + \
+            "\n".join(f"![{p.stem}]({p.name})" for p in heads)
     return (f"Accuracy: exact match, mean over needle depths ({next(iter(evals.values()))['scoring']}). "
             f"Perplexity: held-out documents. Cards: {', '.join(cards)}.\n\n" + "\n".join(rows) + "\n\n" + figs + "\n")
 
@@ -347,7 +381,7 @@ def plot_steps(results: Path, out: Path) -> Path:
     lengths = sorted({L for pts in points.values() for e in pts.values() for L in e["retrieval"]["passkey"]["lengths"]})
     fig, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths), 4), squeeze=False, sharey=True)
     for ax, L in zip(axes[0], lengths):
-        for v in [v for v in [*VARIANTS, "f"] if v in points]:
+        for v in [v for v in [*VARIANTS, "f", *DIAGNOSTIC] if v in points]:
             steps = sorted(points[v])
             acc = [points[v][t]["retrieval"]["passkey"]["mean_by_length"][
                 points[v][t]["retrieval"]["passkey"]["lengths"].index(L)] for t in steps]
@@ -367,9 +401,10 @@ def plot_steps(results: Path, out: Path) -> Path:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["calibrate", "s1", "s2", "s3", "table"])
+    ap.add_argument("stage", choices=["calibrate", "s1", "s2", "s3", "heads", "table"])
     ap.add_argument("variant", nargs="?",
-                    help=f"s2: one of {list(VARIANTS)}; s3: those or f; either: 'all' or a comma list")
+                    help=f"s2: one of {list(VARIANTS)} or the diagnostics {list(DIAGNOSTIC)}; s3: those or f; "
+                         "heads: s1 or an s2 variant; each: 'all' (no diagnostics) or a comma list")
     ap.add_argument("--outputs", default="outputs/repro", help="checkpoints and logs (not committed)")
     ap.add_argument("--results", default="analysis/results/repro", help="JSON, heatmaps, table (committed)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra recipe override")
@@ -381,7 +416,8 @@ def main(argv=None) -> None:
     ap.add_argument("--jobs-per-gpu", type=int, default=1,
                     help="with several variants: how many share one GPU (default 1)")
     args = ap.parse_args(argv)
-    allowed = {"s2": list(VARIANTS), "s3": [*VARIANTS, "f"]}.get(args.stage)
+    allowed = {"s2": [*VARIANTS, *DIAGNOSTIC], "s3": [*VARIANTS, "f", *DIAGNOSTIC],
+               "heads": ["s1", *VARIANTS, *DIAGNOSTIC]}.get(args.stage)
     if allowed is None and args.variant is not None:
         ap.error(f"stage {args.stage} takes no variant")
     if args.step is not None and args.stage != "s3":
@@ -389,7 +425,8 @@ def main(argv=None) -> None:
     if args.gpus < 1 or args.jobs_per_gpu < 1:
         ap.error(f"--gpus and --jobs-per-gpu must be >= 1, got {args.gpus} and {args.jobs_per_gpu}")
     if allowed is not None:
-        many = allowed if args.variant == "all" else (args.variant or "").split(",")
+        every = {"s2": list(VARIANTS), "s3": [*VARIANTS, "f"], "heads": ["s1", *VARIANTS]}[args.stage]  # not DIAGNOSTIC
+        many = every if args.variant == "all" else (args.variant or "").split(",")
         bad = [v for v in many if v not in allowed]
         if bad or not many:
             ap.error(f"stage {args.stage} needs a variant from {allowed}, 'all' or a comma list of them; "
@@ -402,6 +439,8 @@ def main(argv=None) -> None:
         run_train(args.stage, args.variant or "s1", args)
     elif args.stage == "s3":
         run_eval(args.variant, args)
+    elif args.stage == "heads":
+        run_heads(args.variant, args)
     else:
         results = Path(args.results)
         table = build_table(results)
