@@ -3,7 +3,8 @@
 # scale while BlockSparse (c) and full-at-the-top (e_top) do not. Two experiments side by side on a 4-GPU machine,
 # each its own driver on two GPUs:
 #   placement  (GPUs 0,1): the 8-layer s1 again (run_all.sh's config and seed) -> retrieval heads of s1 ->
-#              s2 b_upper_mid, c_upper_mid (full layers [3, 4, 5], the other middle third of 8) -> s3 -> their heads
+#              s2 b_upper_mid, c_upper_mid (full layers [3, 4, 5], the other middle third of 8), and a, b again
+#              (two jobs per GPU) -> s3 -> their retrieval heads
 #   model size (GPUs 2,3): the same recipe with 12 layers ("middle" = [4, 5, 6, 7]) -> heads of s1 -> s2 a, b ->
 #              s3 a, b -> their heads
 # Results: $RESULTS/repro_diag and $RESULTS/repro_12l (RESULTS default analysis/results; on the device tool point it
@@ -20,9 +21,10 @@ placement() {
   local O=(--outputs outputs/repro_diag --results "$R/repro_diag")
   CUDA_VISIBLE_DEVICES=0 $D s1 "${O[@]}"
   CUDA_VISIBLE_DEVICES=0 $D heads s1 "${O[@]}"
-  CUDA_VISIBLE_DEVICES=0,1 $D s2 b_upper_mid,c_upper_mid --gpus 2 "${O[@]}"
-  CUDA_VISIBLE_DEVICES=0,1 $D s3 b_upper_mid,c_upper_mid --gpus 2 "${O[@]}"
-  CUDA_VISIBLE_DEVICES=0,1 $D heads b_upper_mid,c_upper_mid --gpus 2 "${O[@]}"
+  local V=b_upper_mid,c_upper_mid,a,b  # a and b again: their retrieval heads, and run 4's numbers re-created
+  CUDA_VISIBLE_DEVICES=0,1 $D s2 $V --gpus 2 --jobs-per-gpu 2 "${O[@]}"
+  CUDA_VISIBLE_DEVICES=0,1 $D s3 $V --gpus 2 --jobs-per-gpu 2 "${O[@]}"
+  CUDA_VISIBLE_DEVICES=0,1 $D heads $V --gpus 2 --jobs-per-gpu 2 "${O[@]}"
   $D table "${O[@]}"
 }
 
