@@ -9,7 +9,9 @@
 #              s3 a, b -> their heads
 # Results: $RESULTS/repro_diag and $RESULTS/repro_12l (RESULTS default analysis/results; on the device tool point it
 # at an ignored folder such as outputs/results and tar it: the tool's sync of the working tree removes files that a
-# previous call created in tracked folders). Checkpoints: outputs/repro_diag, outputs/repro_12l. ~10 min on 4 H100s.
+# previous call created in tracked folders). Checkpoints: outputs/repro_diag, outputs/repro_12l. 8.5 min on 4 H200s.
+#   heads_rule (one GPU, run on its own): a 12-layer s1 -> its retrieval heads -> s2 a and b_heads (AttnSink with the
+#              full layers the heads suggest) -> s3 -> table. Results $RESULTS/repro_12l_rule.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python3}
@@ -38,13 +40,31 @@ model_size() {
   $D table "${O[@]}"
 }
 
+heads_rule() {  # one GPU: does placing the full layers on s1's retrieval heads rescue the 12-layer hybrid?
+  local O=(--outputs outputs/repro_12l_rule --results "$R/repro_12l_rule")
+  CUDA_VISIBLE_DEVICES=0 $D s1 "${O[@]}" --set model.num_layers=12
+  CUDA_VISIBLE_DEVICES=0 $D heads s1 "${O[@]}"
+  local V=${RULE_VARIANTS:-a,b_heads}  # RULE_VARIANTS=b_heads: half the time, but no same-s1 baseline for perplexity
+  CUDA_VISIBLE_DEVICES=0 $D s2 "$V" --gpus 1 --jobs-per-gpu 2 "${O[@]}" --set model.num_layers=12
+  CUDA_VISIBLE_DEVICES=0 $D s3 "$V" --gpus 1 --jobs-per-gpu 2 "${O[@]}"
+  CUDA_VISIBLE_DEVICES=0 $D heads b_heads "${O[@]}"
+  $D table "${O[@]}"
+}
+
+# bash run_diagnostics.sh [EXPERIMENT...]: placement, model_size (default: both, side by side) or heads_rule
 echo "diagnostics: start $(date -u +%T)"
-placement > outputs/diag_placement.log 2>&1 & p1=$!
-model_size > outputs/diag_size.log 2>&1 & p2=$!
-s1=0; s2=0
-wait $p1 || s1=$?
-echo "diagnostics: placement finished (exit $s1) $(date -u +%T); log outputs/diag_placement.log"
-wait $p2 || s2=$?
-echo "diagnostics: model size finished (exit $s2) $(date -u +%T); log outputs/diag_size.log"
-if [ "$s1$s2" != "00" ]; then echo "diagnostics: FAILED"; exit 1; fi
+pids=()
+for e in "${@:-placement model_size}"; do
+  for x in $e; do
+    case $x in placement|model_size|heads_rule) ;; *) echo "unknown experiment $x (placement, model_size, heads_rule)"; exit 2;; esac
+    $x > "outputs/diag_$x.log" 2>&1 & pids+=("$x:$!")
+  done
+done
+failed=0
+for p in "${pids[@]}"; do
+  st=0; wait "${p#*:}" || st=$?
+  echo "diagnostics: ${p%%:*} finished (exit $st) $(date -u +%T); log outputs/diag_${p%%:*}.log"
+  [ "$st" = 0 ] || failed=1
+done
+if [ "$failed" != 0 ]; then echo "diagnostics: FAILED"; exit 1; fi
 echo "diagnostics: ALL DONE $(date -u +%T)"

@@ -61,9 +61,12 @@ VARIANTS = {
 #: Diagnostics, run only when named (not in ``all``): the other middle third of 8 layers. [2, 3, 4] (what "middle"
 #: gives) and [3, 4, 5] are both three layers about the model's centre (3.5); run 4 showed retrieval improving the
 #: higher the full layers sit, so the upper choice tests whether placement alone explains (b)'s gap.
+#: ``b_heads``: AttnSink with the full layers that s1's retrieval heads suggest (stage ``heads s1`` first: the
+#: contiguous third of the layers with the highest copy scores, from --results/heads_s1.json).
 DIAGNOSTIC = {
     "b_upper_mid": ([3, 4, 5], "attnsink"),
     "c_upper_mid": ([3, 4, 5], "blocksparse"),
+    "b_heads": ("heads", "attnsink"),
 }
 #: f: evaluation only -- variant a's checkpoint with AttnSink(64, 448) on every layer at inference.
 STREAMING = {"checkpoint_of": "a", "sink": 64, "window": 448}
@@ -120,9 +123,16 @@ def _full_layers(value) -> str:
     return "model.full_layers=" + (json.dumps(value).replace(" ", "") if isinstance(value, list) else value)
 
 
-def layout_overrides(variant: str, toy: bool = False) -> list[str]:
-    """The s2 overrides that make ``variant``: its full layers and its sparse pattern."""
+def layout_overrides(variant: str, toy: bool = False, results: Path | None = None) -> list[str]:
+    """The s2 overrides that make ``variant``: its full layers and its sparse pattern (``b_heads``: the full layers
+    suggested by ``results``/heads_s1.json)."""
     full, pattern = {**VARIANTS, **DIAGNOSTIC}[variant]
+    if full == "heads":
+        f = Path(results or ".") / "heads_s1.json"
+        if not f.exists():
+            raise SystemExit(f"variant {variant} places its full layers by s1's retrieval heads, but {f} is missing: "
+                             "run stage `heads s1` first (same --outputs/--results)")
+        full = json.loads(f.read_text())["suggested_full_layers"]["contiguous"]
     return [_full_layers(full), *_pattern_overrides(pattern, toy)]
 
 
@@ -149,7 +159,7 @@ def run_train(stage: str, variant: str, args) -> dict:
         if base is None:
             raise SystemExit(f"no s1 checkpoint in {Path(args.outputs) / 's1'}: run `python {Path(__file__).relative_to(REPO)} s1` "
                              "first (on the same machine: checkpoints are not committed)")
-        overrides += [f"checkpoint.base_dir={base}", *layout_overrides(variant, args.toy)]
+        overrides += [f"checkpoint.base_dir={base}", *layout_overrides(variant, args.toy, Path(args.results))]
     overrides += (TOY[stage] if args.toy else []) + list(args.set)
     config = f"{CONFIGS}/{'s1_pretrain' if stage == 's1' else 's2_extend'}.yaml"
     t0 = time.perf_counter()
