@@ -4,6 +4,7 @@ validation, and the driver's stages end to end at toy size."""
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -167,7 +168,7 @@ sys.path.insert(0, str(REPO / "analysis" / "repro"))
 import run_stage  # noqa: E402
 
 
-@pytest.mark.parametrize("variant", [None, *run_stage.VARIANTS])
+@pytest.mark.parametrize("variant", [None, *run_stage.VARIANTS, "b_upper_mid", "c_upper_mid"])
 def test_repro_training_configs_validate(variant, tmp_path):
     from recipes.longgen_finetune import validate_config, validate_model
     from torchtune import config
@@ -203,16 +204,18 @@ def test_repro_driver_stages_end_to_end_toy(tmp_path):
     """s1 -> s2 (a and d, two at a time) -> s3 (f: StreamingLLM on a) -> table, as documented, at toy size on CPU."""
     out, res = tmp_path / "out", tmp_path / "res"
 
-    def stage(*args):
+    def stage(*args, env=None):
         r = subprocess.run([sys.executable, "analysis/repro/run_stage.py", *args, "--toy", "--outputs", str(out),
-                            "--results", str(res)], cwd=REPO, capture_output=True, text=True, timeout=300)
+                            "--results", str(res)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                           env=None if env is None else {**os.environ, **env})
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         return r.stdout
 
     stage("s1")
     assert training.latest_checkpoint(out / "s1").name == "step_2"
-    log = stage("s2", "a,d", "--gpus", "1", "--jobs-per-gpu", "2")
-    assert "[s2 a] started on GPU 0" in log and "[s2 d] started on GPU 0" in log
+    # GPU g of the driver is the g-th device of its CUDA_VISIBLE_DEVICES: two drivers can share a machine
+    log = stage("s2", "a,d", "--gpus", "1", "--jobs-per-gpu", "2", env={"CUDA_VISIBLE_DEVICES": "3"})
+    assert "[s2 a] started on GPU 3" in log and "[s2 d] started on GPU 3" in log
     assert log.index("[s2 d] started") < log.index("[s2 a] done")  # side by side
     assert "[s2 a] done" in log and "[s2 d] done" in log
     log = (out / "logs" / "s2_a.driver.log").read_text()
@@ -221,6 +224,15 @@ def test_repro_driver_stages_end_to_end_toy(tmp_path):
     assert json.loads((res / "train_s2_d.json").read_text())["logged_steps"] == [1, 2]
     train = json.loads((res / "train_s2_a.json").read_text())
     assert train["logged_steps"] == [1, 2] and train["tokens_per_s"] > 0
+    # retrieval heads of s1 -> b_heads puts AttnSink's full layers on them
+    stage("heads", "s1")
+    heads = json.loads((res / "heads_s1.json").read_text())
+    assert heads["recompute_max_rel_error"] < 1e-4 and len(heads["copy_score"]) == 8
+    chosen = heads["suggested_full_layers"]["contiguous"]
+    assert len(chosen) == 3 and chosen == list(range(chosen[0], chosen[0] + 3))
+    stage("s2", "b_heads")
+    assert f"model.full_layers={json.dumps(chosen).replace(' ', '')}" in \
+        json.loads((res / "train_s2_b_heads.json").read_text())["overrides"]
     stage("s3", "f")
     f = json.loads((res / "f.json").read_text())
     assert f["layout"]["full_layers"] == [] and f["streaming_llm"] == {"sink": 4, "window": 28}
@@ -233,5 +245,6 @@ def test_repro_driver_stages_end_to_end_toy(tmp_path):
     assert bad.returncode == 2 and "'all' or a comma list" in bad.stderr and "'a,zz'" in bad.stderr
     table = stage("table")
     assert "| f | full [] + StreamingLLM |" in table and (res / "table.md").read_text() in table + "\n"
+    assert "![heads_s1](heads_s1.png)" in table
     assert (res / "summary.png").stat().st_size > 10_000 and "accuracy over training" in table
     assert (res / "steps.png").stat().st_size > 10_000
