@@ -182,9 +182,9 @@ def test_repro_training_configs_validate(variant, tmp_path):
     validate_model(model, cfg.seq_len)
     full = [i for i, layer in enumerate(model.layers) if type(layer.attn.pattern).__name__ == "Full"]
     want = {None: range(8), "a": range(8), "b": [2, 3, 4], "c": [2, 3, 4], "d": [], "e_bottom": [0, 1, 2],
-            "e_top": [5, 6, 7], "e_interleave": [1, 4, 7]}[variant]
+            "e_top": [5, 6, 7], "e_interleave": [1, 4, 7], "b_upper_mid": [3, 4, 5], "c_upper_mid": [3, 4, 5]}[variant]
     assert full == list(want)
-    if variant == "c":
+    if variant in ("c", "c_upper_mid"):
         assert type(model.layers[0].attn.pattern).__name__ == "BlockSparse"
     assert model.max_seq_len >= cfg.seq_len
     assert sum(p.numel() for p in model.parameters()) < 30e6  # bf16 weights stay under 60 MB (carried between calls)
