@@ -1,9 +1,10 @@
 """Retrieval heads of a checkpoint: which layers' attention heads copy the passkey out of the needle.
 
-Why: LongGen keeps the *middle* third of the layers full because that is where a pretrained Llama's long-range
-retrieval happens (Wu et al. 2024, "Retrieval Head Mechanistically Explains Long-Context Factuality", find retrieval
-heads mostly in middle-to-upper layers). A small model pretrained from scratch need not put them there; this tool
-measures where they are, so that the full layers can be placed on evidence rather than on the 7B-scale heuristic.
+Why: LongGen keeps a fixed *middle* third of the layers full. Retrieval heads (Wu et al. 2024, "Retrieval Head
+Mechanistically Explains Long-Context Factuality") are few, form in pretraining and stay the same heads through context
+extension, so a hybrid keeps retrieval only if its full layers hold them -- and where they are is a property of the
+pretrained model. This tool measures it, so that the full layers are placed on evidence rather than on a rule found on
+Llama-2-7B.
 
 Method (teacher forcing, no generation): passkey prompts (flexgen_long.data.passkey_task, the eval's prompts) followed
 by their answer; one forward pass in which every layer's post-RoPE queries and keys at the answer positions are
