@@ -121,6 +121,7 @@ def retrieval_heads(model, tokenizer, length: int, samples: int, depths=(0.1, 0.
             P = trained.index(True)                         # first answer token
             answer = ids[P:]
             key = tokenizer.decode(answer).strip().rstrip(".")
+            # passkey_task's needle sentence, as _task encodes it (needle_positions fails loudly if that text changes)
             needle = tokenizer.encode(f" The pass key is {key}. Remember it. {key} is the pass key. ",
                                       add_bos=False, add_eos=False)
             span = needle_positions(ids, needle)
