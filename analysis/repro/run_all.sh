@@ -18,7 +18,7 @@ $D heads s1                                             # where s1 copies the pa
 echo "repro: s1 finished $(date -u +%T)"
 $D s2 all --gpus "$GPUS" --jobs-per-gpu "${JOBS_PER_GPU:-1}"
 echo "repro: s2 finished $(date -u +%T)"
-$D heads all --gpus "$GPUS" --jobs-per-gpu "${JOBS_PER_GPU:-1}"
+$D heads all --gpus "$GPUS" --jobs-per-gpu "${JOBS_PER_GPU:-1}"  # each variant's retrieval heads (s1: above)
 $D s3 all --gpus "$GPUS" --jobs-per-gpu "${JOBS_PER_GPU:-1}"
 echo "repro: s3 finished $(date -u +%T)"
 for step in ${EVAL_STEPS-1000 2000}; do  # intermediate s2 checkpoints: accuracy against training steps

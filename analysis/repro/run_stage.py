@@ -70,6 +70,8 @@ DIAGNOSTIC = {
 }
 #: f: evaluation only -- variant a's checkpoint with AttnSink(64, 448) on every layer at inference.
 STREAMING = {"checkpoint_of": "a", "sink": 64, "window": 448}
+#: Display order of tables and figures.
+ORDER = [*VARIANTS, "f", *DIAGNOSTIC]
 
 # --toy: CPU-sized overrides that keep every code path (8 layers, both pattern kinds, eval grid) but run in seconds.
 TOY_MODEL = ["model.embed_dim=32", "model.num_heads=2", "model.num_kv_heads=1", "model.intermediate_dim=64",
@@ -278,8 +280,7 @@ def load_evals(results: Path) -> tuple[dict, list[str]]:
     """The eval JSONs in ``results`` by name, and the names in display order (the variants, f, then any others)."""
     evals = {p.stem: json.loads(p.read_text()) for p in sorted(results.glob("*.json"))
              if not p.stem.startswith(("train_", "heads_"))}
-    known = [*VARIANTS, "f", *DIAGNOSTIC]
-    return evals, [v for v in known if v in evals] + sorted(set(evals) - set(known))
+    return evals, [v for v in ORDER if v in evals] + sorted(set(evals) - set(ORDER))
 
 
 def line_style(variant: str) -> dict:
@@ -391,7 +392,7 @@ def plot_steps(results: Path, out: Path) -> Path:
     lengths = sorted({L for pts in points.values() for e in pts.values() for L in e["retrieval"]["passkey"]["lengths"]})
     fig, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths), 4), squeeze=False, sharey=True)
     for ax, L in zip(axes[0], lengths):
-        for v in [v for v in [*VARIANTS, "f", *DIAGNOSTIC] if v in points]:
+        for v in [v for v in ORDER if v in points]:
             steps = sorted(points[v])
             acc = [points[v][t]["retrieval"]["passkey"]["mean_by_length"][
                 points[v][t]["retrieval"]["passkey"]["lengths"].index(L)] for t in steps]
@@ -414,7 +415,8 @@ def main(argv=None) -> None:
     ap.add_argument("stage", choices=["calibrate", "s1", "s2", "s3", "heads", "table"])
     ap.add_argument("variant", nargs="?",
                     help=f"s2: one of {list(VARIANTS)} or the diagnostics {list(DIAGNOSTIC)}; s3: those or f; "
-                         "heads: s1 or an s2 variant; each: 'all' (no diagnostics) or a comma list")
+                         "heads: s1 or an s2 variant; each: 'all' (the variants; no diagnostics, no s1) or a comma "
+                         "list")
     ap.add_argument("--outputs", default="outputs/repro", help="checkpoints and logs (not committed)")
     ap.add_argument("--results", default="analysis/results/repro", help="JSON, heatmaps, table (committed)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra recipe override")
@@ -426,8 +428,9 @@ def main(argv=None) -> None:
     ap.add_argument("--jobs-per-gpu", type=int, default=1,
                     help="with several variants: how many share one GPU (default 1)")
     args = ap.parse_args(argv)
-    allowed = {"s2": [*VARIANTS, *DIAGNOSTIC], "s3": [*VARIANTS, "f", *DIAGNOSTIC],
-               "heads": ["s1", *VARIANTS, *DIAGNOSTIC]}.get(args.stage)
+    # what 'all' means per stage (never the diagnostics), and what may be named
+    every = {"s2": list(VARIANTS), "s3": [*VARIANTS, "f"], "heads": list(VARIANTS)}.get(args.stage)
+    allowed = None if every is None else [*every, *DIAGNOSTIC] + (["s1"] if args.stage == "heads" else [])
     if allowed is None and args.variant is not None:
         ap.error(f"stage {args.stage} takes no variant")
     if args.step is not None and args.stage != "s3":
@@ -435,7 +438,6 @@ def main(argv=None) -> None:
     if args.gpus < 1 or args.jobs_per_gpu < 1:
         ap.error(f"--gpus and --jobs-per-gpu must be >= 1, got {args.gpus} and {args.jobs_per_gpu}")
     if allowed is not None:
-        every = {"s2": list(VARIANTS), "s3": [*VARIANTS, "f"], "heads": ["s1", *VARIANTS]}[args.stage]  # not DIAGNOSTIC
         many = every if args.variant == "all" else (args.variant or "").split(",")
         bad = [v for v in many if v not in allowed]
         if bad or not many:
