@@ -39,8 +39,9 @@ sys.path.insert(0, str(REPO))
 from flexgen_long import training  # noqa: E402
 from flexgen_long.attention import HybridAttention  # noqa: E402
 from flexgen_long.data import passkey_task  # noqa: E402
-from flexgen_long.patterns import Full  # noqa: E402
+from flexgen_long.layout import full_layer_indices  # noqa: E402
 from flexgen_long.tokenizers import byte_tokenizer  # noqa: E402
+from recipes.longgen_eval import layout_summary  # noqa: E402
 
 
 def needle_positions(tokens: list[int], needle: list[int]) -> range:
@@ -200,16 +201,14 @@ def main(argv=None) -> dict:
         ap.error(f"--length {args.length} leaves no room for the answer: at most max_seq_len - 16 = {room}")
     tokenizer = byte_tokenizer()
     result = retrieval_heads(model, tokenizer, args.length, args.samples)
-    attn = [m for m in model.modules() if isinstance(m, HybridAttention)]
-    full = [i for i, a in enumerate(attn) if isinstance(a.pattern, Full)]
-    n = max(1, round(len(attn) / 3))
+    L = len(model.layers)
+    n = len(full_layer_indices(L, "middle"))  # as many full layers as LongGen's "middle third" has
     result.update({"checkpoint": str(args.checkpoint), "dtype": args.dtype,
                    "card": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-                   "layout": {"num_layers": len(attn), "full_layers": full,
-                              "patterns": [repr(a.pattern) for a in attn]},
+                   "layout": layout_summary(model),
                    "suggested_full_layers": {
                        "n": n, "contiguous": best_window(result["layer_copy_score"], n),
-                       "top": sorted(sorted(range(len(attn)), key=lambda i: -result["layer_copy_score"][i])[:n])}})
+                       "top": sorted(sorted(range(L), key=lambda i: -result["layer_copy_score"][i])[:n])}})
     # bf16 kernels vs an fp32 recomputation from bf16 q/k/v: a few percent is rounding, a wrong mask is O(1)
     tol = 0.1 if dtype == torch.bfloat16 else 1e-3
     if result["recompute_max_rel_error"] > tol:

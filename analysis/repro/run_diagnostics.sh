@@ -11,7 +11,7 @@
 # at an ignored folder such as outputs/results and tar it: the tool's sync of the working tree removes files that a
 # previous call created in tracked folders). Checkpoints: outputs/repro_diag, outputs/repro_12l. 8.5 min on 4 H200s.
 #   heads_rule (one GPU, run on its own): a 12-layer s1 -> its retrieval heads -> s2 a and b_heads (AttnSink with the
-#              full layers the heads suggest) -> s3 -> table. Results $RESULTS/repro_12l_rule.
+#              full layers the heads suggest) -> s3 -> their heads -> table. Results $RESULTS/repro_12l_rule.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python3}
@@ -19,37 +19,28 @@ R=${RESULTS:-analysis/results}
 D="$PY analysis/repro/run_stage.py ${TOY:+--toy}"  # TOY=1: the CPU smoke-test sizes
 mkdir -p outputs
 
-placement() {
-  local O=(--outputs outputs/repro_diag --results "$R/repro_diag")
-  CUDA_VISIBLE_DEVICES=0 $D s1 "${O[@]}"
-  CUDA_VISIBLE_DEVICES=0 $D heads s1 "${O[@]}"
-  local V=b_upper_mid,c_upper_mid,a,b  # a and b again: their retrieval heads, and run 4's numbers re-created
-  CUDA_VISIBLE_DEVICES=0,1 $D s2 $V --gpus 2 --jobs-per-gpu 2 "${O[@]}"
-  CUDA_VISIBLE_DEVICES=0,1 $D s3 $V --gpus 2 --jobs-per-gpu 2 "${O[@]}"
-  CUDA_VISIBLE_DEVICES=0,1 $D heads $V --gpus 2 --jobs-per-gpu 2 "${O[@]}"
+# One experiment: NAME GPUS VARIANTS JOBS_PER_GPU [KEY=VALUE ...] -- s1 on the first of GPUS (the overrides go to s1
+# and s2) -> heads of s1 -> s2, s3 and heads of VARIANTS over GPUS -> table. Checkpoints outputs/NAME, results $R/NAME.
+pipeline() {
+  local name=$1 gpus=$2 variants=$3 jobs=$4; shift 4
+  local O=(--outputs "outputs/$name" --results "$R/$name") set=() n
+  for kv in "$@"; do set+=(--set "$kv"); done
+  n=$(tr ',' '\n' <<< "$gpus" | wc -l)
+  local P=(--gpus "$n" --jobs-per-gpu "$jobs" "${O[@]}")
+  CUDA_VISIBLE_DEVICES=${gpus%%,*} $D s1 "${O[@]}" "${set[@]}"
+  CUDA_VISIBLE_DEVICES=${gpus%%,*} $D heads s1 "${O[@]}"
+  CUDA_VISIBLE_DEVICES=$gpus $D s2 "$variants" "${P[@]}" "${set[@]}"
+  CUDA_VISIBLE_DEVICES=$gpus $D s3 "$variants" "${P[@]}"
+  CUDA_VISIBLE_DEVICES=$gpus $D heads "$variants" "${P[@]}"
   $D table "${O[@]}"
 }
 
-model_size() {
-  local O=(--outputs outputs/repro_12l --results "$R/repro_12l")
-  CUDA_VISIBLE_DEVICES=2 $D s1 "${O[@]}" --set model.num_layers=12
-  CUDA_VISIBLE_DEVICES=2 $D heads s1 "${O[@]}"
-  CUDA_VISIBLE_DEVICES=2,3 $D s2 a,b --gpus 2 "${O[@]}" --set model.num_layers=12
-  CUDA_VISIBLE_DEVICES=2,3 $D s3 a,b --gpus 2 "${O[@]}"
-  CUDA_VISIBLE_DEVICES=2,3 $D heads a,b --gpus 2 "${O[@]}"
-  $D table "${O[@]}"
-}
-
-heads_rule() {  # one GPU: does placing the full layers on s1's retrieval heads rescue the 12-layer hybrid?
-  local O=(--outputs outputs/repro_12l_rule --results "$R/repro_12l_rule")
-  CUDA_VISIBLE_DEVICES=0 $D s1 "${O[@]}" --set model.num_layers=12
-  CUDA_VISIBLE_DEVICES=0 $D heads s1 "${O[@]}"
-  local V=${RULE_VARIANTS:-a,b_heads}  # RULE_VARIANTS=b_heads: half the time, but no same-s1 baseline for perplexity
-  CUDA_VISIBLE_DEVICES=0 $D s2 "$V" --gpus 1 --jobs-per-gpu 2 "${O[@]}" --set model.num_layers=12
-  CUDA_VISIBLE_DEVICES=0 $D s3 "$V" --gpus 1 --jobs-per-gpu 2 "${O[@]}"
-  CUDA_VISIBLE_DEVICES=0 $D heads b_heads "${O[@]}"
-  $D table "${O[@]}"
-}
+# a and b again beside the upper middle third: their retrieval heads, and run 4's numbers re-created
+placement() { pipeline repro_diag 0,1 b_upper_mid,c_upper_mid,a,b 2; }
+model_size() { pipeline repro_12l 2,3 a,b 1 model.num_layers=12; }
+# one GPU: does placing the full layers on s1's retrieval heads rescue the 12-layer hybrid?
+# RULE_VARIANTS=b_heads: half the time, but no same-s1 baseline for perplexity
+heads_rule() { pipeline repro_12l_rule 0 "${RULE_VARIANTS:-a,b_heads}" 2 model.num_layers=12; }
 
 # bash run_diagnostics.sh [EXPERIMENT...]: placement, model_size (default: both, side by side) or heads_rule
 echo "diagnostics: start $(date -u +%T)"
