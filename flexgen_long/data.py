@@ -34,6 +34,8 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch.utils.data import Dataset
 
+from .tokenizers import sequence_start
+
 __all__ = ["PYTHON_STDLIB", "PYTHON_STDLIB_PACKAGES", "PackedDocuments", "long_documents", "hf_long_documents", "text_files",
            "passkey_task", "multikey_needle_task", "SYNTHETIC_TASKS", "CROSS_ENTROPY_IGNORE_INDEX"]
 
@@ -105,8 +107,9 @@ def _fill(tokenizer, n: int) -> list[int]:
 
 def _task(tokenizer, length: int, needles: list[str], question: str, answer: str, rng: random.Random, *,
           depth: float | None = None, target: int = 0, prompt_only: bool = False) -> tuple[list[int], list[bool]]:
-    """``BOS intro filler(needles at random depths) question answer EOS`` of exactly ``length`` tokens (or more when
-    the needles alone exceed it); the trained mask covers the answer and EOS.
+    """``start intro filler(needles at random depths) question answer EOS`` of exactly ``length`` tokens (or more
+    when the needles alone exceed it); the trained mask covers the answer and EOS. ``start`` is what the tokenizer
+    begins plain text with (``tokenizers.sequence_start``: BOS, or nothing for SmolLM2).
 
     ``depth`` in [0, 1]: needle ``target`` (the one asked for) starts at that fraction of the filler (0 = right after
     the intro, 1 = right before the question); the others stay at random depths. ``prompt_only``: ``length`` counts
@@ -119,7 +122,8 @@ def _task(tokenizer, length: int, needles: list[str], question: str, answer: str
     intro = enc("There is important info hidden inside a lot of irrelevant text. Find it and memorize it. ")
     needle_ids = [enc(" " + s + " ") for s in needles]
     q, a = enc(" " + question), enc(" " + answer)
-    fixed = 1 + len(intro) + sum(map(len, needle_ids)) + len(q) + (0 if prompt_only else len(a) + 1)
+    start = sequence_start(tokenizer)
+    fixed = len(start) + len(intro) + sum(map(len, needle_ids)) + len(q) + (0 if prompt_only else len(a) + 1)
     filler = _fill(tokenizer, length - fixed)
     cuts = [rng.randrange(len(filler) + 1) for _ in needles]
     if depth is not None:
@@ -133,7 +137,7 @@ def _task(tokenizer, length: int, needles: list[str], question: str, answer: str
         body += filler[prev:cuts[i]] + needle_ids[i]
         prev = cuts[i]
     body += filler[prev:]
-    prompt = [tokenizer.bos_id] + intro + body + q
+    prompt = start + intro + body + q
     tokens = prompt + a + [tokenizer.eos_id]
     return tokens, [False] * len(prompt) + [True] * (len(a) + 1)
 

@@ -30,11 +30,12 @@ from torchtune.models.llama3_1._position_embeddings import Llama3ScaledRoPE
 from torchtune.modules import RMSNorm, RotaryPositionalEmbeddings, TiedLinear, TransformerDecoder, \
     TransformerSelfAttentionLayer
 
+from . import hf
 from .attention import HybridAttention, MaskSet, positions_in_documents
 from .layout import DEFAULT_SPARSE_PATTERN, layer_patterns
 from .patterns import AttnSink
 
-__all__ = ["HybridDecoder", "longgen_llama", "doc_ids_from_seq_lens", "relayout", "longgen_llama2_7b", "longgen_llama2_13b",
+__all__ = ["HybridDecoder", "longgen_llama", "from_hf_config", "builder_config", "doc_ids_from_seq_lens", "relayout", "longgen_llama2_7b", "longgen_llama2_13b",
            "longgen_llama2_70b", "longgen_llama3_1_8b", "longgen_llama3_1_70b", "longgen_llama3_2_1b",
            "longgen_llama3_2_3b", "longgen_tiny", "LLAMA3_1_ROPE_SCALING", "LLAMA3_2_ROPE_SCALING"]
 
@@ -153,22 +154,24 @@ def _rope(head_dim: int, max_seq_len: int, rope_base: float, rope_scaling: Mappi
 def longgen_llama(vocab_size: int, num_layers: int, num_heads: int, num_kv_heads: int, embed_dim: int,
                   intermediate_dim: int, max_seq_len: int, rope_base: float = 500_000, norm_eps: float = 1e-5, *,
                   full_layers="middle", sparse_pattern=DEFAULT_SPARSE_PATTERN, rope_scaling: Mapping | None = None,
-                  tie_word_embeddings: bool = False) -> HybridDecoder:
+                  tie_word_embeddings: bool = False, head_dim: int | None = None) -> HybridDecoder:
     """A Llama (torchtune's llama2/llama3 structure) whose layers follow a LongGen layout.
 
     ``full_layers`` / ``sparse_pattern``: see ``flexgen_long.layout``. ``rope_base``: RoPE theta (raise it for length
     extension). ``rope_scaling``: None, or HF's llama3 dict (``LLAMA3_1_ROPE_SCALING``) for Llama-3.1-style scaled
-    RoPE. ``tie_word_embeddings``: output projection shares the embedding (Llama-3.2 1B/3B)."""
+    RoPE. ``tie_word_embeddings``: output projection shares the embedding (Llama-3.2 1B/3B). ``head_dim``: per-head
+    size, default ``embed_dim // num_heads`` (HF config.json ``head_dim``; some Llama-family models differ)."""
     for name, val in (("vocab_size", vocab_size), ("num_layers", num_layers), ("num_heads", num_heads),
                       ("num_kv_heads", num_kv_heads), ("embed_dim", embed_dim), ("intermediate_dim", intermediate_dim),
-                      ("max_seq_len", max_seq_len)):
+                      ("max_seq_len", max_seq_len), ("head_dim", embed_dim // num_heads if head_dim is None
+                                                     else head_dim)):
         if not isinstance(val, int) or isinstance(val, bool) or val < 1:
             raise ValueError(f"{name} must be an int >= 1, got {val!r}")
     if embed_dim % num_heads or num_heads % num_kv_heads:
         raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads}), and num_heads by "
                          f"num_kv_heads ({num_kv_heads})")
     patterns = layer_patterns(num_layers, full_layers, sparse_pattern)
-    head_dim = embed_dim // num_heads
+    head_dim = embed_dim // num_heads if head_dim is None else head_dim
     rope = _rope(head_dim, max_seq_len, rope_base, rope_scaling)  # one table shared by all layers, as in torchtune
     layers = nn.ModuleList()
     for pattern in patterns:
@@ -177,7 +180,7 @@ def longgen_llama(vocab_size: int, num_layers: int, num_heads: int, num_kv_heads
             q_proj=nn.Linear(embed_dim, num_heads * head_dim, bias=False),
             k_proj=nn.Linear(embed_dim, num_kv_heads * head_dim, bias=False),
             v_proj=nn.Linear(embed_dim, num_kv_heads * head_dim, bias=False),
-            output_proj=nn.Linear(embed_dim, embed_dim, bias=False),
+            output_proj=nn.Linear(num_heads * head_dim, embed_dim, bias=False),
             pos_embeddings=rope, max_seq_len=max_seq_len, pattern=pattern)
         layers.append(TransformerSelfAttentionLayer(
             attn=attn, mlp=llama3_mlp(dim=embed_dim, hidden_dim=intermediate_dim),
@@ -242,3 +245,47 @@ def longgen_tiny(full_layers="middle", sparse_pattern=TINY_SPARSE_PATTERN, max_s
     forward+backward takes milliseconds."""
     return longgen_llama(vocab_size, 4, 4, 2, 64, 256, max_seq_len, rope_base, 1e-5, full_layers=full_layers,
                          sparse_pattern=sparse_pattern, rope_scaling=rope_scaling)
+
+
+# -- any HF Llama-family checkpoint ---------------------------------------------------------------------------------------
+
+def from_hf_config(checkpoint_dir, full_layers="all", sparse_pattern=DEFAULT_SPARSE_PATTERN, *,
+                   max_seq_len: int | None = None, rope_base: float | None = None) -> HybridDecoder:
+    """The Llama that ``checkpoint_dir/config.json`` describes -- sizes, head_dim, RoPE theta and llama3 scaling,
+    tied embeddings, norm eps (``flexgen_long.hf.llama_args``) -- with a LongGen layout on top. Builds the
+    architecture only; the recipes load the directory's weights (``flexgen_long.hf.load_hf_state_dict``)::
+
+        model:
+          _component_: flexgen_long.models.from_hf_config
+          checkpoint_dir: outputs/smollm2-135m-instruct
+          full_layers: middle            # default "all": the original model
+          sparse_pattern: {_component_: flexgen_long.patterns.AttnSink, sink: 64, window: 448}
+
+    ``max_seq_len`` / ``rope_base``: length-extension overrides of config.json's ``max_position_embeddings`` /
+    ``rope_theta`` (None keeps them)."""
+    args = hf.llama_args(hf.read_config(checkpoint_dir), f"{checkpoint_dir}/{hf.CONFIG_FILE}")
+    if max_seq_len is not None:
+        args["max_seq_len"] = max_seq_len
+    if rope_base is not None:
+        if not isinstance(rope_base, (int, float)) or isinstance(rope_base, bool) or rope_base <= 0:
+            raise ValueError(f"rope_base must be a number > 0 (RoPE theta), got {rope_base!r}")
+        args["rope_base"] = float(rope_base)
+    return longgen_llama(**args, full_layers=full_layers, sparse_pattern=sparse_pattern)
+
+
+def builder_config(model_cfg: Mapping) -> dict:
+    """A model config that needs no other directory: ``from_hf_config`` written out as the ``longgen_llama`` call it
+    makes (every size explicit), other configs unchanged. Checkpoints store this, so they rebuild after the base
+    model's directory is gone."""
+    cfg = dict(model_cfg)
+    if cfg.get("_component_") != "flexgen_long.models.from_hf_config":
+        return cfg
+    d = cfg.pop("checkpoint_dir")
+    args = hf.llama_args(hf.read_config(d), f"{d}/{hf.CONFIG_FILE}")
+    for key in ("max_seq_len", "rope_base"):
+        if cfg.get(key) is not None:
+            args[key] = cfg[key]
+        cfg.pop(key, None)
+    cfg.pop("_component_")
+    cfg.setdefault("full_layers", "all")  # from_hf_config's default; longgen_llama's is "middle"
+    return {"_component_": "flexgen_long.models.longgen_llama", **args, **cfg}

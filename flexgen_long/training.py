@@ -1,5 +1,5 @@
 """What the finetuning recipe needs that torchtune 0.6.1 lacks: HF-format checkpoints written atomically, with the
-recipe state beside them, and a loader that rebuilds our model from such a directory.
+recipe state beside them. Reading them back (and any other HF checkpoint) is flexgen_long.hf's.
 
 A checkpoint is a directory ``<output_dir>/step_<N>/``::
 
@@ -26,13 +26,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchtune.models.convert_weights import hf_to_tune, tune_to_hf
+from torchtune.models.convert_weights import tune_to_hf
 
-__all__ = ["hf_config", "save_checkpoint", "latest_checkpoint", "list_checkpoints", "load_hf_state_dict",
-           "load_model", "STATE_FILE", "WEIGHTS_FILE", "CONFIG_FILE"]
+from .hf import CONFIG_FILE
+
+__all__ = ["hf_config", "save_checkpoint", "latest_checkpoint", "list_checkpoints", "STATE_FILE", "WEIGHTS_FILE",
+           "CONFIG_FILE"]
 
 WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 STATE_FILE = "recipe_state.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -48,7 +49,7 @@ def _attn_shape(model: nn.Module) -> dict:
 
 def hf_config(model: nn.Module, model_cfg: dict | None = None, dtype: torch.dtype = torch.float32) -> dict:
     """HF ``LlamaConfig`` fields read off a torchtune-structured Llama (ours or torchtune's), plus the recipe's model
-    config under ``"flexgen_long"`` so that ``load_model`` can rebuild the hybrid layout."""
+    config under ``"flexgen_long"`` so that ``flexgen_long.hf.load_model`` can rebuild the hybrid layout."""
     from torchtune.modules import TiedLinear
 
     shape = _attn_shape(model)
@@ -152,49 +153,3 @@ def remove_stale_temp_dirs(output_dir: str | os.PathLike) -> list[Path]:
     for p in stale:
         shutil.rmtree(p)
     return stale
-
-
-# -- reading ------------------------------------------------------------------------------------------------------------
-def load_hf_state_dict(checkpoint_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """Torchtune-keyed state dict and the HF config of an HF Llama directory (ours, or a hub download with one or
-    several ``*.safetensors`` files).
-
-    Read-only on purpose: torchtune's FullModelHFCheckpointer (flexgen_long.checkpoint, for scripts that want it) needs
-    an output directory it writes into and a model_type; the recipe only reads a base model here and writes its own
-    atomic checkpoints (save_checkpoint), so it uses the same conversion (hf_to_tune) without the checkpointer."""
-    from safetensors.torch import load_file
-
-    d = Path(checkpoint_dir)
-    if not (d / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"{d}: no {CONFIG_FILE} (expected an HF model directory)")
-    config = json.loads((d / CONFIG_FILE).read_text())
-    files = sorted(d.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{d}: no *.safetensors weights")
-    hf_sd: dict[str, torch.Tensor] = {}
-    for f in files:
-        hf_sd.update(load_file(str(f)))
-    num_heads = config["num_attention_heads"]
-    sd = hf_to_tune(hf_sd, num_heads=num_heads, num_kv_heads=config.get("num_key_value_heads", num_heads),
-                    dim=config["hidden_size"], head_dim=config.get("head_dim"))
-    if config.get("tie_word_embeddings"):
-        sd.pop("output.weight", None)  # TiedLinear holds no weight of its own
-    return sd, config
-
-
-def load_model(checkpoint_dir: str | os.PathLike, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> nn.Module:
-    """Rebuild the model a recipe checkpoint was trained with (the model config saved in config.json) and load its
-    weights (strict: every key must match)."""
-    from torchtune import config as tt_config
-    from omegaconf import OmegaConf
-
-    sd, config = load_hf_state_dict(checkpoint_dir)
-    model_cfg = config.get("flexgen_long", {}).get("model")
-    if model_cfg is None:
-        raise ValueError(f"{checkpoint_dir}: config.json has no flexgen_long.model (not written by a flexgen_long "
-                         "recipe); build the model yourself and load_hf_state_dict()")
-    with torch.device(device):
-        model = tt_config.instantiate(OmegaConf.create(model_cfg))
-    model.load_state_dict(sd, strict=True)
-    return model.to(dtype=dtype) if dtype is not None else model

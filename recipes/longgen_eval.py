@@ -9,9 +9,12 @@ Run from the repository root::
 
 Steps, top to bottom:
 
-1. Model: ``checkpoint_dir`` (a checkpoint of recipes/longgen_finetune.py, or its output_dir -- the latest step is
-   taken) rebuilt with ``flexgen_long.training.load_model``; without it, the ``model`` section with random weights
-   (smoke tests). With ``streaming_llm: {sink, window}`` every layer is switched to ``AttnSink(sink, window)`` at
+1. Model: ``checkpoint_dir`` -- an HF model directory, a checkpoint of recipes/longgen_finetune.py, or its
+   output_dir (the latest step is taken) -- loaded with ``flexgen_long.hf.load_model`` (weights checked): a finetune
+   checkpoint is rebuilt as trained; a plain HF directory in the architecture of the ``model`` section when given
+   (``flexgen_long.models.from_hf_config`` with a LongGen layout applied at inference), else the original model.
+   Without ``checkpoint_dir``, the ``model`` section with random weights (smoke tests). The tokenizer must fit the
+   model's vocabulary (``flexgen_long.tokenizers.check_fits``). With ``streaming_llm: {sink, window}`` every layer is switched to ``AttnSink(sink, window)`` at
    inference (``flexgen_long.models.relayout``): the StreamingLLM baseline, a model trained with full attention
    whose KV caches keep only sink + window keys per layer (ring caches, flexgen_long.cache).
 2. Retrieval: for each task (``passkey``, ``multikey_needle`` -- flexgen_long.data's generators), context length L
@@ -47,12 +50,13 @@ from torch import nn
 from tqdm import tqdm
 from torchtune import config, utils
 
-from flexgen_long import training
+from flexgen_long import hf, training
 from flexgen_long.cache import ModelCache
 from flexgen_long.data import PYTHON_STDLIB_PACKAGES, SYNTHETIC_TASKS, text_files
 from flexgen_long.generation import generate, prefill
 from flexgen_long.models import relayout
 from flexgen_long.patterns import AttnSink, Full
+from flexgen_long.tokenizers import check_fits
 
 log = utils.get_logger("INFO")
 
@@ -86,9 +90,9 @@ def validate_config(cfg: DictConfig) -> None:
     missing = sorted(k for k in ("output_dir", "tokenizer", "lengths") if k not in cfg)
     if missing:
         raise ValueError(f"missing config key(s) {missing}")
-    if not cfg.get("checkpoint_dir") and "model" not in cfg:
-        raise ValueError("config needs 'checkpoint_dir' (a finetuning checkpoint) or a 'model' section (random "
-                         "weights)")
+    if not cfg.get("checkpoint_dir") and cfg.get("model") is None:
+        raise ValueError("config needs 'checkpoint_dir' (an HF model directory or a finetuning checkpoint) or a "
+                         "'model' section (random weights)")
     _int_list(cfg, "lengths", 64)  # below 64 tokens a prompt cannot hold intro, needle and question
     tasks = cfg.get("tasks", ["passkey", "multikey_needle"])
     if tasks is None or isinstance(tasks, str) or any(t not in SYNTHETIC_TASKS for t in tasks) \
@@ -124,11 +128,13 @@ def validate_config(cfg: DictConfig) -> None:
 def resolve_checkpoint(path: str) -> Path:
     """A checkpoint directory (holds config.json), or a finetuning output_dir (its latest step_<N>)."""
     p = Path(path)
-    if (p / training.CONFIG_FILE).is_file():
+    if not p.is_dir():
+        _fail("checkpoint_dir", f"{path!r} does not exist (or is not a directory)")
+    if (p / hf.CONFIG_FILE).is_file():
         return p
     latest = training.latest_checkpoint(p)
     if latest is None:
-        _fail("checkpoint_dir", f"{path!r} is neither a checkpoint (no {training.CONFIG_FILE}) nor an output_dir "
+        _fail("checkpoint_dir", f"{path!r} is neither a checkpoint (no {hf.CONFIG_FILE}) nor an output_dir "
                                 "with step_<N> checkpoints")
     return latest
 
@@ -138,7 +144,12 @@ def build_model(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> tu
     ckpt = None
     if cfg.get("checkpoint_dir"):
         ckpt = resolve_checkpoint(cfg.checkpoint_dir)
-        model = training.load_model(ckpt, device=device, dtype=dtype)
+        section = cfg.get("model")
+        if section is not None and hf.is_recipe_checkpoint(hf.read_config(ckpt)):
+            log.info(f"{ckpt} was written by recipes/longgen_finetune.py: rebuilt as trained (the model config in its "
+                     "config.json); the config's model section is not used")
+            section = None
+        model = hf.load_model(ckpt, device=device, dtype=dtype, model_cfg=section)
     else:
         with torch.device(device):
             model = config.instantiate(cfg.model)
@@ -325,10 +336,13 @@ def evaluate(cfg: DictConfig) -> dict:
         _fail("lengths", f"max(lengths)={max(lengths)} + {answer_room} answer tokens exceeds the model's "
                          f"max_seq_len={model.max_seq_len} (its RoPE table); drop the longer lengths")
     tokenizer = config.instantiate(cfg.tokenizer)
+    check_fits(tokenizer, model.tok_embeddings.num_embeddings)
     for task in tasks:  # a length too short for a task fails here, before any model work
         for length in lengths:
             retrieval_samples(tokenizer, task, length, 0.0, 1, seed)
-    name = cfg.get("name") or (Path(ckpt).parent.name if ckpt else "random")
+    # default name: the run directory of a finetune checkpoint (<run>/step_<N>), else the model directory's own name
+    name = cfg.get("name") or ("random" if not ckpt else Path(ckpt).parent.name if Path(ckpt).name.startswith("step_")
+                               else Path(ckpt).name)
     layout = layout_summary(model)
     log.info(f"Evaluating {name}: {ckpt or 'random weights'}; full layers {layout['full_layers']}, "
              f"sparse: {sorted(set(layout['patterns']) - {repr(Full())}) or 'none'}")

@@ -37,9 +37,12 @@ from torchtune import config, training, utils
 from torchtune.modules import TransformerSelfAttentionLayer
 from torchtune.recipe_interfaces import FTRecipeInterface
 
+from flexgen_long import hf
 from flexgen_long import training as ckpt
 from flexgen_long.data import CROSS_ENTROPY_IGNORE_INDEX
+from flexgen_long.models import builder_config
 from flexgen_long.patterns import AttnSink, BlockSparse, Full
+from flexgen_long.tokenizers import check_fits
 
 log = utils.get_logger("INFO")
 
@@ -153,12 +156,16 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
         with torch.device("meta"):
             meta_model = _instantiate("model", cfg.model)
         validate_model(meta_model, self._seq_len)
+        if self._base_dir:  # the base checkpoint's sizes against the model section, before any weights are read
+            hf.check_model(meta_model, hf.read_config(self._base_dir), Path(self._base_dir) / hf.CONFIG_FILE)
+        vocab_size = meta_model.tok_embeddings.num_embeddings
         del meta_model
 
         self._metric_logger = config.instantiate(cfg.metric_logger) if self._is_rank_zero else None
         if self._metric_logger is not None:
             self._metric_logger.log_config(cfg)
         self._tokenizer = _instantiate("tokenizer", cfg.tokenizer)
+        check_fits(self._tokenizer, vocab_size)
         self._dataset = _instantiate("dataset", cfg.dataset, self._tokenizer, self._seq_len)
         per_epoch = len(self._dataset) // (self._batch_size * self._world_size)
         if per_epoch < 1:
@@ -166,7 +173,9 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
                                 f"{len(self._dataset)} sequences of seq_len={self._seq_len}")
         self._batches_per_epoch = per_epoch
 
-        self._model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+        # saved in every checkpoint's config.json; from_hf_config is written out in full, so that a checkpoint
+        # rebuilds without the base model's directory
+        self._model_cfg = builder_config(OmegaConf.to_container(cfg.model, resolve=True))
         self._model = self._setup_model(cfg)
         self._optimizer = _instantiate("optimizer", cfg.optimizer, self._model.parameters())
         self._lr_scheduler = _instantiate("lr_scheduler", cfg.lr_scheduler, self._optimizer,
@@ -197,7 +206,7 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
                      + f"); {self._batches_per_epoch} micro-batches per epoch")
 
     def _setup_model(self, cfg: DictConfig) -> nn.Module:
-        base_sd = ckpt.load_hf_state_dict(self._base_dir)[0] if self._base_dir else None
+        base_sd = hf.load_hf_state_dict(self._base_dir)[0] if self._base_dir else None
         compile_model = cfg.get("compile", False)
         act_ckpt = cfg.get("enable_activation_checkpointing", False)
         if self._world_size == 1:
@@ -349,7 +358,7 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
             dist.barrier()
 
     def _load_recipe_state(self, path: Path) -> None:
-        sd, _ = ckpt.load_hf_state_dict(path)
+        sd, _ = hf.load_hf_state_dict(path)
         state = torch.load(path / ckpt.STATE_FILE, map_location="cpu", weights_only=False)
         for key, now in (("world_size", self._world_size), ("batch_size", self._batch_size),
                          ("gradient_accumulation_steps", self._accum), ("seed", self._seed)):

@@ -3,11 +3,12 @@
 Run from the repository root::
 
     tune run recipes/longgen_generate.py --config recipes/configs/generate/tiny.yaml [key=value ...]
+    tune run recipes/longgen_generate.py --config recipes/configs/generate/smollm2_135m.yaml    # a real model
 
-Steps: build the model (from ``checkpoint_dir``, a checkpoint written by recipes/longgen_finetune.py, or from the
-``model`` section with random weights), print the KV-cache memory plan (checked against free memory before anything is
-allocated), tokenize the prompts, generate them as one batch, print each prompt's text as its tokens arrive, then the
-speed.
+Steps: build the model and load its weights (see ``build_model``), check that the tokenizer fits the model's
+vocabulary, print the KV-cache memory plan (checked against free memory before anything is allocated), tokenize the
+prompts (starting as the tokenizer starts plain text: SmolLM2 adds no BOS), generate them as one batch, print each
+prompt's text as its tokens arrive, then the speed.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torchtune import config, utils
 
-from flexgen_long import training
+from flexgen_long import hf
 from flexgen_long.cache import plan_cache
 from flexgen_long.generation import generate
+from flexgen_long.tokenizers import check_fits
 
 log = utils.get_logger("INFO")
 
@@ -38,16 +40,27 @@ def validate_config(cfg: DictConfig) -> None:
         raise ValueError(f"config field 'prompts': must be a non-empty list of non-empty strings, got {prompts!r}")
     if cfg.get("dtype", "fp32") not in DTYPES:
         raise ValueError(f"config field 'dtype': must be one of {sorted(DTYPES)}, got {cfg.get('dtype')!r}")
-    if cfg.get("checkpoint_dir") is None and "model" not in cfg:
-        raise ValueError("config needs 'checkpoint_dir' (a finetuned checkpoint) or a 'model' section")
+    if not cfg.get("checkpoint_dir") and cfg.get("model") is None:
+        raise ValueError("config needs 'checkpoint_dir' (an HF model directory or a finetuned checkpoint) or a "
+                         "'model' section (random weights)")
 
 
 def build_model(cfg: DictConfig, device: torch.device, dtype: torch.dtype):
-    if cfg.get("checkpoint_dir"):
-        return training.load_model(cfg.checkpoint_dir, device=device, dtype=dtype).eval()
-    with torch.device(device):
-        model = config.instantiate(cfg.model)
-    return model.to(dtype=dtype).eval()
+    """Without ``checkpoint_dir``: the ``model`` section, random weights. With it, the directory's weights (checked on
+    load, flexgen_long.hf) in the architecture of: the checkpoint itself when recipes/longgen_finetune.py wrote it
+    (rebuilt as trained), else the ``model`` section when given (e.g. ``flexgen_long.models.from_hf_config`` with a
+    LongGen layout applied at inference), else the original HF model (every layer full)."""
+    ckpt = cfg.get("checkpoint_dir")
+    if not ckpt:
+        with torch.device(device):
+            model = config.instantiate(cfg.model)
+        return model.to(dtype=dtype).eval()
+    section = cfg.get("model")
+    if section is not None and hf.is_recipe_checkpoint(hf.read_config(ckpt)):
+        log.info(f"{ckpt} was written by recipes/longgen_finetune.py: rebuilt as trained (the model config in its "
+                 "config.json); the config's model section is not used")
+        section = None
+    return hf.load_model(ckpt, device=device, dtype=dtype, model_cfg=section).eval()
 
 
 @config.parse
@@ -58,6 +71,7 @@ def recipe_main(cfg: DictConfig) -> None:
     dtype = DTYPES[cfg.get("dtype", "fp32")]
     model = build_model(cfg, device, dtype)
     tokenizer = config.instantiate(cfg.tokenizer)
+    check_fits(tokenizer, model.tok_embeddings.num_embeddings)
     prompts = [tokenizer.encode(p, add_bos=True, add_eos=False) for p in cfg.prompts]
     max_new = cfg.get("max_new_tokens", 64)
     log.info("\n" + str(plan_cache(model, len(prompts), max(map(len, prompts)) + max_new, dtype)))
@@ -74,7 +88,8 @@ def recipe_main(cfg: DictConfig) -> None:
         print(f"prompt [{i}]: {p}", flush=True)
     outs = generate(model, prompts, max_new_tokens=max_new, temperature=cfg.get("temperature", 0.0),
                     top_k=cfg.get("top_k"), top_p=cfg.get("top_p"),
-                    stop_tokens=[tokenizer.eos_id] if cfg.get("stop_on_eos", True) else None,
+                    stop_tokens=(getattr(tokenizer, "stop_tokens", None) or [tokenizer.eos_id])
+                    if cfg.get("stop_on_eos", True) else None,
                     prefill_chunk=cfg.get("prefill_chunk"), on_token=on_token)
     for i, (p, o) in enumerate(zip(cfg.prompts, outs)):
         print(f"\n=== [{i}] {p}{tokenizer.decode(o.tokens)}", flush=True)

@@ -12,7 +12,7 @@ from torchtune.models.llama3_2._component_builders import llama3_2
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import reference as ref
-from flexgen_long.checkpoint import hf_checkpointer, load_hf_weights, save_hf_weights
+from flexgen_long import hf, training
 from flexgen_long.models import (LLAMA3_1_ROPE_SCALING, doc_ids_from_seq_lens, longgen_llama, longgen_llama2_7b,
                                  longgen_llama3_1_8b, longgen_llama3_2_1b, longgen_tiny)
 from flexgen_long.patterns import AttnSink, BlockSparse, Full
@@ -76,16 +76,18 @@ def test_parity_with_transformers(kv_heads, rope):
 
 
 def test_hf_checkpoint_round_trip(tmp_path):
-    """HF safetensors -> torchtune's checkpointer -> hybrid model -> HF safetensors, bit for bit."""
+    """HF safetensors -> flexgen_long.hf's reader -> hybrid model -> the recipes' checkpoint writer -> transformers,
+    bit for bit."""
     cfg = LlamaConfig(vocab_size=V, hidden_size=E, intermediate_size=FFN, num_hidden_layers=3, num_attention_heads=H,
                       num_key_value_heads=HKV, max_position_embeddings=512, tie_word_embeddings=False)
-    hf = rand_init(LlamaForCausalLM(cfg))
-    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
-    ck = hf_checkpointer(tmp_path / "hf", tmp_path / "out")
+    hf_model = rand_init(LlamaForCausalLM(cfg))
+    hf_model.save_pretrained(tmp_path / "hf", safe_serialization=True)
     model = longgen_llama(V, 3, H, HKV, E, FFN, 512, 10_000, full_layers=[1], sparse_pattern=AttnSink(2, 9))
-    load_hf_weights(model, ck)
-    back = LlamaForCausalLM.from_pretrained(save_hf_weights(model, ck))
-    sd0, sd1 = hf.state_dict(), back.state_dict()
+    sd, _ = hf.load_hf_state_dict(tmp_path / "hf")
+    model.load_state_dict(sd, strict=True)
+    path = training.save_checkpoint(tmp_path / "out", 1, model.state_dict(), training.hf_config(model))
+    back = LlamaForCausalLM.from_pretrained(path)
+    sd0, sd1 = hf_model.state_dict(), back.state_dict()
     assert sd0.keys() == sd1.keys()
     for k in sd0:
         assert torch.equal(sd0[k], sd1[k]), k
