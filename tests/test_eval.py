@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from flexgen_long import training
+from flexgen_long import hf, training
 from flexgen_long.attention import MaskSet
 from flexgen_long.cache import ModelCache
 from flexgen_long.models import longgen_tiny
@@ -74,7 +74,7 @@ def test_streaming_llm_switches_every_layer_to_sink_window_ring_caches(tmp_path)
     cache = ModelCache(model, 1, 700, torch.float32, "cpu")
     assert [c.slots for c in cache.layers.values()] == [48] * len(model.layers)  # ring of sink + window, not 700
     # weights are the checkpoint's, untouched
-    ref = training.load_model(tmp_path / "step_3")
+    ref = hf.load_model(tmp_path / "step_3")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from flexgen_long import hf
 from flexgen_long import training as ckpt
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,7 +114,7 @@ def test_resume_continues_the_same_loss_curve(tmp_path):
 
 def test_checkpoint_reloads_into_our_model(tmp_path):
     recipe = _run(_cfg(tmp_path, "max_steps=2"))
-    model = ckpt.load_model(tmp_path / "step_2")
+    model = hf.load_model(tmp_path / "step_2")
     batch = recipe._batch(0)
     recipe._model.eval()
     with torch.no_grad():
@@ -126,7 +127,7 @@ def test_full_attention_checkpoint_loads_in_transformers(tmp_path):
     from transformers import LlamaForCausalLM
 
     _run(_cfg(tmp_path, "max_steps=2", "model.full_layers=all"))
-    ours = ckpt.load_model(tmp_path / "step_2").eval()
+    ours = hf.load_model(tmp_path / "step_2").eval()
     hf = LlamaForCausalLM.from_pretrained(tmp_path / "step_2", attn_implementation="eager").eval()
     tokens = torch.randint(0, 256, (2, 200))
     with torch.no_grad():
