@@ -66,13 +66,10 @@ def read_config(checkpoint_dir: str | os.PathLike) -> dict:
     return config
 
 
-def _field(config: Mapping, key: str, where, default=None, kind=int):
-    val = config.get(key, default)
-    ok = isinstance(val, (int, float)) and not isinstance(val, bool) if kind is float else \
-        isinstance(val, kind) and not isinstance(val, bool) if kind is int else isinstance(val, kind)
-    if not ok or (kind is int and val < 1):
-        need = "an int >= 1" if kind is int else "a number" if kind is float else kind.__name__
-        raise CheckpointError(f"{where}: {key} must be {need}, got {val!r}")
+def _int(config: Mapping, key: str, where, default=None) -> int:
+    val = config.get(key) if config.get(key) is not None else default
+    if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+        raise CheckpointError(f"{where}: {key} must be an int >= 1, got {val!r}")
     return val
 
 
@@ -106,29 +103,32 @@ def llama_args(config: Mapping, where: str | os.PathLike = CONFIG_FILE) -> dict:
     if config.get("model_type") != "llama":
         raise CheckpointError(f"{where}: model_type must be 'llama' (a Llama-family checkpoint), got "
                               f"{config.get('model_type')!r}")
-    for key, allowed in (("hidden_act", ("silu",)), ("attention_bias", (False, None)), ("mlp_bias", (False, None))):
-        if config.get(key) not in allowed:
+    for key, default, allowed in (("hidden_act", "silu", ("silu",)), ("attention_bias", False, (False,)),
+                                  ("mlp_bias", False, (False,))):  # defaults: transformers' LlamaConfig
+        if config.get(key, default) not in allowed:
             raise CheckpointError(f"{where}: {key}={config.get(key)!r} is not supported; allowed: {list(allowed)}")
-    heads = _field(config, "num_attention_heads", where)
-    dim = _field(config, "hidden_size", where)
+    heads = _int(config, "num_attention_heads", where)
+    dim = _int(config, "hidden_size", where)
     theta, scaling = _rope(config, where)
-    eps = _field(config, "rms_norm_eps", where, 1e-6, float)
+    eps = config.get("rms_norm_eps", 1e-6)
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < 1:
+        raise CheckpointError(f"{where}: rms_norm_eps must be a number in (0, 1), got {eps!r}")
     tie = config.get("tie_word_embeddings", False)
     if not isinstance(tie, bool):
         raise CheckpointError(f"{where}: tie_word_embeddings must be true or false, got {tie!r}")
     return {
-        "vocab_size": _field(config, "vocab_size", where),
-        "num_layers": _field(config, "num_hidden_layers", where),
+        "vocab_size": _int(config, "vocab_size", where),
+        "num_layers": _int(config, "num_hidden_layers", where),
         "num_heads": heads,
-        "num_kv_heads": _field(config, "num_key_value_heads", where, heads),
+        "num_kv_heads": _int(config, "num_key_value_heads", where, heads),
         "embed_dim": dim,
-        "intermediate_dim": _field(config, "intermediate_size", where),
-        "max_seq_len": _field(config, "max_position_embeddings", where),
+        "intermediate_dim": _int(config, "intermediate_size", where),
+        "max_seq_len": _int(config, "max_position_embeddings", where),
         "rope_base": theta,
         "norm_eps": float(eps),
         "rope_scaling": scaling,
         "tie_word_embeddings": tie,
-        "head_dim": _field(config, "head_dim", where, dim // heads),
+        "head_dim": _int(config, "head_dim", where, dim // heads),
     }
 
 

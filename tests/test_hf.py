@@ -223,3 +223,31 @@ def test_tokenizer_larger_than_the_model_is_refused():
 def test_tokenizer_directory_without_tokenizer_is_named(tmp_path):
     with pytest.raises(ValueError, match=rf"{tmp_path} has neither tokenizer.json nor tokenizer.model"):
         hf_tokenizer(tmp_path)
+
+
+def test_tokenizer_model_files_go_to_torchtune(tmp_path):
+    """tokenizer.model without tokenizer.json: SentencePiece -> torchtune's Llama-2 tokenizer, tiktoken (text lines of
+    `<base64 token> <rank>`) -> torchtune's Llama-3 tokenizer; both start sequences with their BOS, as Llama does."""
+    import base64
+
+    import sentencepiece as spm
+    from torchtune.models.llama2 import Llama2Tokenizer
+    from torchtune.models.llama3 import Llama3Tokenizer
+
+    sp = tmp_path / "sp"
+    sp.mkdir()
+    text = ["hello world, the quick brown fox jumps over the lazy dog"] * 20
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_prefix=str(sp / "m"), vocab_size=40,
+                                   model_type="bpe", bos_id=1, eos_id=2, unk_id=0, minloglevel=2)
+    (sp / "m.model").rename(sp / "tokenizer.model")
+    tok = hf_tokenizer(sp)
+    assert isinstance(tok, Llama2Tokenizer) and tok.vocab_size == 40
+    ids = tok.encode("hello world", add_bos=True, add_eos=True)
+    assert ids[0] == tok.bos_id == 1 and ids[-1] == tok.eos_id == 2 and sequence_start(tok) == [1]
+
+    tk = tmp_path / "tk"
+    tk.mkdir()
+    (tk / "tokenizer.model").write_text("".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(256)))
+    tok = hf_tokenizer(tk)
+    assert isinstance(tok, Llama3Tokenizer)
+    assert tok.encode("hi", add_bos=True, add_eos=False) == [tok.bos_id, ord("h"), ord("i")]

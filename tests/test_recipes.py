@@ -163,6 +163,8 @@ BAD = [
     (["model.num_layerz=3"], ValueError, r"config section 'model'.*num_layerz"),
     (["max_steps=0"], ValueError, r"config field 'max_steps': must be an int >= 1"),
     (["checkpoint.base_dir=/nonexistent/llama"], ValueError, r"config field 'checkpoint.base_dir'"),
+    (["model.vocab_size=256"], ValueError, r"config section 'tokenizer': the tokenizer has 259 ids \(0..258\) but the "
+                                           r"model's vocabulary has 256"),
 ]
 
 
@@ -186,17 +188,25 @@ def test_block_sparse_that_does_not_fit_is_refused(tmp_path, pattern, message):
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "recipes" / "configs").glob("*.yaml")))
-def test_every_shipped_config_validates(name, tmp_path):
-    """Keys, model shape (built on the meta device: no memory at 7B), RoPE length and pattern fit of each config."""
+def test_every_shipped_config_validates(name, tmp_path, request):
+    """Keys, model shape (built on the meta device: no memory at 7B), RoPE length and pattern fit of each config; a
+    config whose model and tokenizer read the base directory gets the real one (SmolLM2) and must fit it."""
     from recipes.longgen_finetune import validate_config, validate_model
     from torchtune import config
 
+    from flexgen_long.tokenizers import check_fits
+
     cfg = OmegaConf.load(REPO / "recipes" / "configs" / f"{name}.yaml")
-    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"checkpoint.base_dir={tmp_path}"]))
+    reads_base = cfg.model.get("_component_") == "flexgen_long.models.from_hf_config"
+    base = request.getfixturevalue("smollm2_dir") if reads_base else tmp_path
+    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"checkpoint.base_dir={base}"]))
     validate_config(cfg)
     with torch.device("meta"):
         model = config.instantiate(cfg.model)
     validate_model(model, cfg.seq_len)
+    if reads_base:
+        hf.check_model(model, hf.read_config(base), base)
+        check_fits(config.instantiate(cfg.tokenizer), model.tok_embeddings.num_embeddings)
     full = [i for i, layer in enumerate(model.layers) if type(layer.attn.pattern).__name__ == "Full"]
     n = len(model.layers)
     if "_full_" in name:
@@ -204,3 +214,11 @@ def test_every_shipped_config_validates(name, tmp_path):
     else:  # LongGen: the middle third full, the rest sparse
         assert 0 < len(full) < n and full[0] > 0 and full[-1] < n - 1
 
+
+
+def test_base_checkpoint_of_other_sizes_is_refused_before_training(tmp_path, smollm2_dir):
+    """The tiny model section over a real base directory: refused from config.json alone, naming the fields."""
+    with pytest.raises(ValueError, match=r"config section 'model' builds a model that does not fit .*config.json: "
+                                         r"vocab_size=259 \(config.json vocab_size=49152\); num_layers=4"):
+        _run(_cfg(tmp_path, f"checkpoint.base_dir={smollm2_dir}"))
+    assert not ckpt.list_checkpoints(tmp_path)
