@@ -5,6 +5,7 @@ attention in the middle third of the layers, a sparse pattern (AttnSink or Block
 Run from the repository root::
 
     tune run recipes/longgen_finetune.py --config recipes/configs/tiny_longgen.yaml [key=value ...]
+    tune run recipes/longgen_finetune.py --config recipes/configs/smollm2_135m_longgen_cpu.yaml   # real weights, CPU
     tune run --nproc_per_node 8 recipes/longgen_finetune.py --config recipes/configs/llama2_7b_longgen_128k.yaml
 
 Per step: ``gradient_accumulation_steps`` micro-batches of ``batch_size`` packed sequences of ``seq_len`` tokens
@@ -13,6 +14,10 @@ gradient clipping, an optimizer step and a warmup + cosine LR step. Every ``chec
 the end: an HF-format checkpoint plus the recipe state, written atomically (flexgen_long.training). With
 ``checkpoint.resume: true`` the run continues from the latest checkpoint in ``output_dir`` on the same loss curve as an
 uninterrupted run (weights, optimizer, LR schedule, data position and RNG are restored).
+
+Pretrained weights come from ``checkpoint.base_dir``, any HF Llama-family directory, read and checked by
+flexgen_long.hf; the model section must have its sizes (``flexgen_long.models.from_hf_config`` reads them from the same
+directory) and the tokenizer must fit its vocabulary -- both checked before any weights or data are loaded.
 
 On several GPUs (torchrun sets WORLD_SIZE > 1) the model is sharded with FSDP2 (torchtune.training.shard_model), one
 shard per transformer layer; each rank reads its own slice of every batch.
