@@ -128,10 +128,10 @@ def test_full_attention_checkpoint_loads_in_transformers(tmp_path):
 
     _run(_cfg(tmp_path, "max_steps=2", "model.full_layers=all"))
     ours = hf.load_model(tmp_path / "step_2").eval()
-    hf = LlamaForCausalLM.from_pretrained(tmp_path / "step_2", attn_implementation="eager").eval()
+    theirs = LlamaForCausalLM.from_pretrained(tmp_path / "step_2", attn_implementation="eager").eval()
     tokens = torch.randint(0, 256, (2, 200))
     with torch.no_grad():
-        want, got = ours(tokens), hf(tokens).logits
+        want, got = ours(tokens), theirs(tokens).logits
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
