@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from .attention import HybridAttention, KVCacheStep
 from .cache import ModelCache
+from .shapes import compiled
 
 __all__ = ["generate", "Generation", "prefill", "decode_step", "forward_cached", "sample", "exact_layers"]
 
@@ -137,17 +138,12 @@ def _check(prompts, max_new_tokens, temperature, top_k, top_p, prefill_chunk, vo
         raise ValueError(f"prefill_chunk must be None (whole prompt) or an int >= 1, got {prefill_chunk!r}")
 
 
-_COMPILED_DECODE = None
-
-
-def compiled_decode_step():
+def compiled_decode_step(model: nn.Module, cache: ModelCache, batch_size: int, exact: frozenset):
     """decode_step through torch.compile (inductor fuses RMSNorm, RoPE, the residual adds and the cache writes: eager
     torchtune layers launch ~30 small kernels per layer, which keeps a decode step off the memory-bandwidth roof).
-    Static shapes: one graph per batch size and ``exact`` set, compiled on the warm-up step before CUDA-graph capture."""
-    global _COMPILED_DECODE
-    if _COMPILED_DECODE is None:
-        _COMPILED_DECODE = torch.compile(decode_step, dynamic=False)
-    return _COMPILED_DECODE
+    Static shapes: one compiled function per (model, batch size, cache length, ``exact`` set), each compiled once
+    (flexgen_long.shapes.compiled), on the warm-up step before CUDA-graph capture."""
+    return compiled(decode_step, (id(model), batch_size, cache.max_len, exact), dynamic=False)
 
 
 class _GraphedStep:
@@ -155,7 +151,7 @@ class _GraphedStep:
     ``compile``: capture the torch.compile'd step instead of the eager one."""
 
     def __init__(self, model, cache, batch_size, device, compile: bool = False):
-        self.step = compiled_decode_step() if compile else decode_step
+        self.compile, self.batch_size = compile, batch_size
         self.model, self.cache = model, cache
         self.tokens = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)
@@ -170,14 +166,15 @@ class _GraphedStep:
             return out
         # First step of this kind: run it for real on a side stream (warm-up, as CUDA graphs require), then capture
         # the same step; capturing runs nothing, so the caches are written once.
+        step = compiled_decode_step(self.model, self.cache, self.batch_size, exact) if self.compile else decode_step
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
-            result = self.step(self.model, self.cache, self.tokens, self.pos, exact).clone()
+            result = step(self.model, self.cache, self.tokens, self.pos, exact).clone()
         torch.cuda.current_stream().wait_stream(s)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = self.step(self.model, self.cache, self.tokens, self.pos, exact)
+            out = step(self.model, self.cache, self.tokens, self.pos, exact)
         self.graphs[exact] = (graph, out)
         return result
 

@@ -69,7 +69,7 @@ class HybridDecoder(TransformerDecoder):
             needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
             mask = MaskSet([a.pattern for a in attn], seq_len, num_heads=attn[0].num_heads,
                            num_kv_heads=attn[0].num_kv_heads, device=tokens.device, doc_ids=doc_ids,
-                           kind=MaskSet.kind_for(tokens.device, needs_grad))
+                           kind=MaskSet.kind_for(tokens.device, needs_grad, seq_len))
         elif not isinstance(mask, MaskSet):
             raise ValueError("mask must be None or a flexgen_long.attention.MaskSet; pass packing as doc_ids "
                              "(torchtune masks would override the per-layer patterns; generation over KV caches goes "

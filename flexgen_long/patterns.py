@@ -148,6 +148,11 @@ class Pattern:
                 return same & pat.visible(q - start[b, q], kv_idx - start[b, kv_idx], h // group)
 
         mask_mod.__name__ = f"{type(self).__name__.lower()}_mask"
+        # What a compiled flex graph depends on besides tensor shapes (flexgen_long.shapes.flex_graph_key): the rule's
+        # constants and the layout tensors' shapes. The offset and the document ids are tensors: their values are
+        # read at run time and never force a recompile.
+        mask_mod.graph_key = (type(self).__name__, pat, group,
+                              None if docs is None else (tuple(docs.run.shape), docs.run.shape[0] > 1))
         return mask_mod
 
     # -- the block rule over a whole grid ------------------------------------------------------------------------------

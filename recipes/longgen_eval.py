@@ -317,9 +317,6 @@ def evaluate(cfg: DictConfig) -> dict:
     chunk = cfg.get("prefill_chunk")
 
     model, ckpt = build_model(cfg, device, dtype)
-    # every prompt is one of len(lengths) shapes (retrieval and perplexity alike): at most that many flex compiles per
-    # sparse pattern; leave dynamo room for them instead of tripping its recompile guard (FACTS section 2)
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(lengths) + 8)
     answer_room = 16  # tokens after the longest prompt: the answers (" 12345." / " 1234567." in bytes) and slack
     if max(lengths) + answer_room > model.max_seq_len:
         _fail("lengths", f"max(lengths)={max(lengths)} + {answer_room} answer tokens exceeds the model's "
