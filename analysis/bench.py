@@ -57,9 +57,6 @@ from flexgen_long.attention import HybridAttention, MaskSet  # noqa: E402
 from flexgen_long.layout import full_layer_indices, layer_patterns  # noqa: E402
 from flexgen_long.patterns import AttnSink, BlockSparse, Full  # noqa: E402
 
-# One compiled flex graph per (length, pattern, fwd/bwd) here, on purpose; the flex guard still refuses eager runs.
-torch._dynamo.config.recompile_limit = 256
-torch._dynamo.config.cache_size_limit = 256
 
 #: model shapes (flexgen_long.models presets) -> builder, and the shape recorded in the JSON
 MODELS = {

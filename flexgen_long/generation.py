@@ -25,9 +25,9 @@ from torch import Tensor, nn
 
 from .attention import HybridAttention, KVCacheStep
 from .cache import ModelCache
-from .shapes import compiled
+from .shapes import buckets, compiled, compiled_graphs
 
-__all__ = ["generate", "Generation", "prefill", "decode_step", "forward_cached", "sample", "exact_layers"]
+__all__ = ["generate", "Generation", "prefill", "decode_step", "forward_cached", "sample", "exact_layers", "warmup"]
 
 
 @dataclass
@@ -235,3 +235,25 @@ def generate(model: nn.Module, prompts, *, max_new_tokens: int, temperature: flo
     for r in results:
         r.decode_s = time.perf_counter() - t1
     return results
+
+
+@torch.inference_mode()
+def warmup(model: nn.Module, max_prompt_len: int, prefill_chunk: int | None = None) -> dict:
+    """Compile, ahead of traffic, every graph that ``generate(prompts, prefill_chunk=prefill_chunk)`` can need for
+    prompts of up to ``max_prompt_len`` tokens: a prompt's first prefill chunk is the only step that runs compiled
+    code (flex in the sparse layers, at the bucket of the chunk's length; flexgen_long.shapes), so one prefill per
+    bucket covers them all. Returns ``{"graphs": new compiled graphs, "seconds": wall time}``."""
+    if not isinstance(max_prompt_len, int) or max_prompt_len < 1 or max_prompt_len > model.max_seq_len:
+        raise ValueError(f"max_prompt_len must be an int in [1, model.max_seq_len={model.max_seq_len}], got "
+                         f"{max_prompt_len!r}")
+    param = next(model.parameters())
+    first = min(max_prompt_len, prefill_chunk or max_prompt_len)
+    t0, g0 = time.perf_counter(), len(compiled_graphs())
+    for n in buckets(first):
+        n = min(n, max_prompt_len)  # the top bucket may pass the longest prompt: its shorter lengths share it
+        cache = ModelCache(model, 1, n, param.dtype, param.device)
+        prefill(model, cache, torch.zeros(n, dtype=torch.long, device=param.device), 0)  # one chunk of n tokens
+        del cache
+    if param.device.type == "cuda":
+        torch.cuda.synchronize(param.device)
+    return {"graphs": len(compiled_graphs()) - g0, "seconds": time.perf_counter() - t0}

@@ -87,7 +87,7 @@ def build_block_mask(pattern: Pattern, q_len: int, kv_len: int, *, q_offset: int
     num_kv_heads = check_shape(q_len, kv_len, q_offset, num_heads, num_kv_heads)
     if not _is_pow2(block_size, 16):
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size!r}")
-    if padded_lengths is None:
+    if padded_lengths is None or tuple(padded_lengths) == (q_len, kv_len):
         pq, pk, rule_kv = q_len, kv_len, kv_len
     else:
         pq, pk = padded_lengths
