@@ -170,10 +170,11 @@ def main():
             s["kv_reduction"] = 1 - r["kv_bytes"] / d["kv_bytes"]
             if "decode_ms" in d and "decode_ms" in r:
                 s["decode_speedup"] = d["decode_ms"] / r["decode_ms"]
+            if "prefill_s" in d and "prefill_s" in r:
+                s["prefill_speedup"] = d["prefill_s"] / r["prefill_s"]
             if "decode_compiled_ms" in d and "decode_compiled_ms" in r:
                 s["decode_compiled_speedup"] = d["decode_compiled_ms"] / r["decode_compiled_ms"]
                 s["decode_compiled_GBps_hybrid"] = r["bytes_per_step"] / (r["decode_compiled_ms"] * 1e-3) / 1e9
-                s["prefill_speedup"] = d["prefill_s"] / r["prefill_s"]
         summ.append(s)
     res["summary"] = summ
     with open(args.out, "w") as f:

@@ -67,7 +67,7 @@ def prefill(model: nn.Module, cache: ModelCache, prompt: Tensor, row: int, chunk
     for o in range(0, n, chunk):
         toks = prompt[o:o + chunk].view(1, -1)
         pos = torch.arange(o, o + toks.shape[1], device=prompt.device).view(1, -1)
-        logits = forward_cached(model, toks, KVCacheStep(cache, "prefill", row=row, offset=o), pos,
+        logits = forward_cached(model, toks, KVCacheStep(cache, "prefill", row=row, offset=o, chunk=chunk), pos,
                                 last_only=not all_logits)
         outs.append(logits[0])
     return torch.cat(outs) if all_logits else outs[-1][-1]
@@ -240,19 +240,26 @@ def generate(model: nn.Module, prompts, *, max_new_tokens: int, temperature: flo
 @torch.inference_mode()
 def warmup(model: nn.Module, max_prompt_len: int, prefill_chunk: int | None = None) -> dict:
     """Compile, ahead of traffic, every graph that ``generate(prompts, prefill_chunk=prefill_chunk)`` can need for
-    prompts of up to ``max_prompt_len`` tokens: a prompt's first prefill chunk is the only step that runs compiled
-    code (flex in the sparse layers, at the bucket of the chunk's length; flexgen_long.shapes), so one prefill per
-    bucket covers them all. Returns ``{"graphs": new compiled graphs, "seconds": wall time}``."""
+    prompts of up to ``max_prompt_len`` tokens. Compiled code runs in two places of a prefill (flexgen_long.shapes):
+    a prompt's first chunk (flex in the sparse and packed layers, at the bucket of the chunk's length) and, on GPU,
+    the full layers' later chunks (flex at the bucket of the chunk size x the bucket of the keys seen so far). One
+    prefill per bucket length covers them all. Returns ``{"graphs": new compiled graphs, "seconds": wall time}``."""
     if not isinstance(max_prompt_len, int) or max_prompt_len < 1 or max_prompt_len > model.max_seq_len:
         raise ValueError(f"max_prompt_len must be an int in [1, model.max_seq_len={model.max_seq_len}], got "
                          f"{max_prompt_len!r}")
+    if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
+        raise ValueError(f"prefill_chunk must be None (whole prompt) or an int >= 1, got {prefill_chunk!r}")
     param = next(model.parameters())
-    first = min(max_prompt_len, prefill_chunk or max_prompt_len)
+    chunk = prefill_chunk if prefill_chunk is not None and prefill_chunk < max_prompt_len else None
+    # the top bucket may pass the longest prompt: its shorter lengths share that bucket
+    lengths = {min(b, max_prompt_len) for b in buckets(chunk or max_prompt_len)}  # first chunks
+    if chunk is not None:  # prompts whose last chunk ends in each key bucket past the first chunk
+        lengths |= {min(b, max_prompt_len) for b in buckets(max_prompt_len) if b > chunk}
     t0, g0 = time.perf_counter(), len(compiled_graphs())
-    for n in buckets(first):
-        n = min(n, max_prompt_len)  # the top bucket may pass the longest prompt: its shorter lengths share it
+    for n in sorted(lengths):
         cache = ModelCache(model, 1, n, param.dtype, param.device)
-        prefill(model, cache, torch.zeros(n, dtype=torch.long, device=param.device), 0)  # one chunk of n tokens
+        prefill(model, cache, torch.zeros(n, dtype=torch.long, device=param.device), 0,
+                chunk if chunk is not None and n > chunk else None)
         del cache
     if param.device.type == "cuda":
         torch.cuda.synchronize(param.device)
