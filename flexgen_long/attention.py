@@ -290,7 +290,10 @@ class HybridAttention(MultiHeadAttention):
             bm = step.mask(("full_chunk", pq, pk), lambda: build_block_mask(
                 Full(), C, o + C, q_offset=o, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                 block_size=BLOCK_SIZE, device=q.device, padded_lengths=(pq, pk)))
-            return flex_attend(q, cache.k[row:row + 1, :, :pk], cache.v[row:row + 1, :, :pk], bm)
+            # contiguous copies: a slice of the buffer has the buffer's strides, which differ with every cache size
+            # and would make every generate() call a new graph (dynamo guards on strides)
+            kk, vv = (t[row:row + 1, :, :pk].contiguous() for t in (cache.k, cache.v))
+            return flex_attend(q, kk, vv, bm)
         if o == 0:
             masks = step.mask(("first", self.pattern), lambda: MaskSet(
                 [self.pattern], C, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, device=q.device,
