@@ -80,13 +80,22 @@ def bucket_count(max_len: int) -> int:
 
 
 def pad_seq(x: Tensor, length: int) -> Tensor:
-    """Zero-pad dim -2 (the sequence of [B, H, S, D]) up to ``length``; ``x`` itself when it is already that long."""
+    """Zero-pad dim -2 (the sequence of [B, H, S, D]) up to ``length``; ``x`` itself when it is already that long.
+
+    The padded tensor keeps ``x``'s memory layout (the order of its strides): q / k / v arrive as transposed views of
+    the projections ([B, S, H, D] memory), and a padded call must have the strides of an unpadded call of the bucket's
+    length -- dynamo guards on strides, so a contiguous pad would compile a second graph per bucket."""
     s = x.shape[-2]
     if s == length:
         return x
     if s > length:
         raise ValueError(f"cannot pad a sequence of {s} tokens down to {length}")
-    return F.pad(x, (0, 0, 0, length - s))
+    shape = list(x.shape)
+    shape[-2] = length
+    order = sorted(range(x.dim()), key=lambda d: -x.stride(d))  # outermost dim first (stable for ties)
+    out = x.new_zeros([shape[d] for d in order]).permute([order.index(d) for d in range(x.dim())])
+    out[..., :s, :] = x
+    return out
 
 
 # -- one compiled function per shape key ----------------------------------------------------------------------------------

@@ -82,6 +82,21 @@ def test_compiled_flex_with_padding_equals_sdpa(pat, S, heads, kv_heads, packed)
     assert flex_graphs() == before + 1
 
 
+def test_padded_and_exact_bucket_lengths_share_one_graph():
+    """q / k / v arrive as transposed projection views; padding keeps that layout, so a 100-token call (padded) and a
+    128-token call (not padded) have the same strides and run one graph."""
+    pat = AttnSink(4, 40)
+    before = flex_graphs()
+    for S in (100, 128, 77):
+        x = torch.randn(1, S, 2, 16).transpose(1, 2)  # [B, H, S, D] view of [B, S, H, D], as in the layer
+        bm = build_block_mask(pat, S, S, num_heads=2, padded_lengths=(128, 128))
+        with torch.no_grad():
+            out = flex_attend(x, x, x, bm)
+        want = F.scaled_dot_product_attention(x, x, x, attn_mask=dense_mask(pat, S, S))
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    assert flex_graphs() == before + 1
+
+
 # ---- the policy on the model, 50 distinct lengths in one process -------------------------------------------------------
 LENGTHS = sorted(random.Random(12).sample(range(1, 301), 46) + [127, 128, 129, 256])  # 50 distinct, block edges
 
