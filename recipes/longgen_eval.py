@@ -10,7 +10,7 @@ Run from the repository root::
 Steps, top to bottom:
 
 1. Model: ``checkpoint_dir`` (a checkpoint of recipes/longgen_finetune.py, or its output_dir -- the latest step is
-   taken) rebuilt with ``flexgen_long.training.load_model``; without it, the ``model`` section with random weights
+   taken) rebuilt with ``flexgen_long.checkpoint_io.load_model``; without it, the ``model`` section with random weights
    (smoke tests). With ``streaming_llm: {sink, window}`` every layer is switched to ``AttnSink(sink, window)`` at
    inference (``flexgen_long.models.relayout``): the StreamingLLM baseline, a model trained with full attention
    whose KV caches keep only sink + window keys per layer (ring caches, flexgen_long.cache).
@@ -47,7 +47,7 @@ from torch import nn
 from tqdm import tqdm
 from torchtune import config, utils
 
-from flexgen_long import training
+from flexgen_long import checkpoint_io
 from flexgen_long.cache import ModelCache
 from flexgen_long.data import PYTHON_STDLIB_PACKAGES, SYNTHETIC_TASKS, text_files
 from flexgen_long.generation import generate, prefill
@@ -124,11 +124,11 @@ def validate_config(cfg: DictConfig) -> None:
 def resolve_checkpoint(path: str) -> Path:
     """A checkpoint directory (holds config.json), or a finetuning output_dir (its latest step_<N>)."""
     p = Path(path)
-    if (p / training.CONFIG_FILE).is_file():
+    if (p / checkpoint_io.CONFIG_FILE).is_file():
         return p
-    latest = training.latest_checkpoint(p)
+    latest = checkpoint_io.latest_checkpoint(p)
     if latest is None:
-        _fail("checkpoint_dir", f"{path!r} is neither a checkpoint (no {training.CONFIG_FILE}) nor an output_dir "
+        _fail("checkpoint_dir", f"{path!r} is neither a checkpoint (no {checkpoint_io.CONFIG_FILE}) nor an output_dir "
                                 "with step_<N> checkpoints")
     return latest
 
@@ -138,7 +138,7 @@ def build_model(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> tu
     ckpt = None
     if cfg.get("checkpoint_dir"):
         ckpt = resolve_checkpoint(cfg.checkpoint_dir)
-        model = training.load_model(ckpt, device=device, dtype=dtype)
+        model = checkpoint_io.load_model(ckpt, device=device, dtype=dtype)
     else:
         with torch.device(device):
             model = config.instantiate(cfg.model)

@@ -10,7 +10,7 @@ Run from the repository root::
 Per step: ``gradient_accumulation_steps`` micro-batches of ``batch_size`` packed sequences of ``seq_len`` tokens
 (documents kept apart by ``doc_ids``), the loss summed over their trained tokens and normalised by their count,
 gradient clipping, an optimizer step and a warmup + cosine LR step. Every ``checkpoint.save_every_n_steps`` steps and at
-the end: an HF-format checkpoint plus the recipe state, written atomically (flexgen_long.training). With
+the end: an HF-format checkpoint plus the recipe state, written atomically (flexgen_long.checkpoint_io). With
 ``checkpoint.resume: true`` the run continues from the latest checkpoint in ``output_dir`` on the same loss curve as an
 uninterrupted run (weights, optimizer, LR schedule, data position and RNG are restored).
 
@@ -37,7 +37,7 @@ from torchtune import config, training, utils
 from torchtune.modules import TransformerSelfAttentionLayer
 from torchtune.recipe_interfaces import FTRecipeInterface
 
-from flexgen_long import training as ckpt
+from flexgen_long import checkpoint_io as ckpt
 from flexgen_long.data import CROSS_ENTROPY_IGNORE_INDEX
 from flexgen_long.patterns import AttnSink, BlockSparse, Full
 

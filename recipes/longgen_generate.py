@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torchtune import config, utils
 
-from flexgen_long import training
+from flexgen_long import checkpoint_io
 from flexgen_long.cache import plan_cache
 from flexgen_long.generation import generate
 
@@ -44,7 +44,7 @@ def validate_config(cfg: DictConfig) -> None:
 
 def build_model(cfg: DictConfig, device: torch.device, dtype: torch.dtype):
     if cfg.get("checkpoint_dir"):
-        return training.load_model(cfg.checkpoint_dir, device=device, dtype=dtype).eval()
+        return checkpoint_io.load_model(cfg.checkpoint_dir, device=device, dtype=dtype).eval()
     with torch.device(device):
         model = config.instantiate(cfg.model)
     return model.to(dtype=dtype).eval()

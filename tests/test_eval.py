@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from flexgen_long import training
+from flexgen_long import checkpoint_io
 from flexgen_long.attention import MaskSet
 from flexgen_long.cache import ModelCache
 from flexgen_long.models import longgen_tiny
@@ -34,7 +34,7 @@ def _tiny_checkpoint(root: Path) -> Path:
     """A random tiny model saved as the finetuning recipe saves it (HF safetensors + config.json)."""
     from torchtune import config
     model = config.instantiate(OmegaConf.create(TINY_CFG))
-    return training.save_checkpoint(root, 3, model.state_dict(), training.hf_config(model, TINY_CFG))
+    return checkpoint_io.save_checkpoint(root, 3, model.state_dict(), checkpoint_io.hf_config(model, TINY_CFG))
 
 
 def _cfg(**overrides):
@@ -74,7 +74,7 @@ def test_streaming_llm_switches_every_layer_to_sink_window_ring_caches(tmp_path)
     cache = ModelCache(model, 1, 700, torch.float32, "cpu")
     assert [c.slots for c in cache.layers.values()] == [48] * len(model.layers)  # ring of sink + window, not 700
     # weights are the checkpoint's, untouched
-    ref = training.load_model(tmp_path / "step_3")
+    ref = checkpoint_io.load_model(tmp_path / "step_3")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
 
 
@@ -212,7 +212,7 @@ def test_repro_driver_stages_end_to_end_toy(tmp_path):
         return r.stdout
 
     stage("s1")
-    assert training.latest_checkpoint(out / "s1").name == "step_2"
+    assert checkpoint_io.latest_checkpoint(out / "s1").name == "step_2"
     # GPU g of the driver is the g-th device of its CUDA_VISIBLE_DEVICES: two drivers can share a machine
     log = stage("s2", "a,d", "--gpus", "1", "--jobs-per-gpu", "2", env={"CUDA_VISIBLE_DEVICES": "3"})
     assert "[s2 a] started on GPU 3" in log and "[s2 d] started on GPU 3" in log

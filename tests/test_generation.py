@@ -135,7 +135,7 @@ def test_generate_recipe_runs_as_typed_and_loads_a_checkpoint(tmp_path):
     import sys
     from pathlib import Path
 
-    from flexgen_long import training
+    from flexgen_long import checkpoint_io
 
     repo = Path(__file__).resolve().parents[1]
     tune = str(Path(sys.executable).parent / "tune")
@@ -149,7 +149,7 @@ def test_generate_recipe_runs_as_typed_and_loads_a_checkpoint(tmp_path):
 
     model_cfg = {"_component_": "flexgen_long.models.longgen_tiny", "vocab_size": 259, "max_seq_len": 256}
     model = longgen_tiny(vocab_size=259, max_seq_len=256)
-    path = training.save_checkpoint(tmp_path, 7, model.state_dict(), training.hf_config(model, model_cfg))
+    path = checkpoint_io.save_checkpoint(tmp_path, 7, model.state_dict(), checkpoint_io.hf_config(model, model_cfg))
     r = subprocess.run([tune, "run", "recipes/longgen_generate.py", "--config", cfg, "max_new_tokens=8",
                         "temperature=0", f"checkpoint_dir={path}", "prompts=[abc]"], cwd=repo, env=env,
                        capture_output=True, text=True, timeout=300)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from flexgen_long import training as ckpt
+from flexgen_long import checkpoint_io as ckpt
 
 REPO = Path(__file__).resolve().parents[1]
 TUNE = str(Path(sys.executable).parent / "tune")  # the venv's console script, as the README's setup installs it

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flexgen_long import training
+from flexgen_long import checkpoint_io
 from flexgen_long.masks import dense_mask
 from flexgen_long.models import longgen_llama
 from flexgen_long.patterns import AttnSink, BlockSparse, Full
@@ -104,7 +104,7 @@ def test_cli_writes_json_and_figure_and_suggests_layers(tmp_path):
     from omegaconf import OmegaConf
     from torchtune import config
     model = config.instantiate(OmegaConf.create(cfg))
-    ckpt = training.save_checkpoint(tmp_path / "run", 1, model.state_dict(), training.hf_config(model, cfg))
+    ckpt = checkpoint_io.save_checkpoint(tmp_path / "run", 1, model.state_dict(), checkpoint_io.hf_config(model, cfg))
     out = tmp_path / "heads"
     res = rh.main([str(ckpt), "--out", str(out), "--samples", "1", "--device", "cpu", "--dtype", "fp32"])
     assert res["length"] == 496                              # max_seq_len - 16: room for the answer
