@@ -103,3 +103,21 @@ def test_bad_parameters_name_the_field(make, field):
 
 def test_patterns_are_hashable_values():
     assert AttnSink(4, 64) == AttnSink(4, 64) and len({AttnSink(4, 64), AttnSink(4, 64), Full()}) == 2
+
+
+def test_check_doc_ids_is_the_one_validator():
+    from flexgen_long.patterns import check_doc_ids
+
+    ids = torch.tensor([0, 0, 1, 1])
+    assert check_doc_ids(ids, 4) is ids and check_doc_ids(ids[None].expand(3, 4), 4, batch=3).shape == (3, 4)
+    for bad, message in [([0, 0, 1], "integer tensor of shape"), (ids.bool(), "dtype torch.bool"),
+                         (ids.float(), "dtype torch.float32"), (ids[:3], r"shape \[length=4\].*got \(3,\)"),
+                         (ids.view(1, 1, 4), r"got \(1, 1, 4\)")]:
+        with pytest.raises(ValueError, match=message):
+            check_doc_ids(bad, 4)
+    with pytest.raises(ValueError, match="doc_ids batch 2 must be 1 or the tokens' batch 3"):
+        check_doc_ids(ids[None].expand(2, 4), 4, batch=3)
+    # the entry points go through it: the same message from Documents and the masks
+    for call in (lambda: Documents.from_ids(ids.bool()), lambda: dense_mask(Full(), 4, 4, doc_ids=ids.bool())):
+        with pytest.raises(ValueError, match="doc_ids must be an integer tensor, got dtype torch.bool"):
+            call()
