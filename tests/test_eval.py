@@ -191,6 +191,13 @@ def test_perplexity_equals_exp_mean_nll_of_an_independent_forward():
     ({"streaming_llm": {"sink": 4, "window": 0}}, r"config field 'streaming_llm': AttnSink.window"),
     ({"lengths": [1020]}, r"config field 'lengths': max\(lengths\)=1020 \+ 16 answer tokens exceeds"),
     ({"lengths": [100]}, r"config field 'lengths': 100 is too short for the passkey task"),
+    ({"checkpoint_dir": "/nonexistent/run"}, r"config field 'checkpoint_dir': '/nonexistent/run' does not exist"),
+    ({"samples_per_cell": "abc"}, r"config field 'samples_per_cell': must be an int >= 1, got 'abc'"),
+    ({"seed": "abc"}, r"config field 'seed': must be an int >= 0, got 'abc'"),
+    ({"device": "tpu"}, r"config field 'device': must be 'cpu', 'cuda' or 'cuda:<index>', got 'tpu'"),
+    ({"model": {"_component_": "flexgen_long.models.longgen_tiny", "max_seq_len": "long"}},
+     r"config field 'model.max_seq_len': must be an int, got 'long'"),
+    *([] if torch.cuda.is_available() else [({"device": "cuda"}, r"config field 'device': 'cuda' was requested")]),
 ])
 def test_bad_eval_config_names_the_field(tmp_path, overrides, message):
     from recipes.longgen_eval import evaluate
