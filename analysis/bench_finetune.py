@@ -1,4 +1,4 @@
-"""GPU runs of the finetuning recipe itself (issue: length-extension finetuning): step time and peak memory, hybrid
+"""GPU runs of the finetuning recipe itself (length-extension finetuning): step time and peak memory, hybrid
 against full attention, through `tune run recipes/longgen_finetune.py` exactly as a user launches it, on the embedded
 corpus with a byte tokenizer (the model's vocabulary is larger than the tokenizer's; speed does not depend on it).
 

@@ -16,7 +16,7 @@ Masks are built once per forward pass, one per distinct pattern, by ``MaskSet`` 
 every layer through torchtune's ``mask`` keyword).
 
 The flex guard: uncompiled ``flex_attention`` materialises the whole score matrix, and dynamo silently runs a function
-uncompiled once it has recompiled it ``recompile_limit`` times (shared/FACTS.md section 2). All flex calls go through
+uncompiled once it has recompiled it ``recompile_limit`` times (torch 2.11-2.13). All flex calls go through
 one module-level compiled function whose body checks ``torch.compiler.is_compiling()``: dynamo folds that to True
 while tracing, so compiled code never sees the check, but when dynamo gives up (recompile limit, compile disabled,
 ``set_stance("force_eager")``) the body runs as plain Python, sees False, and raises ``FlexNotCompiledError`` for any
@@ -214,7 +214,7 @@ class HybridAttention(MultiHeadAttention):
         """Attention of new tokens over this layer's compact cache (k/v: the new tokens' keys, after RoPE).
 
         decode: write the token, then SDPA over the slots -- with no mask where the cache holds exactly the visible keys
-        (``step.exact``; flash/efficient SDPA over a compact cache is 9-31x faster than flex decoding, FACTS section 2),
+        (``step.exact``; SDPA over a compact cache is 9-31x faster than flex decoding: H200, 4K-128K caches),
         else with a [B, H, 1, slots] bool mask from the slots' positions (ring not yet full, stale stride blocks, rows
         of different lengths). Static shapes, positions on the device: CUDA-graph safe.
 

@@ -2,7 +2,8 @@
 
 Every pattern answers three questions, all on positions *within one document* (``q`` the query's, ``k`` the key's):
 
-* the token rule ``visible(q, k, kv_head)`` -- exact semantics (shared/FACTS.md section 4), vectorised over tensors;
+* the token rule ``visible(q, k, kv_head)`` -- the exact semantics (each class's docstring; the authors' Triton
+  kernels and dkernel's ``get_sparse_attn_mask`` use the same rule for BlockSparse), vectorised over tensors;
 * the rectangle rule ``rect(q0, q1, k0, k1, kv_head) -> (any, all)`` -- whether *some* / *every* pair of the
   rectangle ``[q0, q1] x [k0, k1]`` is visible (bounds inclusive). This is what makes block masks cheap: a BlockMask is
   the rectangle rule evaluated once per (query block, key block), no token pair is ever enumerated;

@@ -329,7 +329,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
     model, ckpt = build_model(cfg, device, dtype)
     # every prompt is one of len(lengths) shapes (retrieval and perplexity alike): at most that many flex compiles per
-    # sparse pattern; leave dynamo room for them instead of tripping its recompile guard (FACTS section 2)
+    # sparse pattern; leave dynamo room for them instead of tripping flexgen_long.attention's recompile guard
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(lengths) + 8)
     answer_room = 16  # tokens after the longest prompt: the answers (" 12345." / " 1234567." in bytes) and slack
     if max(lengths) + answer_room > model.max_seq_len:

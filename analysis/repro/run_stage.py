@@ -1,4 +1,4 @@
-"""Driver of the small-scale LongGen retrieval reproduction (issue 7): one command per stage, run from the repo root.
+"""Driver of the small-scale LongGen retrieval reproduction: one command per stage, run from the repo root.
 
     python analysis/repro/run_stage.py calibrate          # 30 steps of s1 and of s2 (b): measured tokens/s, minutes
     python analysis/repro/run_stage.py s1                 # pretrain, full attention, 1K context
