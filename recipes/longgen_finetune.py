@@ -126,6 +126,7 @@ def _check_dataset(cfg: DictConfig, seq_len: int) -> None:
     from flexgen_long import data
 
     args = {k: rc.get(cfg, f"dataset.{k}") for k in cfg.dataset.keys() if k != "_component_"}
+    args = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in args.items()}  # as instantiated
     component = rc.get(cfg, "dataset._component_")
     defaults = {"max_tokens": None, "synthetic_share": 0.0, "synthetic_length": None,
                 "synthetic_tasks": ("passkey", "multikey_needle")}

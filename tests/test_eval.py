@@ -228,7 +228,14 @@ def test_repro_training_configs_validate(variant, tmp_path):
 
     name = "s1_pretrain" if variant is None else "s2_extend"
     over = [] if variant is None else [f"checkpoint.base_dir={tmp_path}", *run_stage.layout_overrides(variant)]
-    cfg = _tune_cfg(str(REPO / run_stage.CONFIGS / f"{name}.yaml"), over)
+    # a GPU config: device=cuda is refused on a machine without one (tests/test_recipes.py), the rest checked here
+    on_this_machine = [] if torch.cuda.is_available() else ["device=cpu"]
+    cfg = _tune_cfg(str(REPO / run_stage.CONFIGS / f"{name}.yaml"), over + on_this_machine)
+    if variant is not None:  # a base model directory as s1 leaves it: config.json of the model's shape, weights
+        with torch.device("meta"):
+            s1 = config.instantiate(_tune_cfg(str(REPO / run_stage.CONFIGS / "s1_pretrain.yaml"), []).model)
+        (tmp_path / "config.json").write_text(json.dumps(checkpoint_io.hf_config(s1)))
+        (tmp_path / "model.safetensors").write_bytes(b"")
     validate_config(cfg)
     with torch.device("meta"):
         model = config.instantiate(cfg.model)
@@ -243,11 +250,12 @@ def test_repro_training_configs_validate(variant, tmp_path):
     assert sum(p.numel() for p in model.parameters()) < 30e6  # bf16 weights stay under 60 MB (carried between calls)
 
 
-def test_repro_eval_config_validates():
+def test_repro_eval_config_validates(tmp_path):
     from recipes.longgen_eval import validate_config
 
-    cfg = _tune_cfg(str(REPO / run_stage.CONFIGS / "eval.yaml"), ["checkpoint_dir=x", "streaming_llm.sink=64",
-                                                                    "streaming_llm.window=448"])
+    cfg = _tune_cfg(str(REPO / run_stage.CONFIGS / "eval.yaml"), [
+        f"checkpoint_dir={tmp_path}", "streaming_llm.sink=64", "streaming_llm.window=448",
+        *([] if torch.cuda.is_available() else ["device=cpu"])])
     validate_config(cfg)
     s2 = OmegaConf.load(REPO / run_stage.CONFIGS / "s2_extend.yaml")
     assert max(cfg.lengths) + 16 <= s2.model.max_seq_len  # the longest prompt and its answer fit the RoPE table
