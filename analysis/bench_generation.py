@@ -23,7 +23,7 @@ from flexgen_long.cache import ModelCache, plan_cache, free_memory_bytes
 from flexgen_long.generation import _GraphedStep, decode_step, exact_layers, prefill
 from flexgen_long.models import longgen_llama, longgen_llama2_7b, longgen_llama3_1_8b, relayout
 from flexgen_long.patterns import AttnSink, Full
-from flexgen_long.timing import measure
+from flexgen_long import timing
 
 torch._dynamo.config.recompile_limit = 64  # one flex compile per (chunk, max_len) shape; the guard still holds
 SPARSE = AttnSink(sink=64, window=1984)     # the repo default: 2048 keys per query (the paper's ~1/64 of 128K)
@@ -32,7 +32,7 @@ SHAPES = {"llama2_7b": longgen_llama2_7b, "llama3_1_8b": longgen_llama3_1_8b}
 
 def _cuda_time(fn, reps: int) -> float:
     """Median ms of ``reps`` timed calls after a warm-up (flexgen_long.timing, the benchmarks' one timer)."""
-    return measure(fn, "cuda", budget_ms=0, min_reps=reps, max_reps=reps)["median_ms"]
+    return timing.measure(fn, "cuda", budget_ms=0, min_reps=reps, max_reps=reps)["median_ms"]
 
 
 def set_layout(model, hybrid: bool, full_idx):

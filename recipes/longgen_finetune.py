@@ -30,7 +30,6 @@ import random
 import resource
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -112,9 +111,10 @@ def validate_config(cfg: DictConfig) -> None:
     if "path" in cfg.tokenizer:
         rc.existing_file("tokenizer.path", rc.get(cfg, "tokenizer.path"), "the tokenizer's model file")
     _check_dataset(cfg, seq_len)
-    # Dry runs on one dummy parameter: the components' own range checks (e.g. "Invalid learning rate: -1"), in
-    # microseconds, instead of after the data and the model are ready.
-    dummy = [nn.Parameter(torch.zeros(1, device=rc.device_field(cfg)))]  # where the real ones will be (fused=...)
+    # Dry runs on one dummy CPU parameter: the components' own range checks (e.g. "Invalid learning rate: -1"), in
+    # microseconds, instead of after the data and the model are ready. (CPU: a CUDA tensor here would open a context
+    # on GPU 0 in every rank before torchrun's ranks pick their GPUs; AdamW's fused=True is accepted on CPU too.)
+    dummy = [nn.Parameter(torch.zeros(1))]
     optimizer = rc.instantiate("optimizer", cfg.optimizer, dummy)
     rc.instantiate("lr_scheduler", cfg.lr_scheduler, optimizer, num_training_steps=cfg.max_steps)
     if "loss" in cfg:
