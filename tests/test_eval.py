@@ -65,7 +65,7 @@ def test_eval_on_checkpoint_matches_an_independent_decoder_and_perplexity(tmp_pa
 
     _tiny_checkpoint(tmp_path / "run")
     out = tmp_path / "eval"
-    lengths, depths = [500, 640], [0.0, 0.5, 1.0]
+    lengths, depths = [500, 640], [0.0, 1.0]
     res = evaluate(_cfg(checkpoint_dir=str(tmp_path / "run"), output_dir=str(out), lengths=lengths, depths=depths,
                         samples_per_cell=2, perplexity_documents=1))
     assert res["name"] == "run" and res["checkpoint"].endswith("step_3")  # output_dir given: the latest step
