@@ -40,7 +40,7 @@ from torchtune.modules import MultiHeadAttention
 from torch.nn.attention.bias import causal_lower_right
 
 from .masks import build_block_mask, dense_mask
-from .patterns import Documents, Full, Pattern
+from .patterns import Documents, Full, Pattern, check_doc_ids
 from .shapes import BLOCK, compiled, flex_graph_key, pad_seq, padded_len
 
 __all__ = ["HybridAttention", "MaskSet", "KVCacheStep", "FlexNotCompiledError", "FLEX_EAGER_MAX_LEN",
@@ -124,12 +124,7 @@ class MaskSet:
         if kind not in ("block", "dense"):
             raise ValueError(f"MaskSet kind must be 'block' or 'dense', got {kind!r}")
         if doc_ids is not None:
-            if not isinstance(doc_ids, Tensor) or doc_ids.dim() not in (1, 2) or doc_ids.shape[-1] != seq_len \
-                    or doc_ids.is_floating_point() or doc_ids.dtype == torch.bool:
-                got = (doc_ids.dtype, tuple(doc_ids.shape)) if isinstance(doc_ids, Tensor) else type(doc_ids).__name__
-                raise ValueError(f"doc_ids must be an integer tensor of shape [batch, seq_len={seq_len}] or "
-                                 f"[seq_len], got {got}")
-            doc_ids = doc_ids.to(device)
+            doc_ids = check_doc_ids(doc_ids, seq_len).to(device)
         self.seq_len, self.kind, self.doc_ids = seq_len, kind, doc_ids
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.masks: dict[Pattern, Tensor | BlockMask] = {}

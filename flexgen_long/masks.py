@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
-from .patterns import Documents, Pattern, _is_pow2, check_shape
+from .patterns import Documents, Pattern, _is_pow2, check_doc_ids, check_shape
 
 __all__ = ["build_block_mask", "dense_mask", "density"]
 
@@ -28,11 +28,7 @@ def _check_pattern(pattern) -> None:
 def _documents(doc_ids, kv_len: int, length: int, device) -> Documents | None:
     if doc_ids is None:
         return None
-    if not isinstance(doc_ids, Tensor) or doc_ids.dim() not in (1, 2) or doc_ids.shape[-1] != kv_len:
-        got = tuple(doc_ids.shape) if isinstance(doc_ids, Tensor) else type(doc_ids).__name__
-        raise ValueError(f"doc_ids must be a tensor of shape [kv_len={kv_len}] or [batch, kv_len={kv_len}], got {got}")
-    if doc_ids.is_floating_point() or doc_ids.is_complex():
-        raise ValueError(f"doc_ids must be an integer tensor, got dtype {doc_ids.dtype}")
+    check_doc_ids(doc_ids, kv_len)
     return Documents.from_ids(doc_ids.to(device) if device is not None else doc_ids, length)
 
 

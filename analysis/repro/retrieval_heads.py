@@ -36,7 +36,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from flexgen_long import training  # noqa: E402
+from flexgen_long import checkpoint_io  # noqa: E402
 from flexgen_long.attention import HybridAttention  # noqa: E402
 from flexgen_long.data import passkey_task  # noqa: E402
 from flexgen_long.layout import full_layer_indices  # noqa: E402
@@ -193,7 +193,7 @@ def main(argv=None) -> dict:
     if args.samples < 1:
         ap.error(f"--samples must be >= 1, got {args.samples}")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    model = training.load_model(args.checkpoint, device=args.device, dtype=dtype).eval()
+    model = checkpoint_io.load_model(args.checkpoint, device=args.device, dtype=dtype).eval()
     room = model.max_seq_len - 16  # the answer (" 12345." = 7 tokens) follows the prompt
     if args.length is None:
         args.length = min(4096, room)
