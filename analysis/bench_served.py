@@ -17,7 +17,7 @@ TTFT = prefill of every row of the call + the first sampled token (``Generation.
 its streamer's first generated token). Decode tokens/s = tokens generated after the first, summed over the call's
 rows, over the decode time.
 
-    python analysis/bench_served.py --out $OUT/served_<card>.json --commit SHA
+    python analysis/bench_served.py --out analysis/results/served_<card>.json --commit SHA
 """
 
 from __future__ import annotations

@@ -11,8 +11,10 @@
 4. a full layer's later prefill chunk (8192 queries at offset 57344 over 65536 keys): lower-right causal SDPA (the
    library's path) against compiled flex with the Full BlockMask at that offset.
 
-Timing: triton's ``do_bench`` medians for kernels; for the layer stack, bench.py's ``Timer`` (CUDA events, warm-up,
-median). Run on a GPU:  python analysis/bench_shapes.py --out $OUT/shapes_<card>.json --commit SHA
+Timing: triton's ``do_bench`` medians for kernels; for the layer stack, ``flexgen_long.timing.measure`` (CUDA events,
+warm-up, median). The committed record was taken with bench.py's former timer, the same method. On a GPU:
+
+    python analysis/bench_shapes.py --out analysis/results/shapes_<card>.json --commit SHA
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import flexgen_long.attention as attention  # noqa: E402
-from bench import Timer, build, environment, free, guarded, run_layers, set_layout  # noqa: E402
+from bench import build, environment, free, guarded, run_layers, set_layout  # noqa: E402
 from flexgen_long.attention import _flex, _sdpa_causal, flex_attend  # noqa: E402
 from flexgen_long.masks import build_block_mask  # noqa: E402
 from flexgen_long.patterns import AttnSink, Full  # noqa: E402
 from flexgen_long.shapes import compiled_graphs, padded_len  # noqa: E402
+from flexgen_long.timing import measure  # noqa: E402
 
 DEV = torch.device("cuda")
 SINK = AttnSink(64, 1984)
@@ -48,7 +51,6 @@ def median_ms(fn) -> float:
 def padding_cost(res: dict, lengths) -> None:
     model = build("llama2_7b", 3, max(lengths) + 128, DEV, torch.bfloat16)
     set_layout(model, "middle", SINK)
-    timer = Timer(DEV)
     out = res.setdefault("padding", {"model": "llama2_7b shape, 3 layers (1 full, 2 AttnSink(64, 1984)), bf16, B=1",
                                       "rows": []})
     identity = lambda n: n  # noqa: E731
@@ -69,8 +71,8 @@ def padding_cost(res: dict, lengths) -> None:
             attention.padded_len = padded_len if mode == "policy" else identity
             try:
                 row = {"S": S, "bucket": padded_len(S) if mode == "policy" else S, "mode": mode,
-                       "prefill": guarded(lambda: timer.measure(prefill, 3000)),
-                       "train": guarded(lambda: timer.measure(train, 6000))}
+                       "prefill": guarded(lambda: measure(prefill, DEV, budget_ms=3000)),
+                       "train": guarded(lambda: measure(train, DEV, budget_ms=6000))}
             finally:
                 attention.padded_len = padded_len
             out["rows"].append(row)
