@@ -1,7 +1,7 @@
 """Everything is declared in pyproject.toml; this file only adds the ``recipes`` import hook to the build.
 
 Why: ``tune run recipes/x.py`` imports ``recipes.x``, and torchtune's wheel installs a raising ``recipes`` stub into
-site-packages that shadows our recipes/ (shared/FACTS.md section 3). ``startup/flexgen_long_recipes.py`` is a small
+site-packages that shadows our recipes/ (its ``__init__`` only raises). ``startup/flexgen_long_recipes.py`` is a small
 import hook that looks past that stub; ``startup/flexgen_long_recipes.pth`` loads it at interpreter start. Both must
 sit at the top of site-packages, which pyproject.toml cannot express for editable installs: ``data-files`` are dropped
 by setuptools' editable_wheel (it asks ``has_data()``, which does not exist, instead of ``has_data_files()``).

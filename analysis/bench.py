@@ -8,8 +8,9 @@ transformers peer running the same layout.
 ``ours`` builds the model once (random bf16 weights: speed does not depend on values) and switches the per-layer
 patterns between variants, so every variant runs the same weights in the same process:
 
-* ``dense``       -- full_layers="all": causal SDPA in every layer, forced onto cuDNN / flash (torch 2.11 otherwise
-                     picks a slower backend for some shapes; FACTS section 5 -- the dense baseline must be the best one);
+* ``dense``       -- full_layers="all": causal SDPA in every layer, forced onto cuDNN / flash (the dense baseline must
+                     be the best one: on the H200 with torch 2.11 cuDNN's causal SDPA measured 258 ms forward at 128K,
+                     32 / 8 heads, D 128, bf16, flash-SDPA 419 ms and flex causal 339 ms -- analysis/bench_masks.py);
 * ``attnsink``    -- middle third full, AttnSink elsewhere (compiled flex);
 * ``blocksparse`` -- middle third full, BlockSparse elsewhere.
 
@@ -22,16 +23,17 @@ Per length it measures:
 * train: forward + backward of ``--train-layers`` layers of the same shape with the same full/sparse ratio (the whole
   model does not fit with activations at long context); the LM head is left out because it costs the same in every
   variant and would only dilute the attention difference at reduced depth -- stated in the JSON;
-* KV memory, analytic: full layers 2 * Hkv * D * bytes per token, sparse layers their kept tokens;
+* KV memory: ``flexgen_long.cache.plan_cache`` for a cache holding the prompt -- the bytes ``generate`` allocates;
 * peak memory (torch.cuda.max_memory_allocated) of each measurement.
 
 ``hf`` runs transformers' MinistralForCausalLM with per-layer ``layer_types`` (our full layers -> "full_attention",
 the others "sliding_attention", sliding_window = our AttnSink window; HF has no sink) with ``attn_implementation``
 "sdpa" and "flex_attention", its own DynamicCache: prefill (logits_to_keep=1) and decode steps.
 
-Timing (analysis/bench_masks.py discipline, device METHOD.md): one warm-up call (compiles), then CUDA-event timings
-until a time budget is spent (at least 3), median with min/max. Out-of-memory is caught, freed and recorded as
-{"oom": true, ...}; any other failure is recorded as {"error": ...}.
+Timing: ``flexgen_long.timing.measure`` (one warm-up call, which compiles, then CUDA-event timings until a time budget
+is spent, at least 3; median with min/max). Layouts switch with ``flexgen_long.models.relayout``. Memory is freed
+between prefill, decode and training measurements. Out-of-memory is caught, freed and recorded as {"oom": true, ...};
+any other failure is recorded as {"error": ...}.
 """
 
 from __future__ import annotations
@@ -54,12 +56,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from flexgen_long import models  # noqa: E402
 from flexgen_long.attention import HybridAttention, MaskSet  # noqa: E402
-from flexgen_long.layout import full_layer_indices, layer_patterns  # noqa: E402
+from flexgen_long.cache import plan_cache  # noqa: E402
+from flexgen_long.layout import full_layer_indices  # noqa: E402
+from flexgen_long.models import relayout  # noqa: E402
+from flexgen_long.timing import measure, time_call  # noqa: E402
 from flexgen_long.patterns import AttnSink, BlockSparse, Full  # noqa: E402
 
-# One compiled flex graph per (length, pattern, fwd/bwd) here, on purpose; the flex guard still refuses eager runs.
-torch._dynamo.config.recompile_limit = 256
-torch._dynamo.config.cache_size_limit = 256
 
 #: model shapes (flexgen_long.models presets) -> builder, and the shape recorded in the JSON
 MODELS = {
@@ -69,9 +71,9 @@ MODELS = {
     "tiny": models.longgen_tiny,
 }
 
-#: The paper's budget of about 2K kept tokens per sparse layer at 128K (FACTS section 4), for both sparse patterns:
-#: AttnSink 64 + 1984 = 2048 keys; BlockSparse 8 local blocks of 128 (1024) + one block in 64 on the stride (1024 at
-#: 128K). Block 128 = the flex tile, so BlockSparse masks have no partial blocks off the diagonal.
+#: The paper's budget of about 2K kept tokens per sparse layer at 128K (Ge et al. 2025: 1/64 of the context), for both
+#: sparse patterns: AttnSink 64 + 1984 = 2048 keys; BlockSparse 8 local blocks of 128 (1024) + one block in 64 on the
+#: stride (1024 at 128K). Block 128 = the flex tile, so BlockSparse masks have no partial blocks off the diagonal.
 VARIANTS = {
     "dense": ("all", None),
     "attnsink": ("middle", AttnSink(sink=64, window=1984)),
@@ -85,41 +87,6 @@ TINY_VARIANTS = {  # same structure, patterns small enough to be sparse at a few
 
 #: the paper's reported whole-model ratios (LongGen, Llama-2-7B, 128K), drawn as reference lines by plot_speedups.py
 PAPER = {"prefill": 1.67, "decode": 1.41, "train": 1.55, "kv_reduction": 0.62}
-
-
-# -- timing ------------------------------------------------------------------------------------------------------------
-
-class Timer:
-    """CUDA events on GPU, perf_counter on CPU (smoke mode)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def once(self, fn) -> float:
-        if self.cuda:
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record(); fn(); e.record(); torch.cuda.synchronize()  # noqa: E702
-            return s.elapsed_time(e)
-        t = time.perf_counter(); fn()  # noqa: E702
-        return (time.perf_counter() - t) * 1e3
-
-    def measure(self, fn, budget_ms: float, min_reps: int = 3, max_reps: int = 50) -> dict:
-        """Warm-up call (compilation, handles), then timed calls until ``budget_ms`` is spent; median, min, max."""
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-        fn()
-        self.sync()
-        times = [self.once(fn)]
-        while len(times) < max_reps and (len(times) < min_reps or sum(times) < budget_ms):
-            times.append(self.once(fn))
-        out = {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "reps": len(times)}
-        if self.cuda:
-            out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        return out
 
 
 def guarded(fn) -> dict:
@@ -144,7 +111,7 @@ def free():
 
 def sdpa_context(device: torch.device):
     """A factory of fresh contexts (sdpa_kernel's context manager is single-use) forcing cuDNN / flash for every causal
-    SDPA call on GPU (the best dense baseline, FACTS section 5), and its description; CPU: torch's pick."""
+    SDPA call on GPU (the best dense baseline, see the module docstring), and its description; CPU: torch's pick."""
     if device.type != "cuda":
         return contextlib.nullcontext, "default (cpu)"
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -155,7 +122,8 @@ def sdpa_context(device: torch.device):
 
 def kept_positions(pattern, seq_len: int, num_kv_heads: int, device) -> torch.Tensor | None:
     """[Hkv, n] positions that a compact cache keeps after a prompt of ``seq_len`` tokens: the keys the last prompt
-    token sees (per KV head; padded to the longest head by repeating its last position). None for Full."""
+    token sees (per KV head; padded to the longest head by repeating its last position). None for Full. (prefill_fn
+    gathers these so that its peak memory includes a cache's bytes.)"""
     if isinstance(pattern, Full):
         return None
     pattern = pattern.bind_heads(num_kv_heads)
@@ -165,32 +133,22 @@ def kept_positions(pattern, seq_len: int, num_kv_heads: int, device) -> torch.Te
     return torch.stack([torch.cat([r, r[-1:].expand(n - len(r))]) for r in rows])
 
 
-def kv_bytes(patterns, seq_len: int, num_kv_heads: int, head_dim: int, bytes_per: int = 2) -> dict:
-    """Analytic KV cache size: per layer 2 (K and V) * Hkv * D * bytes for each kept token (row_count of the last
-    prompt token, averaged over KV heads; Full keeps all)."""
-    per_token = 2 * num_kv_heads * head_dim * bytes_per
-    total, kept = 0, {}
-    for p in patterns:
-        if isinstance(p, Full):
-            n = float(seq_len)
-        else:
-            pb = p.bind_heads(num_kv_heads)
-            q = torch.tensor(seq_len - 1)
-            n = sum(float(pb.row_count(q, h)) for h in range(num_kv_heads)) / num_kv_heads
-            kept[repr(p)] = n
-        total += n * per_token
-    return {"kv_gib": total / 2**30, "bytes_per_token_full_layer": per_token, "kept_tokens_sparse_layer": kept}
+def kv_record(model, seq_len: int, dtype) -> dict:
+    """KV cache of a prompt of ``seq_len`` tokens as ``generate`` allocates it (``flexgen_long.cache.plan_cache``:
+    K, V and slot positions per layer), and the slots per distinct sparse pattern."""
+    plan = plan_cache(model, 1, seq_len, dtype)
+    slots = {repr(lp.pattern): lp.slots for lp in plan.layers if not isinstance(lp.pattern, Full)}
+    return {"kv_gib": plan.total_bytes / 2**30, "kv_bytes": plan.total_bytes, "slots_sparse_layer": slots,
+            "source": "flexgen_long.cache.plan_cache"}
 
 
 # -- our model ---------------------------------------------------------------------------------------------------------
 
 def set_layout(model, full_layers, sparse) -> list:
-    """Switch every layer's pattern in place (same weights across variants)."""
-    attn = [m for m in model.modules() if isinstance(m, HybridAttention)]
-    pats = layer_patterns(len(attn), full_layers, sparse if sparse is not None else AttnSink(0, 1))
-    for a, p in zip(attn, pats):
-        a.pattern = p
-    return list(pats)
+    """Switch every layer's pattern in place (``flexgen_long.models.relayout``: same weights across variants); the
+    per-layer patterns."""
+    relayout(model, full_layers, sparse if sparse is not None else AttnSink(0, 1))  # no sparse layer with "all"
+    return [m.pattern for m in model.modules() if isinstance(m, HybridAttention)]
 
 
 def build(name: str, num_layers: int | None, max_seq_len: int, device, dtype):
@@ -287,7 +245,7 @@ def train_fn(model, tokens):
     return fn
 
 
-def decode_record(model, tokens, timer, budget_ms: float) -> dict:
+def decode_record(model, tokens, budget_ms: float) -> dict:
     """Decode step time through flexgen_long.generation (imported lazily: it may be absent in a checkout): fill its
     compact caches with the prompt (its own prefill, untimed here), then time one step at position S over caches
     holding S tokens -- full buffers and rings exactly full, the mask-free SDPA path that generate() takes --
@@ -308,7 +266,7 @@ def decode_record(model, tokens, timer, budget_ms: float) -> dict:
             fn = lambda: step(tok, pos, exact)  # noqa: E731
         else:
             fn = lambda: gen.decode_step(model, cache, tok, pos, exact)  # noqa: E731
-        r = timer.measure(fn, budget_ms, min_reps=10, max_reps=200)
+        r = measure(fn, dev, budget_ms=budget_ms, min_reps=10, max_reps=200)
     r.update({"cache_gib": cache.nbytes / 2**30 if not callable(cache.nbytes) else cache.nbytes() / 2**30,
               "exact_layers": len(exact), "method": "generation.decode_step at position S over S cached tokens"
               + (", CUDA graph replay" if dev.type == "cuda" else "")})
@@ -319,7 +277,6 @@ def decode_record(model, tokens, timer, budget_ms: float) -> dict:
 def bench_ours(a, device, dtype, res: dict) -> dict:
     variants = TINY_VARIANTS if a.tiny else VARIANTS
     name = "tiny" if a.tiny else a.model
-    timer = Timer(device)
     ctx, backend = sdpa_context(device)
     max_len = max(a.lengths)
     res.update({"variants": {k: {"full_layers": fl, "sparse_pattern": repr(sp)} for k, (fl, sp) in variants.items()},
@@ -327,7 +284,7 @@ def bench_ours(a, device, dtype, res: dict) -> dict:
     model = build(name, None, max_len + 1, device, dtype)  # +1: the decode step at position S
     model.requires_grad_(False)
     res["shape"] = shape_of(model)
-    L, hkv, d = res["shape"]["num_layers"], res["shape"]["num_kv_heads"], res["shape"]["head_dim"]
+    L = res["shape"]["num_layers"]
     for v, (fl, sp) in variants.items():
         res["variants"][v]["full_layer_indices"] = list(full_layer_indices(L, fl))
     budget = 300 if a.tiny else a.budget_ms
@@ -335,13 +292,14 @@ def bench_ours(a, device, dtype, res: dict) -> dict:
         tokens = torch.randint(0, res["shape"]["vocab_size"], (1, S), device=device)
         for v, (fl, sp) in variants.items():
             pats = set_layout(model, fl, sp)
-            res["kv"].setdefault(v, {})[str(S)] = kv_bytes(pats, S, hkv, d, dtype.itemsize)
+            res["kv"].setdefault(v, {})[str(S)] = kv_record(model, S, dtype)
             with ctx():
-                r = guarded(lambda: timer.measure(prefill_fn(model, tokens, pats), budget))
+                r = guarded(lambda: measure(prefill_fn(model, tokens, pats), device, budget_ms=budget))
             res["prefill"].setdefault(v, {})[str(S)] = r
             print(f"prefill {v:12s} {S:7d}: {_fmt(r)}", flush=True)
+            free()  # the prefill's activations and kept K/V must not crowd the decode's caches
             with ctx():
-                r = guarded(lambda: decode_record(model, tokens, timer, 300 if a.tiny else 1000))
+                r = guarded(lambda: decode_record(model, tokens, 300 if a.tiny else 1000))
             res["decode"].setdefault(v, {})[str(S)] = r
             print(f"decode  {v:12s} {S:7d}: {_fmt(r)}", flush=True)
             free()
@@ -360,7 +318,7 @@ def bench_ours(a, device, dtype, res: dict) -> dict:
             for v, (fl, sp) in variants.items():
                 set_layout(tmodel, fl, sp)
                 with ctx():
-                    r = guarded(lambda: timer.measure(train_fn(tmodel, tokens), budget))
+                    r = guarded(lambda: measure(train_fn(tmodel, tokens), device, budget_ms=budget))
                 tmodel.zero_grad(set_to_none=True)
                 res["train"].setdefault(v, {})[str(S)] = r
                 print(f"train   {v:12s} {S:7d}: {_fmt(r)}", flush=True)
@@ -393,7 +351,7 @@ def bench_hf(a, device, dtype, res: dict) -> dict:
     res.update({"transformers": transformers.__version__, "shape": shp, "layer_types": layer_types,
            "sliding_window": sp.window, "sink": 0, "note": "HF sliding window has no sink; our AttnSink has "
            f"{sp.sink} sink tokens", "prefill": {}, "decode": {}})
-    timer = Timer(device)
+    cuda = device.type == "cuda"
     for impl in a.hf_impls:
         free()
         cfg._attn_implementation = impl
@@ -411,7 +369,7 @@ def bench_hf(a, device, dtype, res: dict) -> dict:
             def prefill():
                 with torch.no_grad():
                     return model(tokens, use_cache=True, logits_to_keep=1)
-            r = guarded(lambda: timer.measure(prefill, 300 if a.tiny else a.budget_ms))
+            r = guarded(lambda: measure(prefill, device, budget_ms=300 if a.tiny else a.budget_ms))
             res["prefill"].setdefault(impl, {})[str(S)] = r
             print(f"hf {impl:14s} prefill {S:7d}: {_fmt(r)}", flush=True)
             if S > a.hf_decode_max:
@@ -427,12 +385,12 @@ def bench_hf(a, device, dtype, res: dict) -> dict:
                     del out
                     steps = []
                     for i in range(6):  # the first step warms up; the cache grows by one token per step
-                        t = timer.once(lambda: model(nxt, past_key_values=cache, use_cache=True))
+                        t = time_call(lambda: model(nxt, past_key_values=cache, use_cache=True), device)
                         steps.append(t)
                 return {"median_ms": statistics.median(steps[1:]), "min_ms": min(steps[1:]),
                         "max_ms": max(steps[1:]), "reps": len(steps) - 1,
-                        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if timer.cuda else None}
-            if timer.cuda:
+                        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+            if cuda:
                 torch.cuda.reset_peak_memory_stats()
             r = guarded(decode)
             res["decode"].setdefault(impl, {})[str(S)] = r

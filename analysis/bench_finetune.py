@@ -1,4 +1,4 @@
-"""GPU runs of the finetuning recipe itself (issue: length-extension finetuning): step time and peak memory, hybrid
+"""GPU runs of the finetuning recipe itself (length-extension finetuning): step time and peak memory, hybrid
 against full attention, through `tune run recipes/longgen_finetune.py` exactly as a user launches it, on the embedded
 corpus with a byte tokenizer (the model's vocabulary is larger than the tokenizer's; speed does not depend on it).
 
@@ -43,6 +43,7 @@ def run_spec(name: str, seq: int, layout: str, nproc: int, steps: int, logdir: s
         "batch_size=1", "gradient_accumulation_steps=1", f"max_steps={steps}", "log_every_n_steps=1",
         f"dataset.max_tokens={max(2_000_000, seq * (steps + 2) * nproc * 2)}",
         "checkpoint.save_every_n_steps=null", f"output_dir={out_dir}",
+        "checkpoint.overwrite=true",  # the benchmark's own scratch directory: a rerun replaces its checkpoint
         "metric_logger._component_=torchtune.training.metric_logging.DiskLogger", f"metric_logger.log_dir={logdir}/{tag}",
     ]
     t0 = time.time()

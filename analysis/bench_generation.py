@@ -19,31 +19,24 @@ import time
 
 import torch
 
-from flexgen_long.attention import HybridAttention
 from flexgen_long.cache import ModelCache, plan_cache, free_memory_bytes
 from flexgen_long.generation import _GraphedStep, decode_step, exact_layers, prefill
-from flexgen_long.models import longgen_llama, longgen_llama2_7b, longgen_llama3_1_8b
+from flexgen_long.models import longgen_llama, longgen_llama2_7b, longgen_llama3_1_8b, relayout
 from flexgen_long.patterns import AttnSink, Full
+from flexgen_long import timing
 
-torch._dynamo.config.recompile_limit = 64  # one flex compile per (chunk, max_len) shape; the guard still holds
 SPARSE = AttnSink(sink=64, window=1984)     # the repo default: 2048 keys per query (the paper's ~1/64 of 128K)
 SHAPES = {"llama2_7b": longgen_llama2_7b, "llama3_1_8b": longgen_llama3_1_8b}
 
 
 def _cuda_time(fn, reps: int) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
+    """Median ms of ``reps`` timed calls after a warm-up (flexgen_long.timing, the benchmarks' one timer)."""
+    return timing.measure(fn, "cuda", budget_ms=0, min_reps=reps, max_reps=reps)["median_ms"]
 
 
 def set_layout(model, hybrid: bool, full_idx):
-    attn = [m for m in model.modules() if isinstance(m, HybridAttention)]
-    for i, a in enumerate(attn):
-        a.pattern = Full() if (not hybrid or i in full_idx) else SPARSE
+    """The hybrid layout (``full_idx`` full, SPARSE elsewhere) or every layer full, through the library's relayout."""
+    relayout(model, sorted(full_idx) if hybrid else "all", SPARSE)
 
 
 def weight_bytes_per_step(model) -> int:
@@ -171,10 +164,11 @@ def main():
             s["kv_reduction"] = 1 - r["kv_bytes"] / d["kv_bytes"]
             if "decode_ms" in d and "decode_ms" in r:
                 s["decode_speedup"] = d["decode_ms"] / r["decode_ms"]
+            if "prefill_s" in d and "prefill_s" in r:
+                s["prefill_speedup"] = d["prefill_s"] / r["prefill_s"]
             if "decode_compiled_ms" in d and "decode_compiled_ms" in r:
                 s["decode_compiled_speedup"] = d["decode_compiled_ms"] / r["decode_compiled_ms"]
                 s["decode_compiled_GBps_hybrid"] = r["bytes_per_step"] / (r["decode_compiled_ms"] * 1e-3) / 1e9
-                s["prefill_speedup"] = d["prefill_s"] / r["prefill_s"]
         summ.append(s)
     res["summary"] = summ
     with open(args.out, "w") as f:

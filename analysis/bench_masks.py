@@ -1,4 +1,4 @@
-"""GPU benchmark of the pattern masks (issue: core patterns and masks).
+"""GPU benchmark of the pattern masks.
 
 1. Correctness on the GPU: compiled flex with our BlockMask == SDPA with the dense mask (fp32, forward and gradients),
    odd lengths, offsets, GQA, packed documents.
@@ -10,7 +10,8 @@
 
     python analysis/bench_masks.py --out results.json [--lengths 8192 32768 131072] [--commit SHA]
 
-Timing: CUDA events around each call, warm-up first, median (and min/max) of repeated calls.
+Timing: flexgen_long.timing.measure -- CUDA events around each call, warm-up first, median (and min/max) of repeated
+calls.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -30,6 +30,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from flexgen_long.masks import build_block_mask, dense_mask, density
 from flexgen_long.patterns import AttnSink, BlockSparse, Full
+from flexgen_long.timing import measure
 
 torch._dynamo.config.recompile_limit = 256  # one compiled graph per (length, pattern, options) here, on purpose
 torch._dynamo.config.cache_size_limit = 256
@@ -47,18 +48,8 @@ HQ, HKV, D = 32, 8, 128
 
 
 def time_ms(fn, budget_ms: float = 2500.0, min_reps: int = 5, max_reps: int = 100) -> dict:
-    """Median of CUDA-event timings of ``fn`` after warm-up; the repeat count fills ``budget_ms``."""
-    fn()
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record(); fn(); e.record(); torch.cuda.synchronize()  # noqa: E702
-    est = max(s.elapsed_time(e), 1e-3)
-    reps = int(min(max_reps, max(min_reps, budget_ms / est)))
-    times = []
-    for _ in range(reps):
-        s.record(); fn(); e.record(); torch.cuda.synchronize()  # noqa: E702
-        times.append(s.elapsed_time(e))
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "reps": reps}
+    """Median (min, max) ms of ``fn`` after a warm-up call, repeated to fill ``budget_ms`` (flexgen_long.timing)."""
+    return measure(fn, "cuda", budget_ms=budget_ms, min_reps=min_reps, max_reps=max_reps)
 
 
 def correctness() -> list[dict]:

@@ -3,27 +3,28 @@
 Kernel dispatch (``HybridAttention.attend``, the one place that picks a kernel):
 
 * full layer, unpacked batch      -> ``F.scaled_dot_product_attention(is_causal=True)``: torch picks its fastest backend
-                                     (cuDNN / flash on GPU); no mask tensor at all;
+                                     (cuDNN / flash on GPU) at any shape; no mask tensor, nothing compiled;
 * sparse layer, or a packed batch -> compiled ``flex_attention`` with the pattern's BlockMask (``masks.build_block_mask``,
-                                     document-masked when packed);
-* the same, but the MaskSet is *dense* (CPU with gradients: flex has no CPU backward) -> SDPA with the bool mask of the
-                                     same token rule (``masks.dense_mask``). Same semantics, O(S^2) memory: tests only.
+                                     document-masked when packed), through the shape policy (``flex_attend``: lengths
+                                     padded to a bucket, one compiled function per shape key; flexgen_long.shapes);
+* the same, where the MaskSet is *dense* -> SDPA with the bool mask of the same token rule (``masks.dense_mask``): on
+                                     CPU when gradients are needed (flex has no CPU backward) and on CPU for sequences
+                                     of up to ``CPU_DENSE_MAX_LEN`` tokens (compiling a flex graph costs 8-26 s on a
+                                     2-core CPU, measured; the O(S^2) bool mask is 4 MB at 2048 tokens).
 
-GQA: flex and the dense-mask SDPA get K/V with ``num_kv_heads`` heads (``enable_gqa=True``); only the causal SDPA path
-expands K/V to all query heads, because ``enable_gqa`` keeps torch 2.11 off its cuDNN/flash kernels there (measured).
+Cached steps (``KVCacheStep``, generation) are dispatched in ``_attend_cached``; see its docstring.
+
+GQA: K/V keep ``num_kv_heads`` heads (``enable_gqa=True``) everywhere but lower-right causal SDPA (``_sdpa_causal``
+says why and what was measured).
 
 Masks are built once per forward pass, one per distinct pattern, by ``MaskSet`` (the model builds it and hands it to
 every layer through torchtune's ``mask`` keyword).
 
-The flex guard: uncompiled ``flex_attention`` materialises the whole score matrix, and dynamo silently runs a function
-uncompiled once it has recompiled it ``recompile_limit`` times (shared/FACTS.md section 2). All flex calls go through
-one module-level compiled function whose body checks ``torch.compiler.is_compiling()``: dynamo folds that to True
-while tracing, so compiled code never sees the check, but when dynamo gives up (recompile limit, compile disabled,
-``set_stance("force_eager")``) the body runs as plain Python, sees False, and raises ``FlexNotCompiledError`` for any
-sequence longer than ``FLEX_EAGER_MAX_LEN``. Short sequences may run eagerly (cheap CPU tests use this). Because the
-function is compiled with ``fullgraph=True``, torch 2.13 already raises ``FailOnRecompileLimitHit`` itself at the
-limit; the in-body check is what holds where dynamo falls back instead (other versions, outer compiled regions that
-give up, disabled compilation).
+The flex guard: uncompiled ``flex_attention`` materialises the whole score matrix (64 GiB per head at 128K tokens). All
+flex calls run ``_flex``, whose body checks ``torch.compiler.is_compiling()``: dynamo folds that to True while
+tracing, so compiled code never sees the check, but when dynamo does not compile the call (compilation disabled,
+``set_stance("force_eager")``, an outer compiled region that gave up) the body runs as plain Python, sees False, and
+raises ``FlexNotCompiledError`` for any sequence longer than ``FLEX_EAGER_MAX_LEN``. Short sequences may run eagerly.
 """
 
 from __future__ import annotations
@@ -36,16 +37,22 @@ from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torchtune.modules import MultiHeadAttention
 
+from torch.nn.attention.bias import causal_lower_right
+
 from .masks import build_block_mask, dense_mask
-from .patterns import Documents, Full, Pattern
+from .patterns import Documents, Full, Pattern, check_doc_ids
+from .shapes import BLOCK, compiled, flex_graph_key, pad_seq, padded_len
 
 __all__ = ["HybridAttention", "MaskSet", "KVCacheStep", "FlexNotCompiledError", "FLEX_EAGER_MAX_LEN",
-           "flex_attention_compiled", "positions_in_documents"]
+           "CPU_DENSE_MAX_LEN", "flex_attend", "positions_in_documents"]
 
 #: Longest query or key length that flex may run uncompiled (its eager path allocates B*H*q_len*kv_len scores).
 FLEX_EAGER_MAX_LEN = 2048
-#: BlockMask block size (query and key); FlexAttention's default tile.
-BLOCK_SIZE = 128
+#: On CPU, sequences up to this length use SDPA with the pattern's dense bool mask instead of compiled flex: a flex
+#: graph costs 8-26 s to compile on the 2-core CPU machine (measured, torch 2.13), the mask 4 MB per pattern here.
+CPU_DENSE_MAX_LEN = 2048
+#: BlockMask block size (query and key); FlexAttention's default tile, and the shape policy's unit.
+BLOCK_SIZE = BLOCK
 
 
 class FlexNotCompiledError(RuntimeError):
@@ -58,15 +65,45 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask) -> Tensor:
         if max(q.shape[-2], k.shape[-2]) > FLEX_EAGER_MAX_LEN:
             raise FlexNotCompiledError(
                 f"flex_attention would run uncompiled on q_len={q.shape[-2]}, kv_len={k.shape[-2]} (> "
-                f"FLEX_EAGER_MAX_LEN={FLEX_EAGER_MAX_LEN}), materialising the full score matrix. Usual cause: dynamo "
-                f"hit torch._dynamo.config.recompile_limit={torch._dynamo.config.recompile_limit} for this function "
-                "(new shapes or mask_mods on every call; run with TORCH_LOGS=recompiles), or compilation is disabled.")
+                f"FLEX_EAGER_MAX_LEN={FLEX_EAGER_MAX_LEN}), materialising the full score matrix: compilation is "
+                "disabled or was abandoned for this call (run with TORCH_LOGS=recompiles,graph_breaks)")
     return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
 
 
-#: The one compiled flex entry point. dynamic=False: training and prefill shapes repeat, and static shapes give the
-#: best kernels; each new sequence length costs a recompile, which the guard above catches once they pile up.
-flex_attention_compiled = torch.compile(_flex, dynamic=False, fullgraph=True)
+def flex_attend(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask) -> Tensor:
+    """Compiled flex attention under the shape policy (flexgen_long.shapes): q [B, Hq, S, D] and k/v [B, Hkv, T, D]
+    are zero-padded to the BlockMask's lengths (a bucket; ``build_block_mask(padded_lengths=)``), the call runs the
+    compiled graph of its shape key, and the output is cut back to S rows. Inside an outer compiled region (a
+    ``torch.compile``'d layer) flex is traced into that region's graph instead."""
+    pq, pk = block_mask.seq_lengths
+    S, T = q.shape[-2], k.shape[-2]
+    if S > pq or T > pk:
+        raise ValueError(f"BlockMask is for {pq} queries x {pk} keys, got {S} x {T}")
+    q, k, v = pad_seq(q, pq), pad_seq(k, pk), pad_seq(v, pk)
+    if torch.compiler.is_compiling():
+        out = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
+    else:
+        fn = compiled(_flex, flex_graph_key(q, k, v, block_mask), dynamic=False, fullgraph=True)
+        out = fn(q, k, v, block_mask)
+    return out if S == pq else out[:, :, :S]
+
+
+def _sdpa_causal(q: Tensor, k: Tensor, v: Tensor, q_offset: int = 0) -> Tensor:
+    """Causal SDPA of queries at positions q_offset .. q_offset+S-1 over keys 0 .. T-1 (T = q_offset + S): the Full
+    pattern, at any shape, nothing compiled.
+
+    Square -> ``is_causal`` with ``enable_gqa`` (unexpanded K/V: on an H200, torch 2.11, bf16, 16K tokens, 32 q / 8 kv
+    heads, warmed up, 2.45 ms forward / 8.89 ms forward+backward at D 64 against 2.60 / 9.14 ms with K/V expanded
+    first; 3.80 / 14.36 against 4.07 / 14.77 at D 128; analysis/results/shapes_NVIDIA_H200.json). A chunk after a
+    prefix -> ``causal_lower_right`` (flash / memory-efficient kernels align the diagonal to the last key); its flash
+    call takes equal head counts, so K/V are expanded there."""
+    S, T = q.shape[-2], k.shape[-2]
+    if S == T:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(S, T))
 
 
 def positions_in_documents(doc_ids: Tensor) -> Tensor:
@@ -87,12 +124,7 @@ class MaskSet:
         if kind not in ("block", "dense"):
             raise ValueError(f"MaskSet kind must be 'block' or 'dense', got {kind!r}")
         if doc_ids is not None:
-            if not isinstance(doc_ids, Tensor) or doc_ids.dim() not in (1, 2) or doc_ids.shape[-1] != seq_len \
-                    or doc_ids.is_floating_point() or doc_ids.dtype == torch.bool:
-                got = (doc_ids.dtype, tuple(doc_ids.shape)) if isinstance(doc_ids, Tensor) else type(doc_ids).__name__
-                raise ValueError(f"doc_ids must be an integer tensor of shape [batch, seq_len={seq_len}] or "
-                                 f"[seq_len], got {got}")
-            doc_ids = doc_ids.to(device)
+            doc_ids = check_doc_ids(doc_ids, seq_len).to(device)
         self.seq_len, self.kind, self.doc_ids = seq_len, kind, doc_ids
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.masks: dict[Pattern, Tensor | BlockMask] = {}
@@ -100,16 +132,21 @@ class MaskSet:
             if isinstance(p, Full) and doc_ids is None:
                 continue
             if kind == "block":
+                padded = padded_len(seq_len)  # the shape policy: one bucket per range of lengths
                 self.masks[p] = build_block_mask(p, seq_len, seq_len, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                                                 block_size=BLOCK_SIZE, device=device, doc_ids=doc_ids)
+                                                 block_size=BLOCK_SIZE, device=device, doc_ids=doc_ids,
+                                                 padded_lengths=(padded, padded))
             else:
                 self.masks[p] = dense_mask(p, seq_len, seq_len, num_heads=num_heads, num_kv_heads=num_kv_heads,
                                            doc_ids=doc_ids).to(device)
 
     @staticmethod
-    def kind_for(device, needs_grad: bool) -> str:
-        """'dense' where flex cannot run the backward pass (CPU with gradients), else 'block'."""
-        return "dense" if torch.device(device).type == "cpu" and needs_grad else "block"
+    def kind_for(device, needs_grad: bool, seq_len: int | None = None) -> str:
+        """'dense' on CPU where flex cannot run the backward pass (gradients) or where compiling would cost more than
+        the dense mask (``seq_len <= CPU_DENSE_MAX_LEN``), else 'block'."""
+        cpu = torch.device(device).type == "cpu"
+        short = seq_len is not None and seq_len <= CPU_DENSE_MAX_LEN
+        return "dense" if cpu and (needs_grad or short) else "block"
 
     def __getitem__(self, pattern: Pattern):
         try:
@@ -124,16 +161,18 @@ class KVCacheStep:
 
     ``caches[layer]`` gives the layer's cache (``k``/``v`` [B, Hkv, slots, D], ``pos`` [B, Hp, slots], ``max_len``,
     ``write_prefill``, ``write_step``, ``visible``). ``mode`` is ``"prefill"`` (one sequence ``row``: a chunk of
-    tokens at absolute positions ``offset ..``) or ``"decode"`` (one token per sequence at device positions ``pos``
+    tokens at absolute positions ``offset ..``; ``chunk``: the prefill's nominal chunk size, which sizes the compiled
+    shape of every later chunk, the last one too) or ``"decode"`` (one token per sequence at device positions ``pos``
     [B]). ``exact``: layers whose cache holds exactly the keys the query may see (a full buffer or a full ring at the
     same position in every row) -- decode over those needs no mask at all; it is host knowledge, passed in by the
     caller, so no step ever syncs to find it out."""
 
     def __init__(self, caches, mode: str, *, row: int = 0, offset: int = 0, pos: Tensor | None = None,
-                 exact: frozenset = frozenset()):
+                 exact: frozenset = frozenset(), chunk: int | None = None):
         if mode not in ("prefill", "decode"):
             raise ValueError(f"KVCacheStep mode must be 'prefill' or 'decode', got {mode!r}")
         self.caches, self.mode, self.row, self.offset, self.pos, self.exact = caches, mode, row, offset, pos, exact
+        self.chunk = chunk
         self._masks: dict = {}  # masks of this step, built once and shared by every layer that needs the same one
 
     def mask(self, key, build):
@@ -185,7 +224,7 @@ class HybridAttention(MultiHeadAttention):
         k = self.pos_embeddings(k, input_pos=input_pos)
         if mask is None:  # a layer used on its own: unpacked, masks for this layer only
             mask = MaskSet([self.pattern], s, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-                           device=x.device, kind=MaskSet.kind_for(x.device, torch.is_grad_enabled()))
+                           device=x.device, kind=MaskSet.kind_for(x.device, torch.is_grad_enabled(), s))
         out = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
         return self.output_proj(out.transpose(1, 2).reshape(b, s, -1))
 
@@ -200,34 +239,36 @@ class HybridAttention(MultiHeadAttention):
         if q.shape[-2] != masks.seq_len:
             raise ValueError(f"MaskSet was built for seq_len={masks.seq_len}, the layer got {q.shape[-2]} tokens")
         if isinstance(self.pattern, Full) and masks.doc_ids is None:
-            # K/V are expanded here, and only here: with enable_gqa=True torch 2.11 does not pick cuDNN/flash for
-            # causal SDPA (H200, bf16, 16K tokens, 32 q / 8 kv heads, D=64: 20.5 ms vs 4.2 ms expanded;
-            # analysis/results/model_gpu_check_NVIDIA_H200.json). Flex handles GQA natively, so it gets unexpanded K/V.
-            group = q.shape[1] // k.shape[1]
-            if group > 1:
-                k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return _sdpa_causal(q, k, v)
         m = masks[self.pattern]
         if masks.kind == "dense":
             return F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)
-        if q.device.type == "cpu" and (q.requires_grad or k.requires_grad or v.requires_grad):
+        if q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                                                    or v.requires_grad):
             raise RuntimeError("flex_attention has no CPU backward: build the MaskSet with kind='dense' "
                                "(the model does this by itself when gradients are needed on CPU)")
-        return flex_attention_compiled(q, k, v, m)
+        return flex_attend(q, k, v, m)
 
     def _attend_cached(self, q: Tensor, k: Tensor, v: Tensor, step: KVCacheStep) -> Tensor:
         """Attention of new tokens over this layer's compact cache (k/v: the new tokens' keys, after RoPE).
 
         decode: write the token, then SDPA over the slots -- with no mask where the cache holds exactly the visible keys
-        (``step.exact``; flash/efficient SDPA over a compact cache is 9-31x faster than flex decoding, FACTS section 2),
-        else with a [B, H, 1, slots] bool mask from the slots' positions (ring not yet full, stale stride blocks, rows
-        of different lengths). Static shapes, positions on the device: CUDA-graph safe.
+        (``step.exact``; flash/efficient SDPA over a compact cache was 9-31x faster than flex decoding on an H200, over
+        4K-128K caches), else with a [B, H, 1, slots] bool mask from the slots' positions (ring not yet full, stale
+        stride blocks, rows of different lengths). Static shapes, positions on the device: CUDA-graph safe, and nothing
+        compiled sees the cache's size.
 
-        prefill (one row, a chunk at ``offset``): on GPU the first chunk runs the ordinary dispatch (causal SDPA or
-        compiled flex with the layer's BlockMask) and later chunks of full layers run compiled flex over the whole
-        buffer with the Full BlockMask for ``q_offset`` (fixed shapes: one compile for every chunk); everywhere else
-        the chunk attends [cached slots ; its own keys] under a bool mask from their positions (small: a sparse
-        layer's slots are few; on CPU sizes are tiny)."""
+        prefill (one row, a chunk of C tokens at ``offset`` o):
+        * full layer: the chunk joins the buffer, then attends positions 0 .. o+C-1 of it. First chunk: causal SDPA
+          (cuDNN). Later chunks on GPU: compiled flex with the Full BlockMask at offset o, the chunk padded to the
+          bucket of the nominal chunk size and the keys to the bucket of o + C (copied past the buffer's end only when
+          that bucket outgrows it) -- 19.3 ms against 25.0 ms for lower-right causal SDPA (flash) for 8192 queries
+          over 65536 keys (H200, bf16, 32 q / 8 kv heads, D 128; analysis/results/shapes_NVIDIA_H200.json), at most
+          one graph per key bucket; on CPU: lower-right causal SDPA, exact, nothing compiled;
+        * sparse layer, first chunk (o = 0): the ordinary dispatch of the no-cache forward (compiled flex under the
+          shape policy, or the dense mask on CPU), so a prompt prefilled whole gives exactly the forward's output;
+        * sparse layer, later chunks: the chunk attends [cached slots ; its own keys] under a bool mask from their
+          positions (a sparse layer's slots are few: sink + window, or the stride store)."""
         cache = step.caches[self]
         if step.mode == "decode":
             cache.write_step(k, v, step.pos)
@@ -236,18 +277,25 @@ class HybridAttention(MultiHeadAttention):
             mask = _expand_heads(cache.visible(step.pos[:, None], cache.pos), self.num_heads)
             return F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=mask, enable_gqa=True)
         row, o, C = step.row, step.offset, q.shape[2]
-        if q.device.type == "cuda" and o == 0:
+        if isinstance(self.pattern, Full):
+            cache.write_prefill(row, k, v, o)
+            if o == 0 or q.device.type != "cuda":
+                return _sdpa_causal(q, cache.k[row:row + 1, :, :o + C], cache.v[row:row + 1, :, :o + C], o)
+            pq, pk = padded_len(max(C, step.chunk or C)), padded_len(o + C)
+            bm = step.mask(("full_chunk", pq, pk), lambda: build_block_mask(
+                Full(), C, o + C, q_offset=o, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                block_size=BLOCK_SIZE, device=q.device, padded_lengths=(pq, pk)))
+            # contiguous copies: a slice of the buffer has the buffer's strides, which differ with every cache size
+            # and would make every generate() call a new graph (dynamo guards on strides)
+            kk, vv = (t[row:row + 1, :, :pk].contiguous() for t in (cache.k, cache.v))
+            return flex_attend(q, kk, vv, bm)
+        if o == 0:
             masks = step.mask(("first", self.pattern), lambda: MaskSet(
-                [self.pattern], C, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, device=q.device))
+                [self.pattern], C, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, device=q.device,
+                kind=MaskSet.kind_for(q.device, False, C)))
             out = self.attend(q, k, v, masks)
             cache.write_prefill(row, k, v, o)
             return out
-        if q.device.type == "cuda" and isinstance(self.pattern, Full):
-            cache.write_prefill(row, k, v, o)
-            bm = step.mask(("full_over_buffer", cache.max_len), lambda: build_block_mask(
-                Full(), C, cache.max_len, q_offset=o, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-                block_size=BLOCK_SIZE, device=q.device))
-            return flex_attention_compiled(q, cache.k[row:row + 1], cache.v[row:row + 1], bm)
         kk = torch.cat([cache.k[row:row + 1], k], dim=2)
         vv = torch.cat([cache.v[row:row + 1], v], dim=2)
         qpos = torch.arange(o, o + C, device=q.device, dtype=torch.int32)

@@ -112,10 +112,15 @@ def plan_cache(model: nn.Module, batch_size: int, max_len: int, dtype: torch.dty
 
 
 def free_memory_bytes(device) -> int:
-    """Free memory on ``device``: cudaMemGetInfo on GPUs, MemAvailable on the host."""
+    """Memory a new allocation on ``device`` can use. On GPUs: what the driver reports free (cudaMemGetInfo) plus what
+    PyTorch's caching allocator holds reserved but unallocated -- after any large computation most of the card sits in
+    that cache, and the driver alone would call it taken. On the host: MemAvailable."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
     if device.type == "meta":
         return 1 << 62
     try:

@@ -36,8 +36,9 @@ from torch.utils.data import Dataset
 
 from .tokenizers import sequence_start
 
-__all__ = ["PYTHON_STDLIB", "PYTHON_STDLIB_PACKAGES", "PackedDocuments", "long_documents", "hf_long_documents", "text_files",
-           "passkey_task", "multikey_needle_task", "SYNTHETIC_TASKS", "CROSS_ENTROPY_IGNORE_INDEX"]
+__all__ = ["PYTHON_STDLIB", "PYTHON_STDLIB_PACKAGES", "PackedDocuments", "long_documents", "hf_long_documents",
+           "text_files", "read_text_file", "check_packing_args", "ON_INVALID_UTF8", "passkey_task",
+           "multikey_needle_task", "SYNTHETIC_TASKS", "CROSS_ENTROPY_IGNORE_INDEX"]
 
 PYTHON_STDLIB = "python-stdlib"
 #: The standard library's *subpackages* (``email/``, ``asyncio/`` ...; no tests, no site-packages): files disjoint from
@@ -88,10 +89,38 @@ def text_files(source: str, suffixes: Iterable[str] = _TEXT_SUFFIXES) -> list[Pa
     return files
 
 
-def _read_files(files: list[Path]) -> Iterator[str]:
+#: What to do with a source file that is not UTF-8 text: refuse the run, naming the file (the default), or skip it and
+#: count it in the log. Decoding it anyway would train on U+FFFD replacement characters (binary data, Latin-1 text).
+ON_INVALID_UTF8 = ("error", "skip")
+
+
+def read_text_file(path: Path, on_invalid_utf8: str = "error", skipped: list | None = None,
+                   field: str = "dataset.on_invalid_utf8") -> str | None:
+    """The text of a UTF-8 file. A file that is not valid UTF-8, or holds NUL bytes (binary data), raises a
+    ``ValueError`` naming it (``on_invalid_utf8="error"``) or is appended to ``skipped`` and returns None ("skip")."""
+    if on_invalid_utf8 not in ON_INVALID_UTF8:
+        raise ValueError(f"{field} must be one of {list(ON_INVALID_UTF8)}, got {on_invalid_utf8!r}")
+    data = Path(path).read_bytes()
+    try:
+        text, problem = data.decode("utf-8"), None
+        if "\x00" in text:
+            problem = f"binary data (a NUL byte at byte {data.index(0)})"
+    except UnicodeDecodeError as e:
+        problem = f"not valid UTF-8 (byte {e.start}: {e.reason})"
+    if problem is None:
+        return text
+    if on_invalid_utf8 == "skip":
+        if skipped is not None:
+            skipped.append(Path(path))
+        return None
+    raise ValueError(f"{path}: {problem}; it is not UTF-8 text. Convert or remove the file"
+                     + (f", or set {field}=skip to skip such files (they are counted in the log)" if field else ""))
+
+
+def _read_files(files: list[Path], on_invalid_utf8: str, skipped: list) -> Iterator[str]:
     for f in files:
-        text = f.read_text(encoding="utf-8", errors="replace")
-        if text.strip():
+        text = read_text_file(f, on_invalid_utf8, skipped)
+        if text is not None and text.strip():
             yield text
 
 
@@ -204,7 +233,8 @@ def _task_lengths(synthetic_length, seq_len: int) -> list:
     return [seq_len if synthetic_length is None else synthetic_length]
 
 
-def _check_args(seq_len, max_tokens, synthetic_share, synthetic_length, synthetic_tasks):
+def check_packing_args(seq_len, max_tokens, synthetic_share, synthetic_length, synthetic_tasks):
+    """The packing arguments' checks, callable before any text is read (the recipe checks its config up front)."""
     if not isinstance(seq_len, int) or seq_len < 2:
         raise ValueError(f"seq_len must be an int >= 2, got {seq_len!r}")
     if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < seq_len):
@@ -230,7 +260,7 @@ def pack_documents(tokenizer, texts: Iterable[str], seq_len: int, *, max_tokens:
     ``synthetic_length``: one task length, or a list that the tasks cycle through (each task at each length in turn).
     ``max_tokens`` bounds the total (natural + synthetic)."""
     synthetic_tasks = list(synthetic_tasks)
-    _check_args(seq_len, max_tokens, synthetic_share, synthetic_length, synthetic_tasks)
+    check_packing_args(seq_len, max_tokens, synthetic_share, synthetic_length, synthetic_tasks)
     natural_budget = None if max_tokens is None else int(max_tokens * (1 - synthetic_share))
     docs: list[tuple[list[int], list[bool] | None]] = []
     natural = 0
@@ -331,12 +361,20 @@ def _keep_tasks_whole(docs: list, seq_len: int, pad_id: int, lookahead: int = 25
 # -- builders for configs -----------------------------------------------------------------------------------------------
 def long_documents(tokenizer, seq_len: int, source: str = PYTHON_STDLIB, *, max_tokens: int | None = None,
                    synthetic_share: float = 0.0, synthetic_length: int | list[int] | None = None,
-                   synthetic_tasks=("passkey", "multikey_needle"), seed: int = 0) -> PackedDocuments:
-    """Packed long documents from local text files (``text_files`` explains ``source``); one file = one document."""
+                   synthetic_tasks=("passkey", "multikey_needle"), seed: int = 0,
+                   on_invalid_utf8: str = "error") -> PackedDocuments:
+    """Packed long documents from local text files (``text_files`` explains ``source``); one file = one document.
+    ``on_invalid_utf8``: ``"error"`` refuses a file that is not UTF-8 text, naming it; ``"skip"`` leaves it out and
+    counts it in ``stats["skipped_files"]`` (names in ``stats["skipped_file_names"]``)."""
+    if on_invalid_utf8 not in ON_INVALID_UTF8:
+        raise ValueError(f"dataset.on_invalid_utf8 must be one of {list(ON_INVALID_UTF8)}, got {on_invalid_utf8!r}")
     files = text_files(source)
-    return pack_documents(tokenizer, _read_files(files), seq_len, max_tokens=max_tokens,
-                          synthetic_share=synthetic_share, synthetic_length=synthetic_length,
-                          synthetic_tasks=synthetic_tasks, seed=seed)
+    skipped: list[Path] = []
+    ds = pack_documents(tokenizer, _read_files(files, on_invalid_utf8, skipped), seq_len, max_tokens=max_tokens,
+                        synthetic_share=synthetic_share, synthetic_length=synthetic_length,
+                        synthetic_tasks=synthetic_tasks, seed=seed)
+    ds.stats.update(skipped_files=len(skipped), skipped_file_names=[str(p) for p in skipped])
+    return ds
 
 
 def hf_long_documents(tokenizer, seq_len: int, name: str, *, split: str = "train", text_column: str = "text",

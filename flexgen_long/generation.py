@@ -25,8 +25,9 @@ from torch import Tensor, nn
 
 from .attention import HybridAttention, KVCacheStep
 from .cache import ModelCache
+from .shapes import buckets, compiled, compiled_graphs
 
-__all__ = ["generate", "Generation", "prefill", "decode_step", "forward_cached", "sample", "exact_layers"]
+__all__ = ["generate", "Generation", "prefill", "decode_step", "forward_cached", "sample", "exact_layers", "warmup"]
 
 
 @dataclass
@@ -66,7 +67,7 @@ def prefill(model: nn.Module, cache: ModelCache, prompt: Tensor, row: int, chunk
     for o in range(0, n, chunk):
         toks = prompt[o:o + chunk].view(1, -1)
         pos = torch.arange(o, o + toks.shape[1], device=prompt.device).view(1, -1)
-        logits = forward_cached(model, toks, KVCacheStep(cache, "prefill", row=row, offset=o), pos,
+        logits = forward_cached(model, toks, KVCacheStep(cache, "prefill", row=row, offset=o, chunk=chunk), pos,
                                 last_only=not all_logits)
         outs.append(logits[0])
     return torch.cat(outs) if all_logits else outs[-1][-1]
@@ -137,17 +138,12 @@ def _check(prompts, max_new_tokens, temperature, top_k, top_p, prefill_chunk, vo
         raise ValueError(f"prefill_chunk must be None (whole prompt) or an int >= 1, got {prefill_chunk!r}")
 
 
-_COMPILED_DECODE = None
-
-
-def compiled_decode_step():
+def compiled_decode_step(model: nn.Module, cache: ModelCache, batch_size: int, exact: frozenset):
     """decode_step through torch.compile (inductor fuses RMSNorm, RoPE, the residual adds and the cache writes: eager
     torchtune layers launch ~30 small kernels per layer, which keeps a decode step off the memory-bandwidth roof).
-    Static shapes: one graph per batch size and ``exact`` set, compiled on the warm-up step before CUDA-graph capture."""
-    global _COMPILED_DECODE
-    if _COMPILED_DECODE is None:
-        _COMPILED_DECODE = torch.compile(decode_step, dynamic=False)
-    return _COMPILED_DECODE
+    Static shapes: one compiled function per (model, batch size, cache length, ``exact`` set), each compiled once
+    (flexgen_long.shapes.compiled), on the warm-up step before CUDA-graph capture."""
+    return compiled(decode_step, (id(model), batch_size, cache.max_len, exact), dynamic=False)
 
 
 class _GraphedStep:
@@ -155,7 +151,7 @@ class _GraphedStep:
     ``compile``: capture the torch.compile'd step instead of the eager one."""
 
     def __init__(self, model, cache, batch_size, device, compile: bool = False):
-        self.step = compiled_decode_step() if compile else decode_step
+        self.compile, self.batch_size = compile, batch_size
         self.model, self.cache = model, cache
         self.tokens = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)
@@ -170,14 +166,15 @@ class _GraphedStep:
             return out
         # First step of this kind: run it for real on a side stream (warm-up, as CUDA graphs require), then capture
         # the same step; capturing runs nothing, so the caches are written once.
+        step = compiled_decode_step(self.model, self.cache, self.batch_size, exact) if self.compile else decode_step
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
-            result = self.step(self.model, self.cache, self.tokens, self.pos, exact).clone()
+            result = step(self.model, self.cache, self.tokens, self.pos, exact).clone()
         torch.cuda.current_stream().wait_stream(s)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = self.step(self.model, self.cache, self.tokens, self.pos, exact)
+            out = step(self.model, self.cache, self.tokens, self.pos, exact)
         self.graphs[exact] = (graph, out)
         return result
 
@@ -238,3 +235,32 @@ def generate(model: nn.Module, prompts, *, max_new_tokens: int, temperature: flo
     for r in results:
         r.decode_s = time.perf_counter() - t1
     return results
+
+
+@torch.inference_mode()
+def warmup(model: nn.Module, max_prompt_len: int, prefill_chunk: int | None = None) -> dict:
+    """Compile, ahead of traffic, every graph that ``generate(prompts, prefill_chunk=prefill_chunk)`` can need for
+    prompts of up to ``max_prompt_len`` tokens. Compiled code runs in two places of a prefill (flexgen_long.shapes):
+    a prompt's first chunk (flex in the sparse and packed layers, at the bucket of the chunk's length) and, on GPU,
+    the full layers' later chunks (flex at the bucket of the chunk size x the bucket of the keys seen so far). One
+    prefill per bucket length covers them all. Returns ``{"graphs": new compiled graphs, "seconds": wall time}``."""
+    if not isinstance(max_prompt_len, int) or max_prompt_len < 1 or max_prompt_len > model.max_seq_len:
+        raise ValueError(f"max_prompt_len must be an int in [1, model.max_seq_len={model.max_seq_len}], got "
+                         f"{max_prompt_len!r}")
+    if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
+        raise ValueError(f"prefill_chunk must be None (whole prompt) or an int >= 1, got {prefill_chunk!r}")
+    param = next(model.parameters())
+    chunk = prefill_chunk if prefill_chunk is not None and prefill_chunk < max_prompt_len else None
+    # the top bucket may pass the longest prompt: its shorter lengths share that bucket
+    lengths = {min(b, max_prompt_len) for b in buckets(chunk or max_prompt_len)}  # first chunks
+    if chunk is not None:  # prompts whose last chunk ends in each key bucket past the first chunk
+        lengths |= {min(b, max_prompt_len) for b in buckets(max_prompt_len) if b > chunk}
+    t0, g0 = time.perf_counter(), len(compiled_graphs())
+    for n in sorted(lengths):
+        cache = ModelCache(model, 1, n, param.dtype, param.device)
+        prefill(model, cache, torch.zeros(n, dtype=torch.long, device=param.device), 0,
+                chunk if chunk is not None and n > chunk else None)
+        del cache
+    if param.device.type == "cuda":
+        torch.cuda.synchronize(param.device)
+    return {"graphs": len(compiled_graphs()) - g0, "seconds": time.perf_counter() - t0}

@@ -16,7 +16,7 @@ overwritten inside the tensor data show up.
 
 Why not torchtune's ``FullModelHFCheckpointer``: it needs an output directory it writes into and a ``model_type``, and
 it checks nothing of the above; the recipes only read base models here and write their own atomic checkpoints
-(flexgen_long.training). The conversion itself is torchtune's (``convert_weights.hf_to_tune``: key names and the q/k
+(flexgen_long.checkpoint_io). The conversion itself is torchtune's (``convert_weights.hf_to_tune``: key names and the q/k
 RoPE permutation).
 """
 

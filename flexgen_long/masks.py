@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
-from .patterns import Documents, Pattern, _is_pow2, check_shape
+from .patterns import Documents, Pattern, _is_pow2, check_doc_ids, check_shape
 
 __all__ = ["build_block_mask", "dense_mask", "density"]
 
@@ -28,11 +28,7 @@ def _check_pattern(pattern) -> None:
 def _documents(doc_ids, kv_len: int, length: int, device) -> Documents | None:
     if doc_ids is None:
         return None
-    if not isinstance(doc_ids, Tensor) or doc_ids.dim() not in (1, 2) or doc_ids.shape[-1] != kv_len:
-        got = tuple(doc_ids.shape) if isinstance(doc_ids, Tensor) else type(doc_ids).__name__
-        raise ValueError(f"doc_ids must be a tensor of shape [kv_len={kv_len}] or [batch, kv_len={kv_len}], got {got}")
-    if doc_ids.is_floating_point() or doc_ids.is_complex():
-        raise ValueError(f"doc_ids must be an integer tensor, got dtype {doc_ids.dtype}")
+    check_doc_ids(doc_ids, kv_len)
     return Documents.from_ids(doc_ids.to(device) if device is not None else doc_ids, length)
 
 
@@ -49,13 +45,16 @@ def _ordered(dense: Tensor) -> tuple[Tensor, Tensor]:
     return num.contiguous(), idx[..., :C].contiguous()
 
 
-def _views(pattern, q_len, kv_len, q_offset, block_size, num_kv_heads, group, docs, device):
-    """The block rule as the eight index tensors of a BlockMask (query-major and key-major, partial and full)."""
+def _views(pattern, q_len, kv_len, q_offset, block_size, num_kv_heads, group, docs, device, pad_q_blocks=0):
+    """The block rule as the eight index tensors of a BlockMask (query-major and key-major, partial and full);
+    ``pad_q_blocks`` query blocks of padding are appended with no key blocks at all."""
     rule = pattern.block_rule(q_len, kv_len, q_offset=q_offset, block_size=block_size, num_kv_heads=num_kv_heads,
                               docs=docs, device=device)
     # Building a mask is launch-bound (tens of small kernels, ~1 ms at 8K-32K on H200), so partial and full go
     # through each conversion together: one stacked tensor, half the launches.
     both = torch.stack([rule.partial, rule.full])
+    if pad_q_blocks:
+        both = torch.nn.functional.pad(both, (0, 0, 0, pad_q_blocks))  # [2, B, H, NQ + pad, NK], False
     kv = _ordered(both)
     q = _ordered(both.transpose(-2, -1))
     if both.shape[2] > 1:  # head-dependent: computed per KV head, then one row of blocks per query head
@@ -66,30 +65,49 @@ def _views(pattern, q_len, kv_len, q_offset, block_size, num_kv_heads, group, do
 
 def build_block_mask(pattern: Pattern, q_len: int, kv_len: int, *, q_offset: int = 0, num_heads: int = 1,
                      num_kv_heads: int | None = None, block_size: int = 128, device=None,
-                     doc_ids: Tensor | None = None) -> BlockMask:
+                     doc_ids: Tensor | None = None, padded_lengths: tuple[int, int] | None = None) -> BlockMask:
     """BlockMask of ``pattern`` for queries at absolute positions ``q_offset .. q_offset+q_len-1`` over keys
     ``0 .. kv_len-1``.
 
     Heads: one mask for all heads unless the pattern depends on the KV head (BlockSparse per_head), then one per query
     head, query head ``h`` using KV head ``h // (num_heads // num_kv_heads)``. ``doc_ids`` ([kv_len] or
     [batch, kv_len]) packs documents: a query sees keys of its own document only, with the pattern applied to positions
-    within the document. Memory is O(heads * q_blocks * kv_blocks)."""
+    within the document. Memory is O(heads * q_blocks * kv_blocks).
+
+    ``padded_lengths=(Pq, Pk)``: the mask for q / k / v zero-padded to ``Pq`` queries and ``Pk`` keys (the shape
+    policy of flexgen_long.shapes; both multiples of ``block_size``), for the same real problem: query blocks made only
+    of padding list no key blocks (the kernel skips them), and padded keys count as positions after every real query,
+    so causality hides them -- a block holding padded keys is never *full* for a real query. Padded query rows inside
+    the last real query block see what a query at their position would see (finite outputs, which the caller drops)."""
     _check_pattern(pattern)
     num_kv_heads = check_shape(q_len, kv_len, q_offset, num_heads, num_kv_heads)
     if not _is_pow2(block_size, 16):
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size!r}")
-    nq, nk = -(-q_len // block_size), -(-kv_len // block_size)
-    # pad the layout so that the mask_mod's indices stay in bounds on padded rows/columns of the last blocks
-    docs = _documents(doc_ids, kv_len, max(nk * block_size, q_offset + nq * block_size), device)
+    if padded_lengths is None or tuple(padded_lengths) == (q_len, kv_len):
+        pq, pk, rule_kv = q_len, kv_len, kv_len
+    else:
+        pq, pk = padded_lengths
+        for name, p, n in (("padded q_len", pq, q_len), ("padded kv_len", pk, kv_len)):
+            if not isinstance(p, int) or p < n or p % block_size:
+                raise ValueError(f"{name} must be a multiple of block_size={block_size} and >= {n}, got {p!r}")
+        # Padded keys are positions kv_len .. pk-1, after every real query: the causal part of every pattern hides
+        # them. The kernel does not bound-check keys below pk, so the rule must see them as keys, never as absent.
+        rule_kv = pk
+    nq, nk = -(-q_len // block_size), -(-rule_kv // block_size)
+    nq_grid = -(-pq // block_size)
+    # pad the layout so that the mask_mod's indices stay in bounds on padded rows/columns; positions from kv_len on
+    # form one more document (padding), visible to no real query
+    docs = _documents(doc_ids, kv_len, max(nk * block_size, q_offset + nq_grid * block_size), device)
     if docs is not None:
         device = docs.run.device
     device = torch.device(device) if device is not None else torch.device("cpu")
     kv_num, kv_idx, full_num, full_idx, q_num, q_idx, full_q_num, full_q_idx = _views(
-        pattern, q_len, kv_len, q_offset, block_size, num_kv_heads, num_heads // num_kv_heads, docs, device)
+        pattern, q_len, rule_kv, q_offset, block_size, num_kv_heads, num_heads // num_kv_heads, docs, device,
+        nq_grid - nq)
     off = torch.tensor(q_offset, dtype=torch.int32, device=device)
     mask_mod = pattern.mask_mod(q_offset=off, num_heads=num_heads, num_kv_heads=num_kv_heads, docs=docs)
     bm = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size, mask_mod=mask_mod,
-                                  seq_lengths=(q_len, kv_len), compute_q_blocks=False)
+                                  seq_lengths=(pq, pk), compute_q_blocks=False)
     # The backward pass walks the mask by key block. from_kv_blocks would derive that view by expanding the indices to
     # a dense block matrix and argsorting it (a few ms at 128K with per-head masks); the transposed block rule gives
     # the same indices in one cumsum.

@@ -33,7 +33,7 @@ from torchtune.modules import RMSNorm, RotaryPositionalEmbeddings, TiedLinear, T
 from . import hf
 from .attention import HybridAttention, MaskSet, positions_in_documents
 from .layout import DEFAULT_SPARSE_PATTERN, layer_patterns
-from .patterns import AttnSink
+from .patterns import AttnSink, check_doc_ids
 
 __all__ = ["HybridDecoder", "longgen_llama", "from_hf_config", "builder_config", "doc_ids_from_seq_lens", "relayout", "longgen_llama2_7b", "longgen_llama2_13b",
            "longgen_llama2_70b", "longgen_llama3_1_8b", "longgen_llama3_1_70b", "longgen_llama3_2_1b",
@@ -62,15 +62,14 @@ class HybridDecoder(TransformerDecoder):
         if seq_len > self.max_seq_len:
             raise ValueError(f"seq_len {seq_len} exceeds max_seq_len={self.max_seq_len} (raise max_seq_len in the "
                              "builder; RoPE tables are built up to it)")
-        if doc_ids is not None and isinstance(doc_ids, Tensor) and doc_ids.dim() == 2 \
-                and doc_ids.shape[0] not in (1, tokens.shape[0]):
-            raise ValueError(f"doc_ids batch {doc_ids.shape[0]} must be 1 or the tokens' batch {tokens.shape[0]}")
+        if doc_ids is not None:
+            check_doc_ids(doc_ids, seq_len, batch=tokens.shape[0])
         attn = [m for m in self.modules() if isinstance(m, HybridAttention)]
         if mask is None:
             needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
             mask = MaskSet([a.pattern for a in attn], seq_len, num_heads=attn[0].num_heads,
                            num_kv_heads=attn[0].num_kv_heads, device=tokens.device, doc_ids=doc_ids,
-                           kind=MaskSet.kind_for(tokens.device, needs_grad))
+                           kind=MaskSet.kind_for(tokens.device, needs_grad, seq_len))
         elif not isinstance(mask, MaskSet):
             raise ValueError("mask must be None or a flexgen_long.attention.MaskSet; pass packing as doc_ids "
                              "(torchtune masks would override the per-layer patterns; generation over KV caches goes "

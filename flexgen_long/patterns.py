@@ -2,7 +2,8 @@
 
 Every pattern answers three questions, all on positions *within one document* (``q`` the query's, ``k`` the key's):
 
-* the token rule ``visible(q, k, kv_head)`` -- exact semantics (shared/FACTS.md section 4), vectorised over tensors;
+* the token rule ``visible(q, k, kv_head)`` -- the exact semantics (each class's docstring; the authors' Triton
+  kernels and dkernel's ``get_sparse_attn_mask`` use the same rule for BlockSparse), vectorised over tensors;
 * the rectangle rule ``rect(q0, q1, k0, k1, kv_head) -> (any, all)`` -- whether *some* / *every* pair of the
   rectangle ``[q0, q1] x [k0, k1]`` is visible (bounds inclusive). This is what makes block masks cheap: a BlockMask is
   the rectangle rule evaluated once per (query block, key block), no token pair is ever enumerated;
@@ -25,7 +26,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["Pattern", "Full", "AttnSink", "BlockSparse", "Documents", "BlockRule", "check_shape"]
+__all__ = ["Pattern", "Full", "AttnSink", "BlockSparse", "Documents", "BlockRule", "check_shape", "check_doc_ids"]
 
 
 def _require(ok: bool, field: str, allowed: str, got) -> None:
@@ -39,6 +40,24 @@ def _is_int(x) -> bool:
 
 def _is_pow2(x, minimum: int) -> bool:
     return _is_int(x) and x >= minimum and x & (x - 1) == 0
+
+
+def check_doc_ids(doc_ids, length: int | None = None, batch: int | None = None) -> Tensor:
+    """The one check of per-token document ids (every module that takes ``doc_ids`` calls it); returns them unchanged.
+
+    ``doc_ids`` must be an integer tensor (not bool, float or complex) of shape [length] or [batch', length], where
+    ``length`` (when given) is the sequence the ids describe and ``batch'`` is 1 or ``batch`` (when given)."""
+    L = "length" if length is None else f"length={length}"
+    shape = f"[{L}] or [{'batch' if batch is None else f'1 or batch={batch}'}, {L}]"
+    if not isinstance(doc_ids, Tensor):
+        raise ValueError(f"doc_ids must be an integer tensor of shape {shape}, got {type(doc_ids).__name__}")
+    if doc_ids.is_floating_point() or doc_ids.is_complex() or doc_ids.dtype == torch.bool:
+        raise ValueError(f"doc_ids must be an integer tensor, got dtype {doc_ids.dtype}")
+    if doc_ids.dim() not in (1, 2) or (length is not None and doc_ids.shape[-1] != length):
+        raise ValueError(f"doc_ids must have shape {shape}, got {tuple(doc_ids.shape)}")
+    if batch is not None and doc_ids.dim() == 2 and doc_ids.shape[0] not in (1, batch):
+        raise ValueError(f"doc_ids batch {doc_ids.shape[0]} must be 1 or the tokens' batch {batch}")
+    return doc_ids
 
 
 class Documents(NamedTuple):
@@ -56,10 +75,8 @@ class Documents(NamedTuple):
     def from_ids(doc_ids: Tensor, length: int | None = None) -> "Documents":
         """Build the layout from per-token ids ([L] or [B, L]); positions from ``L`` to ``length`` become one more
         document of padding (never visible to a real query)."""
-        if not isinstance(doc_ids, Tensor) or doc_ids.dim() not in (1, 2) or doc_ids.is_floating_point():
-            got = doc_ids.shape if isinstance(doc_ids, Tensor) else type(doc_ids).__name__
-            raise ValueError(f"doc_ids must be an integer tensor of shape [kv_len] or [batch, kv_len], got {got}")
-        ids = doc_ids.reshape(1, -1) if doc_ids.dim() == 1 else doc_ids
+        ids = check_doc_ids(doc_ids)
+        ids = ids.reshape(1, -1) if ids.dim() == 1 else ids
         B, L = ids.shape
         length = L if length is None else max(length, L)
         new = torch.ones(B, length, dtype=torch.bool, device=ids.device)
@@ -148,6 +165,11 @@ class Pattern:
                 return same & pat.visible(q - start[b, q], kv_idx - start[b, kv_idx], h // group)
 
         mask_mod.__name__ = f"{type(self).__name__.lower()}_mask"
+        # What a compiled flex graph depends on besides tensor shapes (flexgen_long.shapes.flex_graph_key): the rule's
+        # constants and the layout tensors' shapes. The offset and the document ids are tensors: their values are
+        # read at run time and never force a recompile.
+        mask_mod.graph_key = (type(self).__name__, pat, group,
+                              None if docs is None else (tuple(docs.run.shape), docs.run.shape[0] > 1))
         return mask_mod
 
     # -- the block rule over a whole grid ------------------------------------------------------------------------------

@@ -14,9 +14,10 @@ Steps, top to bottom:
    checkpoint is rebuilt as trained; a plain HF directory in the architecture of the ``model`` section when given
    (``flexgen_long.models.from_hf_config`` with a LongGen layout applied at inference), else the original model.
    Without ``checkpoint_dir``, the ``model`` section with random weights (smoke tests). The tokenizer must fit the
-   model's vocabulary (``flexgen_long.tokenizers.check_fits``). With ``streaming_llm: {sink, window}`` every layer is switched to ``AttnSink(sink, window)`` at
-   inference (``flexgen_long.models.relayout``): the StreamingLLM baseline, a model trained with full attention
-   whose KV caches keep only sink + window keys per layer (ring caches, flexgen_long.cache).
+   model's vocabulary (``flexgen_long.tokenizers.check_fits``). With ``streaming_llm: {sink, window}`` every layer is
+   switched to ``AttnSink(sink, window)`` at inference (``flexgen_long.models.relayout``): the StreamingLLM baseline,
+   a model trained with full attention whose KV caches keep only sink + window keys per layer (ring caches,
+   flexgen_long.cache).
 2. Retrieval: for each task (``passkey``, ``multikey_needle`` -- flexgen_long.data's generators), context length L
    and depth d, ``samples_per_cell`` prompts of exactly L tokens with the asked-for needle at depth d (seeded by
    (seed, task, L, d): every model sees the same prompts). Scoring: the answer is greedy-decoded with
@@ -50,30 +51,26 @@ from torch import nn
 from tqdm import tqdm
 from torchtune import config, utils
 
-from flexgen_long import hf, training
+from flexgen_long import checkpoint_io, hf
+from flexgen_long import recipe_config as rc
 from flexgen_long.cache import ModelCache
-from flexgen_long.data import PYTHON_STDLIB_PACKAGES, SYNTHETIC_TASKS, text_files
+from flexgen_long.data import PYTHON_STDLIB_PACKAGES, SYNTHETIC_TASKS, read_text_file, text_files
 from flexgen_long.generation import generate, prefill
 from flexgen_long.models import relayout
 from flexgen_long.patterns import AttnSink, Full
-from flexgen_long.tokenizers import check_fits
 
 log = utils.get_logger("INFO")
 
 RECIPE_KEYS = {"output_dir", "name", "checkpoint_dir", "model", "tokenizer", "streaming_llm", "tasks", "lengths",
                "depths", "samples_per_cell", "perplexity_source", "perplexity_documents", "prefill_chunk", "seed",
                "device", "dtype"}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SCORING = ("greedy decoding (flexgen_long.generation.generate, temperature 0) of as many tokens as the answer has; "
            "exact match of the answer's token ids")
-
-
-def _fail(field: str, message: str):
-    raise ValueError(f"config field '{field}': {message}")
+_fail = rc.fail
 
 
 def _int_list(cfg, field: str, minimum: int) -> list[int]:
-    vals = cfg.get(field)
+    vals = rc.get(cfg, field)
     if vals is None or isinstance(vals, (str, int)) or not len(vals) \
             or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in vals):
         _fail(field, f"must be a non-empty list of ints >= {minimum}, got {vals!r}")
@@ -83,38 +80,31 @@ def _int_list(cfg, field: str, minimum: int) -> list[int]:
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """Checks that need no model: unknown keys, the grid, the types of the recipe's own fields."""
-    unknown = sorted(set(cfg.keys()) - RECIPE_KEYS)
-    if unknown:
-        raise ValueError(f"unknown config key(s) {unknown}; the recipe reads: {sorted(RECIPE_KEYS)}")
-    missing = sorted(k for k in ("output_dir", "tokenizer", "lengths") if k not in cfg)
-    if missing:
-        raise ValueError(f"missing config key(s) {missing}")
-    if not cfg.get("checkpoint_dir") and cfg.get("model") is None:
-        raise ValueError("config needs 'checkpoint_dir' (an HF model directory or a finetuning checkpoint) or a "
-                         "'model' section (random weights)")
+    """Every field that needs no model: unknown keys, the grid, the types of the recipe's own fields, the device, the
+    checkpoint directory (flexgen_long.recipe_config: errors name the field, value and allowed)."""
+    rc.check_keys(cfg, RECIPE_KEYS, required=("output_dir", "tokenizer", "lengths"))
+    rc.string(cfg, "output_dir")
+    rc.string(cfg, "name", None, nullable=True)
     _int_list(cfg, "lengths", 64)  # below 64 tokens a prompt cannot hold intro, needle and question
-    tasks = cfg.get("tasks", ["passkey", "multikey_needle"])
+    tasks = rc.get(cfg, "tasks", ["passkey", "multikey_needle"])
     if tasks is None or isinstance(tasks, str) or any(t not in SYNTHETIC_TASKS for t in tasks) \
             or len(set(tasks)) != len(tasks):
         _fail("tasks", f"must be a list of distinct names from {sorted(SYNTHETIC_TASKS)} (may be empty), "
                        f"got {tasks!r}")
-    depths = cfg.get("depths", [0.0, 0.5, 1.0])
+    depths = rc.get(cfg, "depths", [0.0, 0.5, 1.0])
     if depths is None or isinstance(depths, str) or (tasks and not len(depths)) \
             or not all(isinstance(d, (int, float)) and not isinstance(d, bool) and 0 <= d <= 1 for d in depths):
         _fail("depths", f"must be a non-empty list of numbers in [0, 1] (0 = first, 1 = last before the question), "
                         f"got {depths!r}")
-    for field in ("samples_per_cell", "perplexity_documents"):
-        v = cfg.get(field, 1)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0 or (field == "samples_per_cell" and v < 1):
-            _fail(field, f"must be an int >= {1 if field == 'samples_per_cell' else 0} (perplexity_documents: 0 "
-                         f"skips perplexity), got {v!r}")
-    chunk = cfg.get("prefill_chunk")
-    if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
-        _fail("prefill_chunk", f"must be null (whole prompt) or an int >= 1, got {chunk!r}")
-    if cfg.get("dtype", "fp32") not in DTYPES:
-        _fail("dtype", f"must be one of {sorted(DTYPES)}, got {cfg.get('dtype')!r}")
-    s = cfg.get("streaming_llm")
+    rc.integer(cfg, "samples_per_cell", 1, minimum=1)
+    rc.integer(cfg, "perplexity_documents", 1, minimum=0)  # 0 skips perplexity
+    rc.string(cfg, "perplexity_source", PYTHON_STDLIB_PACKAGES)
+    rc.integer(cfg, "prefill_chunk", None, minimum=1, nullable=True)
+    rc.integer(cfg, "seed", 0, minimum=0)
+    rc.device_field(cfg)
+    rc.dtype_field(cfg)
+    rc.check_component("tokenizer", rc.get(cfg, "tokenizer"))
+    s = rc.get(cfg, "streaming_llm", None)
     if s is not None:
         if not isinstance(s, (dict, DictConfig)) or set(s.keys()) != {"sink", "window"}:
             _fail("streaming_llm", f"must be null or {{sink: int, window: int}}, got {s!r}")
@@ -122,38 +112,29 @@ def validate_config(cfg: DictConfig) -> None:
             AttnSink(sink=s["sink"], window=s["window"])
         except ValueError as e:
             _fail("streaming_llm", str(e))
+    ckpt = rc.checkpoint_dir_field(cfg)
+    if ckpt is not None and not (ckpt / hf.CONFIG_FILE).is_file():  # an output_dir: its latest checkpoint, if any yet
+        ckpt = checkpoint_io.latest_checkpoint(ckpt) or ckpt  # (none is refused when the model is built)
+    rc.check_model_sections(cfg, ckpt)
 
 
 # -- model ---------------------------------------------------------------------------------------------------------------
-def resolve_checkpoint(path: str) -> Path:
+def resolve_checkpoint(path) -> Path:
     """A checkpoint directory (holds config.json), or a finetuning output_dir (its latest step_<N>)."""
-    p = Path(path)
-    if not p.is_dir():
-        _fail("checkpoint_dir", f"{path!r} does not exist (or is not a directory)")
+    p = rc.existing_dir("checkpoint_dir", str(path), "an HF model directory, a checkpoint or a finetuning output_dir")
     if (p / hf.CONFIG_FILE).is_file():
         return p
-    latest = training.latest_checkpoint(p)
+    latest = checkpoint_io.latest_checkpoint(p)
     if latest is None:
-        _fail("checkpoint_dir", f"{path!r} is neither a checkpoint (no {hf.CONFIG_FILE}) nor an output_dir "
-                                "with step_<N> checkpoints")
+        _fail("checkpoint_dir", f"{str(path)!r} is neither a checkpoint (no {hf.CONFIG_FILE}) nor an "
+                                "output_dir with step_<N> checkpoints")
     return latest
 
 
 def build_model(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, str | None]:
     """The model to evaluate, in eval mode, with the StreamingLLM override applied when configured."""
-    ckpt = None
-    if cfg.get("checkpoint_dir"):
-        ckpt = resolve_checkpoint(cfg.checkpoint_dir)
-        section = cfg.get("model")
-        if section is not None and hf.is_recipe_checkpoint(hf.read_config(ckpt)):
-            log.info(f"{ckpt} was written by recipes/longgen_finetune.py: rebuilt as trained (the model config in its "
-                     "config.json); the config's model section is not used")
-            section = None
-        model = hf.load_model(ckpt, device=device, dtype=dtype, model_cfg=section)
-    else:
-        with torch.device(device):
-            model = config.instantiate(cfg.model)
-        model = model.to(dtype=dtype)
+    ckpt = resolve_checkpoint(cfg.checkpoint_dir) if cfg.get("checkpoint_dir") else None
+    model = rc.build_model(cfg, ckpt, device, dtype, log=log.info)
     s = cfg.get("streaming_llm")
     if s is not None:
         relayout(model, "none", AttnSink(sink=s["sink"], window=s["window"]))
@@ -250,7 +231,11 @@ def heldout_documents(tokenizer, source: str, min_tokens: int, n: int, seed: int
     random.Random(seed).shuffle(files)
     docs = []
     for f in files:
-        ids = tokenizer.encode(f.read_text(encoding="utf-8", errors="replace"), add_bos=True, add_eos=False)
+        try:
+            text = read_text_file(f, field="")
+        except ValueError as e:
+            _fail("perplexity_source", str(e))
+        ids = tokenizer.encode(text, add_bos=True, add_eos=False)
         if len(ids) >= min_tokens:
             docs.append(ids[:min_tokens])
             if len(docs) == n:
@@ -276,6 +261,12 @@ def evaluate_perplexity(model: nn.Module, docs: list[list[int]], lengths, prefil
     ppl, ppl_half, nll = [], [], []
     for length in lengths:
         losses = torch.stack([sequence_nll(model, d[:length], prefill_chunk) for d in docs])  # [docs, L-1]
+        if not torch.isfinite(losses).all():  # NaN is no perplexity (and not valid JSON): stop, say where
+            bad = (~torch.isfinite(losses)).sum(dim=1)
+            raise FloatingPointError(
+                f"perplexity at length {length}: the model's loss is NaN or infinite at {int(bad.sum())} of "
+                f"{losses.numel()} positions (documents {[i for i, n in enumerate(bad.tolist()) if n]}): its logits "
+                "are not finite, so its weights are damaged or overflow in this dtype; nothing was written")
         # loss index t scores token t+1: the second half of the positions is t+1 >= length // 2
         half = losses[:, max(length // 2 - 1, 0):]
         nll.append(losses.mean().item())
@@ -285,6 +276,19 @@ def evaluate_perplexity(model: nn.Module, docs: list[list[int]], lengths, prefil
             bar.set_description(f"perplexity L={length}: {ppl[-1]:.3f}")
             bar.update(1)
     return {"lengths": list(lengths), "documents": len(docs), "nll": nll, "ppl": ppl, "ppl_second_half": ppl_half}
+
+
+@torch.inference_mode()
+def check_finite_logits(model: nn.Module, tokenizer, ckpt: str | None) -> None:
+    """One short forward before the grid: a model whose logits are NaN or infinite would decode garbage (and score 0)
+    and give a NaN perplexity; say so instead, naming the checkpoint."""
+    ids = tokenizer.encode("def main():\n    return 0\n", add_bos=True, add_eos=False)
+    x = torch.tensor([ids], device=next(model.parameters()).device)
+    logits = model(x)
+    if not torch.isfinite(logits).all():
+        raise FloatingPointError(f"{ckpt or 'the model'}: its logits are NaN or infinite on a short prompt "
+                                 f"({int((~torch.isfinite(logits)).sum())} of {logits.numel()} values): its weights "
+                                 "are damaged or overflow in this dtype; nothing was evaluated")
 
 
 # -- output --------------------------------------------------------------------------------------------------------------
@@ -319,8 +323,7 @@ def evaluate(cfg: DictConfig) -> dict:
     validate_config(cfg)
     seed = cfg.get("seed", 0)
     torch.manual_seed(seed)
-    device = torch.device(cfg.get("device", "cpu"))
-    dtype = DTYPES[cfg.get("dtype", "fp32")]
+    device, dtype = rc.device_field(cfg), rc.dtype_field(cfg)
     lengths = list(cfg.lengths)
     tasks = list(cfg.get("tasks", ["passkey", "multikey_needle"]))
     depths = [float(d) for d in cfg.get("depths", [0.0, 0.5, 1.0])]
@@ -328,18 +331,16 @@ def evaluate(cfg: DictConfig) -> dict:
     chunk = cfg.get("prefill_chunk")
 
     model, ckpt = build_model(cfg, device, dtype)
-    # every prompt is one of len(lengths) shapes (retrieval and perplexity alike): at most that many flex compiles per
-    # sparse pattern; leave dynamo room for them instead of tripping its recompile guard (FACTS section 2)
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(lengths) + 8)
     answer_room = 16  # tokens after the longest prompt: the answers (" 12345." / " 1234567." in bytes) and slack
     if max(lengths) + answer_room > model.max_seq_len:
         _fail("lengths", f"max(lengths)={max(lengths)} + {answer_room} answer tokens exceeds the model's "
                          f"max_seq_len={model.max_seq_len} (its RoPE table); drop the longer lengths")
-    tokenizer = config.instantiate(cfg.tokenizer)
-    check_fits(tokenizer, model.tok_embeddings.num_embeddings)
+    tokenizer = rc.instantiate("tokenizer", cfg.tokenizer)
+    rc.tokenizer_fits(tokenizer, model.tok_embeddings.num_embeddings)
     for task in tasks:  # a length too short for a task fails here, before any model work
         for length in lengths:
             retrieval_samples(tokenizer, task, length, 0.0, 1, seed)
+    check_finite_logits(model, tokenizer, ckpt)
     # default name: the run directory of a finetune checkpoint (<run>/step_<N>), else the model directory's own name
     name = cfg.get("name") or ("random" if not ckpt else Path(ckpt).parent.name if Path(ckpt).name.startswith("step_")
                                else Path(ckpt).name)
@@ -366,7 +367,7 @@ def evaluate(cfg: DictConfig) -> dict:
               if device.type == "cuda" else "cpu", "dtype": cfg.get("dtype", "fp32"), "torch": torch.__version__,
               "seconds": round(time.perf_counter() - t0, 2)}
     json_path = out_dir / f"{name}.json"
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    json_path.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")  # strict JSON: never a NaN
     if retrieval:
         plot_heatmaps(retrieval, f"{name}: retrieval accuracy", out_dir / f"{name}_retrieval.png")
     for task, r in retrieval.items():
@@ -380,7 +381,8 @@ def evaluate(cfg: DictConfig) -> dict:
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    with rc.user_errors():
+        evaluate(cfg)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,14 @@ Run from the repository root::
 Per step: ``gradient_accumulation_steps`` micro-batches of ``batch_size`` packed sequences of ``seq_len`` tokens
 (documents kept apart by ``doc_ids``), the loss summed over their trained tokens and normalised by their count,
 gradient clipping, an optimizer step and a warmup + cosine LR step. Every ``checkpoint.save_every_n_steps`` steps and at
-the end: an HF-format checkpoint plus the recipe state, written atomically (flexgen_long.training). With
+the end: an HF-format checkpoint plus the recipe state, written atomically (flexgen_long.checkpoint_io). With
 ``checkpoint.resume: true`` the run continues from the latest checkpoint in ``output_dir`` on the same loss curve as an
-uninterrupted run (weights, optimizer, LR schedule, data position and RNG are restored).
+uninterrupted run (weights, optimizer, LR schedule, data position and RNG are restored), after checking that the model
+and data config are the ones that checkpoint was trained with.
+
+Nothing is lost: the whole config is checked before anything is built, read or written; ``output_dir`` is locked for
+the run (a second job in it is refused, naming the first); a fresh run refuses a non-empty ``output_dir`` unless
+``checkpoint.resume: true`` or ``checkpoint.overwrite: true`` says what to do with what is there.
 
 Pretrained weights come from ``checkpoint.base_dir``, any HF Llama-family directory, read and checked by
 flexgen_long.hf; the model section must have its sizes (``flexgen_long.models.from_hf_config`` reads them from the same
@@ -25,12 +30,11 @@ shard per transformer layer; each rank reads its own slice of every batch.
 
 from __future__ import annotations
 
+import json
 import random
 import resource
-import shutil
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -42,12 +46,12 @@ from torchtune import config, training, utils
 from torchtune.modules import TransformerSelfAttentionLayer
 from torchtune.recipe_interfaces import FTRecipeInterface
 
+from flexgen_long import checkpoint_io as ckpt
 from flexgen_long import hf
-from flexgen_long import training as ckpt
+from flexgen_long import recipe_config as rc
 from flexgen_long.data import CROSS_ENTROPY_IGNORE_INDEX
 from flexgen_long.models import builder_config
 from flexgen_long.patterns import AttnSink, BlockSparse, Full
-from flexgen_long.tokenizers import check_fits
 
 log = utils.get_logger("INFO")
 
@@ -58,49 +62,94 @@ RECIPE_KEYS = {
     "enable_activation_checkpointing", "fsdp_cpu_offload", "metric_logger", "log_every_n_steps",
     "log_peak_memory_stats",
 }
-CHECKPOINT_KEYS = {"base_dir", "resume", "save_every_n_steps", "keep_last_n"}
-
-
-def _fail(field: str, message: str) -> None:
-    raise ValueError(f"config field '{field}': {message}")
+CHECKPOINT_KEYS = {"base_dir", "resume", "overwrite", "save_every_n_steps", "keep_last_n"}
+#: (section, leading arguments the recipe passes itself): every _component_ section, checked against its signature.
+COMPONENTS = (("model", 0), ("tokenizer", 0), ("dataset", 2), ("optimizer", 1), ("lr_scheduler", 1), ("loss", 0),
+              ("metric_logger", 0))
+_fail = rc.fail
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """Checks that need no model: unknown keys, types and ranges of the recipe's own fields."""
-    unknown = sorted(set(cfg.keys()) - RECIPE_KEYS)
-    if unknown:
-        raise ValueError(f"unknown config key(s) {unknown}; the recipe reads: {sorted(RECIPE_KEYS)}")
-    missing = sorted(k for k in ("output_dir", "seq_len", "model", "tokenizer", "dataset", "optimizer", "max_steps",
-                                  "batch_size") if k not in cfg)
-    if missing:
-        raise ValueError(f"missing config key(s) {missing}")
-    unknown = sorted(set(cfg.get("checkpoint", {}).keys()) - CHECKPOINT_KEYS)
-    if unknown:
-        raise ValueError(f"unknown config key(s) {['checkpoint.' + k for k in unknown]}; allowed: "
-                         f"{sorted('checkpoint.' + k for k in CHECKPOINT_KEYS)}")
-    for field in ("seq_len", "batch_size", "max_steps"):
-        if not isinstance(cfg[field], int) or cfg[field] < 1:
-            _fail(field, f"must be an int >= 1, got {cfg[field]!r}")
+    """Every field that needs no model, before anything is built, read or written: unknown keys, types and ranges of
+    the recipe's own fields, the device, each _component_ section against its component's signature (then a dry run
+    of the optimizer, LR schedule and loss on one dummy parameter: their own range checks), the data source and
+    packing arguments, and the paths the run will read (base model, tokenizer file)."""
+    rc.check_keys(cfg, RECIPE_KEYS, required=("output_dir", "seq_len", "model", "tokenizer", "dataset", "optimizer",
+                                              "lr_scheduler", "max_steps", "batch_size"))
+    rc.check_keys(rc.get(cfg, "checkpoint", {}), CHECKPOINT_KEYS, section="checkpoint")
+    rc.string(cfg, "output_dir")
+    seq_len = rc.integer(cfg, "seq_len", minimum=2)
+    for field in ("batch_size", "max_steps"):
+        rc.integer(cfg, field, minimum=1)
     for field in ("gradient_accumulation_steps", "log_every_n_steps"):
-        if not isinstance(cfg.get(field, 1), int) or cfg.get(field, 1) < 1:
-            _fail(field, f"must be an int >= 1, got {cfg.get(field)!r}")
-    every = cfg.get("checkpoint", {}).get("save_every_n_steps")
-    if every is not None and (not isinstance(every, int) or every < 1):
-        _fail("checkpoint.save_every_n_steps", f"must be null (only at the end) or an int >= 1, got {every!r}")
-    keep = cfg.get("checkpoint", {}).get("keep_last_n")
-    if keep is not None and (not isinstance(keep, int) or keep < 1):
-        _fail("checkpoint.keep_last_n", f"must be null (keep all) or an int >= 1, got {keep!r}")
-    if cfg.get("dtype", "fp32") not in ("fp32", "bf16"):
-        _fail("dtype", f"must be 'fp32' or 'bf16', got {cfg.get('dtype')!r}")
-    base = cfg.get("checkpoint", {}).get("base_dir")
-    if base is not None and not Path(base).is_dir():
-        _fail("checkpoint.base_dir", f"{base!r} is not a directory (give an HF model directory, or null for "
-                                     "random init)")
+        rc.integer(cfg, field, 1, minimum=1)
+    rc.integer(cfg, "seed", 0, minimum=0, maximum=2**32 - 1, nullable=True)  # null: torchtune draws one
+    rc.number(cfg, "clip_grad_norm", None, positive=True, nullable=True)
+    for field, default in (("compile", False), ("enable_activation_checkpointing", False),
+                           ("fsdp_cpu_offload", False), ("log_peak_memory_stats", True)):
+        rc.boolean(cfg, field, default)
+    rc.device_field(cfg)
+    rc.dtype_field(cfg)
+    resume, overwrite = rc.boolean(cfg, "checkpoint.resume", False), rc.boolean(cfg, "checkpoint.overwrite", False)
+    if resume and overwrite:
+        _fail("checkpoint.overwrite", "is true together with checkpoint.resume=true: choose one (resume continues from "
+                                      "the latest checkpoint in output_dir; overwrite deletes its checkpoints and "
+                                      "starts from step 0)")
+    rc.integer(cfg, "checkpoint.save_every_n_steps", None, minimum=1, nullable=True)  # null: only at the end
+    rc.integer(cfg, "checkpoint.keep_last_n", None, minimum=1, nullable=True)  # null: keep all
+    base = rc.get(cfg, "checkpoint.base_dir", None)
+    if base is not None:
+        d = rc.existing_dir("checkpoint.base_dir", base, "an HF model directory (config.json + *.safetensors), or "
+                                                          "null for random init")
+        if not (d / hf.CONFIG_FILE).is_file():
+            _fail("checkpoint.base_dir", f"{base!r} has no {hf.CONFIG_FILE} (expected an HF model directory)")
+        rc.hf_dir("checkpoint.base_dir", base)  # config.json parses and is a Llama's; weight files are there
+
+    for section, positional in COMPONENTS:
+        if section in cfg:
+            rc.check_component(section, rc.get(cfg, section), positional)
+    if "num_training_steps" in cfg.lr_scheduler:
+        _fail("lr_scheduler.num_training_steps", "is set by the recipe from max_steps; remove it")
+    if "path" in cfg.tokenizer:
+        rc.existing_file("tokenizer.path", rc.get(cfg, "tokenizer.path"), "the tokenizer's model file")
+    rc.check_hf_sections(cfg)  # from_hf_config's and hf_tokenizer's directories
+    _check_dataset(cfg, seq_len)
+    # Dry runs on one dummy CPU parameter: the components' own range checks (e.g. "Invalid learning rate: -1"), in
+    # microseconds, instead of after the data and the model are ready. (CPU: a CUDA tensor here would open a context
+    # on GPU 0 in every rank before torchrun's ranks pick their GPUs; AdamW's fused=True is accepted on CPU too.)
+    dummy = [nn.Parameter(torch.zeros(1))]
+    optimizer = rc.instantiate("optimizer", cfg.optimizer, dummy)
+    rc.instantiate("lr_scheduler", cfg.lr_scheduler, optimizer, num_training_steps=cfg.max_steps)
+    if "loss" in cfg:
+        rc.instantiate("loss", cfg.loss)
 
 
-def validate_model(model: nn.Module, seq_len: int) -> None:
+def _check_dataset(cfg: DictConfig, seq_len: int) -> None:
+    """The packing arguments (flexgen_long.data's own checks) and, for local files, that the source exists."""
+    from flexgen_long import data
+
+    args = {k: rc.get(cfg, f"dataset.{k}") for k in cfg.dataset.keys() if k != "_component_"}
+    args = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in args.items()}  # as instantiated
+    component = rc.get(cfg, "dataset._component_")
+    defaults = {"max_tokens": None, "synthetic_share": 0.0, "synthetic_length": None,
+                "synthetic_tasks": ("passkey", "multikey_needle")}
+    try:
+        data.check_packing_args(seq_len, *(args.get(k, v) for k, v in defaults.items()))
+    except ValueError as e:  # its messages name the dataset.<field>
+        raise rc.ConfigError(str(e)) from None
+    if component == "flexgen_long.data.long_documents":
+        data.text_files(args.get("source", data.PYTHON_STDLIB))
+        if args.get("on_invalid_utf8", "error") not in data.ON_INVALID_UTF8:
+            _fail("dataset.on_invalid_utf8", f"must be one of {list(data.ON_INVALID_UTF8)}, got "
+                                             f"{args['on_invalid_utf8']!r}")
+
+
+def validate_model(model: nn.Module, cfg: DictConfig) -> None:
     """Checks that need the model (built on the meta device: no memory, any size): the training length against the
-    model's RoPE setting, and every sparse layer's pattern against the training length."""
+    model's RoPE setting, every sparse layer's pattern against the training length, and the base checkpoint's shape
+    (its config.json) against the model's (``flexgen_long.hf.check_model``; RoPE settings and max_seq_len may differ:
+    changing them is what length extension does)."""
+    seq_len = cfg.seq_len
     if seq_len > model.max_seq_len:
         _fail("seq_len", f"{seq_len} exceeds model.max_seq_len={model.max_seq_len}, the length the model's RoPE is "
                          "set up for; raise model.max_seq_len (and model.rope_base for length extension) or lower "
@@ -121,19 +170,54 @@ def validate_model(model: nn.Module, seq_len: int) -> None:
                                               f"vertical_stride={p.vertical_stride}) of layer {i} sees every key of "
                                               f"a seq_len={seq_len} sequence: need local_blocks * block < seq_len "
                                               "and vertical_stride > 1")
+    base = rc.get(cfg, "checkpoint.base_dir", None)
+    if base is not None:  # the base checkpoint's sizes (its config.json) against the model's, before any weights
+        try:
+            hf.check_model(model, hf.read_config(base), Path(base) / hf.CONFIG_FILE)
+        except hf.CheckpointError as e:
+            raise rc.ConfigError(str(e)) from None  # it names the section, the file and every differing field
 
 
-def _instantiate(section: str, node, *args, **kwargs):
-    """config.instantiate, with the config section named in errors from the component's arguments."""
-    try:
-        return config.instantiate(node, *args, **kwargs)
-    except TypeError as e:
-        raise ValueError(f"config section '{section}': {e}") from e
+def recipe_identity(cfg: DictConfig, world_size: int) -> dict:
+    """What a resumed run must keep equal besides the model: the data (and its tokenizer), the training length and
+    the batch geometry that fixes the data position. Stored in every checkpoint's config.json."""
+    return {"seq_len": cfg.seq_len, "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
+            "tokenizer": OmegaConf.to_container(cfg.tokenizer, resolve=True), "batch_size": cfg.batch_size,
+            "gradient_accumulation_steps": cfg.get("gradient_accumulation_steps", 1), "seed": cfg.get("seed", 0),
+            "world_size": world_size}
+
+
+def _flatten(d, prefix: str = "") -> dict:
+    if isinstance(d, dict):
+        out = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out or {prefix[:-1]: {}}
+    return {prefix[:-1]: list(d) if isinstance(d, tuple) else d}
+
+
+def check_resume_matches(saved: dict, path: Path, model_cfg: dict, recipe: dict) -> None:
+    """Refuse to resume from ``path`` (its config.json ``flexgen_long`` section ``saved``) with a model or data config
+    that differs from the one it was trained with, naming every differing key."""
+    diffs = []
+    for name, now, then in (("model", model_cfg, saved.get("model")), ("", recipe, saved.get("recipe"))):
+        if then is None:
+            continue  # written before the recipe recorded it: recipe_state.pt's checks still apply
+        a, b = _flatten(json.loads(json.dumps(then))), _flatten(json.loads(json.dumps(now)))
+        for k in sorted(set(a) | set(b)):
+            if a.get(k, "<absent>") != b.get(k, "<absent>"):
+                key = f"{name}.{k}" if name else ("nproc_per_node" if k == "world_size" else k)
+                diffs.append(f"{key}: {a.get(k, '<absent>')!r} in {path.name}, {b.get(k, '<absent>')!r} now")
+    if diffs:
+        raise rc.ConfigError(
+            f"config field 'checkpoint.resume': {path} was trained with a different config; resuming would continue "
+            f"another run's weights and data position under this one. Differences: {'; '.join(diffs)}. Keep those "
+            "fields as they were, or start a fresh run in another output_dir (or checkpoint.overwrite=true)")
 
 
 class LongGenFinetuneRecipe(FTRecipeInterface):
     def __init__(self, cfg: DictConfig) -> None:
-        validate_config(cfg)
+        validate_config(cfg)  # includes the device: utils.get_device("cuda") falls back to the CPU without a word
         self._device = utils.get_device(cfg.get("device", "cpu"))
         self._dtype = training.get_dtype(cfg.get("dtype", "fp32"), device=self._device)
         self._world_size, self._rank = utils.get_world_size_and_rank()
@@ -150,7 +234,9 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
         self._save_every = ck.get("save_every_n_steps")
         self._keep_last = ck.get("keep_last_n")
         self._resume = bool(ck.get("resume", False))
+        self._overwrite = bool(ck.get("overwrite", False))
         self._base_dir = ck.get("base_dir")
+        self._lock = None  # the output_dir's lock (rank 0), taken in setup
         self._seed = training.set_seed(cfg.get("seed", 0))
         self.global_step = 0  # optimizer steps done
         self._micro_batches = 0  # micro-batches consumed (per rank): the data position
@@ -159,56 +245,67 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
     def setup(self, cfg: DictConfig) -> None:
         # Validate the model shape and patterns on the meta device first: errors before any weights or data exist.
         with torch.device("meta"):
-            meta_model = _instantiate("model", cfg.model)
-        validate_model(meta_model, self._seq_len)
-        if self._base_dir:  # the base checkpoint's sizes against the model section, before any weights are read
-            hf.check_model(meta_model, hf.read_config(self._base_dir), Path(self._base_dir) / hf.CONFIG_FILE)
+            meta_model = rc.instantiate("model", cfg.model)
+        validate_model(meta_model, cfg)
         vocab_size = meta_model.tok_embeddings.num_embeddings
         del meta_model
+        # The tokenizer is the last thing checked before output_dir is claimed: its ids must fit the model's
+        # vocabulary (a real model's tokenizer is read from its directory; loading it takes a moment, not minutes).
+        self._tokenizer = rc.instantiate("tokenizer", cfg.tokenizer)
+        rc.tokenizer_fits(self._tokenizer, vocab_size)
+        # saved in every checkpoint's config.json and compared on resume; from_hf_config is written out in full, so
+        # that a checkpoint rebuilds without the base model's directory
+        self._model_cfg = builder_config(OmegaConf.to_container(cfg.model, resolve=True))
+        self._recipe_identity = recipe_identity(cfg, self._world_size)
+
+        # Claim output_dir before anything is written: one job per directory (a lock), and a fresh run refuses a
+        # directory that holds anything unless told to resume from it or to overwrite it (flexgen_long.checkpoint_io).
+        if self._is_rank_zero:
+            self._lock = ckpt.claim_output_dir(self._output_dir, resume=self._resume, overwrite=self._overwrite,
+                                               log=log.info)
+        if self._world_size > 1:
+            dist.barrier()
+        resume_from = ckpt.latest_checkpoint(self._output_dir) if self._resume else None
+        if resume_from is not None:  # before data and weights: a mismatch is refused in a second, not minutes
+            saved = hf.read_config(resume_from).get("flexgen_long", {})
+            check_resume_matches(saved, resume_from, self._model_cfg, self._recipe_identity)
+        elif self._resume and self._is_rank_zero:
+            log.info(f"checkpoint.resume=true but {self._output_dir} holds no checkpoint yet: starting from step 0")
 
         self._metric_logger = config.instantiate(cfg.metric_logger) if self._is_rank_zero else None
         if self._metric_logger is not None:
             self._metric_logger.log_config(cfg)
-        self._tokenizer = _instantiate("tokenizer", cfg.tokenizer)
-        check_fits(self._tokenizer, vocab_size)
-        self._dataset = _instantiate("dataset", cfg.dataset, self._tokenizer, self._seq_len)
+        self._dataset = rc.instantiate("dataset", cfg.dataset, self._tokenizer, self._seq_len)
         per_epoch = len(self._dataset) // (self._batch_size * self._world_size)
         if per_epoch < 1:
             _fail("batch_size", f"{self._batch_size} x {self._world_size} rank(s) exceeds the dataset's "
                                 f"{len(self._dataset)} sequences of seq_len={self._seq_len}")
         self._batches_per_epoch = per_epoch
 
-        # saved in every checkpoint's config.json; from_hf_config is written out in full, so that a checkpoint
-        # rebuilds without the base model's directory
-        self._model_cfg = builder_config(OmegaConf.to_container(cfg.model, resolve=True))
         self._model = self._setup_model(cfg)
-        self._optimizer = _instantiate("optimizer", cfg.optimizer, self._model.parameters())
-        self._lr_scheduler = _instantiate("lr_scheduler", cfg.lr_scheduler, self._optimizer,
-                                          num_training_steps=self._max_steps)
-        self._loss_fn = _instantiate("loss", cfg.get("loss", {"_component_": "torch.nn.CrossEntropyLoss"}))
+        self._optimizer = rc.instantiate("optimizer", cfg.optimizer, self._model.parameters())
+        self._lr_scheduler = rc.instantiate("lr_scheduler", cfg.lr_scheduler, self._optimizer,
+                                            num_training_steps=self._max_steps)
+        self._loss_fn = rc.instantiate("loss", cfg.get("loss", {"_component_": "torch.nn.CrossEntropyLoss"}))
         if hasattr(self._loss_fn, "num_output_chunks"):  # torchtune's CEWithChunkedOutputLoss: no [S, V] fp32 logits
             self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
         if cfg.get("compile", False):
             self._loss_fn = training.compile_loss(self._loss_fn, verbose=self._is_rank_zero)
 
-        if self._resume and ckpt.latest_checkpoint(self._output_dir) is not None:
-            self._load_recipe_state(ckpt.latest_checkpoint(self._output_dir))
-        elif self._is_rank_zero:
-            old = ckpt.list_checkpoints(self._output_dir)
-            if old:
-                # A fresh run must not leave higher-numbered checkpoints of an older run that resume would pick up.
-                log.info(f"Starting fresh (checkpoint.resume=false): removing {len(old)} old checkpoint(s) in "
-                         f"{self._output_dir}: {', '.join(p.name for p in old)}")
-                for p in old:
-                    shutil.rmtree(p)
+        if resume_from is not None:
+            self._load_recipe_state(resume_from)
         if self._is_rank_zero:
-            ckpt.remove_stale_temp_dirs(self._output_dir)
             s = self._dataset.stats
             log.info(f"Data: {s['sequences']} sequences of {self._seq_len} tokens from {s['documents']} documents "
                      f"+ {s['synthetic_documents']} synthetic tasks ({s['synthetic_tokens']} of "
                      f"{s['natural_tokens'] + s['synthetic_tokens']} tokens, each task whole in one sequence"
                      + (f"; {s['padding_tokens']} untrained padding tokens" if s.get("padding_tokens") else "")
                      + f"); {self._batches_per_epoch} micro-batches per epoch")
+            if s.get("skipped_files"):
+                names = s["skipped_file_names"]
+                log.info(f"Data: skipped {s['skipped_files']} file(s) that are not UTF-8 text "
+                         f"(dataset.on_invalid_utf8=skip): {', '.join(names[:5])}"
+                         + (f", ... ({len(names) - 5} more)" if len(names) > 5 else ""))
 
     def _setup_model(self, cfg: DictConfig) -> nn.Module:
         base_sd = hf.load_hf_state_dict(self._base_dir)[0] if self._base_dir else None
@@ -216,7 +313,7 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
         act_ckpt = cfg.get("enable_activation_checkpointing", False)
         if self._world_size == 1:
             with training.set_default_dtype(self._dtype), self._device:
-                model = _instantiate("model", cfg.model)
+                model = rc.instantiate("model", cfg.model)
             if base_sd is not None:
                 model.load_state_dict(base_sd, strict=True)
             if act_ckpt:
@@ -227,9 +324,9 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
             # FSDP2: without base weights every rank builds the same seeded random init on CPU as the full state dict.
             if base_sd is None:
                 with training.set_default_dtype(self._dtype):
-                    base_sd = _instantiate("model", cfg.model).state_dict()
+                    base_sd = rc.instantiate("model", cfg.model).state_dict()
             with training.set_default_dtype(self._dtype), torch.device("meta"):
-                model = _instantiate("model", cfg.model)
+                model = rc.instantiate("model", cfg.model)
             if compile_model:
                 training.compile_model(model, verbose=self._is_rank_zero)
             if act_ckpt:
@@ -352,11 +449,12 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
                      "seed": self._seed, "world_size": self._world_size, "batch_size": self._batch_size,
                      "gradient_accumulation_steps": self._accum}
             path = ckpt.save_checkpoint(self._output_dir, self.global_step, model_sd,
-                                        ckpt.hf_config(self._model, self._model_cfg, self._dtype), state)
+                                        ckpt.hf_config(self._model, self._model_cfg, self._dtype,
+                                                       recipe=self._recipe_identity), state)
             removed = []
-            if self._keep_last:
+            if self._keep_last:  # this run's checkpoints (claim_output_dir admitted no other run's)
                 for old in ckpt.list_checkpoints(self._output_dir)[:-self._keep_last]:
-                    shutil.rmtree(old)
+                    ckpt.remove_checkpoint(old)
                     removed.append(old.name)
             log.info(f"Checkpoint: {path}" + (f" (removed {', '.join(removed)})" if removed else ""))
         if self._world_size > 1:
@@ -389,10 +487,17 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
             log.info(f"Resumed from {path} at step {self.global_step}")
 
     def cleanup(self) -> None:
-        if self._metric_logger is not None:
+        if getattr(self, "_metric_logger", None) is not None:
             self._metric_logger.close()
+        self.release()
         if self._world_size > 1:
             dist.destroy_process_group()
+
+    def release(self) -> None:
+        """Release the output_dir lock (also done by the kernel if the process dies)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
 
 @config.parse
@@ -400,9 +505,13 @@ def recipe_main(cfg: DictConfig) -> None:
     if training.is_distributed():
         # NCCL for GPU tensors; gloo for CPU ones (FSDP2 CPU offload). utils.get_device picks cuda:LOCAL_RANK.
         training.init_distributed(backend="cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo")
-    recipe = LongGenFinetuneRecipe(cfg)
-    recipe.setup(cfg)
-    recipe.train()
+    with rc.user_errors():
+        recipe = LongGenFinetuneRecipe(cfg)
+        try:
+            recipe.setup(cfg)
+            recipe.train()
+        finally:
+            recipe.release()
     recipe.cleanup()
 
 

@@ -16,62 +16,50 @@ from __future__ import annotations
 import sys
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig
 from torchtune import config, utils
 
-from flexgen_long import hf
+from flexgen_long import recipe_config as rc
 from flexgen_long.cache import plan_cache
 from flexgen_long.generation import generate
-from flexgen_long.tokenizers import check_fits
 
 log = utils.get_logger("INFO")
 
 RECIPE_KEYS = {"checkpoint_dir", "model", "tokenizer", "prompts", "max_new_tokens", "temperature", "top_k", "top_p",
                "stop_on_eos", "prefill_chunk", "seed", "device", "dtype"}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def validate_config(cfg: DictConfig) -> None:
-    unknown = sorted(set(cfg.keys()) - RECIPE_KEYS)
-    if unknown:
-        raise ValueError(f"unknown config key(s) {unknown}; the recipe reads: {sorted(RECIPE_KEYS)}")
-    prompts = cfg.get("prompts")
-    if not prompts or not all(isinstance(p, str) and p for p in prompts):
-        raise ValueError(f"config field 'prompts': must be a non-empty list of non-empty strings, got {prompts!r}")
-    if cfg.get("dtype", "fp32") not in DTYPES:
-        raise ValueError(f"config field 'dtype': must be one of {sorted(DTYPES)}, got {cfg.get('dtype')!r}")
-    if not cfg.get("checkpoint_dir") and cfg.get("model") is None:
-        raise ValueError("config needs 'checkpoint_dir' (an HF model directory or a finetuned checkpoint) or a "
-                         "'model' section (random weights)")
+    """Every field, before a model is built (flexgen_long.recipe_config: errors name the field, value and allowed)."""
+    rc.check_keys(cfg, RECIPE_KEYS, required=("tokenizer", "prompts"))
+    prompts = rc.get(cfg, "prompts")
+    if not isinstance(prompts, (list, ListConfig)) or not prompts \
+            or not all(isinstance(p, str) and p for p in prompts):
+        rc.fail("prompts", "must be a non-empty list of non-empty strings (on the command line: "
+                           f"prompts='[\"def main(\", \"import os\"]'), got {prompts!r}")
+    rc.integer(cfg, "max_new_tokens", 64, minimum=1)
+    rc.number(cfg, "temperature", 0.0, minimum=0)
+    rc.integer(cfg, "top_k", None, minimum=1, nullable=True)
+    top_p = rc.number(cfg, "top_p", None, positive=True, nullable=True)
+    if top_p is not None and top_p > 1:
+        rc.fail("top_p", f"must be null or a number in (0, 1], got {top_p!r}")
+    rc.boolean(cfg, "stop_on_eos", True)
+    rc.integer(cfg, "prefill_chunk", None, minimum=1, nullable=True)
+    rc.integer(cfg, "seed", 0, minimum=0)
+    rc.device_field(cfg)
+    rc.dtype_field(cfg)
+    rc.check_component("tokenizer", rc.get(cfg, "tokenizer"))
+    rc.check_model_sections(cfg, rc.checkpoint_dir_field(cfg))
 
 
-def build_model(cfg: DictConfig, device: torch.device, dtype: torch.dtype):
-    """Without ``checkpoint_dir``: the ``model`` section, random weights. With it, the directory's weights (checked on
-    load, flexgen_long.hf) in the architecture of: the checkpoint itself when recipes/longgen_finetune.py wrote it
-    (rebuilt as trained), else the ``model`` section when given (e.g. ``flexgen_long.models.from_hf_config`` with a
-    LongGen layout applied at inference), else the original HF model (every layer full)."""
-    ckpt = cfg.get("checkpoint_dir")
-    if not ckpt:
-        with torch.device(device):
-            model = config.instantiate(cfg.model)
-        return model.to(dtype=dtype).eval()
-    section = cfg.get("model")
-    if section is not None and hf.is_recipe_checkpoint(hf.read_config(ckpt)):
-        log.info(f"{ckpt} was written by recipes/longgen_finetune.py: rebuilt as trained (the model config in its "
-                 "config.json); the config's model section is not used")
-        section = None
-    return hf.load_model(ckpt, device=device, dtype=dtype, model_cfg=section).eval()
-
-
-@config.parse
-def recipe_main(cfg: DictConfig) -> None:
+def generate_text(cfg: DictConfig) -> None:
+    """The whole recipe (see the module docstring)."""
     validate_config(cfg)
     torch.manual_seed(cfg.get("seed", 0))
-    device = torch.device(cfg.get("device", "cpu"))
-    dtype = DTYPES[cfg.get("dtype", "fp32")]
-    model = build_model(cfg, device, dtype)
-    tokenizer = config.instantiate(cfg.tokenizer)
-    check_fits(tokenizer, model.tok_embeddings.num_embeddings)
+    device, dtype = rc.device_field(cfg), rc.dtype_field(cfg)
+    model = rc.build_model(cfg, rc.checkpoint_dir_field(cfg), device, dtype, log=log.info)
+    tokenizer = rc.instantiate("tokenizer", cfg.tokenizer)
+    rc.tokenizer_fits(tokenizer, model.tok_embeddings.num_embeddings)
     prompts = [tokenizer.encode(p, add_bos=True, add_eos=False) for p in cfg.prompts]
     max_new = cfg.get("max_new_tokens", 64)
     log.info("\n" + str(plan_cache(model, len(prompts), max(map(len, prompts)) + max_new, dtype)))
@@ -96,6 +84,12 @@ def recipe_main(cfg: DictConfig) -> None:
     o = outs[0]
     log.info(f"prefill {o.prefill_s:.3f} s; decode {o.decode_s:.3f} s, {o.tokens_per_s:.1f} tokens/s per sequence "
              f"({o.tokens_per_s * len(outs):.1f} batch)")
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    with rc.user_errors():
+        generate_text(cfg)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@ no other ``recipes`` exists it returns None and the stub is imported as before (
 nothing changes except where the stub would have raised. torchtune's built-in recipes are run from their file paths
 (``runpy.run_path``) and never import ``recipes``; they are unaffected. Kept free of imports beyond the standard
 library: it runs in every interpreter of the environment.
+
+It also lets ``tune run`` take a recipe by an absolute path, from any folder (see ``_convert_to_dotpath``): torchtune
+0.6.1 turns the path into a module name relative to the current directory and fails on anything else.
 """
 
 import importlib.machinery
@@ -29,11 +32,58 @@ def _is_torchtune_stub(entry: str) -> bool:
         return False
 
 
+def _convert_to_dotpath(original):
+    """``tune run <recipe path>`` for a custom recipe imports the module named by the path relative to the current
+    directory (``recipes/x.py`` -> ``recipes.x``), so an absolute path, or one outside the current directory, has no
+    module name (runpy: "Relative module names not supported"). This replacement keeps paths inside the current
+    directory as they were (normalised: ``./recipes/x.py`` works too) and imports any other existing recipe file as
+    ``<its folder>.<its name>`` from its folder's parent, which it puts first on ``sys.path`` and on ``PYTHONPATH``
+    (torchrun's worker processes import the recipe too)."""
+
+    def convert(self, recipe_path):
+        absolute = os.path.abspath(recipe_path)
+        relative = os.path.relpath(absolute)
+        if not relative.startswith(os.pardir):
+            return original(self, relative)
+        if not os.path.isfile(absolute):
+            self._parser.error(f"recipe {recipe_path!r}: no such file")
+        root, package = os.path.split(os.path.dirname(absolute))
+        name = os.path.splitext(os.path.basename(absolute))[0]
+        if not (package.isidentifier() and name.isidentifier()):
+            self._parser.error(f"recipe {recipe_path!r}: run it from its folder's parent as "
+                               f"`tune run {package}/{name}.py` (its folder and file name must be Python names)")
+        sys.path.insert(0, root)
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+        return f"{package}.{name}"
+
+    return convert
+
+
+class _PatchTuneRun:
+    """Loader of ``torchtune._cli.run`` that replaces ``Run._convert_to_dotpath`` after the module has run."""
+
+    def __init__(self, loader):
+        self._loader = loader
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        module.Run._convert_to_dotpath = _convert_to_dotpath(module.Run._convert_to_dotpath)
+
+
 class RecipesFinder:
-    """Meta-path finder for the top-level name ``recipes`` that looks past torchtune's stub."""
+    """Meta-path finder for the top-level name ``recipes`` that looks past torchtune's stub, and for
+    ``torchtune._cli.run``, whose recipe-path conversion it extends to absolute paths."""
 
     @classmethod
     def find_spec(cls, fullname, path=None, target=None):
+        if fullname == "torchtune._cli.run":
+            spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+            if spec is not None and spec.loader is not None:
+                spec.loader = _PatchTuneRun(spec.loader)
+            return spec
         if fullname != "recipes":
             return None
         entries = [p for p in sys.path if isinstance(p, str) and not _is_torchtune_stub(p)]

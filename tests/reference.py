@@ -1,4 +1,5 @@
-"""Independent oracles for the tests: FACTS section 4 written out token by token in plain Python, and the expansion
+"""Independent oracles for the tests: the patterns' semantics (README, "Exact semantics") written out token by
+token in plain Python, and the expansion
 of a BlockMask to tokens. Nothing here imports the rules under test."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from flexgen_long.patterns import AttnSink, BlockSparse, Full
 
 
 def visible(pat, q: int, k: int, kv_head: int, num_kv_heads: int) -> bool:
-    """FACTS section 4, literally (q, k positions within the document)."""
+    """The README's table of exact semantics, literally (q, k positions within the document)."""
     if k > q:
         return False
     if isinstance(pat, Full):

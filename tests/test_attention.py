@@ -1,6 +1,6 @@
 """HybridAttention against attention written out by hand (expanded GQA, loop-built masks from tests/reference.py), its
 kernel dispatch, the MaskSet, and the flex guard. CPU only; flex runs eagerly on these short sequences (the compiled
-path is covered once in test_models.py, and on GPU by analysis/gpu_check_model.py)."""
+path is covered in test_shapes.py, and on GPU by tests/gpu/)."""
 
 import math
 
@@ -10,8 +10,8 @@ from torch.nn.attention.flex_attention import BlockMask
 from torchtune.modules import RotaryPositionalEmbeddings
 
 import reference as ref
-from flexgen_long.attention import (FLEX_EAGER_MAX_LEN, FlexNotCompiledError, HybridAttention, MaskSet,
-                                    flex_attention_compiled, positions_in_documents)
+from flexgen_long.attention import (CPU_DENSE_MAX_LEN, FLEX_EAGER_MAX_LEN, FlexNotCompiledError, HybridAttention, MaskSet,
+                                    flex_attend, positions_in_documents)
 from flexgen_long.masks import build_block_mask
 from flexgen_long.patterns import AttnSink, BlockSparse, Full
 
@@ -70,7 +70,7 @@ def test_dispatch_picks_the_kernel(monkeypatch):
     """Full + unpacked needs no mask (SDPA is_causal); sparse or packed use the mask the MaskSet holds."""
     calls = []
     import flexgen_long.attention as A
-    monkeypatch.setattr(A, "flex_attention_compiled", lambda q, k, v, m: calls.append(("flex", m)) or q)
+    monkeypatch.setattr(A, "flex_attend", lambda q, k, v, m: calls.append(("flex", m)) or q)
     real_sdpa = A.F.scaled_dot_product_attention
     monkeypatch.setattr(A.F, "scaled_dot_product_attention",
                         lambda q, k, v, **kw: calls.append(("sdpa", kw.get("is_causal"), kw.get("attn_mask")))
@@ -92,10 +92,14 @@ def test_dispatch_picks_the_kernel(monkeypatch):
     assert calls[3][0] == "sdpa" and calls[3][2] is dense[sink] and calls[3][2].dtype == torch.bool
 
 
-def test_mask_kind_for_device_and_grad():
+def test_mask_kind_for_device_grad_and_length():
     assert MaskSet.kind_for("cpu", True) == "dense"
     assert MaskSet.kind_for("cpu", False) == "block"
+    assert MaskSet.kind_for("cpu", True, 100_000) == "dense"  # no flex backward on CPU
+    assert MaskSet.kind_for("cpu", False, CPU_DENSE_MAX_LEN) == "dense"  # cheaper than compiling on CPU
+    assert MaskSet.kind_for("cpu", False, CPU_DENSE_MAX_LEN + 1) == "block"
     assert MaskSet.kind_for("cuda", True) == "block"
+    assert MaskSet.kind_for("cuda", False, 5) == "block"
 
 
 def test_guard_refuses_long_uncompiled_flex():
@@ -103,7 +107,7 @@ def test_guard_refuses_long_uncompiled_flex():
     bm = build_block_mask(AttnSink(sink=4, window=64), S, S)
     x = torch.randn(1, 1, S, 16)
     with torch.compiler.set_stance("force_eager"), pytest.raises(FlexNotCompiledError, match="uncompiled"):
-        flex_attention_compiled(x, x, x, bm)
+        flex_attend(x, x, x, bm)
 
 
 def test_flex_backward_on_cpu_is_refused():

@@ -192,3 +192,39 @@ def test_held_out_stdlib_source_is_disjoint_from_training():
     train, held = set(text_files(PYTHON_STDLIB)), set(text_files(PYTHON_STDLIB_PACKAGES))
     assert len(held) > 50 and not train & held
     assert not any("site-packages" in f.parts or "test" in f.parts for f in held)
+
+
+def test_files_that_are_not_utf8_text_are_refused_or_skipped_and_counted(tmp_path, caplog):
+    """Latin-1 text and binary data named .txt used to train as U+FFFD replacement characters, silently."""
+    (tmp_path / "good.txt").write_text("é, ü, 漢字: " + "plain text, " * 40, encoding="utf-8")
+    (tmp_path / "latin1.txt").write_bytes("café crème\n".encode("latin-1"))
+    (tmp_path / "binary.txt").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "nul.txt").write_bytes(b"looks like text\x00\x00\x00")
+    with pytest.raises(ValueError, match=r"binary.txt: not valid UTF-8 \(byte 128: invalid start byte\).*set "
+                                         r"dataset.on_invalid_utf8=skip"):
+        long_documents(ByteTokenizer(), 64, str(tmp_path))
+    ds = long_documents(ByteTokenizer(), 64, str(tmp_path), on_invalid_utf8="skip")
+    assert ds.stats["skipped_files"] == 3 and ds.stats["documents"] == 1
+    assert sorted(p.rsplit("/", 1)[1] for p in ds.stats["skipped_file_names"]) == ["binary.txt", "latin1.txt",
+                                                                                  "nul.txt"]
+    text = bytes(t for t in ds.tokens.flatten().tolist() if t < 256)
+    assert b"\xef\xbf\xbd" not in text and "é, ü, 漢字".encode() in text
+    with pytest.raises(ValueError, match=r"dataset.on_invalid_utf8 must be one of \['error', 'skip'\], got 'ignore'"):
+        long_documents(ByteTokenizer(), 64, str(tmp_path), on_invalid_utf8="ignore")
+
+    # through the recipe: the user picks with dataset.on_invalid_utf8, and the log says how many were skipped
+    from omegaconf import OmegaConf
+    from recipes.longgen_finetune import LongGenFinetuneRecipe
+    from pathlib import Path
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "recipes" / "configs" / "tiny_longgen.yaml")
+    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([
+        f"output_dir={tmp_path / 'out'}", f"dataset.source={tmp_path}", "seq_len=64", "model.max_seq_len=64",
+        "model.sparse_pattern.window=30", "dataset.max_tokens=null", "dataset.synthetic_share=0", "batch_size=1",
+        "gradient_accumulation_steps=1", "dataset.synthetic_length=null", "dataset.on_invalid_utf8=skip"]))
+    caplog.set_level("INFO")
+    recipe = LongGenFinetuneRecipe(cfg)
+    try:
+        recipe.setup(cfg)
+    finally:
+        recipe.release()
+    assert "Data: skipped 3 file(s) that are not UTF-8 text (dataset.on_invalid_utf8=skip)" in caplog.text

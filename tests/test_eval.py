@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from flexgen_long import hf, training
+from flexgen_long import checkpoint_io, hf
 from flexgen_long.attention import MaskSet
 from flexgen_long.cache import ModelCache
 from flexgen_long.models import longgen_tiny
@@ -34,7 +34,7 @@ def _tiny_checkpoint(root: Path) -> Path:
     """A random tiny model saved as the finetuning recipe saves it (HF safetensors + config.json)."""
     from torchtune import config
     model = config.instantiate(OmegaConf.create(TINY_CFG))
-    return training.save_checkpoint(root, 3, model.state_dict(), training.hf_config(model, TINY_CFG))
+    return checkpoint_io.save_checkpoint(root, 3, model.state_dict(), checkpoint_io.hf_config(model, TINY_CFG))
 
 
 def _cfg(**overrides):
@@ -42,26 +42,72 @@ def _cfg(**overrides):
     return OmegaConf.merge(cfg, OmegaConf.create(overrides))
 
 
-def test_eval_on_checkpoint_writes_grid_json_and_heatmap(tmp_path):
-    from recipes.longgen_eval import evaluate
+def _dense_logits(model, ids: list[int]) -> torch.Tensor:
+    """Logits [len(ids), vocab] by one forward over dense bool masks of the layers' patterns: no KV cache, no
+    generation module, no flex -- an independent path to the same numbers."""
+    ms = MaskSet([layer.attn.pattern for layer in model.layers], len(ids), num_heads=4, num_kv_heads=2,
+                 device="cpu", kind="dense")
+    with torch.no_grad():
+        return model(torch.tensor([ids]), mask=ms)[0]
+
+
+def _greedy_without_cache(model, prompt: list[int], n: int) -> list[int]:
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(_dense_logits(model, ids)[-1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_eval_on_checkpoint_matches_an_independent_decoder_and_perplexity(tmp_path):
+    """Every number of the eval JSON recomputed another way: the predicted answers by greedy decoding with full
+    forwards (no cache), accuracy as exact match of those, perplexity as exp(mean NLL) of a dense-mask forward."""
+    from recipes.longgen_eval import evaluate, heldout_documents, retrieval_samples
 
     _tiny_checkpoint(tmp_path / "run")
     out = tmp_path / "eval"
-    res = evaluate(_cfg(checkpoint_dir=str(tmp_path / "run"), output_dir=str(out), lengths=[500, 640],
-                        depths=[0.0, 0.5, 1.0], samples_per_cell=2, perplexity_documents=1))
+    lengths, depths = [500, 640], [0.0, 1.0]
+    res = evaluate(_cfg(checkpoint_dir=str(tmp_path / "run"), output_dir=str(out), lengths=lengths, depths=depths,
+                        samples_per_cell=2, perplexity_documents=1))
     assert res["name"] == "run" and res["checkpoint"].endswith("step_3")  # output_dir given: the latest step
     on_disk = json.loads((out / "run.json").read_text())
     assert on_disk == json.loads(json.dumps(res))
+    model = hf.load_model(tmp_path / "run" / "step_3").eval()
     for task in ("passkey", "multikey_needle"):
         r = on_disk["retrieval"][task]
-        assert r["lengths"] == [500, 640] and r["depths"] == [0.0, 0.5, 1.0]
-        assert len(r["accuracy"]) == 3 and all(len(row) == 2 for row in r["accuracy"])
-        assert all(a in (0.0, 0.5, 1.0) for row in r["accuracy"] for a in row)  # 2 samples per cell
+        assert r["lengths"] == lengths and r["depths"] == depths
+        for j, length in enumerate(lengths):
+            for i, depth in enumerate(depths):
+                samples = retrieval_samples(TOK, task, length, depth, 2, 0)
+                predicted = [_greedy_without_cache(model, p, len(a)) for p, a in samples]
+                assert r["examples"][f"{length}/{depth}"] == [[TOK.decode(p), TOK.decode(a)]
+                                                              for p, (_, a) in zip(predicted, samples)]
+                assert r["accuracy"][i][j] == sum(p == list(a) for p, (_, a) in zip(predicted, samples)) / 2
+    docs = heldout_documents(TOK, "python-stdlib-packages", max(lengths), 1, 0)
     p = on_disk["perplexity"]
-    assert p["lengths"] == [500, 640] and p["documents"] == 1 and all(v > 1 for v in p["ppl"])
+    assert p["lengths"] == lengths and p["documents"] == 1
+    for j, length in enumerate(lengths):
+        d = docs[0][:length]
+        nll = F.cross_entropy(_dense_logits(model, d)[:-1], torch.tensor(d[1:]))
+        assert p["ppl"][j] == pytest.approx(math.exp(nll.item()), rel=1e-5)
     assert on_disk["layout"]["full_layers"] == [1] and on_disk["streaming_llm"] is None
     png = (out / "run_retrieval.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_eval_refuses_a_model_with_non_finite_logits_and_writes_nothing(tmp_path, monkeypatch):
+    """NaN is no perplexity and no valid JSON: the eval stops, naming the problem, before writing anything."""
+    import recipes.longgen_eval as ev
+
+    model = longgen_tiny(vocab_size=259, max_seq_len=1024).eval()
+    with torch.no_grad():
+        model.layers[2].mlp.w1.weight[0, 0] = float("nan")
+    monkeypatch.setattr(ev, "build_model", lambda cfg, device, dtype: (model, None))
+    with pytest.raises(FloatingPointError, match="logits are NaN or infinite"):
+        ev.evaluate(_cfg(output_dir=str(tmp_path / "eval"), lengths=[500]))
+    assert not (tmp_path / "eval").exists()
+    docs = [torch.randint(0, 256, (200,)).tolist()]
+    with pytest.raises(FloatingPointError, match=r"perplexity at length 100: .* NaN or infinite at 99 of 99"):
+        ev.evaluate_perplexity(model, docs, [100])
 
 
 def test_streaming_llm_switches_every_layer_to_sink_window_ring_caches(tmp_path):
@@ -145,6 +191,13 @@ def test_perplexity_equals_exp_mean_nll_of_an_independent_forward():
     ({"streaming_llm": {"sink": 4, "window": 0}}, r"config field 'streaming_llm': AttnSink.window"),
     ({"lengths": [1020]}, r"config field 'lengths': max\(lengths\)=1020 \+ 16 answer tokens exceeds"),
     ({"lengths": [100]}, r"config field 'lengths': 100 is too short for the passkey task"),
+    ({"checkpoint_dir": "/nonexistent/run"}, r"config field 'checkpoint_dir': '/nonexistent/run' does not exist"),
+    ({"samples_per_cell": "abc"}, r"config field 'samples_per_cell': must be an int >= 1, got 'abc'"),
+    ({"seed": "abc"}, r"config field 'seed': must be an int >= 0, got 'abc'"),
+    ({"device": "tpu"}, r"config field 'device': must be 'cpu', 'cuda' or 'cuda:<index>', got 'tpu'"),
+    ({"model": {"_component_": "flexgen_long.models.longgen_tiny", "max_seq_len": "long"}},
+     r"config field 'model.max_seq_len': must be an int, got 'long'"),
+    *([] if torch.cuda.is_available() else [({"device": "cuda"}, r"config field 'device': 'cuda' was requested")]),
 ])
 def test_bad_eval_config_names_the_field(tmp_path, overrides, message):
     from recipes.longgen_eval import evaluate
@@ -175,11 +228,18 @@ def test_repro_training_configs_validate(variant, tmp_path):
 
     name = "s1_pretrain" if variant is None else "s2_extend"
     over = [] if variant is None else [f"checkpoint.base_dir={tmp_path}", *run_stage.layout_overrides(variant)]
-    cfg = _tune_cfg(str(REPO / run_stage.CONFIGS / f"{name}.yaml"), over)
+    # a GPU config: device=cuda is refused on a machine without one (tests/test_recipes.py), the rest checked here
+    on_this_machine = [] if torch.cuda.is_available() else ["device=cpu"]
+    cfg = _tune_cfg(str(REPO / run_stage.CONFIGS / f"{name}.yaml"), over + on_this_machine)
+    if variant is not None:  # a base model directory as s1 leaves it: config.json of the model's shape, weights
+        with torch.device("meta"):
+            s1 = config.instantiate(_tune_cfg(str(REPO / run_stage.CONFIGS / "s1_pretrain.yaml"), []).model)
+        (tmp_path / "config.json").write_text(json.dumps(checkpoint_io.hf_config(s1)))
+        (tmp_path / "model.safetensors").write_bytes(b"")
     validate_config(cfg)
     with torch.device("meta"):
         model = config.instantiate(cfg.model)
-    validate_model(model, cfg.seq_len)
+    validate_model(model, cfg)
     full = [i for i, layer in enumerate(model.layers) if type(layer.attn.pattern).__name__ == "Full"]
     want = {None: range(8), "a": range(8), "b": [2, 3, 4], "c": [2, 3, 4], "d": [], "e_bottom": [0, 1, 2],
             "e_top": [5, 6, 7], "e_interleave": [1, 4, 7], "b_upper_mid": [3, 4, 5], "c_upper_mid": [3, 4, 5]}[variant]
@@ -190,11 +250,12 @@ def test_repro_training_configs_validate(variant, tmp_path):
     assert sum(p.numel() for p in model.parameters()) < 30e6  # bf16 weights stay under 60 MB (carried between calls)
 
 
-def test_repro_eval_config_validates():
+def test_repro_eval_config_validates(tmp_path):
     from recipes.longgen_eval import validate_config
 
-    cfg = _tune_cfg(str(REPO / run_stage.CONFIGS / "eval.yaml"), ["checkpoint_dir=x", "streaming_llm.sink=64",
-                                                                    "streaming_llm.window=448"])
+    cfg = _tune_cfg(str(REPO / run_stage.CONFIGS / "eval.yaml"), [
+        f"checkpoint_dir={tmp_path}", "streaming_llm.sink=64", "streaming_llm.window=448",
+        *([] if torch.cuda.is_available() else ["device=cpu"])])
     validate_config(cfg)
     s2 = OmegaConf.load(REPO / run_stage.CONFIGS / "s2_extend.yaml")
     assert max(cfg.lengths) + 16 <= s2.model.max_seq_len  # the longest prompt and its answer fit the RoPE table
@@ -212,7 +273,7 @@ def test_repro_driver_stages_end_to_end_toy(tmp_path):
         return r.stdout
 
     stage("s1")
-    assert training.latest_checkpoint(out / "s1").name == "step_2"
+    assert checkpoint_io.latest_checkpoint(out / "s1").name == "step_2"
     # GPU g of the driver is the g-th device of its CUDA_VISIBLE_DEVICES: two drivers can share a machine
     log = stage("s2", "a,d", "--gpus", "1", "--jobs-per-gpu", "2", env={"CUDA_VISIBLE_DEVICES": "3"})
     assert "[s2 a] started on GPU 3" in log and "[s2 d] started on GPU 3" in log

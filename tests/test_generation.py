@@ -135,7 +135,7 @@ def test_generate_recipe_runs_as_typed_and_loads_a_checkpoint(tmp_path):
     import sys
     from pathlib import Path
 
-    from flexgen_long import training
+    from flexgen_long import checkpoint_io
 
     repo = Path(__file__).resolve().parents[1]
     tune = str(Path(sys.executable).parent / "tune")
@@ -149,7 +149,7 @@ def test_generate_recipe_runs_as_typed_and_loads_a_checkpoint(tmp_path):
 
     model_cfg = {"_component_": "flexgen_long.models.longgen_tiny", "vocab_size": 259, "max_seq_len": 256}
     model = longgen_tiny(vocab_size=259, max_seq_len=256)
-    path = training.save_checkpoint(tmp_path, 7, model.state_dict(), training.hf_config(model, model_cfg))
+    path = checkpoint_io.save_checkpoint(tmp_path, 7, model.state_dict(), checkpoint_io.hf_config(model, model_cfg))
     r = subprocess.run([tune, "run", "recipes/longgen_generate.py", "--config", cfg, "max_new_tokens=8",
                         "temperature=0", f"checkpoint_dir={path}", "prompts=[abc]"], cwd=repo, env=env,
                        capture_output=True, text=True, timeout=300)
@@ -158,3 +158,24 @@ def test_generate_recipe_runs_as_typed_and_loads_a_checkpoint(tmp_path):
     want = generate(model, [prompt], max_new_tokens=8)[0].tokens
     from flexgen_long.tokenizers import ByteTokenizer
     assert f"=== [0] abc{ByteTokenizer().decode(want)}" in r.stdout
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["prompts=hello"], r"config field 'prompts': must be a non-empty list of non-empty strings .*got 'hello'"),
+    (["prompts=[]"], r"config field 'prompts': must be a non-empty list"),
+    (["checkpoint_dir=/nonexistent/step_5"], r"config field 'checkpoint_dir': '/nonexistent/step_5' does not exist"),
+    (["top_p=2"], r"config field 'top_p': must be null or a number in \(0, 1\], got 2"),
+    (["max_new_tokens=abc"], r"config field 'max_new_tokens': must be an int >= 1, got 'abc'"),
+    (["temperature=-1"], r"config field 'temperature': must be a number >= 0, got -1"),
+    (["dtype=fp16"], r"config field 'dtype': must be one of \['fp32', 'bf16'\], got 'fp16'"),
+    *([] if torch.cuda.is_available() else [(["device=cuda"], r"config field 'device': 'cuda' was requested")]),
+])
+def test_generate_recipe_refuses_bad_config_naming_the_field(overrides, message):
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+    from recipes.longgen_generate import validate_config
+
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "recipes" / "configs" / "generate" / "tiny.yaml")
+    with pytest.raises(ValueError, match=message):
+        validate_config(OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides)))

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from flexgen_long import hf, training
+from flexgen_long import checkpoint_io, hf
 from flexgen_long.models import builder_config, from_hf_config, longgen_tiny
 from flexgen_long.patterns import AttnSink, Full
 from flexgen_long.tokenizers import ByteTokenizer, check_fits, hf_tokenizer, sequence_start
@@ -167,7 +167,7 @@ def test_generate_recipe_refuses_corrupted_checkpoint(tmp_path):
     """The issue as a user met it: a checkpoint with 1,000 overwritten bytes must not generate text with exit 0."""
     model = longgen_tiny(vocab_size=259, max_seq_len=256)
     cfg = {"_component_": "flexgen_long.models.longgen_tiny", "vocab_size": 259, "max_seq_len": 256}
-    path = training.save_checkpoint(tmp_path, 1, model.state_dict(), training.hf_config(model, cfg))
+    path = checkpoint_io.save_checkpoint(tmp_path, 1, model.state_dict(), checkpoint_io.hf_config(model, cfg))
     f = path / "model.safetensors"
     with open(f, "r+b") as fh:
         fh.seek(_data_start(f) + 5000)

@@ -163,3 +163,54 @@ def test_flex_equals_sdpa(pat, q_len, kv_len, q_offset, heads, kv_heads, bs, doc
     m = dense_mask(pat, q_len, kv_len, q_offset=q_offset, num_heads=heads, num_kv_heads=kv_heads, doc_ids=doc_ids)
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=kv_heads != heads)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+# ---- padded masks (the shape policy: q / k / v zero-padded to a bucket) -------------------------------------------------
+def check_padded(pat, q_len, kv_len, q_offset, heads, kv_heads, bs, pq, pk, doc_ids=None):
+    bm = build_block_mask(pat, q_len, kv_len, q_offset=q_offset, num_heads=heads, num_kv_heads=kv_heads,
+                          block_size=bs, doc_ids=doc_ids, padded_lengths=(pq, pk))
+    assert bm.seq_lengths == (pq, pk)
+    got, full_t, part_t = ref.expand_block_mask(bm, pq, pk)
+    want = ref.dense(pat, q_len, kv_len, q_offset=q_offset, num_heads=heads, num_kv_heads=kv_heads, doc_ids=doc_ids)
+    B = max(got.shape[0], want.shape[0])
+    got, full_t = got.expand(B, heads, pq, pk), full_t.expand(B, heads, pq, pk)
+    want = want.expand(B, heads, q_len, kv_len)
+    assert torch.equal(got[:, :, :q_len, :kv_len], want), "real rows x real keys != dense mask"
+    assert not got[:, :, :q_len, kv_len:].any(), "a real query sees a padded key"
+    assert not full_t[:, :, :q_len, kv_len:].any(), "a block holding padded keys is full for a real query"
+    nq_real = -(-q_len // bs)
+    listed = bm.kv_num_blocks + (bm.full_kv_num_blocks if bm.full_kv_num_blocks is not None else 0)
+    assert (listed[:, :, nq_real:] == 0).all(), "a query block made only of padding lists key blocks"
+    if q_offset == 0 and q_len == kv_len:  # self-attention: padded rows of the last real block must not be empty
+        assert got[:, :, :nq_real * bs].any(-1).all(), "a row of a real query block sees no key (0/0 in the kernel)"
+    for num, idx, qnum, qidx in [(bm.kv_num_blocks, bm.kv_indices, bm.q_num_blocks, bm.q_indices),
+                                 (bm.full_kv_num_blocks, bm.full_kv_indices, bm.full_q_num_blocks, bm.full_q_indices)]:
+        tnum, tidx = _transpose_ordered(num, idx)
+        assert torch.equal(qnum, tnum)
+        valid = torch.arange(tidx.shape[-1]) < tnum[..., None]
+        assert torch.equal(torch.where(valid, qidx, -1), torch.where(valid, tidx, -1))
+
+
+@pytest.mark.parametrize("pat", PATTERNS, ids=repr)
+@pytest.mark.parametrize("q_len,kv_len,q_offset,bs,pq,pk", [
+    (1, 1, 0, 16, 16, 16), (1, 1, 0, 16, 64, 64), (17, 17, 0, 16, 32, 32), (129, 129, 0, 128, 256, 256),
+    (100, 100, 0, 32, 128, 128), (77, 177, 100, 32, 96, 192), (1, 300, 299, 64, 64, 384), (33, 33, 0, 16, 48, 48),
+])
+def test_padded_block_mask(pat, q_len, kv_len, q_offset, bs, pq, pk):
+    check_padded(pat, q_len, kv_len, q_offset, 4, 2, bs, pq, pk)
+
+
+@pytest.mark.parametrize("pat", PATTERNS[:6], ids=repr)
+def test_padded_block_mask_packed(pat):
+    gen = torch.Generator().manual_seed(5)
+    for q_len, bs, p in [(100, 16, 128), (257, 64, 384), (31, 16, 64)]:
+        docs = random_docs(2, q_len, gen)
+        check_padded(pat, q_len, q_len, 0, 2, 2, bs, p, p, doc_ids=docs)
+        check_padded(pat, q_len, q_len, 0, 2, 1, bs, p, p, doc_ids=docs[1])
+
+
+def test_padded_lengths_are_checked():
+    with pytest.raises(ValueError, match="padded q_len"):
+        build_block_mask(AttnSink(4, 8), 100, 100, block_size=32, padded_lengths=(64, 128))
+    with pytest.raises(ValueError, match="padded kv_len"):
+        build_block_mask(AttnSink(4, 8), 100, 100, block_size=32, padded_lengths=(128, 100))

@@ -12,7 +12,7 @@ from torchtune.models.llama3_2._component_builders import llama3_2
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import reference as ref
-from flexgen_long import hf, training
+from flexgen_long import checkpoint_io, hf
 from flexgen_long.models import (LLAMA3_1_ROPE_SCALING, doc_ids_from_seq_lens, longgen_llama, longgen_llama2_7b,
                                  longgen_llama3_1_8b, longgen_llama3_2_1b, longgen_tiny)
 from flexgen_long.patterns import AttnSink, BlockSparse, Full
@@ -85,7 +85,7 @@ def test_hf_checkpoint_round_trip(tmp_path):
     model = longgen_llama(V, 3, H, HKV, E, FFN, 512, 10_000, full_layers=[1], sparse_pattern=AttnSink(2, 9))
     sd, _ = hf.load_hf_state_dict(tmp_path / "hf")
     model.load_state_dict(sd, strict=True)
-    path = training.save_checkpoint(tmp_path / "out", 1, model.state_dict(), training.hf_config(model))
+    path = checkpoint_io.save_checkpoint(tmp_path / "out", 1, model.state_dict(), checkpoint_io.hf_config(model))
     back = LlamaForCausalLM.from_pretrained(path)
     sd0, sd1 = hf_model.state_dict(), back.state_dict()
     assert sd0.keys() == sd1.keys()

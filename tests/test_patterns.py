@@ -1,4 +1,5 @@
-"""Token rules, rectangle rules and row counts of the patterns against FACTS section 4 written out (tests/reference)."""
+"""Token rules, rectangle rules and row counts of the patterns against their semantics written out token by token
+(tests/reference.py)."""
 
 import itertools
 
@@ -28,7 +29,7 @@ PATTERNS = [
 @pytest.mark.parametrize("q_len,kv_len,q_offset,heads,kv_heads", [
     (1, 1, 0, 1, 1), (37, 37, 0, 2, 1), (20, 90, 70, 4, 2), (1, 131, 130, 8, 4), (65, 100, 10, 3, 3),
 ])
-def test_dense_mask_matches_facts(pat, q_len, kv_len, q_offset, heads, kv_heads):
+def test_dense_mask_matches_the_written_out_rule(pat, q_len, kv_len, q_offset, heads, kv_heads):
     got = dense_mask(pat, q_len, kv_len, q_offset=q_offset, num_heads=heads, num_kv_heads=kv_heads)
     want = ref.dense(pat, q_len, kv_len, q_offset, heads, kv_heads)
     assert got.shape[1] in (1, heads)
@@ -36,7 +37,7 @@ def test_dense_mask_matches_facts(pat, q_len, kv_len, q_offset, heads, kv_heads)
 
 
 @pytest.mark.parametrize("pat", PATTERNS, ids=repr)
-def test_dense_mask_documents_match_facts(pat):
+def test_dense_mask_documents_match_the_written_out_rule(pat):
     ids = torch.tensor([5] * 23 + [2] * 40 + [9] + [5] * 30 + [7] * 27)  # ids may repeat: documents are runs
     for q_len, q_offset in [(121, 0), (50, 71), (1, 120)]:
         got = dense_mask(pat, q_len, 121, q_offset=q_offset, num_heads=4, num_kv_heads=2, doc_ids=ids)
@@ -103,3 +104,21 @@ def test_bad_parameters_name_the_field(make, field):
 
 def test_patterns_are_hashable_values():
     assert AttnSink(4, 64) == AttnSink(4, 64) and len({AttnSink(4, 64), AttnSink(4, 64), Full()}) == 2
+
+
+def test_check_doc_ids_is_the_one_validator():
+    from flexgen_long.patterns import check_doc_ids
+
+    ids = torch.tensor([0, 0, 1, 1])
+    assert check_doc_ids(ids, 4) is ids and check_doc_ids(ids[None].expand(3, 4), 4, batch=3).shape == (3, 4)
+    for bad, message in [([0, 0, 1], "integer tensor of shape"), (ids.bool(), "dtype torch.bool"),
+                         (ids.float(), "dtype torch.float32"), (ids[:3], r"shape \[length=4\].*got \(3,\)"),
+                         (ids.view(1, 1, 4), r"got \(1, 1, 4\)")]:
+        with pytest.raises(ValueError, match=message):
+            check_doc_ids(bad, 4)
+    with pytest.raises(ValueError, match="doc_ids batch 2 must be 1 or the tokens' batch 3"):
+        check_doc_ids(ids[None].expand(2, 4), 4, batch=3)
+    # the entry points go through it: the same message from Documents and the masks
+    for call in (lambda: Documents.from_ids(ids.bool()), lambda: dense_mask(Full(), 4, 4, doc_ids=ids.bool())):
+        with pytest.raises(ValueError, match="doc_ids must be an integer tensor, got dtype torch.bool"):
+            call()

@@ -1,19 +1,23 @@
 """recipes/longgen_finetune.py: the CLI exactly as a user types it, exact resume, checkpoints that reload (into our
 model and into transformers), and bad configs refused before any training."""
 
+import json
 import os
+import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
+from flexgen_long import checkpoint_io as ckpt
 from flexgen_long import hf
-from flexgen_long import training as ckpt
 
 REPO = Path(__file__).resolve().parents[1]
 TUNE = str(Path(sys.executable).parent / "tune")  # the venv's console script, as the README's setup installs it
@@ -24,9 +28,9 @@ SMALL = ["seq_len=256", "model.max_seq_len=256", "dataset.max_tokens=30000", "da
          "batch_size=2", "gradient_accumulation_steps=2", "log_every_n_steps=1", "lr_scheduler.num_warmup_steps=2"]
 
 
-def _tune(*args, timeout=300):
+def _tune(*args, timeout=300, cwd=REPO):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # as a user's shell: no PYTHONPATH
-    return subprocess.run([TUNE, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([TUNE, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def _losses(text: str) -> dict[int, float]:
@@ -42,8 +46,11 @@ def _run(cfg):
     from recipes.longgen_finetune import LongGenFinetuneRecipe
 
     recipe = LongGenFinetuneRecipe(cfg)
-    recipe.setup(cfg)
-    recipe.train()
+    try:
+        recipe.setup(cfg)
+        recipe.train()
+    finally:
+        recipe.release()  # the output_dir lock, as recipe_main does
     recipe.cleanup()
     return recipe
 
@@ -70,20 +77,14 @@ def test_tune_run_tiny_config_as_typed(tmp_path):
     assert {"model.safetensors", "config.json", "recipe_state.pt"} <= {p.name for p in (out / "step_12").iterdir()}
 
 
-def test_tune_run_torchrun_path_resolves(tmp_path):
-    # `tune run --nproc_per_node N <recipe>` launches `python -m recipes.longgen_finetune` through torchrun
-    r = _tune("run", "--nproc_per_node", "1", "recipes/longgen_finetune.py", "--config", TINY,
-              f"output_dir={tmp_path}", *SMALL, "max_steps=1")
+def test_tune_run_torchrun_from_another_folder_with_absolute_paths(tmp_path):
+    # `tune run --nproc_per_node N <recipe>` launches `python -m recipes.longgen_finetune` through torchrun; with an
+    # absolute recipe path from another folder (which torchtune itself cannot turn into a module name) as well
+    r = _tune("run", "--nproc_per_node", "1", str(REPO / "recipes" / "longgen_finetune.py"), "--config",
+              str(REPO / TINY), f"output_dir={tmp_path / 'run'}", *SMALL, "max_steps=1", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Running with torchrun" in r.stdout and _losses(r.stdout).keys() == {1}
-    assert ckpt.latest_checkpoint(tmp_path).name == "step_1"
-
-
-def test_cli_refuses_unknown_key(tmp_path):
-    r = _tune("run", "recipes/longgen_finetune.py", "--config", TINY, f"output_dir={tmp_path}", "learning_rate=1e-3")
-    assert r.returncode != 0
-    assert "unknown config key(s) ['learning_rate']" in r.stderr
-    assert not ckpt.list_checkpoints(tmp_path)
+    assert ckpt.latest_checkpoint(tmp_path / "run").name == "step_1"
 
 
 def test_torchtune_builtins_unaffected(tmp_path):
@@ -135,24 +136,188 @@ def test_full_attention_checkpoint_loads_in_transformers(tmp_path):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-def test_killed_checkpoint_write_leaves_latest_intact(tmp_path, monkeypatch):
-    recipe = _run(_cfg(tmp_path, "max_steps=1"))
-    before = (tmp_path / "step_1" / "model.safetensors").read_bytes()
+# -- nothing lost: reruns, two jobs in one folder, kills --------------------------------------------------------------------
+def test_rerun_never_deletes_what_it_did_not_write(tmp_path, caplog):
+    out = tmp_path / "run"
+    _run(_cfg(out, "max_steps=2"))
+    weights = (out / "step_2" / "model.safetensors").read_bytes()
+    # the same command again (checkpoint.resume defaults to false): refused, naming what is there and both ways on
+    with pytest.raises(ckpt.OutputDirNotEmpty, match=r"is not empty \(step_2, torchtune_config.yaml\) and this is a fresh run .* "
+                                                     r"checkpoint.resume=true .* checkpoint.overwrite=true"):
+        _run(_cfg(out, "max_steps=2"))
+    # a field that used to be read only at step 1 (after the old checkpoints were gone) is refused before anything
+    with pytest.raises(ValueError, match=r"config field 'clip_grad_norm': must be null or a number > 0, got 'abc'"):
+        _run(_cfg(out, "max_steps=2", "checkpoint.overwrite=true", "clip_grad_norm=abc"))
+    assert sorted(p.name for p in out.iterdir()) == [ckpt.LOCK_FILE, "step_2", "torchtune_config.yaml"]
+    assert (out / "step_2" / "model.safetensors").read_bytes() == weights
+    # resume continues next to it
+    caplog.set_level("INFO")
+    _run(_cfg(out, "max_steps=3", "checkpoint.resume=true"))
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step_2", "step_3"] and "Resumed from" in caplog.text
+    assert (out / "step_2" / "model.safetensors").read_bytes() == weights
+    # only an explicit overwrite deletes them, and says so
+    _run(_cfg(out, "max_steps=1", "checkpoint.overwrite=true"))
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step_1"]
+    assert "checkpoint.overwrite=true: deleted 2 old checkpoint(s)" in caplog.text and "step_2, step_3" in caplog.text
 
-    def killed(*args, **kwargs):
-        raise KeyboardInterrupt("killed mid-write")
 
-    monkeypatch.setattr(ckpt.torch, "save", killed)  # recipe_state.pt is written after the weights
-    recipe.global_step = 2
-    with pytest.raises(KeyboardInterrupt):
-        recipe.save_checkpoint(epoch=0)
-    assert ckpt.latest_checkpoint(tmp_path).name == "step_1"
-    assert (tmp_path / "step_1" / "model.safetensors").read_bytes() == before
-    assert [p.name for p in tmp_path.glob(".step_2.tmp-*")]  # the torn write is only a hidden temp dir
-    assert ckpt.remove_stale_temp_dirs(tmp_path) and not list(tmp_path.glob(".step_*"))
+def test_resume_with_another_model_or_data_is_refused_naming_the_keys(tmp_path):
+    _run(_cfg(tmp_path, "max_steps=2"))
+    files = {p: p.read_bytes() for p in (tmp_path / "step_2").iterdir()}
+    for change, named in [(["model.full_layers=none"], r"model.full_layers: 'middle' in step_2, 'none' now"),
+                          (["model.sparse_pattern.window=50"], r"model.sparse_pattern.window: 60 in step_2, 50 now"),
+                          (["dataset.max_tokens=20000"], r"dataset.max_tokens: 30000 in step_2, 20000 now"),
+                          (["batch_size=1", "seq_len=128", "model.max_seq_len=128", "dataset.synthetic_length=100"],
+                           r"batch_size: 2 in step_2, 1 now; .*seq_len: 256 in step_2, 128 now")]:
+        with pytest.raises(ValueError, match=r"config field 'checkpoint.resume': .* was trained with a different "
+                                             r"config.*" + named):
+            _run(_cfg(tmp_path, "max_steps=4", "checkpoint.resume=true", *change))
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_2"]
+    assert {p: p.read_bytes() for p in (tmp_path / "step_2").iterdir()} == files
 
 
-# -- bad configs: a clear error naming the field, before any training --------------------------------------------------------
+def test_output_dir_lock_names_its_owner_and_takes_over_from_a_dead_one(tmp_path, caplog):
+    lock = ckpt.OutputDirLock(tmp_path)
+    with pytest.raises(ckpt.OutputDirInUse, match=rf"in use by pid {os.getpid()} on host "):
+        ckpt.OutputDirLock(tmp_path)  # a second holder, even in the same process
+    lock.release()
+    ckpt.OutputDirLock(tmp_path).release()  # a clean release leaves no record behind: no warning
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs, with the record a killed owner leaves behind (its flock died with it)
+    record = {"pid": dead.pid, "host": __import__("socket").gethostname(), "start_time": "1", "started": "earlier"}
+    (tmp_path / ckpt.LOCK_FILE).write_text(json.dumps(record))
+    messages = []
+    ckpt.OutputDirLock(tmp_path, log=messages.append).release()
+    assert messages == [f"Lock {tmp_path / ckpt.LOCK_FILE}: taking over a stale lock of pid {dead.pid} on host "
+                        f"{record['host']} (started earlier, whose process no longer exists): that job ended without "
+                        "releasing it (killed or crashed)"]
+
+
+STEPS = 12  # checkpoints at every step, the last two kept: kills land in training steps, writes and deletions
+KILL_RUN = ["checkpoint.save_every_n_steps=1", "checkpoint.keep_last_n=2"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The losses and final weights of the run that the killed runs must reproduce after resuming."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    recipe = _run(_cfg(root / "run", f"max_steps={STEPS}", *KILL_RUN, *_disk(root / "log")))
+    return _disk_losses(root / "log"), {k: v.clone() for k, v in recipe._model.state_dict().items()}
+
+
+# The recipe in a child process, as `python -m recipes.longgen_finetune` would run it. With a kill point k > 0 it
+# SIGKILLs itself at the k-th I/O call of its checkpoint writes and deletions (before the call): every file write,
+# fsync, rename and removal is a point, so a random k lands anywhere inside them -- the kernel's SIGKILL, no cleanup.
+CHILD = r"""
+import os, shutil, signal, sys
+import safetensors.torch, torch
+from flexgen_long import checkpoint_io
+
+kill_at, calls, inside = int(sys.argv[1]), [0], [False]
+
+def point(fn):
+    def wrapped(*args, **kwargs):
+        if inside[0]:
+            calls[0] += 1
+            if calls[0] == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return fn(*args, **kwargs)
+    return wrapped
+
+def io_region(fn):
+    def wrapped(*args, **kwargs):
+        inside[0] = True
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            inside[0] = False
+    return wrapped
+
+if kill_at:
+    os.fsync, os.rename, shutil.rmtree = point(os.fsync), point(os.rename), point(shutil.rmtree)
+    torch.save, safetensors.torch.save_file = point(torch.save), point(safetensors.torch.save_file)
+    checkpoint_io.save_checkpoint = io_region(checkpoint_io.save_checkpoint)
+    checkpoint_io.remove_checkpoint = io_region(checkpoint_io.remove_checkpoint)
+sys.argv = ["recipes/longgen_finetune.py", *sys.argv[2:]]
+from recipes.longgen_finetune import recipe_main
+recipe_main()
+"""
+
+
+def _child(out: Path, log_dir: Path, kill_at: int) -> subprocess.Popen:
+    args = ["--config", TINY, f"output_dir={out}", *SMALL, f"max_steps={STEPS}", *KILL_RUN, *_disk(log_dir)]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.Popen([sys.executable, "-c", CHILD, str(kill_at), *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _assert_every_checkpoint_whole(out: Path, why: str) -> None:
+    """What a kill may leave: complete step_<N> directories (and hidden leftovers), never a torn one."""
+    from safetensors.torch import load_file
+
+    for p in ckpt.list_checkpoints(out):
+        assert {f.name for f in p.iterdir()} == {ckpt.WEIGHTS_FILE, ckpt.CONFIG_FILE, ckpt.STATE_FILE}, (why, p)
+        step = json.loads((p / ckpt.CONFIG_FILE).read_text())["flexgen_long"]["step"]
+        assert p.name == f"step_{step}" and load_file(p / ckpt.WEIGHTS_FILE), (why, p)
+        assert torch.load(p / ckpt.STATE_FILE, weights_only=False)["global_step"] == step, (why, p)
+
+
+def _resume_and_compare(out: Path, log_dir: Path, uninterrupted, why: str) -> None:
+    straight, final = uninterrupted
+    start = int(ckpt.latest_checkpoint(out).name.split("_")[1]) if ckpt.latest_checkpoint(out) else 0
+    recipe = _run(_cfg(out, f"max_steps={STEPS}", *KILL_RUN, "checkpoint.resume=true", *_disk(log_dir)))
+    again = _disk_losses(log_dir)
+    assert again == {s: straight[s] for s in range(start + 1, STEPS + 1)}, why  # identical floats
+    for k, v in recipe._model.state_dict().items():
+        assert torch.equal(v, final[k]), (why, k)
+
+
+def test_sigkill_at_a_random_point_of_a_checkpoint_write_then_resume(tmp_path, uninterrupted, caplog):
+    seed = int.from_bytes(os.urandom(4), "little")
+    kill_at = random.Random(seed).randint(1, 8 * STEPS)  # a save is 8 points; deletions add 2 each
+    why = f"killed at I/O point {kill_at} (seed {seed})"
+    child = _child(tmp_path / "run", tmp_path / "log_child", kill_at)
+    output = child.communicate(timeout=300)[0]
+    assert child.returncode == -signal.SIGKILL, (why, output[-3000:])  # 8 * STEPS < the points of a whole run
+    _assert_every_checkpoint_whole(tmp_path / "run", why)
+    caplog.set_level("INFO")
+    _resume_and_compare(tmp_path / "run", tmp_path / "log_resumed", uninterrupted, why)
+    assert f"taking over a stale lock of pid {child.pid}" in caplog.text, why
+    assert not list((tmp_path / "run").glob(".step_*")), why  # leftovers recovered or removed, each logged
+
+
+def test_two_jobs_one_folder_then_sigkill_at_a_random_time(tmp_path, uninterrupted, caplog):
+    """A second job in a running job's output_dir is refused, naming the first; after the first is SIGKILLed (at a
+    random moment) the second takes over its stale lock, resumes, and ends exactly where an uninterrupted run ends."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    delay = random.Random(seed).uniform(0.0, 1.5)
+    why = f"killed {delay:.2f} s after its first checkpoint (seed {seed})"
+    out = tmp_path / "run"
+    child = _child(out, tmp_path / "log_child", 0)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "step_1").exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (out / "step_1").exists(), child.communicate()[0][-3000:] if child.poll() is not None else "timeout"
+        child.send_signal(signal.SIGSTOP)  # paused, still holding its lock, while the second job tries
+        for mode in ("checkpoint.resume=true", "checkpoint.overwrite=true"):
+            with pytest.raises(ckpt.OutputDirInUse, match=rf"in use by pid {child.pid} on host .*wait for that job "
+                                                          "to end, or choose another output_dir"):
+                _run(_cfg(out, f"max_steps={STEPS}", *KILL_RUN, mode))
+        child.send_signal(signal.SIGCONT)
+        time.sleep(delay)
+        child.send_signal(signal.SIGKILL)
+    finally:
+        output = child.communicate(timeout=60)[0]
+    assert child.returncode in (-signal.SIGKILL, 0), (why, output[-3000:])
+    _assert_every_checkpoint_whole(out, why)
+    caplog.set_level("INFO")
+    _resume_and_compare(out, tmp_path / "log_resumed", uninterrupted, why)
+    if child.returncode == -signal.SIGKILL:
+        assert f"taking over a stale lock of pid {child.pid}" in caplog.text, why
+
+
+# -- bad configs: a clear error naming the field, before anything is touched ----------------------------------------------
 BAD = [
     (["learning_rate=1e-3"], ValueError, r"unknown config key\(s\) \['learning_rate'\]"),
     (["checkpoint.every=5"], ValueError, r"unknown config key\(s\) \['checkpoint.every'\]"),
@@ -160,19 +325,58 @@ BAD = [
     (["seq_len=512"], ValueError, r"config field 'seq_len': 512 exceeds model.max_seq_len=256"),
     (["model.sparse_pattern.window=300"], ValueError,
      r"config field 'model.sparse_pattern': AttnSink\(sink=4, window=300\).*sees every key"),
-    (["model.num_layerz=3"], ValueError, r"config section 'model'.*num_layerz"),
-    (["max_steps=0"], ValueError, r"config field 'max_steps': must be an int >= 1"),
-    (["checkpoint.base_dir=/nonexistent/llama"], ValueError, r"config field 'checkpoint.base_dir'"),
+    (["model.num_layerz=3"], ValueError, r"config field 'model.num_layerz': is not an argument of "
+                                         r"flexgen_long.models.longgen_tiny"),
+    (["model.sparse_pattern.sink=four"], ValueError, r"config field 'model.sparse_pattern.sink': must be an int, "
+                                                     r"got 'four'"),
+    (["max_steps=0"], ValueError, r"config field 'max_steps': must be an int >= 1, got 0"),
+    (["max_steps=abc"], ValueError, r"config field 'max_steps': must be an int >= 1, got 'abc'"),
+    (["checkpoint.base_dir=/nonexistent/llama"], ValueError,
+     r"config field 'checkpoint.base_dir': '/nonexistent/llama' does not exist"),
+    (["clip_grad_norm=abc"], ValueError, r"config field 'clip_grad_norm': must be null or a number > 0, got 'abc'"),
+    (["seed=abc"], ValueError, r"config field 'seed': must be null or an int >= 0 and <= 4294967295, got 'abc'"),
+    (["optimizer.lr=abc"], ValueError, r"config field 'optimizer.lr': must be a number, got 'abc'"),
+    (["optimizer.lr=-1"], ValueError, r"config section 'optimizer': Invalid learning rate: -1"),
+    (["optimizer._component_=torch.optim.AdamWW"], ValueError,
+     r"config field 'optimizer._component_': 'torch.optim.AdamWW' cannot be imported"),
+    (["lr_scheduler.num_warmup_steps=abc"], ValueError,
+     r"config field 'lr_scheduler.num_warmup_steps': must be an int, got 'abc'"),
+    (["lr_scheduler.num_training_steps=5"], ValueError,
+     r"config field 'lr_scheduler.num_training_steps': is set by the recipe from max_steps"),
+    (["checkpoint.resume=maybe"], ValueError, r"config field 'checkpoint.resume': must be true or false, got 'maybe'"),
+    (["checkpoint.resume=true", "checkpoint.overwrite=true"], ValueError,
+     r"config field 'checkpoint.overwrite': is true together with checkpoint.resume=true: choose one"),
+    (["dataset.on_invalid_utf8=ignore"], ValueError,
+     r"config field 'dataset.on_invalid_utf8': must be one of \['error', 'skip'\], got 'ignore'"),
+    (["dataset.synthetic_share=1.5"], ValueError, r"dataset.synthetic_share must be a number in \[0, 1\), got 1.5"),
+    (["device=tpu"], ValueError, r"config field 'device': must be 'cpu', 'cuda' or 'cuda:<index>', got 'tpu'"),
+    (["dtype=fp16"], ValueError, r"config field 'dtype': must be one of \['fp32', 'bf16'\], got 'fp16'"),
+    (["log_peak_memory_stats=2"], ValueError, r"config field 'log_peak_memory_stats': must be true or false, got 2"),
+    (["metric_logger._component_=torchtune.nope.Logger"], ValueError,
+     r"config field 'metric_logger._component_': 'torchtune.nope.Logger' cannot be imported"),
     (["model.vocab_size=256"], ValueError, r"config section 'tokenizer': the tokenizer has 259 ids \(0..258\) but the "
                                            r"model's vocabulary has 256"),
 ]
+if not torch.cuda.is_available():
+    BAD.append((["device=cuda"], ValueError, r"config field 'device': 'cuda' was requested but this machine has no "
+                                             r"usable CUDA device"))
 
 
-@pytest.mark.parametrize("overrides,exc,message", BAD, ids=[b[0][0].split("=")[0] for b in BAD])
-def test_bad_config_is_refused_before_training(tmp_path, overrides, exc, message):
+@pytest.mark.parametrize("overrides,exc,message", BAD, ids=["+".join(b[0]) for b in BAD])
+def test_bad_config_is_refused_before_anything_is_touched(tmp_path, overrides, exc, message):
     with pytest.raises(exc, match=message):
-        _run(_cfg(tmp_path, *overrides))
-    assert not ckpt.list_checkpoints(tmp_path)
+        _run(_cfg(tmp_path / "run", *overrides))
+    assert not (tmp_path / "run").exists()  # not even output_dir was created
+
+
+def test_cli_prints_the_error_not_a_traceback(tmp_path):
+    """From another folder, with absolute paths (tune run imports the recipe file from its own folder), a bad field
+    ends the command with exit code 1 and one line naming it -- no traceback through library code."""
+    r = _tune("run", str(REPO / "recipes" / "longgen_finetune.py"), "--config", str(REPO / TINY),
+              f"output_dir={tmp_path / 'run'}", "optimizer.lr=abc", cwd=tmp_path)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "error: config field 'optimizer.lr': must be a number, got 'abc'" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("pattern,message", [
@@ -181,7 +385,7 @@ def test_bad_config_is_refused_before_training(tmp_path, overrides, exc, message
     ({"block": 64, "local_blocks": 3, "vertical_stride": 2}, r"local_blocks \* block < seq_len"),
 ])
 def test_block_sparse_that_does_not_fit_is_refused(tmp_path, pattern, message):
-    cfg = _cfg(tmp_path, "seq_len=192")
+    cfg = _cfg(tmp_path, "seq_len=192", "dataset.synthetic_length=128")
     cfg.model.sparse_pattern = {"_component_": "flexgen_long.patterns.BlockSparse", **pattern}
     with pytest.raises(ValueError, match=r"config field 'model.sparse_pattern': .*" + message):
         _run(cfg)
@@ -189,8 +393,11 @@ def test_block_sparse_that_does_not_fit_is_refused(tmp_path, pattern, message):
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "recipes" / "configs").glob("*.yaml")))
 def test_every_shipped_config_validates(name, tmp_path, request):
-    """Keys, model shape (built on the meta device: no memory at 7B), RoPE length and pattern fit of each config; a
-    config whose model and tokenizer read the base directory gets the real one (SmolLM2) and must fit it."""
+    """Each config against what it really needs: keys, types, model shape (built on the meta device: no memory at
+    7B), RoPE length and pattern fit, and -- for the Llama configs -- a base model directory whose config.json has the
+    model's shape, its weights file and the tokenizer file the config points to, and a data source. Each missing or
+    mismatched requirement is refused, naming its field. A config whose model and tokenizer read the base directory
+    (from_hf_config, hf_tokenizer) gets the real one (SmolLM2) and must fit it."""
     from recipes.longgen_finetune import validate_config, validate_model
     from torchtune import config
 
@@ -198,27 +405,70 @@ def test_every_shipped_config_validates(name, tmp_path, request):
 
     cfg = OmegaConf.load(REPO / "recipes" / "configs" / f"{name}.yaml")
     reads_base = cfg.model.get("_component_") == "flexgen_long.models.from_hf_config"
-    base = request.getfixturevalue("smollm2_dir") if reads_base else tmp_path
-    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"checkpoint.base_dir={base}"]))
-    validate_config(cfg)
+    if reads_base:  # the model section reads the base directory's config.json: it must exist before instantiating
+        base = request.getfixturevalue("smollm2_dir")
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"checkpoint.base_dir={base}"]))
+    # the GPU configs say device: cuda, which is refused on a machine without one (tested below); check the rest here
+    on_this_machine = [] if cfg.device == "cpu" or torch.cuda.is_available() else ["device=cpu"]
     with torch.device("meta"):
         model = config.instantiate(cfg.model)
-    validate_model(model, cfg.seq_len)
-    if reads_base:
-        hf.check_model(model, hf.read_config(base), base)
-        check_fits(config.instantiate(cfg.tokenizer), model.tok_embeddings.num_embeddings)
     full = [i for i, layer in enumerate(model.layers) if type(layer.attn.pattern).__name__ == "Full"]
     n = len(model.layers)
     if "_full_" in name:
         assert full == list(range(n))
     else:  # LongGen: the middle third full, the rest sparse
         assert 0 < len(full) < n and full[0] > 0 and full[-1] < n - 1
+    if not OmegaConf.is_missing(cfg.checkpoint, "base_dir") and cfg.checkpoint.base_dir is None:  # the tiny job: random init, stdlib text, byte tokenizer
+        validate_config(cfg)
+        validate_model(model, cfg)
+        return
+    if reads_base:  # the real base directory: its config.json fits the model, its tokenizer the model's vocabulary
+        validate_config(cfg)
+        validate_model(model, cfg)
+        check_fits(config.instantiate(cfg.tokenizer), model.tok_embeddings.num_embeddings)
+        return
+    if on_this_machine:
+        with pytest.raises(ValueError, match="config field 'device': 'cuda' was requested but this machine has no"):
+            validate_config(cfg)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("long text\n")
+    with pytest.raises(ValueError, match=r"config field 'checkpoint.base_dir': is required \(the config leaves it"):
+        validate_config(OmegaConf.merge(cfg, OmegaConf.from_dotlist([*on_this_machine, f"dataset.source={corpus}"])))
 
+    def base_dir(path, **change):
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps({**ckpt.hf_config(model), **change}))
+        (path / "model.safetensors").write_bytes(b"")  # present; reading it is the loader's business
+        for tok in ("tokenizer.model", "original/tokenizer.model"):
+            (path / tok).parent.mkdir(exist_ok=True)
+            (path / tok).write_bytes(b"")
+        return OmegaConf.merge(cfg, OmegaConf.from_dotlist([*on_this_machine, f"checkpoint.base_dir={path}",
+                                                            f"dataset.source={corpus}"]))
+
+    good = base_dir(tmp_path / "base")
+    no_data = good.copy()
+    no_data.dataset.source = "???"  # as shipped
+    with pytest.raises(ValueError, match=r"config field 'dataset.source': is required"):
+        validate_config(no_data)
+    validate_config(good)
+    validate_model(model, good)
+    other = base_dir(tmp_path / "other", num_hidden_layers=n + 1)
+    with pytest.raises(ValueError, match=rf"config section 'model' builds a model that does not fit "
+                                         rf".*other/config.json: num_layers={n} \(config.json num_hidden_layers="
+                                         rf"{n + 1}\)"):
+        validate_model(model, other)
+    Path(good.tokenizer.path).unlink()
+    with pytest.raises(ValueError, match=r"config field 'tokenizer.path': '.*tokenizer.model' does not exist"):
+        validate_config(good)
+    (tmp_path / "base" / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"config field 'checkpoint.base_dir': .*: no \*.safetensors weight files"):
+        validate_config(good)
 
 
 def test_base_checkpoint_of_other_sizes_is_refused_before_training(tmp_path, smollm2_dir):
     """The tiny model section over a real base directory: refused from config.json alone, naming the fields."""
     with pytest.raises(ValueError, match=r"config section 'model' builds a model that does not fit .*config.json: "
                                          r"vocab_size=259 \(config.json vocab_size=49152\); num_layers=4"):
-        _run(_cfg(tmp_path, f"checkpoint.base_dir={smollm2_dir}"))
-    assert not ckpt.list_checkpoints(tmp_path)
+        _run(_cfg(tmp_path / "run", f"checkpoint.base_dir={smollm2_dir}"))
+    assert not (tmp_path / "run").exists()  # not even output_dir was created

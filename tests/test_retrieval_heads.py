@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flexgen_long import training
+from flexgen_long import checkpoint_io
 from flexgen_long.masks import dense_mask
 from flexgen_long.models import longgen_llama
 from flexgen_long.patterns import AttnSink, BlockSparse, Full
@@ -98,19 +98,26 @@ def test_a_wrong_mask_fails_the_recompute_check(monkeypatch):
     assert res["recompute_max_rel_error"] > 0.05
 
 
-def test_cli_writes_json_and_figure_and_suggests_layers(tmp_path):
-    cfg = {"_component_": "flexgen_long.models.longgen_llama", "vocab_size": 259, "num_layers": 3, "num_heads": 2,
+def test_cli_writes_json_and_figure_and_suggests_layers(tmp_path, monkeypatch):
+    """The CLI end to end on a real checkpoint; the suggestion is checked on per-layer scores chosen here (random
+    weights copy nothing), with the layers it must pick worked out by hand: 6 layers -> "middle" has 2 full layers;
+    the best contiguous pair of [0.5, 0, 0, 0.3, 0.35, 0.1] is [3, 4] (0.65), the two best single layers [0, 4]."""
+    cfg = {"_component_": "flexgen_long.models.longgen_llama", "vocab_size": 259, "num_layers": 6, "num_heads": 2,
            "num_kv_heads": 1, "embed_dim": 32, "intermediate_dim": 64, "max_seq_len": 512, "full_layers": "all"}
     from omegaconf import OmegaConf
     from torchtune import config
     model = config.instantiate(OmegaConf.create(cfg))
-    ckpt = training.save_checkpoint(tmp_path / "run", 1, model.state_dict(), training.hf_config(model, cfg))
+    ckpt = checkpoint_io.save_checkpoint(tmp_path / "run", 1, model.state_dict(), checkpoint_io.hf_config(model, cfg))
+    scores = [0.5, 0.0, 0.0, 0.3, 0.35, 0.1]
+    measured = rh.retrieval_heads
+    monkeypatch.setattr(rh, "retrieval_heads", lambda *a, **k: {**measured(*a, **k), "layer_copy_score": scores})
     out = tmp_path / "heads"
     res = rh.main([str(ckpt), "--out", str(out), "--samples", "1", "--device", "cpu", "--dtype", "fp32"])
     assert res["length"] == 496                              # max_seq_len - 16: room for the answer
     saved = json.loads(out.with_suffix(".json").read_text())
-    assert saved["layout"]["full_layers"] == [0, 1, 2] and saved["suggested_full_layers"]["n"] == 1
-    assert saved["suggested_full_layers"]["contiguous"] == [max(range(3), key=lambda i: (res["layer_copy_score"][i], -i))]
+    assert saved["layout"]["full_layers"] == [0, 1, 2, 3, 4, 5] and saved["recompute_max_rel_error"] < 1e-3
+    assert saved["suggested_full_layers"] == {"n": 2, "contiguous": [3, 4], "top": [0, 4]}
+    assert len(saved["copy_score"]) == 6 and len(saved["copy_score"][0]) == 2
     assert out.with_suffix(".png").stat().st_size > 10_000
     with pytest.raises(SystemExit):
         rh.main([str(ckpt), "--out", str(out), "--length", "600", "--device", "cpu"])   # no room for the answer

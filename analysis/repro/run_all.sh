@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole small-scale retrieval reproduction (issue 7) on one machine, stage after stage:
+# The whole small-scale retrieval reproduction on one machine, stage after stage:
 #   s1 pretrain (one GPU) -> s2 extend every variant -> s3 evaluate every variant and f (and their intermediate s2
 #   checkpoints, EVAL_STEPS="1000 2000" by default; EVAL_STEPS= to skip) -> table, summary.png, steps.png.
 # s2 and s3 run their variants side by side, one GPU each (GPUS=N to choose; default: every visible GPU), or
@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python3}
 GPUS=${GPUS:-$($PY -c 'import torch; print(max(1, torch.cuda.device_count()))')}
-R=${RESULTS:-analysis/results/repro}  # on the device tool: an ignored folder (outputs/...), tarred at the end
+R=${RESULTS:-analysis/results/repro}  # where a machine syncs the tracked tree away: an ignored folder (outputs/...)
 D="$PY analysis/repro/run_stage.py --results $R ${TOY:+--toy}"  # TOY=1: the CPU smoke-test sizes
 echo "repro: $GPUS GPU(s), start $(date -u +%T)"
 $D s1

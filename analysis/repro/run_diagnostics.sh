@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run 5 of the retrieval reproduction (issue 7): why LongGen AttnSink (b) falls short of full attention at this small
+# Run 5 of the retrieval reproduction: why LongGen AttnSink (b) falls short of full attention at this small
 # scale while BlockSparse (c) and full-at-the-top (e_top) do not. Two experiments side by side on a 4-GPU machine,
 # each its own driver on two GPUs:
 #   placement  (GPUs 0,1): the 8-layer s1 again (run_all.sh's config and seed) -> retrieval heads of s1 ->
@@ -7,9 +7,10 @@
 #              (two jobs per GPU) -> s3 -> their retrieval heads
 #   model size (GPUs 2,3): the same recipe with 12 layers ("middle" = [4, 5, 6, 7]) -> heads of s1 -> s2 a, b ->
 #              s3 a, b -> their heads
-# Results: $RESULTS/repro_diag and $RESULTS/repro_12l (RESULTS default analysis/results; on the device tool point it
-# at an ignored folder such as outputs/results and tar it: the tool's sync of the working tree removes files that a
-# previous call created in tracked folders). Checkpoints: outputs/repro_diag, outputs/repro_12l. 8.5 min on 4 H200s.
+# Results: $RESULTS/repro_diag and $RESULTS/repro_12l (RESULTS default analysis/results; on a machine whose copy of
+# the working tree is re-synced between sessions, point it at an ignored folder such as outputs/results and tar it:
+# the sync removes files created in tracked folders). Checkpoints: outputs/repro_diag, outputs/repro_12l. 8.5 min on
+# 4 H200s.
 #   heads_rule (one GPU, run on its own): a 12-layer s1 -> its retrieval heads -> s2 a and b_heads (AttnSink with the
 #              full layers the heads suggest) -> s3 -> their heads -> table. Results $RESULTS/repro_12l_rule.
 set -euo pipefail

@@ -1,4 +1,4 @@
-"""Driver of the small-scale LongGen retrieval reproduction (issue 7): one command per stage, run from the repo root.
+"""Driver of the small-scale LongGen retrieval reproduction: one command per stage, run from the repo root.
 
     python analysis/repro/run_stage.py calibrate          # 30 steps of s1 and of s2 (b): measured tokens/s, minutes
     python analysis/repro/run_stage.py s1                 # pretrain, full attention, 1K context
@@ -156,7 +156,7 @@ def run_train(stage: str, variant: str, args) -> dict:
     out = Path(args.outputs) / (stage if stage == "s1" else f"s2_{variant}")
     overrides = [f"output_dir={out}", "checkpoint.resume=true"]
     if stage == "s2":
-        from flexgen_long.training import latest_checkpoint
+        from flexgen_long.checkpoint_io import latest_checkpoint
         base = latest_checkpoint(Path(args.outputs) / "s1")
         if base is None:
             raise SystemExit(f"no s1 checkpoint in {Path(args.outputs) / 's1'}: run `python {Path(__file__).relative_to(REPO)} s1` "
@@ -200,7 +200,7 @@ def run_eval(variant: str, args) -> None:
 def run_heads(name: str, args) -> None:
     """Retrieval heads (analysis/repro/retrieval_heads.py) of s1's or a variant's latest checkpoint -> --results/
     heads_NAME.json/png: which layers copy the passkey, i.e. where the full layers would keep retrieval."""
-    from flexgen_long.training import latest_checkpoint
+    from flexgen_long.checkpoint_io import latest_checkpoint
     import retrieval_heads
     out = Path(args.outputs) / ("s1" if name == "s1" else f"s2_{name}")
     ckpt = latest_checkpoint(out)

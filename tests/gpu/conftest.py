@@ -1,0 +1,66 @@
+"""The GPU suite: the compiled paths (flex kernels, CUDA graphs) at the shapes users send. Skipped where CUDA is absent,
+so the CPU suite (CI) stays green; run it on a GPU machine with
+
+    FLEXGEN_GPU_RESULTS=analysis/results/gpu_suite_<card>.json pytest tests/gpu
+
+With ``FLEXGEN_GPU_RESULTS`` set, the session writes one JSON record: card, torch / triton versions, every test with its
+outcome, duration and what it recorded (errors against the reference, compiled graphs), and the compiled-graph total.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+
+import pytest
+import torch
+
+_RESULTS: list[dict] = []
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (the GPU suite; CI runs the CPU suite)")
+    for item in items:
+        if "tests/gpu/" in str(item.fspath).replace(os.sep, "/"):
+            item.add_marker(pytest.mark.gpu)
+            if not torch.cuda.is_available():
+                item.add_marker(skip)
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        if "tests/gpu/" not in report.nodeid.replace(os.sep, "/") and not report.nodeid.startswith("test_gpu"):
+            return
+        _RESULTS.append({"case": report.nodeid, "outcome": report.outcome, "seconds": round(report.duration, 2),
+                         **{k: v for k, v in report.user_properties}})
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = os.environ.get("FLEXGEN_GPU_RESULTS")
+    if not path or not torch.cuda.is_available() or not _RESULTS:
+        return
+    from flexgen_long.shapes import compiled_graphs
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    graphs = compiled_graphs()
+    record = {
+        "suite": "tests/gpu", "card": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "triton": triton_version, "python": platform.python_version(), "commit": os.environ.get("FLEXGEN_COMMIT"),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "passed": sum(r["outcome"] == "passed" for r in _RESULTS),
+        "failed": sum(r["outcome"] == "failed" for r in _RESULTS),
+        "skipped": sum(r["outcome"] == "skipped" for r in _RESULTS),
+        "compiled_graphs_total": len(graphs),
+        # first calls that raised (the guard test runs a compiled function eagerly on purpose) have no time
+        "compile_s_total": round(sum(g.first_call_s for g in graphs if g.first_call_s == g.first_call_s), 1),
+        "cases": _RESULTS,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
