@@ -177,3 +177,28 @@ def test_finetune_recipe_as_typed_from_the_real_model(smollm2_dir, tmp_path):
     model = hf.load_model(step)  # rebuilt from the written-out config: needs nothing of the base directory
     assert [i for i, layer in enumerate(model.layers) if isinstance(layer.attn.pattern, Full)] == list(range(10, 20))
     assert model.layers[0].attn.pattern == AttnSink(sink=64, window=128)
+
+
+def test_eval_config_takes_a_finetune_output_dir_with_the_base_tokenizer(smollm2_dir, tmp_path):
+    """The README's last Real-model command: the eval config with ``checkpoint_dir=`` a finetune run's output_dir and
+    ``tokenizer.checkpoint_dir=`` the base directory. The latest step is rebuilt as trained, so the config's
+    ``from_hf_config`` section (which would read config.json from the run directory, where there is none) is neither
+    checked nor used. A tiny model with SmolLM2's vocabulary stands in for the finetuned one (seconds, not minutes)."""
+    from omegaconf import OmegaConf
+
+    from flexgen_long import checkpoint_io
+    from flexgen_long.models import longgen_tiny
+    from recipes.longgen_eval import evaluate
+
+    model = longgen_tiny(vocab_size=49152, max_seq_len=512)
+    cfg = {"_component_": "flexgen_long.models.longgen_tiny", "vocab_size": 49152, "max_seq_len": 512}
+    checkpoint_io.save_checkpoint(tmp_path / "run", 1, model.state_dict(), checkpoint_io.hf_config(model, cfg))
+    eval_cfg = OmegaConf.merge(OmegaConf.load(REPO / "recipes" / "configs" / "eval" / "smollm2_135m.yaml"),
+                               OmegaConf.from_dotlist([f"checkpoint_dir={tmp_path / 'run'}",
+                                                       f"tokenizer.checkpoint_dir={smollm2_dir}",
+                                                       f"output_dir={tmp_path / 'eval'}", "lengths=[128]",
+                                                       "depths=[0.5]", "samples_per_cell=1", "perplexity_documents=0"]))
+    res = evaluate(eval_cfg)
+    assert res["name"] == "run" and res["checkpoint"] == str(tmp_path / "run" / "step_1")
+    assert res["layout"]["num_layers"] == 4 and res["layout"]["full_layers"] == [1]  # as trained, not the section's
+    assert (tmp_path / "eval" / "run.json").is_file()
