@@ -404,7 +404,12 @@ def headline(cfg, model: nn.Module, world_size: int, device) -> str:
     cap = (torch.cuda.get_device_properties(device).total_memory / GiB if device.type == "cuda"
            and torch.cuda.is_available() else None)
     parts = plan.phases[plan.peak_phase]
-    return (f"Memory plan (estimate; python recipes/longgen_plan.py prints it whole): {plan.peak / GiB:.1f} GiB per GPU "
-            f"at world size {world_size}, in the {plan.peak_phase} ("
-            + ", ".join(f"{k} {v / GiB:.1f}" for k, v in parts.items() if v) + ")"
+    where = "GPU" if device.type == "cuda" else "rank"
+    return (f"Memory plan (estimate; python recipes/longgen_plan.py prints it whole): {_size(plan.peak)} per {where} at "
+            f"world size {world_size}, in the {plan.peak_phase} ("
+            + ", ".join(f"{k} {_size(v)}" for k, v in parts.items() if v) + ")"
             + (f", of {cap:.1f} GiB" if cap else ""))
+
+
+def _size(n: int) -> str:
+    return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"

@@ -43,6 +43,7 @@ from torchtune.recipe_interfaces import FTRecipeInterface
 
 from flexgen_long import checkpoint_io as ckpt
 from flexgen_long import recipe_config as rc
+from flexgen_long import train_plan
 from flexgen_long.data import CROSS_ENTROPY_IGNORE_INDEX
 from flexgen_long.patterns import AttnSink, BlockSparse, Full
 
@@ -251,6 +252,8 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
         with torch.device("meta"):
             meta_model = rc.instantiate("model", cfg.model)
         validate_model(meta_model, cfg)
+        if self._is_rank_zero:  # the estimate `python recipes/longgen_plan.py` prints whole, beside the logged peaks
+            log.info(train_plan.headline(cfg, meta_model, self._world_size, self._device))
         del meta_model
         self._model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
         self._recipe_identity = recipe_identity(cfg, self._world_size)

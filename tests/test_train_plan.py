@@ -198,3 +198,16 @@ def test_cli_refuses_naming_the_field(args, message, capsys):
 def test_cli_refuses_the_shipped_config_without_weights_or_data():
     with pytest.raises(SystemExit, match=r"config field 'checkpoint.base_dir': is required \(the config leaves it"):
         _plan_cli("--world-size", "8")
+
+
+@pytest.mark.parametrize("config", ["llama2_7b_longgen_128k", "llama2_7b_full_128k"])
+def test_the_7b_configs_state_their_plan(config):
+    """The numbers the shipped 7B configs' header states are the plan's (so they cannot go stale unnoticed)."""
+    cli = _load("recipes/longgen_plan.py", "longgen_plan")
+    path = REPO / "recipes" / "configs" / f"{config}.yaml"
+    cfg = cli.load_config(path, RANDOM_WEIGHTS)
+    header = path.read_text().split("\noutput_dir:")[0]
+    eight, one = (train_plan.plan_from_config(cfg, w) for w in (8, 1))
+    assert f"{eight.peak / GiB:.1f} GiB per GPU at 8 GPUs" in header and f"One GPU: {one.peak / GiB:.1f} GiB" in header
+    assert f"-{(eight.peak - eight.alternative[1]) / GiB:.1f} GiB" in header  # what the 8-bit optimizer would save
+    assert "An H200 has 139.8 GiB" in header and eight.peak < one.peak < 139.8 * GiB
