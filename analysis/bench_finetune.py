@@ -81,7 +81,8 @@ def run_args(name: str, seq: int, layout: str, nproc: int, steps: int, out_dir: 
         "recipes/longgen_finetune.py", "--config", config, *overrides,
         f"model.max_seq_len={seq}", f"seq_len={seq}", "device=cuda", "dtype=bf16",
         "enable_activation_checkpointing=true", "compile=false", "batch_size=1", "gradient_accumulation_steps=1",
-        f"max_steps={steps}", "log_every_n_steps=1", f"dataset.max_tokens={max(2_000_000, seq * (steps + 2) * nproc * 2)}",
+        f"max_steps={steps}", "log_every_n_steps=1",
+        f"dataset.max_tokens={max(2_000_000, seq * (steps + 2) * nproc * 2)}",
         "checkpoint.save_every_n_steps=null", f"output_dir={out_dir}",
         "checkpoint.resume=false", "checkpoint.overwrite=true",  # the benchmark's own scratch directory
         "metric_logger._component_=torchtune.training.metric_logging.DiskLogger", f"metric_logger.log_dir={log_dir}"]
@@ -201,8 +202,8 @@ def run_one(name: str, seq: int, layout: str, nproc: int, steps: int, scratch: P
     summarize_run(row, parse_metrics(text))
     print(f"[{tag}] step {row.get('step_s_median', float('nan')):.3f} s, "
           f"{row.get('tokens_per_s_per_rank_median', float('nan')):.0f} tokens/s per GPU, peak alloc "
-          f"{row.get('peak_memory_alloc_gib', float('nan')):.1f} GiB (plan {row.get('plan_peak_gib', float('nan')):.1f}),"
-          f" wall {row['wall_s']} s", flush=True)
+          f"{row.get('peak_memory_alloc_gib', float('nan')):.1f} GiB (plan "
+          f"{row.get('plan_peak_gib', float('nan')):.1f}), wall {row['wall_s']} s", flush=True)
     return row
 
 
@@ -215,8 +216,8 @@ def print_summary(res: dict) -> None:
               f"{p['hybrid_tokens_per_s_per_gpu']:.0f} vs {p['full_tokens_per_s_per_gpu']:.0f}  peak GiB "
               f"{p['hybrid_peak_gib']:.1f} vs {p['full_peak_gib']:.1f}")
     for c in s["scaling"]:
-        print(f"{c['model']:>6} {c['seq_len'] // 1024:>4}K {c['layout']:>6}  scaling efficiency vs {c['base_nproc']} GPUs: "
-              + ", ".join(f"{n} GPUs {e:.2f}" for n, e in c["efficiency"].items()))
+        print(f"{c['model']:>6} {c['seq_len'] // 1024:>4}K {c['layout']:>6}  scaling efficiency vs "
+              f"{c['base_nproc']} GPUs: " + ", ".join(f"{n} GPUs {e:.2f}" for n, e in c["efficiency"].items()))
 
 
 def main(argv=None):

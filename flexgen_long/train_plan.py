@@ -37,15 +37,16 @@ activations (an estimate: eager kernels, as with ``compile: false``; with ``comp
                          chunk's logits in b, every chunk's saved fp32 log-softmax, one chunk's fp32 copy)
 peak = max over three phases (gradients are set to None at each step's start, optimizer states exist from step 1 on):
   head phase             parameters + optimizer + buffers + every layer's kept activations + head
-  layer phase            the same + FSDP2 without the head, at the layer i of the backward (L-1 down to 0) that needs most:
-                         kept activations of layers 0..i, gradients of layers i..L-1 and of the root, one layer's saved
-                         set and backward
+  layer phase            the same + FSDP2 without the head, at the layer i of the backward (L-1 down to 0) that
+                         needs most: kept activations of layers 0..i, gradients of layers i..L-1 and of the root,
+                         one layer's saved set and backward
   optimizer step         parameters + gradients + optimizer + buffers
 
 Checked two ways (tests/test_train_plan.py): against torch's own memory trackers (``MemTracker``, and
-``FSDPMemTracker`` over a fake process group) on a small model trained on the CPU, within a few percent in each phase;
-and against the peaks measured on H200s (``analysis/results/finetune_*NVIDIA_H200.json``, every one of them in the head
-phase), within 2%. The layer phase has no GPU measurement behind it yet.
+``FSDPMemTracker`` over a fake process group) on a small model trained on the CPU -- parameters and optimizer states
+exactly, the peak 0-4% above, in each phase; and against the peaks measured on H200s
+(``analysis/results/finetune_*NVIDIA_H200.json``, every one of them in the head phase), 0.1-0.3% below. The layer
+phase has no GPU measurement behind it yet.
 """
 
 from __future__ import annotations
@@ -194,8 +195,8 @@ class TrainPlan:
                 rows.append(f"    {_names(names):<14s} {len(names):3d} unit{'s' if len(names) > 1 else ' '} x "
                             f"{values / 1e6:8.2f}M values -> {per_rank / 1e6:7.2f}M per rank")
             root = self.units[-1]
-            rows.append(f"    {'root':<14s}   1 unit  x {root.values / 1e6:8.2f}M values -> {root.per_rank / 1e6:7.2f}M "
-                        f"per rank (tok_embeddings, norm, output)")
+            rows.append(f"    {'root':<14s}   1 unit  x {root.values / 1e6:8.2f}M values -> "
+                        f"{root.per_rank / 1e6:7.2f}M per rank (tok_embeddings, norm, output)")
         names = list(self.phases)
         parts = list(dict.fromkeys(p for ph in self.phases.values() for p in ph))
         rows.append(f"  GiB per rank {'':<31s}" + "".join(f"{n:>15s}" for n in names))
@@ -293,7 +294,7 @@ def plan_training(model: nn.Module | ModelShape, *, seq_len: int, world_size: in
 
     layer_at = max(range(L), key=at)
     host = 0
-    if cpu_offload and w > 1:  # FSDP2's CPUOffloadPolicy: sharded parameters, gradients and optimizer states on the host
+    if cpu_offload and w > 1:  # FSDP2's CPUOffloadPolicy: sharded parameters, gradients, optimizer states on the host
         host, params, grads, opt = params + grads + opt, 0, 0, 0
         layer_grads, root_grads = [0] * L, 0
     P, G, O = (f"parameters ({str(dtype).replace('torch.', '')})", "gradients", f"optimizer ({optimizer})")
@@ -405,8 +406,8 @@ def headline(cfg, model: nn.Module, world_size: int, device) -> str:
            and torch.cuda.is_available() else None)
     parts = plan.phases[plan.peak_phase]
     where = "GPU" if device.type == "cuda" else "rank"
-    return (f"Memory plan (estimate; python recipes/longgen_plan.py prints it whole): {_size(plan.peak)} per {where} at "
-            f"world size {world_size}, in the {plan.peak_phase} ("
+    return (f"Memory plan (estimate; python recipes/longgen_plan.py prints it whole): {_size(plan.peak)} per {where} "
+            f"at world size {world_size}, in the {plan.peak_phase} ("
             + ", ".join(f"{k} {_size(v)}" for k, v in parts.items() if v) + ")"
             + (f", of {cap:.1f} GiB" if cap else ""))
 

@@ -60,9 +60,9 @@ CASES = [(1, 1000, 4, "head phase"), (1, 1000, 0, "head phase"), (1, 10, 0, "lay
 @pytest.mark.parametrize("world_size,vocab,chunks,phase", CASES, ids=[f"w{c[0]}-v{c[1]}-c{c[2]}" for c in CASES])
 def test_plan_matches_torch_memory_trackers(world_size, vocab, chunks, phase):
     """Train a small model as the recipe does (bf16, activation checkpointing per layer, FSDP2 via torchtune's
-    shard_model, the recipe's loss call, AdamW, gradients set to None each step) and measure its second step with torch's
-    MemTracker / FSDPMemTracker: parameters and optimizer states exactly, the peak within 0-5% above, in the planned
-    phase."""
+    shard_model, the recipe's loss call, AdamW, gradients set to None each step) and measure its second step with
+    torch's MemTracker / FSDPMemTracker: parameters and optimizer states exactly, the peak within 0-5% above, in the
+    planned phase."""
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch.distributed._tools.mem_tracker import MemTracker
 
@@ -119,8 +119,8 @@ def test_8bit_optimizer_states_as_torchao_allocates_them():
     for p in params:
         for signed in (True, False):
             buf = opt._new_buffer(p, signed)
-            measured += sum(getattr(buf, a).numel() * getattr(buf, a).element_size() for a in ("codes", "scale", "qmap")) \
-                if hasattr(buf, "codes") else buf.numel() * buf.element_size()
+            parts = [buf.codes, buf.scale, buf.qmap] if hasattr(buf, "codes") else [buf]
+            measured += sum(t.numel() * t.element_size() for t in parts)
     planned = train_plan._optimizer_bytes("adam8bit", [p.numel() for p in params], 2) - 4 * len(params)  # minus step
     assert planned == measured
 
@@ -161,6 +161,11 @@ def test_plan_of_the_llama2_7b_config_on_8_gpus():
     one = train_plan.plan_training(model, seq_len=131072, world_size=1, loss_chunks=16)
     assert one.units[-1].per_rank == root and one.phases["layer phase"]["FSDP2 buffers"] == 0
     assert one.peak - one.alternative[1] == pytest.approx(total * 2 * (1 - 4 / 256), rel=0.001)
+    # FSDP2 CPU offload: the sharded state lives on the host, the GPU keeps the gathered units and the activations
+    off = train_plan.plan_training(model, seq_len=131072, world_size=8, loss_chunks=16, cpu_offload=True)
+    assert off.host_bytes == parts["parameters (bfloat16)"] * 2 + parts["optimizer (torch.optim.AdamW)"]
+    assert off.peak == plan.peak - parts["parameters (bfloat16)"] - parts["optimizer (torch.optim.AdamW)"] - \
+        parts["gradients"]
 
 
 def _plan_cli(*args):
