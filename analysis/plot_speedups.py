@@ -10,6 +10,11 @@ For each ``bench.py ours`` result (one card, one model shape) it draws, into ``-
 * ``kv_<card>_<model>.png`` -- analytic KV cache size per variant, and the paper's -62% as a dashed line under dense;
 * ``times_<card>_<model>.png`` -- absolute median times (log axis) with min-max bars, HF peer included.
 
+With ``--finetune 'analysis/results/finetune_*.json'`` it draws instead, from ``bench_finetune.py`` results, one
+``finetune_<card>.png`` per card: whole-step time, speed-up (full / hybrid) with the paper's 1.55x, peak memory per GPU
+(measured, and the memory plan's estimate where the run recorded it) and scaling efficiency (tokens/s per GPU against
+the fewest GPUs measured), one line per model and GPU count.
+
 Missing points (out of memory, errors, not measured) are left out of the lines and listed in the figure's footnote,
 so a figure never shows a number the JSON does not hold.
 """
@@ -199,11 +204,102 @@ def plot_all(results: str, out: str) -> list[dict]:
     return drawn
 
 
+FT_LAYOUTS = {"hybrid": "-", "full": "--"}
+PAPER_TRAIN_SPEEDUP = 1.55  # LongGen's whole-model training speed-up at 128K (Llama-2-7B, 8 GPUs)
+
+
+def _ft_ok(r) -> bool:
+    return r.get("rc") == 0 and isinstance(r.get("step_s_median"), (int, float))
+
+
+def plot_finetune(results: list[dict], out_dir: Path) -> dict:
+    """One figure per card from bench_finetune.py results (runs of several files of one card are joined; a spec run
+    twice keeps its last record). Returns {card: (figure, path, {panel: [line labels]})} for the tests."""
+    by_card: dict = {}
+    for res in results:
+        by_card.setdefault(res["card"], {}).update({r["spec"]: r for r in res.get("runs", [])})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    drawn = {}
+    for card, runs in by_card.items():
+        ok = [r for r in runs.values() if _ft_ok(r)]
+        notes = [f"{r['spec']}: {'OOM' if r.get('oom') else 'timeout' if r.get('timed_out') else 'failed'}"
+                 for r in runs.values() if not _ft_ok(r)]
+        series: dict = {}
+        for r in ok:
+            series.setdefault((r["model"], r["nproc"], r["layout"]), []).append(r)
+        lengths = sorted({r["seq_len"] for r in ok})
+        cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        color = {k: cycle[i % len(cycle)] for i, k in enumerate(sorted({(m, n) for m, n, _ in series}))}
+        fig, axes = plt.subplots(1, 4, figsize=(20, 4.6))
+        labels = {}
+        for (model, nproc, layout), rs in sorted(series.items()):
+            rs.sort(key=lambda r: r["seq_len"])
+            xs, c, label = [r["seq_len"] for r in rs], color[(model, nproc)], f"{model} x{nproc} {layout}"
+            axes[0].plot(xs, [r["step_s_median"] for r in rs], "o" + FT_LAYOUTS[layout], color=c, label=label)
+            axes[2].plot(xs, [r["peak_memory_alloc_gib"] for r in rs], "o" + FT_LAYOUTS[layout], color=c,
+                         label=f"{label} measured")
+            planned = [(r["seq_len"], r["plan_peak_gib"]) for r in rs if "plan_peak_gib" in r]
+            if planned:
+                axes[2].plot(*zip(*planned), "x:", color=c, label=f"{label} plan (estimate)")
+        for (model, nproc, layout), rs in sorted(series.items()):
+            if layout != "hybrid" or (model, nproc, "full") not in series:
+                continue
+            full = {r["seq_len"]: r["step_s_median"] for r in series[(model, nproc, "full")]}
+            pts = sorted((r["seq_len"], full[r["seq_len"]] / r["step_s_median"]) for r in rs if r["seq_len"] in full)
+            if pts:
+                axes[1].plot(*zip(*pts), "o-", color=color[(model, nproc)], label=f"{model} x{nproc}")
+        axes[1].axhline(PAPER_TRAIN_SPEEDUP, ls="--", color="gray", label=f"paper {PAPER_TRAIN_SPEEDUP:.2f}x (128K)")
+        axes[1].axhline(1.0, color="lightgray", lw=0.8)
+        groups: dict = {}
+        for r in ok:
+            groups.setdefault((r["model"], r["seq_len"], r["layout"]), []).append(r)
+        counts = sorted({r["nproc"] for r in ok})
+        for (model, seq, layout), rs in sorted(groups.items()):
+            rs.sort(key=lambda r: r["nproc"])
+            if len(rs) > 1:
+                base = rs[0]["tokens_per_s_per_rank_median"]
+                axes[3].plot([r["nproc"] for r in rs], [r["tokens_per_s_per_rank_median"] / base for r in rs],
+                             "o" + FT_LAYOUTS[layout], label=f"{model} {seq // 1024}K {layout}")
+        if not axes[3].get_lines():
+            axes[3].text(0.5, 0.5, "no spec measured at several GPU counts", ha="center", transform=axes[3].transAxes)
+        axes[3].axhline(1.0, color="lightgray", lw=0.8)
+        axes[3].set_xscale("log", base=2)
+        axes[3].set_xticks(counts)
+        axes[3].set_xticklabels([str(c) for c in counts])
+        axes[3].set_xlabel("GPUs")
+        for ax, title, ylabel in ((axes[0], "whole recipe step (1 sequence per GPU)", "median step time (s, log)"),
+                                  (axes[1], "speed-up: full / hybrid step", "speed-up"),
+                                  (axes[2], "peak memory per GPU (rank 0)", "GiB allocated"),
+                                  (axes[3], "scaling: tokens/s per GPU vs fewest GPUs", "efficiency")):
+            ax.set_title(title)
+            ax.set_ylabel(ylabel)
+            if ax is not axes[3] and lengths:
+                _xaxis(ax, lengths)
+            ax.legend(fontsize=6)
+            labels[title.split(":")[0].split(" (")[0]] = [ln.get_label() for ln in ax.get_lines()]
+        axes[0].set_yscale("log")
+        torch_v = sorted({res.get("torch", "?") for res in results if res["card"] == card})
+        path = _save_panels(fig, f"Finetuning recipe, hybrid vs full attention: {card} (torch {', '.join(torch_v)})",
+                            notes, out_dir / f"finetune_{_slug(card)}.png")
+        drawn[card] = (fig, path, labels)
+    return drawn
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--results", default="analysis/results/bench_*.json", help="glob of bench.py JSON files")
+    ap.add_argument("--finetune", default=None, help="glob of bench_finetune.py JSON files: draw their figures "
+                                                     "instead")
     ap.add_argument("--out", default="analysis/figures")
     a = ap.parse_args(argv)
+    if a.finetune:
+        drawn = plot_finetune(load(a.finetune), Path(a.out))
+        for fig, path, _ in drawn.values():
+            print(path)
+            plt.close(fig)
+        if not drawn:
+            raise SystemExit(f"no bench_finetune.py results match {a.finetune!r}")
+        return
     drawn = plot_all(a.results, a.out)
     for d in drawn:
         for name, (fig, path, _) in d.items():

@@ -49,6 +49,7 @@ from torchtune.recipe_interfaces import FTRecipeInterface
 from flexgen_long import checkpoint_io as ckpt
 from flexgen_long import hf
 from flexgen_long import recipe_config as rc
+from flexgen_long import train_plan
 from flexgen_long.data import CROSS_ENTROPY_IGNORE_INDEX
 from flexgen_long.models import builder_config
 from flexgen_long.patterns import AttnSink, BlockSparse, Full
@@ -248,6 +249,8 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
             meta_model = rc.instantiate("model", cfg.model)
         validate_model(meta_model, cfg)
         vocab_size = meta_model.tok_embeddings.num_embeddings
+        if self._is_rank_zero:  # the estimate `python recipes/longgen_plan.py` prints whole, beside the logged peaks
+            log.info(train_plan.headline(cfg, meta_model, self._world_size, self._device))
         del meta_model
         # The tokenizer is the last thing checked before output_dir is claimed: its ids must fit the model's
         # vocabulary (a real model's tokenizer is read from its directory; loading it takes a moment, not minutes).
