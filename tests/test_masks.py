@@ -26,6 +26,16 @@ GEOMETRY = [(1, 1, 0), (127, 127, 0), (128, 128, 0), (129, 129, 0), (1000, 1000,
             (1, 4097, 4096), (300, 1000, 517), (77, 513, 100)]
 
 
+def check_key_major_view(bm):
+    """The key-major view (used by the backward pass) equals what torch derives from the query-major one."""
+    for num, idx, qnum, qidx in [(bm.kv_num_blocks, bm.kv_indices, bm.q_num_blocks, bm.q_indices),
+                                 (bm.full_kv_num_blocks, bm.full_kv_indices, bm.full_q_num_blocks, bm.full_q_indices)]:
+        tnum, tidx = _transpose_ordered(num, idx)
+        assert torch.equal(qnum, tnum)
+        valid = torch.arange(tidx.shape[-1]) < tnum[..., None]
+        assert torch.equal(torch.where(valid, qidx, -1), torch.where(valid, tidx, -1))
+
+
 def check(pat, q_len, kv_len, q_offset, heads, kv_heads, block_size, doc_ids=None):
     bm = build_block_mask(pat, q_len, kv_len, q_offset=q_offset, num_heads=heads, num_kv_heads=kv_heads,
                           block_size=block_size, doc_ids=doc_ids)
@@ -47,13 +57,7 @@ def check(pat, q_len, kv_len, q_offset, heads, kv_heads, block_size, doc_ids=Non
     has_vis = (w == 1).any(dim=(3, 5))
     has_masked = (w == 0).any(dim=(3, 5))
     assert (has_vis & has_masked)[is_part].all(), "a partial block is entirely visible or entirely masked"
-    # the key-major view (used by the backward pass) equals what torch derives from the query-major one
-    for num, idx, qnum, qidx in [(bm.kv_num_blocks, bm.kv_indices, bm.q_num_blocks, bm.q_indices),
-                                 (bm.full_kv_num_blocks, bm.full_kv_indices, bm.full_q_num_blocks, bm.full_q_indices)]:
-        tnum, tidx = _transpose_ordered(num, idx)
-        assert torch.equal(qnum, tnum)
-        valid = torch.arange(tidx.shape[-1]) < tnum[..., None]
-        assert torch.equal(torch.where(valid, qidx, -1), torch.where(valid, tidx, -1))
+    check_key_major_view(bm)
     return bm
 
 
@@ -183,12 +187,7 @@ def check_padded(pat, q_len, kv_len, q_offset, heads, kv_heads, bs, pq, pk, doc_
     assert (listed[:, :, nq_real:] == 0).all(), "a query block made only of padding lists key blocks"
     if q_offset == 0 and q_len == kv_len:  # self-attention: padded rows of the last real block must not be empty
         assert got[:, :, :nq_real * bs].any(-1).all(), "a row of a real query block sees no key (0/0 in the kernel)"
-    for num, idx, qnum, qidx in [(bm.kv_num_blocks, bm.kv_indices, bm.q_num_blocks, bm.q_indices),
-                                 (bm.full_kv_num_blocks, bm.full_kv_indices, bm.full_q_num_blocks, bm.full_q_indices)]:
-        tnum, tidx = _transpose_ordered(num, idx)
-        assert torch.equal(qnum, tnum)
-        valid = torch.arange(tidx.shape[-1]) < tnum[..., None]
-        assert torch.equal(torch.where(valid, qidx, -1), torch.where(valid, tidx, -1))
+    check_key_major_view(bm)
 
 
 @pytest.mark.parametrize("pat", PATTERNS, ids=repr)

@@ -12,6 +12,7 @@ from torchtune.modules import RotaryPositionalEmbeddings
 from flexgen_long.attention import FLEX_EAGER_MAX_LEN, FlexNotCompiledError, HybridAttention, MaskSet, flex_attend
 from flexgen_long.masks import build_block_mask, dense_mask
 from flexgen_long.patterns import AttnSink, BlockSparse, Full
+from reference import rel_err
 from flexgen_long.shapes import bucket_count, compiled_graphs, padded_len
 
 DEV = "cuda"
@@ -29,15 +30,6 @@ CONFIGS = {  # id: (pattern, dtype, query heads, KV heads, packed)
 }
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}  # relative L2 error against the fp32 reference
 
-
-def rel_err(got, want) -> float:
-    """||got - want|| / ||want||; a (near) zero reference -- dq of a query that sees only itself is exactly 0 -- is
-    compared at the inputs' scale instead (RMS 1: ||want|| replaced by sqrt(numel))."""
-    got, want = got.detach().float(), want.detach().float()
-    scale = float(want.norm())
-    if scale < 1e-3 * want.numel() ** 0.5:
-        scale = want.numel() ** 0.5
-    return float((got - want).norm()) / scale
 
 
 def layer(pattern, hq, hkv) -> HybridAttention:

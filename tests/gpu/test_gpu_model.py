@@ -16,19 +16,11 @@ from flexgen_long import AttnSink, longgen_llama, longgen_tiny
 from flexgen_long.attention import HybridAttention, MaskSet
 from flexgen_long.cache import ModelCache, check_fits, free_memory_bytes, plan_cache
 from flexgen_long.generation import generate, prefill, warmup
+from reference import rel_err
 from flexgen_long.shapes import bucket_count, compiled_graphs
 
 DEV = "cuda"
 
-
-def rel_err(got, want) -> float:
-    """||got - want|| / ||want||; a (near) zero reference -- dq of a query that sees only itself is exactly 0 -- is
-    compared at the inputs' scale instead (RMS 1: ||want|| replaced by sqrt(numel))."""
-    got, want = got.detach().float(), want.detach().float()
-    scale = float(want.norm())
-    if scale < 1e-3 * want.numel() ** 0.5:
-        scale = want.numel() ** 0.5
-    return float((got - want).norm()) / scale
 
 
 def flex_graphs() -> int:
