@@ -57,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from flexgen_long import models  # noqa: E402
 from flexgen_long.attention import HybridAttention, MaskSet  # noqa: E402
 from flexgen_long.cache import plan_cache  # noqa: E402
+from flexgen_long.hf import model_sizes  # noqa: E402
 from flexgen_long.layout import full_layer_indices  # noqa: E402
 from flexgen_long.models import relayout  # noqa: E402
 from flexgen_long.timing import measure, time_call  # noqa: E402
@@ -182,11 +183,36 @@ def _same_shape(ref, num_layers: int, max_seq_len: int, name: str):
                                 full_layers="middle", rope_scaling=scaling, tie_word_embeddings=tied)
 
 
-def shape_of(model) -> dict:
-    a = model.layers[0].attn
-    return {"num_layers": len(model.layers), "num_heads": a.num_heads, "num_kv_heads": a.num_kv_heads,
-            "head_dim": a.head_dim, "embed_dim": a.embed_dim, "intermediate_dim": model.layers[0].mlp.w1.out_features,
-            "vocab_size": model.tok_embeddings.num_embeddings}
+def hf_peer(model, max_len: int, impl: str, device, dtype):
+    """transformers' MinistralForCausalLM with ``model``'s sizes and layout, random weights: its full layers
+    "full_attention", the others "sliding_attention" with ``sliding_window`` = our AttnSink window (HF has no sink).
+    Returns (peer, its layout for the JSON)."""
+    from transformers import MinistralConfig, MinistralForCausalLM
+
+    shp = model_sizes(model)
+    patterns = [layer.attn.pattern for layer in model.layers]
+    sparse = {p for p in patterns if not isinstance(p, Full)}
+    if len(sparse) != 1 or not isinstance(next(iter(sparse)), AttnSink):
+        raise ValueError(f"the HF peer runs one AttnSink pattern beside full layers, got {sorted(map(repr, sparse))}")
+    sp = next(iter(sparse))
+    layer_types = ["full_attention" if isinstance(p, Full) else "sliding_attention" for p in patterns]
+    cfg = MinistralConfig(
+        vocab_size=shp["vocab_size"], hidden_size=shp["embed_dim"], intermediate_size=shp["intermediate_dim"],
+        num_hidden_layers=shp["num_layers"], num_attention_heads=shp["num_heads"],
+        num_key_value_heads=shp["num_kv_heads"], head_dim=shp["head_dim"], max_position_embeddings=max_len,
+        sliding_window=sp.window, layer_types=layer_types, rope_theta=float(model.layers[0].attn.pos_embeddings.base),
+        tie_word_embeddings=False, use_cache=True, pad_token_id=0)
+    cfg._attn_implementation = impl
+    torch.manual_seed(0)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            peer = MinistralForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(prev)
+    return peer, {"shape": shp, "layer_types": layer_types, "sliding_window": sp.window, "sink": 0,
+                  "note": f"HF sliding window has no sink; our AttnSink has {sp.sink} sink tokens"}
 
 
 def run_layers(model, tokens, needs_grad: bool, kv_hooks: list | None = None):
@@ -283,7 +309,7 @@ def bench_ours(a, device, dtype, res: dict) -> dict:
                 "sdpa_backend": backend, "prefill": {}, "decode": {}, "train": {}, "kv": {}})
     model = build(name, None, max_len + 1, device, dtype)  # +1: the decode step at position S
     model.requires_grad_(False)
-    res["shape"] = shape_of(model)
+    res["shape"] = model_sizes(model)
     L = res["shape"]["num_layers"]
     for v, (fl, sp) in variants.items():
         res["variants"][v]["full_layer_indices"] = list(full_layer_indices(L, fl))
@@ -333,36 +359,18 @@ def bench_ours(a, device, dtype, res: dict) -> dict:
 def bench_hf(a, device, dtype, res: dict) -> dict:
     """transformers' Ministral (per-layer layer_types) with our layout and window; its own DynamicCache."""
     import transformers
-    from transformers import MinistralConfig, MinistralForCausalLM
 
     name = "tiny" if a.tiny else a.model
     fl, sp = (TINY_VARIANTS if a.tiny else VARIANTS)["attnsink"]
     with torch.device("meta"):
-        ref = MODELS[name](max_seq_len=max(a.lengths))
-    shp = shape_of(ref)
-    full = set(full_layer_indices(shp["num_layers"], fl))
-    layer_types = ["full_attention" if i in full else "sliding_attention" for i in range(shp["num_layers"])]
-    cfg = MinistralConfig(
-        vocab_size=shp["vocab_size"], hidden_size=shp["embed_dim"], intermediate_size=shp["intermediate_dim"],
-        num_hidden_layers=shp["num_layers"], num_attention_heads=shp["num_heads"],
-        num_key_value_heads=shp["num_kv_heads"], head_dim=shp["head_dim"], max_position_embeddings=max(a.lengths),
-        sliding_window=sp.window, layer_types=layer_types, rope_theta=float(ref.layers[0].attn.pos_embeddings.base),
-        tie_word_embeddings=False, use_cache=True)
-    res.update({"transformers": transformers.__version__, "shape": shp, "layer_types": layer_types,
-           "sliding_window": sp.window, "sink": 0, "note": "HF sliding window has no sink; our AttnSink has "
-           f"{sp.sink} sink tokens", "prefill": {}, "decode": {}})
+        ref = relayout(MODELS[name](max_seq_len=max(a.lengths)), fl, sp)
+    res.update({"transformers": transformers.__version__, "prefill": {}, "decode": {}})
     cuda = device.type == "cuda"
     for impl in a.hf_impls:
         free()
-        cfg._attn_implementation = impl
-        torch.manual_seed(0)
-        prev = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            with torch.device(device):
-                model = MinistralForCausalLM(cfg).eval()
-        finally:
-            torch.set_default_dtype(prev)
+        model, layout = hf_peer(ref, max(a.lengths), impl, device, dtype)
+        res.update(layout)
+        shp = layout["shape"]
         for S in a.lengths:
             tokens = torch.randint(0, shp["vocab_size"], (1, S), device=device)
 

@@ -26,7 +26,6 @@ import argparse
 import json
 import math
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import environment, free  # noqa: E402
+from bench import environment, free, hf_peer  # noqa: E402
 from flexgen_long.generation import generate, warmup  # noqa: E402
 from flexgen_long.layout import full_layer_indices  # noqa: E402
 from flexgen_long.models import LLAMA3_1_ROPE_SCALING, longgen_llama  # noqa: E402
@@ -125,33 +124,15 @@ class _FirstTokenClock:
         pass
 
 
-def run_hf(shape, shape_layers, calls, new_tokens, impl, seconds, max_len, device, save) -> list[dict]:
-    from transformers import MinistralConfig, MinistralForCausalLM
-
-    full = set(full_layer_indices(shape_layers, "middle"))
-    cfg = MinistralConfig(vocab_size=shape["vocab_size"], hidden_size=shape["embed_dim"],
-                          intermediate_size=shape["intermediate_dim"], num_hidden_layers=shape_layers,
-                          num_attention_heads=shape["num_heads"], num_key_value_heads=shape["num_kv_heads"],
-                          head_dim=shape["embed_dim"] // shape["num_heads"], max_position_embeddings=max_len,
-                          sliding_window=SPARSE.window,
-                          layer_types=["full_attention" if i in full else "sliding_attention"
-                                       for i in range(shape_layers)],
-                          rope_theta=500_000.0, tie_word_embeddings=False, use_cache=True, pad_token_id=0)
-    cfg._attn_implementation = impl
-    torch.manual_seed(0)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            model = MinistralForCausalLM(cfg).eval()
-    finally:
-        torch.set_default_dtype(prev)
+def run_hf(ours, vocab, calls, new_tokens, impl, seconds, max_len, device, save) -> list[dict]:
+    """The peer on the same calls: ``bench.hf_peer`` of our model (its sizes and layout), transformers' generate()."""
+    model, _ = hf_peer(ours, max_len, impl, device, torch.bfloat16)
     out, t_start = [], time.perf_counter()
     for i, lengths in enumerate(calls):
         if time.perf_counter() - t_start > seconds:
             break
         rec = {"call": i, "batch": len(lengths), "lengths": lengths}
-        rows = prompts_for(lengths, shape["vocab_size"], i)
+        rows = prompts_for(lengths, vocab, i)
         L = max(lengths)
         ids = torch.zeros(len(rows), L, dtype=torch.long)
         mask = torch.zeros(len(rows), L, dtype=torch.long)
@@ -217,11 +198,14 @@ def main(argv=None):
     path.parent.mkdir(parents=True, exist_ok=True)
     save = lambda: path.write_text(json.dumps(res, indent=1))  # noqa: E731
 
-    torch.manual_seed(0)
-    with torch.device(dev):
-        model = longgen_llama(shape["vocab_size"], a.layers, shape["num_heads"], shape["num_kv_heads"],
-                              shape["embed_dim"], shape["intermediate_dim"], a.max_len, 500_000,
-                              sparse_pattern=SPARSE, rope_scaling=LLAMA3_1_ROPE_SCALING).to(torch.bfloat16).eval()
+    def ours(device):
+        torch.manual_seed(0)
+        with torch.device(device):
+            return longgen_llama(shape["vocab_size"], a.layers, shape["num_heads"], shape["num_kv_heads"],
+                                 shape["embed_dim"], shape["intermediate_dim"], a.max_len, 500_000,
+                                 sparse_pattern=SPARSE, rope_scaling=LLAMA3_1_ROPE_SCALING).to(torch.bfloat16).eval()
+
+    model = ours(dev)
     for label in a.passes:
         if label == "warmup":
             res["passes"]["warmup"] = warmup(model, a.max_len - a.new_tokens)
@@ -237,7 +221,8 @@ def main(argv=None):
     del model
     free()
     for impl in a.hf_impls:
-        rows = run_hf(shape, a.layers, calls, a.new_tokens, impl, a.hf_seconds, a.max_len, dev, save)
+        rows = run_hf(ours("meta"), shape["vocab_size"], calls, a.new_tokens, impl, a.hf_seconds, a.max_len, dev,
+                      save)
         res["passes"][f"hf_{impl}"] = {"summary": summary(rows), "calls": rows,
                                        "note": f"stopped after {a.hf_seconds:.0f} s of wall time"}
         print(f"hf {impl}", res["passes"][f"hf_{impl}"]["summary"], flush=True)

@@ -51,8 +51,6 @@ FLEX_EAGER_MAX_LEN = 2048
 #: On CPU, sequences up to this length use SDPA with the pattern's dense bool mask instead of compiled flex: a flex
 #: graph costs 8-26 s to compile on the 2-core CPU machine (measured, torch 2.13), the mask 4 MB per pattern here.
 CPU_DENSE_MAX_LEN = 2048
-#: BlockMask block size (query and key); FlexAttention's default tile, and the shape policy's unit.
-BLOCK_SIZE = BLOCK
 
 
 class FlexNotCompiledError(RuntimeError):
@@ -134,7 +132,7 @@ class MaskSet:
             if kind == "block":
                 padded = padded_len(seq_len)  # the shape policy: one bucket per range of lengths
                 self.masks[p] = build_block_mask(p, seq_len, seq_len, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                                                 block_size=BLOCK_SIZE, device=device, doc_ids=doc_ids,
+                                                 block_size=BLOCK, device=device, doc_ids=doc_ids,
                                                  padded_lengths=(padded, padded))
             else:
                 self.masks[p] = dense_mask(p, seq_len, seq_len, num_heads=num_heads, num_kv_heads=num_kv_heads,
@@ -284,7 +282,7 @@ class HybridAttention(MultiHeadAttention):
             pq, pk = padded_len(max(C, step.chunk or C)), padded_len(o + C)
             bm = step.mask(("full_chunk", pq, pk), lambda: build_block_mask(
                 Full(), C, o + C, q_offset=o, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-                block_size=BLOCK_SIZE, device=q.device, padded_lengths=(pq, pk)))
+                block_size=BLOCK, device=q.device, padded_lengths=(pq, pk)))
             # contiguous copies: a slice of the buffer has the buffer's strides, which differ with every cache size
             # and would make every generate() call a new graph (dynamo guards on strides)
             kk, vv = (t[row:row + 1, :, :pk].contiguous() for t in (cache.k, cache.v))

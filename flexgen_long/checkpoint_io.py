@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torchtune.models.convert_weights import tune_to_hf
 
-from .hf import CONFIG_FILE
+from .hf import CONFIG_FILE, MODEL_FIELDS, model_sizes
 
 __all__ = ["hf_config", "save_checkpoint", "latest_checkpoint", "list_checkpoints", "claim_output_dir", "OutputDirLock",
            "OutputDirInUse", "OutputDirNotEmpty", "recover_interrupted_writes", "remove_checkpoint", "STATE_FILE",
@@ -51,42 +51,24 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 # -- HF config -----------------------------------------------------------------------------------------------------------
-def _attn_shape(model: nn.Module) -> dict:
-    attn = model.layers[0].attn
-    missing = [a for a in ("num_heads", "num_kv_heads", "head_dim", "embed_dim") if not hasattr(attn, a)]
-    if missing:
-        raise ValueError(f"model.layers[0].attn lacks {missing}: not a torchtune-style Llama attention")
-    return dict(num_heads=attn.num_heads, num_kv_heads=attn.num_kv_heads, head_dim=attn.head_dim, dim=attn.embed_dim)
-
-
 def hf_config(model: nn.Module, model_cfg: dict | None = None, dtype: torch.dtype = torch.float32,
               recipe: dict | None = None) -> dict:
     """HF ``LlamaConfig`` fields read off a torchtune-structured Llama (ours or torchtune's), plus the recipe's model
     config under ``"flexgen_long"`` so that ``flexgen_long.hf.load_model`` can rebuild the hybrid layout, and
     ``recipe``: what else a resumed run must keep equal (data, tokenizer, batch geometry), compared before it
     resumes."""
-    from torchtune.modules import TiedLinear
-
-    shape = _attn_shape(model)
     layer = model.layers[0]
     rope = layer.attn.pos_embeddings
     cfg: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "vocab_size": model.tok_embeddings.num_embeddings,
-        "hidden_size": shape["dim"],
-        "intermediate_size": layer.mlp.w1.out_features,
-        "num_hidden_layers": len(model.layers),
-        "num_attention_heads": shape["num_heads"],
-        "num_key_value_heads": shape["num_kv_heads"],
-        "head_dim": shape["head_dim"],
+        **{MODEL_FIELDS[name]: value for name, value in model_sizes(model).items()},
         "max_position_embeddings": model.max_seq_len,
         "rms_norm_eps": layer.sa_norm.eps,
         "rope_theta": float(rope.base),
         "hidden_act": "silu",
         "attention_bias": False,
         "mlp_bias": False,
-        "tie_word_embeddings": isinstance(model.output, TiedLinear),
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
     if hasattr(rope, "scale_factor"):  # torchtune's Llama3ScaledRoPE

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 __all__ = ["CheckpointError", "CONFIG_FILE", "MAX_ABS_WEIGHT", "read_config", "llama_args", "weight_files",
-           "load_hf_state_dict", "check_model", "load_model", "is_recipe_checkpoint"]
+           "load_hf_state_dict", "check_model", "load_model", "is_recipe_checkpoint", "model_sizes", "MODEL_FIELDS"]
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -255,16 +255,21 @@ def load_hf_state_dict(checkpoint_dir: str | os.PathLike, config: Mapping | None
 
 
 # -- model against config ------------------------------------------------------------------------------------------------
-_MODEL_FIELDS = {  # llama_args key -> config.json field, for messages
+MODEL_FIELDS = {  # llama_args key -> config.json field
     "vocab_size": "vocab_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
     "num_kv_heads": "num_key_value_heads", "embed_dim": "hidden_size", "intermediate_dim": "intermediate_size",
     "head_dim": "head_dim", "tie_word_embeddings": "tie_word_embeddings"}
 
 
-def _model_sizes(model: nn.Module) -> dict:
+def model_sizes(model: nn.Module) -> dict:
+    """The sizes of a torchtune-structured Llama (ours or torchtune's) under ``llama_args``' names: what config.json
+    records of it (``MODEL_FIELDS`` maps them to config.json's names)."""
     from torchtune.modules import TiedLinear
 
     attn = model.layers[0].attn
+    missing = [a for a in ("num_heads", "num_kv_heads", "head_dim", "embed_dim") if not hasattr(attn, a)]
+    if missing:
+        raise ValueError(f"model.layers[0].attn lacks {missing}: not a torchtune-style Llama attention")
     return {"vocab_size": model.tok_embeddings.num_embeddings, "num_layers": len(model.layers),
             "num_heads": attn.num_heads, "num_kv_heads": attn.num_kv_heads, "embed_dim": attn.embed_dim,
             "intermediate_dim": model.layers[0].mlp.w1.out_features, "head_dim": attn.head_dim,
@@ -276,8 +281,8 @@ def check_model(model: nn.Module, config: Mapping, where: str | os.PathLike, sec
     weights are read; the model may live on the meta device). RoPE settings and max_seq_len may differ: length
     extension changes them."""
     want = llama_args(config, where)
-    have = _model_sizes(model)
-    diff = [f"{k}={have[k]!r} (config.json {_MODEL_FIELDS[k]}={want[k]!r})" for k in _MODEL_FIELDS if have[k] != want[k]]
+    have = model_sizes(model)
+    diff = [f"{k}={have[k]!r} (config.json {MODEL_FIELDS[k]}={want[k]!r})" for k in MODEL_FIELDS if have[k] != want[k]]
     if diff:
         raise CheckpointError(f"config section '{section}' builds a model that does not fit {where}: "
                               + "; ".join(diff) + ". For an HF checkpoint use model._component_="

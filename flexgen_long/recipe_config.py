@@ -163,27 +163,25 @@ def dtype_field(cfg, field: str = "dtype", default: str = "fp32") -> torch.dtype
     return DTYPES[choice(cfg, field, DTYPES, default)]
 
 
-def existing_dir(field: str, path, what: str) -> Path:
+def _existing(field: str, path, what: str, directory: bool) -> Path:
     if not isinstance(path, str) or not path:
         fail(field, f"must be a path to {what}, got {path!r}")
     p = Path(path).expanduser()
     if not p.exists():
         fail(field, f"{path!r} does not exist (expected {what})")
-    if not p.is_dir():
-        fail(field, f"{path!r} is not a directory (expected {what})")
+    if p.is_dir() != directory:
+        fail(field, f"{path!r} {'is not a directory' if directory else 'is a directory'} (expected {what})")
     return p
+
+
+def existing_dir(field: str, path, what: str) -> Path:
+    return _existing(field, path, what, directory=True)
 
 
 def existing_file(field: str, path, what: str) -> Path:
-    if not isinstance(path, str) or not path:
-        fail(field, f"must be a path to {what}, got {path!r}")
-    p = Path(path).expanduser()
-    if not p.is_file():
-        fail(field, f"{path!r} {'is a directory' if p.is_dir() else 'does not exist'} (expected {what})")
-    return p
+    return _existing(field, path, what, directory=False)
 
 
-# -- _component_ sections ------------------------------------------------------------------------------------------------
 def _component(section: str, path):
     from torchtune.config._utils import _get_component_from_path
 

@@ -2,31 +2,23 @@
 (speed-up, tokens/s per GPU, scaling efficiency), the JSON written and continued -- and the finetuning figure of
 analysis/plot_speedups.py, on a hand-made fixture (tests/fixtures/finetune_fixture_8gpu.json)."""
 
-import importlib.util
 import json
 import shlex
-import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pytest
+from scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "finetune_fixture_8gpu.json"
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "analysis" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
 
 def test_runs_of_the_7b_benchmark_validate_and_plan():
     """The full-depth runs use the shipped configs (hybrid: layers 10-20 full; full: all 32), random weights, and the
     8-GPU plan fits an H200; the shrunken spec keeps the shape with fewer layers."""
-    bench = _load("bench_finetune")
+    bench = load_script("analysis/bench_finetune.py")
     hybrid = bench.plan_run(bench.run_args("7b", 131072, "hybrid", 8, 3, "/tmp/x", "/tmp/y"), validate=True)
     full = bench.plan_run(bench.run_args("7b", 131072, "full", 8, 3, "/tmp/x", "/tmp/y"), validate=True)
     assert hybrid.shape.full_layers == tuple(range(10, 21)) and full.shape.full_layers == tuple(range(32))
@@ -44,7 +36,7 @@ def test_runs_of_the_7b_benchmark_validate_and_plan():
 
 
 def test_metrics_and_summary():
-    bench = _load("bench_finetune")
+    bench = load_script("analysis/bench_finetune.py")
     text = ("Step 1 | loss:10.5 lr:2e-05 tokens_per_second_per_rank:1000 peak_memory_alloc:70.5 \n"
             "Step 3 | loss:10.1 lr:2e-05 tokens_per_second_per_rank:6553.6 peak_memory_alloc:66.0 "
             "peak_memory_reserved:80.0 \nnoise\n"
@@ -71,7 +63,7 @@ def test_json_is_written_after_each_run_and_continued(tmp_path, monkeypatch, cap
     long call gets the same command again); the exit code says whether every run succeeded."""
     import torch
 
-    bench = _load("bench_finetune")
+    bench = load_script("analysis/bench_finetune.py")
     fixture = {r["spec"]: r for r in json.loads(FIXTURE.read_text())["runs"]}
     calls = []
 
@@ -101,7 +93,7 @@ def test_json_is_written_after_each_run_and_continued(tmp_path, monkeypatch, cap
 
 
 def test_plan_only_prints_every_run(capsys):
-    bench = _load("bench_finetune")
+    bench = load_script("analysis/bench_finetune.py")
     bench.main(["--plan-only", "--nproc", "8", "--specs", "7b-32k", "--layouts", "hybrid"])
     out = capsys.readouterr().out
     assert "### 7b-32k hybrid on 8 GPU(s)" in out and "recipes/configs/llama2_7b_longgen_128k.yaml" in out
@@ -111,7 +103,7 @@ def test_plan_only_prints_every_run(capsys):
 
 
 def test_finetune_figure_from_fixture(tmp_path):
-    plot = _load("plot_speedups")
+    plot = load_script("analysis/plot_speedups.py")
     drawn = plot.plot_finetune(plot.load(str(FIXTURE)), tmp_path)
     fig, path, labels = drawn["Fixture GPU"]
     assert path.exists() and path.stat().st_size > 10_000 and path.name == "finetune_Fixture_GPU.png"

@@ -1,28 +1,20 @@
 """analysis/plot_speedups.py on a hand-made fixture (tests/fixtures/bench_fixture_*.json) and analysis/bench.py's CPU
 smoke mode: figures are written, the right series are drawn, unmeasured points are not."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pytest
+from scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "analysis" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
 
 def test_plot_fixture(tmp_path):
-    plot = _load("plot_speedups")
+    plot = load_script("analysis/plot_speedups.py")
     drawn = plot.plot_all(str(FIXTURES / "bench_fixture_*.json"), str(tmp_path))
     assert len(drawn) == 1  # one 'ours' result; the HF file joins it as the peer
     d = drawn[0]
@@ -55,7 +47,7 @@ def test_plot_fixture(tmp_path):
 
 
 def test_plot_cli_no_results(tmp_path):
-    plot = _load("plot_speedups")
+    plot = load_script("analysis/plot_speedups.py")
     with pytest.raises(SystemExit):
         plot.main(["--results", str(tmp_path / "none_*.json"), "--out", str(tmp_path)])
 
@@ -67,7 +59,7 @@ def test_bench_cpu_smoke(tmp_path):
     from flexgen_long.cache import plan_cache
     from flexgen_long.models import longgen_tiny, relayout
 
-    bench = _load("bench")
+    bench = load_script("analysis/bench.py")
     out = tmp_path / "bench_tiny.json"
     bench.main(["ours", "--device", "cpu", "--tiny", "--lengths", "128", "--train-layers", "2",
                 "--budget-ms", "1", "--out", str(out), "--commit", "test"])

@@ -3,11 +3,9 @@ model trained on the CPU (one process, and FSDP2 over a fake process group), aga
 (the commands recorded in analysis/results/finetune_*.json), and the CLI on the shipped Llama-2-7B configs."""
 
 import contextlib
-import importlib.util
 import json
 import re
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,7 @@ from torchtune.modules.loss import CEWithChunkedOutputLoss
 
 from flexgen_long import train_plan
 from flexgen_long.models import longgen_llama, longgen_llama2_7b
+from scripts import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 GiB = 2**30
@@ -26,13 +25,6 @@ LLAMA2_7B = "recipes/configs/llama2_7b_longgen_128k.yaml"
 RANDOM_WEIGHTS = ["checkpoint.base_dir=null", "tokenizer._component_=flexgen_long.tokenizers.byte_tokenizer",
                   "~tokenizer.path", "~tokenizer.prompt_template", "dataset.source=python-stdlib"]
 
-
-def _load(path, name):
-    spec = importlib.util.spec_from_file_location(name, REPO / path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @contextlib.contextmanager
@@ -136,7 +128,7 @@ def _recorded_runs():
 def test_plan_matches_the_peaks_measured_on_h200s(run):
     """The plan of each recorded `tune run` command (its config, overrides and GPU count) against the peak torchtune
     measured (max allocated, steps after the first): within 1%."""
-    bench = _load("analysis/bench_finetune.py", "bench_finetune")
+    bench = load_script("analysis/bench_finetune.py", "bench_finetune")
     plan = bench.plan_run(shlex.split(run["command"]))
     assert plan.peak / GiB == pytest.approx(run["peak_memory_alloc_gib"], rel=0.01)
 
@@ -169,7 +161,7 @@ def test_plan_of_the_llama2_7b_config_on_8_gpus():
 
 
 def _plan_cli(*args):
-    cli = _load("recipes/longgen_plan.py", "longgen_plan")
+    cli = load_script("recipes/longgen_plan.py", "longgen_plan")
     return cli.main(["--config", LLAMA2_7B, *args])
 
 
@@ -208,7 +200,7 @@ def test_cli_refuses_the_shipped_config_without_weights_or_data():
 @pytest.mark.parametrize("config", ["llama2_7b_longgen_128k", "llama2_7b_full_128k"])
 def test_the_7b_configs_state_their_plan(config):
     """The numbers the shipped 7B configs' header states are the plan's (so they cannot go stale unnoticed)."""
-    cli = _load("recipes/longgen_plan.py", "longgen_plan")
+    cli = load_script("recipes/longgen_plan.py", "longgen_plan")
     path = REPO / "recipes" / "configs" / f"{config}.yaml"
     cfg = cli.load_config(path, RANDOM_WEIGHTS)
     header = path.read_text().split("\noutput_dir:")[0]
