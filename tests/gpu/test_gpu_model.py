@@ -202,8 +202,10 @@ def test_generate_55_lengths_and_every_tail(tiny, record_property):
 
 
 def test_warmup_compiles_everything_generate_needs(tiny, record_property):
-    """After warmup(max_prompt_len), prompts of any length up to it (whole or chunked) compile nothing more."""
-    w = warmup(tiny, 1500)
+    """After warmup(max_prompt_len, chunk) for each prefill_chunk the traffic uses, prompts of any length up to it
+    (whole or chunked) compile nothing more. Whole prompts need one graph per first-chunk bucket (7 up to 1500);
+    chunking by 256 adds the full layers' later-chunk graphs, one per key bucket past 256 (5 more)."""
+    w = {"whole": warmup(tiny, 1500), "chunk_256": warmup(tiny, 1500, 256)}
     before = flex_graphs()
     for i, n in enumerate(sorted(random.Random(4).sample(range(1, 1501), 30))):
         prompt = torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist()
