@@ -9,6 +9,13 @@ Decode step: one token at position ``ctx`` over caches holding ``ctx`` tokens (s
 exactly full: the mask-free SDPA path), captured in a CUDA graph and replayed; also the masked path (as for rows of
 different lengths). Bytes per step = every weight read once (the embedding table excepted: one row) + every cached
 K/V byte; bandwidth = bytes / step time. Prefill is chunked (8K) through the same code as ``generate``.
+
+The user's path (``--generate``): ``generate(model, [prompt], max_new_tokens=N, prefill_chunk=C)`` itself, called twice
+per row (the first call compiles and captures; the second is reported), with its own timings: ``Generation.prefill_s``
+and the decode time per token from ``Generation.decode_s`` (the Python loop, sampling, one host sync per token and the
+CUDA-graph replays all included), and peak memory. ``--chunks 0 8192``: 0 = the whole prompt in one chunk.
+
+    python analysis/bench_generation.py --generate --out gen.json --contexts 131072 --shapes llama2_7b --chunks 0 8192
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import time
 import torch
 
 from flexgen_long.cache import ModelCache, plan_cache, free_memory_bytes
-from flexgen_long.generation import _GraphedStep, decode_step, exact_layers, prefill
+from flexgen_long.generation import _GraphedStep, decode_step, exact_layers, generate, prefill
 from flexgen_long.models import longgen_llama, longgen_llama2_7b, longgen_llama3_1_8b, relayout
 from flexgen_long.patterns import AttnSink, Full
 from flexgen_long import timing
@@ -96,6 +103,63 @@ def measure(model, ctx: int, chunk: int, decode_reps: int = 30, compile_decode: 
     return row
 
 
+def user_path(model, ctx: int, chunk: int | None, new_tokens: int) -> dict:
+    """``generate()`` as users call it, second of two calls (module docstring)."""
+    dev = torch.device("cuda")
+    prompt = torch.randint(0, model.tok_embeddings.num_embeddings, (ctx,)).tolist()
+    row = {"ctx": ctx, "prefill_chunk": chunk or "whole", "new_tokens": new_tokens}
+    t = time.perf_counter()
+    first = generate(model, [prompt], max_new_tokens=new_tokens, prefill_chunk=chunk)[0]
+    row["first_call_s"] = time.perf_counter() - t
+    row["first_call_prefill_s"] = first.prefill_s
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    g = generate(model, [prompt], max_new_tokens=new_tokens, prefill_chunk=chunk)[0]
+    row["prefill_s"] = g.prefill_s
+    row["decode_ms_per_token"] = g.decode_s / max(len(g.tokens) - 1, 1) * 1e3
+    row["tokens_per_s"] = g.tokens_per_s
+    row["same_tokens_as_first_call"] = g.tokens == first.tokens
+    row["peak_alloc_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+    row["kv_bytes"] = plan_cache(model, 1, ctx + new_tokens, torch.bfloat16).total_bytes
+    torch.cuda.empty_cache()
+    return row
+
+
+def run_user_path(args) -> None:
+    res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "path": "generate()",
+           "sparse_pattern": repr(SPARSE), "full_layers": "middle third", "dtype": "bf16", "batch": 1, "rows": []}
+    torch.set_default_dtype(torch.bfloat16)
+    for shape in args.shapes:
+        with torch.device("cuda"):
+            model = SHAPES[shape](max_seq_len=max(args.contexts) + args.new_tokens).eval()
+        full_idx = {i for i, l in enumerate(model.layers) if isinstance(l.attn.pattern, Full)}
+        for ctx in args.contexts:
+            for chunk in args.chunks:
+                for layout in ("hybrid", "dense"):
+                    set_layout(model, layout == "hybrid", full_idx)
+                    r = {"shape": shape, "layout": layout}
+                    try:
+                        r.update(user_path(model, ctx, chunk or None, args.new_tokens))
+                    except torch.OutOfMemoryError as e:
+                        r["error"] = f"OutOfMemoryError: {str(e).splitlines()[0][:200]}"
+                        torch.cuda.empty_cache()
+                    res["rows"].append(r)
+                    print(json.dumps(r), flush=True)
+                    with open(args.out, "w") as f:
+                        json.dump(res, f, indent=1)
+        del model
+        torch.cuda.empty_cache()
+    for r in res["rows"]:
+        if r["layout"] == "hybrid" and "prefill_s" in r:
+            d = next((x for x in res["rows"] if x["layout"] == "dense" and x["shape"] == r["shape"]
+                      and x["ctx"] == r["ctx"] and x["prefill_chunk"] == r["prefill_chunk"] and "prefill_s" in x), None)
+            if d is not None:
+                r["prefill_speedup"] = d["prefill_s"] / r["prefill_s"]
+                r["decode_speedup"] = d["decode_ms_per_token"] / r["decode_ms_per_token"]
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
+
+
 def gpu_correctness() -> dict:
     """GPU paths (flex first chunk, flex Full over the buffer for later chunks, masked / mask-free decode) against the
     no-cache forward of the same model, fp32, teacher-forced."""
@@ -126,7 +190,13 @@ def main():
     ap.add_argument("--chunk", type=int, default=8192)
     ap.add_argument("--one-million", action="store_true")
     ap.add_argument("--compile-decode", action="store_true", help="also time the torch.compile'd decode step")
+    ap.add_argument("--generate", action="store_true", help="time generate() itself (the user's path)")
+    ap.add_argument("--chunks", type=int, nargs="+", default=[0, 8192],
+                    help="with --generate: prefill_chunk values, 0 = whole prompt")
+    ap.add_argument("--new-tokens", type=int, default=128, help="with --generate: tokens generated per call")
     args = ap.parse_args()
+    if args.generate:
+        return run_user_path(args)
     res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "sparse_pattern": repr(SPARSE),
            "full_layers": "middle (10..20 of 32)", "prefill_chunk": args.chunk, "dtype": "bf16", "batch": 1}
     if not args.one_million:

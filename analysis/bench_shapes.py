@@ -9,7 +9,10 @@
 3. GQA for causal SDPA: ``enable_gqa=True`` against K/V expanded to the query heads (16K tokens, 32 q / 8 kv heads,
    D 64 and 128), warmed up, forward and forward+backward;
 4. a full layer's later prefill chunk (8192 queries at offset 57344 over 65536 keys): lower-right causal SDPA (the
-   library's path) against compiled flex with the Full BlockMask at that offset.
+   library's path) against compiled flex with the Full BlockMask at that offset;
+5. sink alignment (``--parts sinks``): AttnSink layers with the same 2,048 keys per query, sink 64 (window 1984, the
+   window's far edge cuts every key block) against sink 128 (window 1920, block-aligned), compiled flex forward and
+   forward+backward at 131072 tokens (32 q / 8 kv heads, D 128, bf16), with causal SDPA (cuDNN/flash) beside them.
 
 Timing: triton's ``do_bench`` medians for kernels; for the layer stack, ``flexgen_long.timing.measure`` (CUDA events,
 warm-up, median). The committed record was taken with bench.py's former timer, the same method. On a GPU:
@@ -160,16 +163,42 @@ def full_chunk(res: dict) -> None:
     free()
 
 
+def sink_alignment(res: dict, S: int = 131072) -> None:
+    rows = res.setdefault("sink_alignment", {"S": S, "heads": "32 q / 8 kv, D 128, bf16", "rows": []})["rows"]
+    q = torch.randn(1, 32, S, 128, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(1, 8, S, 128, device=DEV, dtype=torch.bfloat16)
+    v = torch.randn(1, 8, S, 128, device=DEV, dtype=torch.bfloat16)
+    g = torch.randn_like(q)
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    for pat in (AttnSink(64, 1984), AttnSink(128, 1920), AttnSink(4, 2044)):
+        bm = build_block_mask(pat, S, S, num_heads=32, num_kv_heads=8, device=DEV)
+        partial = int(bm.kv_num_blocks.sum())
+        full = int(bm.full_kv_num_blocks.sum()) if bm.full_kv_num_blocks is not None else 0
+        row = {"pattern": repr(pat), "keys_per_query": pat.sink + pat.window, "partial_blocks": partial,
+               "full_blocks": full,
+               "fwd_ms": guarded(lambda: median_ms(lambda: flex_attend(q, k, v, bm))),
+               "fwd_bwd_ms": guarded(lambda: median_ms(lambda: flex_attend(qg, kg, vg, bm).backward(g)))}
+        rows.append(row)
+        print(row, flush=True)
+    sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # noqa: E731
+    row = {"pattern": "Full (causal SDPA)", "fwd_ms": guarded(lambda: median_ms(lambda: sdpa(q, k, v))),
+           "fwd_bwd_ms": guarded(lambda: median_ms(lambda: sdpa(qg, kg, vg).backward(g)))}
+    rows.append(row)
+    print(row, flush=True)
+    free()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--commit", default=None)
     ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 33768, 130072, 131072])
-    ap.add_argument("--parts", nargs="+", default=["gqa", "full_chunk", "dynamic", "padding"])
+    ap.add_argument("--parts", nargs="+", default=["gqa", "full_chunk", "dynamic", "padding"],
+                    choices=["gqa", "full_chunk", "dynamic", "padding", "sinks"])
     a = ap.parse_args()
     res = {"benchmark": "shape policy", **environment(DEV, a.commit)}
     parts = {"gqa": gqa, "full_chunk": full_chunk, "dynamic": dynamic_vs_static,
-             "padding": lambda r: padding_cost(r, a.lengths)}
+             "padding": lambda r: padding_cost(r, a.lengths), "sinks": sink_alignment}
     for name in a.parts:
         t0 = time.perf_counter()
         res.setdefault("errors", {})[name] = guarded(lambda: (parts[name](res), {})[1]) or None
