@@ -126,8 +126,9 @@ def user_path(model, ctx: int, chunk: int | None, new_tokens: int) -> dict:
 
 
 def run_user_path(args) -> None:
+    sparse = [AttnSink(*map(int, p.split(","))) for p in args.sparse]
     res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "path": "generate()",
-           "sparse_pattern": repr(SPARSE), "full_layers": "middle third", "dtype": "bf16", "batch": 1, "rows": []}
+           "full_layers": "middle third", "dtype": "bf16", "batch": 1, "rows": []}
     torch.set_default_dtype(torch.bfloat16)
     for shape in args.shapes:
         with torch.device("cuda"):
@@ -135,9 +136,10 @@ def run_user_path(args) -> None:
         full_idx = {i for i, l in enumerate(model.layers) if isinstance(l.attn.pattern, Full)}
         for ctx in args.contexts:
             for chunk in args.chunks:
-                for layout in ("hybrid", "dense"):
-                    set_layout(model, layout == "hybrid", full_idx)
-                    r = {"shape": shape, "layout": layout}
+                layouts = [("hybrid", p) for p in sparse] + [("dense", None)]
+                for layout, pat in layouts:
+                    relayout(model, sorted(full_idx) if pat is not None else "all", pat or SPARSE)
+                    r = {"shape": shape, "layout": layout, "sparse_pattern": repr(pat) if pat else None}
                     try:
                         r.update(user_path(model, ctx, chunk or None, args.new_tokens))
                     except torch.OutOfMemoryError as e:
@@ -194,6 +196,8 @@ def main():
     ap.add_argument("--chunks", type=int, nargs="+", default=[0, 8192],
                     help="with --generate: prefill_chunk values, 0 = whole prompt")
     ap.add_argument("--new-tokens", type=int, default=128, help="with --generate: tokens generated per call")
+    ap.add_argument("--sparse", nargs="+", default=["64,1984", "128,1920"],
+                    help="with --generate: the hybrid rows' AttnSink patterns, as sink,window")
     args = ap.parse_args()
     if args.generate:
         return run_user_path(args)
