@@ -65,7 +65,7 @@ def prefill_chunk_field(cfg: DictConfig) -> int | str | None:
         return v
     if not isinstance(v, int) or isinstance(v, bool) or v < 1:
         rc.fail("prefill_chunk", "must be 'auto' (the whole prompt if its activations fit next to the KV caches, "
-                                 f"else a chunk chosen from the memory plan), null (the whole prompt) or an int >= 1, "
+                                 "else a chunk chosen from the memory plan), null (the whole prompt) or an int >= 1, "
                                  f"got {v!r}")
     return v
 
