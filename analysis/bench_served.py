@@ -15,7 +15,8 @@ it finished is in the JSON). Failures (out of memory included) are recorded per 
 
 TTFT = prefill of every row of the call + the first sampled token (``Generation.prefill_s``; for the peer, the time to
 its streamer's first generated token). Decode tokens/s = tokens generated after the first, summed over the call's
-rows, over the decode time.
+rows, over the call's decode wall time (``generation.batch_decode_s``: until its last row finished; each row's own
+``Generation.decode_s`` stops where that row did), summed over calls.
 
     python analysis/bench_served.py --out analysis/results/served_<card>.json --commit SHA
 """
@@ -36,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import environment, free, hf_peer  # noqa: E402
-from flexgen_long.generation import generate, warmup  # noqa: E402
+from flexgen_long.generation import batch_decode_s, generate, warmup  # noqa: E402
 from flexgen_long.layout import full_layer_indices  # noqa: E402
 from flexgen_long.models import LLAMA3_1_ROPE_SCALING, longgen_llama  # noqa: E402
 from flexgen_long.patterns import AttnSink  # noqa: E402
@@ -91,8 +92,8 @@ def run_ours(model, calls, vocab, new_tokens, label, save) -> list[dict]:
         t0 = time.perf_counter()
         try:
             gens = generate(model, prompts_for(lengths, vocab, i), max_new_tokens=new_tokens)
-            rec.update(ttft_s=gens[0].prefill_s, decode_s=gens[0].decode_s,
-                       decode_tokens=sum(max(len(g.tokens) - 1, 0) for g in gens))
+            rec.update(ttft_s=gens[0].prefill_s, decode_s=batch_decode_s(gens),
+                       decode_tokens=sum(g.decode_tokens for g in gens), prefill_chunk=gens[0].prefill_chunk)
         except Exception as e:  # noqa: BLE001 -- a failed call is a result of the workload
             rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             free()

@@ -32,9 +32,10 @@ from torch import Tensor, nn
 
 from .attention import HybridAttention
 from .patterns import AttnSink, BlockSparse, Full, Pattern
+from .shapes import padded_len
 
 __all__ = ["LayerCache", "ModelCache", "CachePlan", "LayerPlan", "plan_cache", "cache_slots", "free_memory_bytes",
-           "check_fits"]
+           "check_fits", "prefill_activation_bytes", "choose_prefill_chunk", "PREFILL_CHUNK_MULTIPLE"]
 
 
 def cache_slots(pattern: Pattern, max_len: int) -> int:
@@ -133,15 +134,150 @@ def free_memory_bytes(device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def check_fits(plan: CachePlan, device, reserve_bytes: int = 0) -> None:
-    """Raise MemoryError, with the numbers, when the plan (plus ``reserve_bytes`` for activations) exceeds free memory."""
-    free = free_memory_bytes(device)
+def check_fits(plan: CachePlan, device, reserve_bytes: int = 0, free_bytes: int | None = None) -> None:
+    """Raise MemoryError, with the numbers, when the plan (plus ``reserve_bytes`` for activations) exceeds free memory
+    (``free_bytes``, default ``free_memory_bytes(device)``)."""
+    free = free_memory_bytes(device) if free_bytes is None else free_bytes
     need = plan.total_bytes + reserve_bytes
     if need > free:
         raise MemoryError(f"KV caches need {plan.total_bytes} bytes ({plan.total_bytes / 2**30:.2f} GiB) + "
                           f"{reserve_bytes} reserved = {need / 2**30:.2f} GiB, but only {free} bytes "
                           f"({free / 2**30:.2f} GiB) are free on {device} (batch {plan.batch_size}, max_len "
                           f"{plan.max_len}); lower batch size / max_len or use sparser layers")
+
+
+#: ``choose_prefill_chunk`` picks chunks in multiples of this many tokens (the flex block size and bucket step).
+PREFILL_CHUNK_MULTIPLE = 128
+#: Headroom on top of the estimate below: allocator rounding and fragmentation, kernels' own small workspaces.
+PREFILL_SAFETY_FACTOR = 1.5
+PREFILL_SLACK_BYTES = 64 * 2**20
+#: Bytes per element of a [C, K] mask built from positions: an int64 difference of positions and three bools (the
+#: rule's comparisons and the mask itself); SDPA then adds a float copy of the mask in the model's dtype.
+MASK_BUILD_BYTES = 8 + 3
+
+
+def _kernel_bytes(at: HybridAttention, C: int, T: int, first: bool, cache_len: int, a: int, cpu: bool) -> int:
+    """Transient bytes of one layer's attention kernel path (HybridAttention._attend_cached) for a prefill chunk of C
+    queries over T = offset + C keys; ``first``: the chunk at offset 0; ``cpu``: the CPU path, else the GPU one.
+    Masked SDPA (CPU flash, CUDA memory-efficient) takes the bool mask plus a float copy of it and no score matrix
+    (measured on CPU: a [1, 1, C, K] bool mask costs C*K*4 bytes more in fp32, an is_causal call nothing); building
+    a mask from positions (the pattern's token rule) passes through int64 differences and a few bool temporaries."""
+    H, Hkv, D = at.num_heads, at.num_kv_heads, at.head_dim
+    pattern = at.pattern.bind_heads(Hkv)
+    lse = H * padded_len(C) * 4                              # flash / cuDNN / flex log-sum-exp rows
+    flex = lambda pq, pk: (2 * H * pq + 2 * Hkv * pk) * D * a + lse  # noqa: E731  padded q, k, v and output
+    if isinstance(pattern, Full):
+        if first:                                            # causal SDPA over the cache's views, GQA unexpanded
+            return lse
+        if cpu:                                              # lower-right causal SDPA: K/V expanded to H heads, the
+            return 2 * H * T * D * a + C * T * (2 + 2 * a)   # [C, T] mask materialised (bools + two float copies)
+        return flex(padded_len(C), padded_len(T))            # flex: K/V copied to the key bucket, q padded
+    Hm = H if pattern.head_dependent else 1                  # the mask's heads (broadcast when the rule is per layer)
+    if first:
+        if cpu and C <= 2048:                                # SDPA with the dense bool mask (attention.MaskSet)
+            return Hm * C * C * (MASK_BUILD_BYTES + a)
+        return flex(padded_len(C), padded_len(C))
+    K = cache_slots(pattern, cache_len) + C                  # [cached slots ; the chunk's own keys]
+    return (2 * Hkv + (2 * H if H > Hkv else 0)) * K * D * a + K * 12 + Hm * C * K * (MASK_BUILD_BYTES + a) + lse
+
+
+def _chunk_bytes(model: nn.Module, C: int, T: int, first: bool, cache_len: int, a: int, cpu: bool) -> int:
+    """Peak transient bytes of one prefill chunk forward (inference mode): see prefill_activation_bytes."""
+    E, V = model.tok_embeddings.embedding_dim, model.tok_embeddings.num_embeddings
+    peak = 0
+    for layer in model.layers:
+        at, mlp = layer.attn, layer.mlp
+        H, Hkv, D, F = at.num_heads, at.num_kv_heads, at.head_dim, mlp.w1.out_features
+        resident = 3 * C * E * a                             # the layer's input x, h = x + attn, the output forming
+        norm = 2 * C * E * 4                                 # RMSNorm computes in fp32: x.float() and its result
+        attention = (C * (H + 2 * Hkv) * D * a               # q, k, v
+                     + 3 * C * H * D * 4                     # RoPE in fp32: x.float(), its products, the stacked result
+                     + 2 * C * H * D * a + C * E * a         # kernel output, its transposed copy, output_proj's
+                     + 2 * Hkv * C * D * a                   # write_prefill's selected k / v
+                     + _kernel_bytes(at, C, T, first, cache_len, a, cpu))
+        ffn = 2 * C * E * a + 3 * C * F * a                  # mlp_norm(h) and w2's output; w1 / w3 / their product
+        peak = max(peak, resident + max(norm, attention, ffn))
+    return peak + C * E * a + C * 16 + V * (a + 4)           # + the chunk's embedding, ids / positions, last logits
+
+
+def prefill_activation_bytes(model: nn.Module, chunk_len: int, dtype: torch.dtype = torch.bfloat16,
+                             prompt_len: int | None = None, cache_len: int | None = None, device=None) -> int:
+    """Estimated peak transient memory (bytes) of prefilling a ``prompt_len``-token prompt (default ``chunk_len``: one
+    chunk, the whole prompt) ``chunk_len`` tokens at a time, under inference mode, on top of the weights and the KV
+    caches (``cache_len``: the caches' max_len, default ``prompt_len``), on ``device``'s kernel paths (None: the worse
+    of the CPU and GPU paths). Shapes only: the model may live on the meta device.
+
+    The worst of the first chunk (offset 0, C = min(chunk_len, prompt_len) queries and keys) and, when the prompt has
+    more than one chunk, its last full chunk (C = chunk_len queries over T = prompt_len keys: key copies grow with the
+    offset). With E = embed_dim, H / Hkv = query / KV heads, D = head_dim, F = the MLP's hidden_dim (torchtune
+    FeedForward: w2(silu(w1(x)) * w3(x))), V = vocab, a = itemsize(dtype), 4 = fp32, a chunk costs the peak over
+    layers of
+
+        3CEa (residual stream: x, x + attn, the output)
+        + max(2CE*4                                          RMSNorm, computed in fp32
+              C(H + 2Hkv)Da + 3CHD*4 + 2CHDa + CEa + 2HkvCDa + kernel
+                                                             q/k/v, RoPE in fp32, the attention output with its
+                                                             transposed copy and projection, the cache write
+              2CEa + 3CFa)                                   the MLP: its norm, w1 / w3 / product, w2's output
+
+    plus the chunk's embedding CEa and the last token's logits only, V(a + 4). ``kernel`` (``_kernel_bytes``) is the
+    attention path's own: LSE rows H pad(C) 4 (pad = flexgen_long.shapes.padded_len); flex's padded copies
+    (2H pad(C) + 2Hkv pad(T))Da; on CPU a full layer's later chunk expands K/V to H heads and materialises its
+    lower-right mask, 2HTDa + CT(2 + 2a); a sparse layer's later chunk concatenates [cached slots ; chunk] keys (K =
+    slots + C), expands them to H heads and masks them, (2Hkv + 2H)KDa + Hm C K (11 + a) (Hm = H for a per-head
+    pattern, else 1; 11 = ``MASK_BUILD_BYTES``: building a mask from positions goes through an int64 difference and
+    bools; SDPA adds a float copy); a sparse first chunk on CPU of <= 2048 tokens uses a dense mask, Hm C^2 (11 + a).
+    The sum is multiplied by ``PREFILL_SAFETY_FACTOR`` (1.5) and ``PREFILL_SLACK_BYTES`` (64 MiB) is added for
+    allocator rounding and fragmentation and kernels' small workspaces. Meant to err on the high side: against the
+    CPU allocator's measured peak (tests/test_cache.py) the estimate before the slack is 1.4-4.5x the peak."""
+    _check_positive("chunk_len", chunk_len)
+    prompt_len = chunk_len if prompt_len is None else prompt_len
+    _check_positive("prompt_len", prompt_len)
+    cache_len = prompt_len if cache_len is None else cache_len
+    _check_positive("cache_len", cache_len)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype must be a torch.dtype, got {dtype!r}")
+    _attn_layers(model)
+    a = torch.empty((), dtype=dtype).element_size()
+    paths = (True, False) if device is None else (torch.device(device).type == "cpu",)
+    first = min(chunk_len, prompt_len)
+    need = 0
+    for cpu in paths:
+        need = max(need, _chunk_bytes(model, first, first, True, cache_len, a, cpu))
+        if prompt_len > chunk_len:
+            need = max(need, _chunk_bytes(model, chunk_len, prompt_len, False, cache_len, a, cpu))
+    return int(need * PREFILL_SAFETY_FACTOR) + PREFILL_SLACK_BYTES
+
+
+def choose_prefill_chunk(model: nn.Module, prompt_len: int, free_bytes: int, dtype: torch.dtype = torch.bfloat16,
+                         cache_len: int | None = None, device=None) -> int | None:
+    """The prefill chunk for a ``prompt_len``-token prompt given ``free_bytes`` left for activations (free memory
+    after the KV caches; ``cache_len`` and ``device`` as in ``prefill_activation_bytes``): None (the whole prompt at
+    once) when its activations fit (``prefill_activation_bytes``), else the largest multiple of
+    ``PREFILL_CHUNK_MULTIPLE`` (128) below ``prompt_len`` whose chunks fit. Raises MemoryError, with the numbers, when
+    not even a 128-token chunk fits."""
+    _check_positive("prompt_len", prompt_len)
+    if not isinstance(free_bytes, int) or isinstance(free_bytes, bool):
+        raise ValueError(f"free_bytes must be an int, got {free_bytes!r}")
+    whole = prefill_activation_bytes(model, prompt_len, dtype, prompt_len, cache_len, device)
+    if whole <= free_bytes:
+        return None
+    m = PREFILL_CHUNK_MULTIPLE
+    lo, hi = 1, (prompt_len - 1) // m  # chunks of lo*m .. hi*m tokens; the estimate grows with the chunk
+    smallest = prefill_activation_bytes(model, m, dtype, prompt_len, cache_len, device) if hi >= 1 else whole
+    if hi < 1 or smallest > free_bytes:
+        raise MemoryError(f"prefill of a {prompt_len}-token prompt does not fit: its activations need about {whole} "
+                          f"bytes ({whole / 2**30:.2f} GiB) whole and {smallest} bytes ({smallest / 2**30:.2f} GiB) "
+                          f"in chunks of {m} tokens, but only {free_bytes} bytes ({free_bytes / 2**30:.2f} GiB) are "
+                          "free after the KV caches; lower batch size / max_new_tokens / the prompt length, or use "
+                          "sparser layers")
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if prefill_activation_bytes(model, mid * m, dtype, prompt_len, cache_len, device) <= free_bytes:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * m
 
 
 class LayerCache:

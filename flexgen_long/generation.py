@@ -2,12 +2,14 @@
 
     from flexgen_long.generation import generate
     outs = generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=32)          # greedy, a batch of 2 prompts
-    outs[0].tokens, outs[0].tokens_per_s
+    outs[0].tokens, outs[0].tokens_per_s, batch_tokens_per_s(outs)
 
 Prompts of different lengths are prefilled one row at a time (each row's cache slots see only its own positions) and
 decoded together, every row at its own absolute position (RoPE and masks per row), so a batch gives exactly what each
-prompt gives alone. Prefill runs in chunks of ``prefill_chunk`` tokens (default: the whole prompt); a chunk at offset o
-attends to the cached keys plus its own under the layer's pattern, so chunking changes memory, not results.
+prompt gives alone. Prefill runs in chunks of ``prefill_chunk`` tokens (default ``"auto"``: the whole prompt when its
+activations fit in the memory the KV caches leave, else the largest multiple of 128 tokens that fits,
+flexgen_long.cache.choose_prefill_chunk); a chunk at offset o attends to the cached keys plus its own under the layer's
+pattern, so chunking changes memory, not results.
 
 A decode step (``decode_step``) has static shapes and keeps positions on the device: the loop never syncs inside a step
 (it syncs once per token to stream and check stop tokens). On CUDA the step is captured once into a CUDA graph per
@@ -24,25 +26,53 @@ import torch
 from torch import Tensor, nn
 
 from .attention import HybridAttention, KVCacheStep
-from .cache import ModelCache
+from .cache import ModelCache, check_fits, choose_prefill_chunk, free_memory_bytes, plan_cache
 from .shapes import buckets, compiled, compiled_graphs
 
-__all__ = ["generate", "Generation", "prefill", "decode_step", "forward_cached", "sample", "exact_layers", "warmup"]
+__all__ = ["generate", "Generation", "batch_decode_s", "batch_tokens_per_s", "prefill", "decode_step", "forward_cached",
+           "sample", "exact_layers", "warmup"]
 
 
 @dataclass
 class Generation:
-    """One prompt's result: the generated ids (a stop token, when hit, is the last), timings shared by the batch."""
+    """One prompt's result: the generated ids (a stop token, when hit, is the last) and timings.
+
+    ``prefill_s``: the batch's prefill, shared by its rows -- wall time from the start of the first row's prefill
+    (rows are prefilled one after another) until every row's first token is sampled and synced; no row's first token
+    is available earlier, so it is also each row's time to first token, counted from the start of prefill (the caches
+    are planned and allocated before it). ``decode_s``: this row's own decode time -- wall time from the end of the
+    prefill until the decode step that produced this row's last token had its ids on the host (0.0 when the prefill's
+    token was the row's only one). ``tokens_per_s``: this row's decode rate, its tokens after the first (which comes
+    from the prefill) over its ``decode_s``. A batch's rate over all rows: ``batch_tokens_per_s``."""
 
     tokens: list[int] = field(default_factory=list)
     prompt_len: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    prefill_chunk: int | None = None  # the chunk the prefill used (None: the whole prompt)
+
+    @property
+    def decode_tokens(self) -> int:
+        return max(len(self.tokens) - 1, 0)  # the first token comes from the prefill
 
     @property
     def tokens_per_s(self) -> float:
-        n = max(len(self.tokens) - 1, 0)  # the first token comes from the prefill
-        return n / self.decode_s if self.decode_s > 0 else float("nan")
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+def batch_decode_s(results: Sequence[Generation]) -> float:
+    """The decode wall time of one ``generate()`` call's batch: until its last row finished (the longest row's
+    ``decode_s``; every row's clock starts at the end of the shared prefill)."""
+    if not results:
+        raise ValueError("results must be the non-empty list one generate() call returned")
+    return max(r.decode_s for r in results)
+
+
+def batch_tokens_per_s(results: Sequence[Generation]) -> float:
+    """Decode tokens/s of one ``generate()`` call's batch: every row's tokens after its first (which comes from the
+    prefill), summed, over the batch's decode wall time (``batch_decode_s``). NaN when nothing was decoded."""
+    s = batch_decode_s(results)
+    return sum(r.decode_tokens for r in results) / s if s > 0 else float("nan")
 
 
 def forward_cached(model: nn.Module, tokens: Tensor, step: KVCacheStep, input_pos: Tensor,
@@ -134,8 +164,10 @@ def _check(prompts, max_new_tokens, temperature, top_k, top_p, prefill_chunk, vo
         raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
     if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
         raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
-    if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
-        raise ValueError(f"prefill_chunk must be None (whole prompt) or an int >= 1, got {prefill_chunk!r}")
+    if prefill_chunk != "auto" and prefill_chunk is not None and \
+            (not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or prefill_chunk < 1):
+        raise ValueError(f"prefill_chunk must be 'auto' (the whole prompt if it fits, else a chunk chosen from the "
+                         f"memory plan), None (the whole prompt) or an int >= 1, got {prefill_chunk!r}")
 
 
 def compiled_decode_step(model: nn.Module, cache: ModelCache, batch_size: int, exact: frozenset):
@@ -181,15 +213,23 @@ class _GraphedStep:
 
 @torch.inference_mode()
 def generate(model: nn.Module, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, stop_tokens=None, prefill_chunk: int | None = None,
+             top_p: float | None = None, stop_tokens=None, prefill_chunk: int | str | None = "auto",
              on_token: Callable[[int, int], None] | None = None, cuda_graph: bool | None = None,
              generator: torch.Generator | None = None) -> list[Generation]:
     """Generate up to ``max_new_tokens`` ids after each prompt (lists of token ids, any lengths).
 
     temperature 0 = greedy; ``top_k`` / ``top_p`` restrict sampling; a row stops after emitting one of ``stop_tokens``.
     ``on_token(row, token_id)`` is called for every emitted token, in order (streaming). ``prefill_chunk``: prefill this
-    many tokens at a time (bounded activation memory; same results). ``cuda_graph``: replay decode steps from CUDA
-    graphs (default: on CUDA). The caches are planned and checked against free memory before they are allocated."""
+    many tokens at a time (bounded activation memory; same results); ``None``: each prompt whole; ``"auto"`` (the
+    default): each prompt whole when the estimated activations of the longest one
+    (flexgen_long.cache.prefill_activation_bytes) fit in the free memory the KV caches leave, else the largest
+    multiple of 128 tokens that fits (flexgen_long.cache.choose_prefill_chunk; MemoryError when not even 128 does).
+    The chunk used is in each result's ``prefill_chunk``. ``cuda_graph``: replay decode steps from CUDA graphs
+    (default: on CUDA). The caches are planned and checked against free memory before they are allocated, and the
+    automatic chunk is chosen after the caches' bytes are taken, before anything is allocated.
+
+    Timings (see ``Generation``): ``prefill_s`` is the batch's, ``decode_s`` / ``tokens_per_s`` each row's own (a
+    row that hit a stop token early stops its clock there); ``batch_tokens_per_s(results)`` is the batch's rate."""
     vocab = model.tok_embeddings.num_embeddings
     _check(prompts, max_new_tokens, temperature, top_k, top_p, prefill_chunk, vocab)
     stop = set(int(t) for t in (stop_tokens or ()))
@@ -201,7 +241,12 @@ def generate(model: nn.Module, prompts, *, max_new_tokens: int, temperature: flo
     if max_len > model.max_seq_len:
         raise ValueError(f"longest prompt ({max(lens)}) + max_new_tokens ({max_new_tokens}) = {max_len} exceeds "
                          f"model.max_seq_len={model.max_seq_len}")
-    cache = ModelCache(model, B, max_len, dtype, device)
+    plan = plan_cache(model, B, max_len, dtype)
+    free = free_memory_bytes(device)
+    check_fits(plan, device, free_bytes=free)  # the caches' bytes first ...
+    if prefill_chunk == "auto":  # ... then the prefill's activations in what they leave
+        prefill_chunk = choose_prefill_chunk(model, max(lens), free - plan.total_bytes, dtype, max_len, device)
+    cache = ModelCache(model, B, max_len, dtype, device, check_memory=False)  # checked above
     if cuda_graph is None:
         cuda_graph = device.type == "cuda"
     step_fn = _GraphedStep(model, cache, B, device) if cuda_graph else \
@@ -214,26 +259,26 @@ def generate(model: nn.Module, prompts, *, max_new_tokens: int, temperature: flo
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t1 = time.perf_counter()
-    results = [Generation(prompt_len=n, prefill_s=t1 - t0) for n in lens]
+    results = [Generation(prompt_len=n, prefill_s=t1 - t0, prefill_chunk=prefill_chunk) for n in lens]
     pos = torch.tensor(lens, device=device)  # position of the token fed next, per row
     done = [False] * B
     for t in range(max_new_tokens):
         ids = tok.tolist()  # the loop's one sync per token: streaming and stop tokens need the ids on the host
+        now = time.perf_counter()  # exact: the step that made these ids has finished (t = 0: the prefill's token)
+        final = t == max_new_tokens - 1
         for b, i in enumerate(ids):
             if not done[b]:
                 results[b].tokens.append(i)
                 if on_token is not None:
                     on_token(b, i)
                 done[b] = i in stop
-        if all(done) or t == max_new_tokens - 1:
+                if done[b] or final:  # this row's last token: its decode clock stops here
+                    results[b].decode_s = now - t1 if t > 0 else 0.0
+        if all(done) or final:
             break
         exact = exact_layers(model, cache, min(lens) + t, max(lens) + t)
         tok = sample(step_fn(tok, pos, exact), temperature, top_k, top_p, generator)
         pos = pos + 1
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    for r in results:
-        r.decode_s = time.perf_counter() - t1
     return results
 
 

@@ -8,7 +8,13 @@ Run from the repository root::
 Steps: build the model and load its weights (see ``build_model``), check that the tokenizer fits the model's
 vocabulary, print the KV-cache memory plan (checked against free memory before anything is allocated), tokenize the
 prompts (starting as the tokenizer starts plain text: SmolLM2 adds no BOS), generate them as one batch, print each
-prompt's text as its tokens arrive, then the speed.
+prompt's text as its tokens arrive, then the speed: the batch's prefill time, its decode rate over all rows (every
+row's tokens after its first, over the batch's decode wall time) and each row's own rate (a row that hit a stop token
+stops its clock there).
+
+``prefill_chunk``: ``auto`` (the default) prefills each prompt whole when its activations fit in the memory the KV
+caches leave, else in the largest multiple of 128 tokens that fits (flexgen_long.cache.choose_prefill_chunk); null:
+each prompt whole; an int: that many tokens per chunk.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from torchtune import config, utils
 
 from flexgen_long import recipe_config as rc
 from flexgen_long.cache import plan_cache
-from flexgen_long.generation import generate
+from flexgen_long.generation import batch_decode_s, batch_tokens_per_s, generate
 
 log = utils.get_logger("INFO")
 
@@ -44,12 +50,24 @@ def validate_config(cfg: DictConfig) -> None:
     if top_p is not None and top_p > 1:
         rc.fail("top_p", f"must be null or a number in (0, 1], got {top_p!r}")
     rc.boolean(cfg, "stop_on_eos", True)
-    rc.integer(cfg, "prefill_chunk", None, minimum=1, nullable=True)
+    prefill_chunk_field(cfg)
     rc.integer(cfg, "seed", 0, minimum=0)
     rc.device_field(cfg)
     rc.dtype_field(cfg)
     rc.check_component("tokenizer", rc.get(cfg, "tokenizer"))
     rc.check_model_sections(cfg, rc.checkpoint_dir_field(cfg))
+
+
+def prefill_chunk_field(cfg: DictConfig) -> int | str | None:
+    """``prefill_chunk``: 'auto' (default), null or an int >= 1 (see the module docstring)."""
+    v = rc.get(cfg, "prefill_chunk", "auto")
+    if v == "auto" or v is None:
+        return v
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        rc.fail("prefill_chunk", "must be 'auto' (the whole prompt if its activations fit next to the KV caches, "
+                                 "else a chunk chosen from the memory plan), null (the whole prompt) or an int >= 1, "
+                                 f"got {v!r}")
+    return v
 
 
 def generate_text(cfg: DictConfig) -> None:
@@ -78,12 +96,22 @@ def generate_text(cfg: DictConfig) -> None:
                     top_k=cfg.get("top_k"), top_p=cfg.get("top_p"),
                     stop_tokens=(getattr(tokenizer, "stop_tokens", None) or [tokenizer.eos_id])
                     if cfg.get("stop_on_eos", True) else None,
-                    prefill_chunk=cfg.get("prefill_chunk"), on_token=on_token)
+                    prefill_chunk=prefill_chunk_field(cfg), on_token=on_token)
     for i, (p, o) in enumerate(zip(cfg.prompts, outs)):
         print(f"\n=== [{i}] {p}{tokenizer.decode(o.tokens)}", flush=True)
+    log.info(speed_report(outs))
+
+
+def speed_report(outs) -> str:
+    """The speed line: the batch's prefill (and the chunk it used), the batch's decode rate over all rows, each row's
+    own rate."""
     o = outs[0]
-    log.info(f"prefill {o.prefill_s:.3f} s; decode {o.decode_s:.3f} s, {o.tokens_per_s:.1f} tokens/s per sequence "
-             f"({o.tokens_per_s * len(outs):.1f} batch)")
+    chunk = "whole prompts" if o.prefill_chunk is None else f"chunks of {o.prefill_chunk} tokens"
+    rows = ", ".join(f"[{i}] {r.decode_tokens} in {r.decode_s:.3f} s = {r.tokens_per_s:.1f}"
+                     for i, r in enumerate(outs))
+    return (f"prefill {o.prefill_s:.3f} s ({chunk}); decode {batch_decode_s(outs):.3f} s, "
+            f"{batch_tokens_per_s(outs):.1f} tokens/s over the batch of {len(outs)} "
+            f"({sum(r.decode_tokens for r in outs)} tokens after each row's first); per row tokens/s: {rows}")
 
 
 @config.parse

@@ -4,8 +4,9 @@ the memory plan against what is allocated, and the fail-before-allocation check.
 import pytest
 import torch
 
-from flexgen_long.cache import LayerCache, ModelCache, cache_slots, check_fits, plan_cache
-from flexgen_long.models import longgen_llama, longgen_llama2_7b
+from flexgen_long.cache import (PREFILL_SLACK_BYTES, LayerCache, ModelCache, cache_slots, check_fits,
+                                choose_prefill_chunk, plan_cache, prefill_activation_bytes)
+from flexgen_long.models import longgen_llama, longgen_llama2_7b, longgen_tiny
 from flexgen_long.patterns import AttnSink, BlockSparse, Full
 
 PATTERNS = [Full(), AttnSink(3, 10), AttnSink(0, 7), BlockSparse(16, 2, 3, per_head=True),
@@ -110,3 +111,57 @@ def test_plan_bad_arguments(kw, msg):
     args = dict(batch_size=1, max_len=16, dtype=torch.float32) | kw
     with pytest.raises(ValueError, match=msg):
         plan_cache(m, **args)
+
+
+def _cpu_peak_bytes(fn) -> int:
+    """Peak bytes the CPU allocator held during ``fn()`` beyond what it held before (the profiler's memory events)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("name, prompt_len, chunk", [("tiny", 1000, None), ("tiny", 1000, 384), ("gqa", 1000, 128),
+                                                     ("gqa", 3000, None), ("mha", 2000, 512), ("mha", 3000, 1024)])
+def test_prefill_activation_estimate_bounds_the_measured_peak(name, prompt_len, chunk):
+    """The estimate (before its fixed slack) is at least the CPU allocator's peak during a real prefill, whole or in
+    chunks, full and sparse layers (dense masks, later chunks over cached slots, lower-right full chunks), and not
+    absurdly above it."""
+    from flexgen_long.generation import prefill
+    torch.manual_seed(0)
+    model = {"tiny": lambda: longgen_tiny(vocab_size=259),
+             "gqa": lambda: longgen_llama(300, 3, 8, 2, 128, 352, 4096, sparse_pattern=BlockSparse(64, 2, 4, True)),
+             "mha": lambda: longgen_llama(300, 3, 4, 4, 64, 200, 4096, sparse_pattern=AttnSink(16, 240))}[name]()
+    cache = ModelCache(model.eval(), 1, prompt_len + 8, torch.float32, "cpu")
+    prompt = torch.randint(0, 259, (prompt_len,))
+    with torch.inference_mode():
+        measured = _cpu_peak_bytes(lambda: prefill(model, cache, prompt, 0, chunk))
+    est = prefill_activation_bytes(model, chunk or prompt_len, torch.float32, prompt_len, prompt_len + 8, "cpu")
+    assert measured <= est - PREFILL_SLACK_BYTES <= 6 * measured
+
+
+def test_choose_prefill_chunk_whole_chunked_or_memory_error():
+    with torch.device("meta"):
+        m = longgen_llama2_7b(max_seq_len=131072)
+    P, GiB = 131072, 2**30
+    assert choose_prefill_chunk(m, P, 100 * GiB, torch.bfloat16, device="cuda") is None  # ample: whole prompt
+    for free in (20 * GiB, 8 * GiB, 4 * GiB):
+        c = choose_prefill_chunk(m, P, free, torch.bfloat16, device="cuda")
+        assert c is not None and c % 128 == 0 and 128 <= c < P
+        assert prefill_activation_bytes(m, c, torch.bfloat16, P, device="cuda") <= free  # it fits ...
+        assert prefill_activation_bytes(m, c + 128, torch.bfloat16, P, device="cuda") > free  # ... and is the largest
+    assert choose_prefill_chunk(m, P, 8 * GiB, torch.bfloat16, device="cuda") < \
+        choose_prefill_chunk(m, P, 20 * GiB, torch.bfloat16, device="cuda")
+    with pytest.raises(MemoryError, match=r"131072-token prompt does not fit: .* \d+ bytes .* in chunks of 128 tokens, "
+                                          r"but only 2147483648 bytes \(2.00 GiB\) are free after the KV caches"):
+        choose_prefill_chunk(m, P, 2 * GiB, torch.bfloat16, device="cuda")
+    with pytest.raises(MemoryError, match="100-token prompt does not fit"):  # a prompt of <= 128 tokens: whole or none
+        choose_prefill_chunk(m, 100, 1, torch.bfloat16)
+    with pytest.raises(ValueError, match="prompt_len must be an int >= 1"):
+        choose_prefill_chunk(m, 0, GiB)

@@ -5,8 +5,10 @@ recompute, chunked vs unchunked prefill, batches of mixed lengths vs each prompt
 import pytest
 import torch
 
-from flexgen_long.cache import ModelCache
-from flexgen_long.generation import decode_step, exact_layers, generate, prefill, sample
+from flexgen_long import generation
+from flexgen_long.cache import ModelCache, plan_cache, prefill_activation_bytes
+from flexgen_long.generation import (batch_decode_s, batch_tokens_per_s, decode_step, exact_layers, generate, prefill,
+                                     sample)
 from flexgen_long.models import longgen_llama, longgen_tiny
 from flexgen_long.patterns import AttnSink, BlockSparse
 
@@ -108,6 +110,83 @@ def test_stop_tokens_and_sampling():
     assert all(0 <= t < 50 for r in a for t in r.tokens)
 
 
+def _early_stop_case(model, n=30):
+    """Two prompts and a stop token that ends row 0 after a few tokens and never appears in row 1's output."""
+    prompts = [[1, 2, 3], [7, 8]]
+    full = [r.tokens for r in generate(model, prompts, max_new_tokens=n)]
+    for k in range(2, n - 5):
+        if full[0][k] not in full[1] and full[0][k] not in full[0][:k]:
+            return prompts, full, k
+    pytest.skip("no token of row 0 is absent from row 1 (random weights)")
+
+
+def test_per_row_decode_time_counts_its_own_steps(monkeypatch):
+    """A row's decode_s runs from the end of prefill to the step that produced its last token: with a clock that reads
+    the number of decode steps run so far, a row that stopped after k steps reports k, the other the whole batch's
+    n - 1, each row's rate is its own tokens over its own time, and the batch rate is all rows' tokens over n - 1."""
+    model = longgen_tiny(vocab_size=50)
+    n = 30
+    prompts, full, k = _early_stop_case(model, n)
+    steps = [0]
+    real_step = generation.decode_step
+
+    def counted(*args, **kwargs):
+        steps[0] += 1
+        return real_step(*args, **kwargs)
+    monkeypatch.setattr(generation, "decode_step", counted)
+    monkeypatch.setattr(generation, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: float(steps[0]))}))
+    outs = generate(model, prompts, max_new_tokens=n, stop_tokens=[full[0][k]], cuda_graph=False)
+    assert outs[0].tokens == full[0][:k + 1] and outs[1].tokens == full[1]
+    assert (outs[0].decode_s, outs[1].decode_s) == (k, n - 1)
+    assert outs[0].tokens_per_s == outs[1].tokens_per_s == 1.0
+    assert batch_decode_s(outs) == n - 1 and batch_tokens_per_s(outs) == (k + n - 1) / (n - 1)
+    assert outs[0].prefill_s == outs[1].prefill_s == 0.0  # prefill runs no decode step
+
+
+def test_early_stopping_row_reports_its_own_rate():
+    """Real clock: the row that hit a stop token early stops its clock there; rates from each row's own count."""
+    model = longgen_tiny(vocab_size=50)
+    prompts, full, k = _early_stop_case(model)
+    outs = generate(model, prompts, max_new_tokens=30, stop_tokens=[full[0][k]])
+    assert len(outs[0].tokens) == k + 1 and len(outs[1].tokens) == 30
+    assert 0 < outs[0].decode_s < outs[1].decode_s
+    for o in outs:
+        assert o.tokens_per_s == pytest.approx((len(o.tokens) - 1) / o.decode_s)
+    assert outs[0].prefill_s == outs[1].prefill_s > 0  # the batch's prefill, shared
+    assert batch_decode_s(outs) == outs[1].decode_s
+    assert batch_tokens_per_s(outs) == pytest.approx((k + 29) / outs[1].decode_s)
+    one = generate(model, [[1, 2, 3]], max_new_tokens=5, stop_tokens=[full[0][0]])[0]
+    assert one.tokens == full[0][:1] and one.decode_s == 0.0  # the prefill's token was its only one
+    with pytest.raises(ValueError, match="non-empty list"):
+        batch_tokens_per_s([])
+
+
+def test_auto_prefill_chunk_from_the_memory_plan(monkeypatch):
+    """prefill_chunk='auto' (the default): whole prompts when memory is ample; with little free memory left after the
+    caches, the largest multiple of 128 whose activations fit -- and the same tokens as whole-prompt prefill; a
+    MemoryError naming the numbers when not even 128 tokens fit, or when the caches alone do not."""
+    model = longgen_tiny(vocab_size=259)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 259, (n,), generator=g).tolist() for n in (1000, 300)]
+    new = 8
+    whole = generate(model, prompts, max_new_tokens=new, prefill_chunk=None)
+    assert generate(model, prompts, max_new_tokens=new)[0].prefill_chunk is None  # ample memory: whole prompts
+    plan = plan_cache(model, 2, 1000 + new, torch.float32)
+    act = {c: prefill_activation_bytes(model, c, torch.float32, 1000, 1000 + new, "cpu") for c in (128, 256, 384)}
+    assert act[128] < act[256] < act[384] < prefill_activation_bytes(model, 1000, torch.float32, 1000 + new)
+    monkeypatch.setattr(generation, "free_memory_bytes", lambda device: plan.total_bytes + (act[256] + act[384]) // 2)
+    auto = generate(model, prompts, max_new_tokens=new)
+    assert [o.prefill_chunk for o in auto] == [256, 256]
+    assert [o.tokens for o in auto] == [o.tokens for o in whole]
+    monkeypatch.setattr(generation, "free_memory_bytes", lambda device: plan.total_bytes + act[128] - 1)
+    with pytest.raises(MemoryError, match=r"1000-token prompt does not fit: .* in chunks of 128 tokens, but only "
+                                          rf"{act[128] - 1} bytes .* are free after the KV caches"):
+        generate(model, prompts, max_new_tokens=new)
+    monkeypatch.setattr(generation, "free_memory_bytes", lambda device: plan.total_bytes - 1)
+    with pytest.raises(MemoryError, match=rf"KV caches need {plan.total_bytes} bytes"):
+        generate(model, prompts, max_new_tokens=new)
+
+
 def test_sample_filters():
     logits = torch.tensor([[0.0, 5.0, 4.0, -1.0]])
     assert sample(logits).tolist() == [1]
@@ -119,6 +198,8 @@ def test_sample_filters():
 @pytest.mark.parametrize("kw, msg", [(dict(max_new_tokens=0), "max_new_tokens"), (dict(temperature=-1), "temperature"),
                                      (dict(top_k=0), "top_k"), (dict(top_p=1.5), "top_p"),
                                      (dict(prefill_chunk=0), "prefill_chunk"), (dict(prompts=[[]]), r"prompts\[0\]"),
+                                     (dict(prefill_chunk="whole"), r"prefill_chunk must be 'auto' .*None .*int >= 1"),
+                                     (dict(prefill_chunk=True), "prefill_chunk"),
                                      (dict(prompts=[[1, 999]]), "vocab_size"), (dict(max_new_tokens=5000), "max_seq_len")])
 def test_bad_arguments(kw, msg):
     model = longgen_tiny(vocab_size=50)
@@ -144,7 +225,7 @@ def test_generate_recipe_runs_as_typed_and_loads_a_checkpoint(tmp_path):
     r = subprocess.run([tune, "run", "recipes/longgen_generate.py", "--config", cfg, "max_new_tokens=8",
                         "temperature=0"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "=== [0] def fibonacci(n):" in r.stdout and "tokens/s" in r.stderr + r.stdout
+    assert "=== [0] def fibonacci(n):" in r.stdout and "tokens/s over the batch of 2" in r.stderr + r.stdout
     assert "KV cache plan" in r.stderr + r.stdout
 
     model_cfg = {"_component_": "flexgen_long.models.longgen_tiny", "vocab_size": 259, "max_seq_len": 256}
@@ -168,6 +249,8 @@ def test_generate_recipe_runs_as_typed_and_loads_a_checkpoint(tmp_path):
     (["max_new_tokens=abc"], r"config field 'max_new_tokens': must be an int >= 1, got 'abc'"),
     (["temperature=-1"], r"config field 'temperature': must be a number >= 0, got -1"),
     (["dtype=fp16"], r"config field 'dtype': must be one of \['fp32', 'bf16'\], got 'fp16'"),
+    (["prefill_chunk=whole"], r"config field 'prefill_chunk': must be 'auto' .*null .*or an int >= 1, got 'whole'"),
+    (["prefill_chunk=0"], r"config field 'prefill_chunk': must be 'auto' .*got 0"),
     *([] if torch.cuda.is_available() else [(["device=cuda"], r"config field 'device': 'cuda' was requested")]),
 ])
 def test_generate_recipe_refuses_bad_config_naming_the_field(overrides, message):
