@@ -70,6 +70,37 @@ def test_chunked_prefill_equals_unchunked(pattern, kv_heads):
             torch.testing.assert_close(k, k0, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("pattern, kv_heads", CASES[1:], ids=IDS[1:])  # MQA, GQA and MHA; AttnSink MHA: test_attention
+def test_chunked_prefill_by_flex_equals_full_forward(pattern, kv_heads, monkeypatch):
+    """The sparse layers' later chunks by the GPU path (flex over [used slots ; chunk] with a positional mask_mod,
+    padded to buckets; run here eagerly, as the CPU default does not take it): every chunked prefill's logits equal
+    the no-cache forward's, over prompts of several lengths and caches of several sizes, and every call has one
+    compiled-graph key -- one chunk bucket (11 and 37 both pad to 128), whatever the offset, the prompt length or
+    the cache's max_len."""
+    import flexgen_long.attention as A
+    from flexgen_long.shapes import flex_graph_key, pad_seq
+
+    monkeypatch.setattr(A, "_CHUNK_FLEX_DEVICES", frozenset({"cuda", "cpu"}))
+    keys, calls, real = set(), [], A.flex_attend
+
+    def spy(q, k, v, bm):
+        keys.add(flex_graph_key(pad_seq(q, bm.seq_lengths[0]), k, v, bm))
+        calls.append(q.shape[2])
+        return real(q, k, v, bm)
+
+    monkeypatch.setattr(A, "flex_attend", spy)
+    model = _model(pattern, kv_heads)
+    toks = torch.randint(0, 97, (1, 150))
+    ref = _oracle(model, toks)[0]
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        for n, chunk, extra in [(150, 11, 0), (150, 37, 7), (96, 37, 50), (61, 11, 3)]:
+            cache = ModelCache(model, 1, n + extra, torch.float32, "cpu")
+            got = prefill(model, cache, toks[0, :n], 0, chunk, all_logits=True)
+            torch.testing.assert_close(got, ref[:n], atol=2e-5, rtol=1e-4, msg=f"n={n} chunk={chunk}")
+    assert calls and len(keys) == 1
+
+
 def _greedy_by_recompute(model, prompt, n):
     seq = list(prompt)
     with torch.no_grad():
