@@ -162,9 +162,9 @@ def build_cached_block_mask(pattern: Pattern, slot_pos: Tensor, q_len: int, *, q
     hp = num_kv_heads if pat.head_dependent else 1
     if not isinstance(slot_pos, Tensor) or slot_pos.dim() != 2 or slot_pos.shape[0] != hp \
             or slot_pos.dtype != torch.int32:
+        got = getattr(slot_pos, "dtype", type(slot_pos).__name__)
         raise ValueError(f"slot_pos must be an int32 tensor [{hp}, slots] (a cache row's pos: one row per KV head for "
-                         f"a head-dependent pattern, else one), got {getattr(slot_pos, 'dtype', type(slot_pos).__name__)} "
-                         f"{tuple(getattr(slot_pos, 'shape', ()))}")
+                         f"a head-dependent pattern, else one), got {got} {tuple(getattr(slot_pos, 'shape', ()))}")
     n = slot_pos.shape[1]
     rounded = lambda x: max(1, -(-x // block_size)) * block_size  # noqa: E731
     ps, pq = padded_lengths if padded_lengths is not None else (rounded(n), rounded(q_len))

@@ -101,6 +101,30 @@ def test_chunked_prefill_by_flex_equals_full_forward(pattern, kv_heads, monkeypa
     assert calls and len(keys) == 1
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_warmup_covers_the_sparse_later_chunk_keys(monkeypatch):
+    """warmup(max_prompt_len, chunk) makes every compiled-function key that chunked prompts of up to that length then
+    need for the sparse layers' later chunks, whatever max_new_tokens sizes their caches (the GPU path forced on CPU,
+    compilation off: the keys are made as on a GPU, nothing is compiled; warmup and generate prefill under
+    inference_mode, these prompts under no_grad: the same keys)."""
+    import flexgen_long.attention as A
+    from flexgen_long.generation import warmup
+    from flexgen_long.shapes import compiled_graphs
+
+    monkeypatch.setattr(A, "_CHUNK_FLEX_DEVICES", frozenset({"cuda", "cpu"}))
+    model = _model(BlockSparse(32, 2, 2, per_head=True), 2)  # slots in use grow with the offset: 2 slot buckets
+    g = torch.Generator().manual_seed(3)
+    with torch.compiler.set_stance("force_eager"):
+        before = len(compiled_graphs("_flex"))
+        warmup(model, 300, 50)
+        warmed = len(compiled_graphs("_flex"))
+        for n in sorted(torch.randint(51, 301, (8,), generator=g).tolist()) + [300]:
+            cache = ModelCache(model, 1, n + n % 50, torch.float32, "cpu")  # as generate sizes it: + max_new_tokens
+            with torch.no_grad():
+                prefill(model, cache, torch.randint(0, 97, (n,), generator=g), 0, 50)
+    assert warmed - before >= 2 and len(compiled_graphs("_flex")) == warmed
+
+
 def _greedy_by_recompute(model, prompt, n):
     seq = list(prompt)
     with torch.no_grad():
