@@ -12,10 +12,15 @@ Kernel dispatch (``HybridAttention.attend``, the one place that picks a kernel):
                                      of up to ``CPU_DENSE_MAX_LEN`` tokens (compiling a flex graph costs 8-26 s on a
                                      2-core CPU, measured; the O(S^2) bool mask is 4 MB at 2048 tokens).
 
-Cached steps (``KVCacheStep``, generation) are dispatched in ``_attend_cached``; see its docstring.
+Cached steps (``KVCacheStep``, generation) are dispatched in ``_attend_cached``; see its docstring. In short: decode
+is SDPA over the slots; a prompt's first chunk is the dispatch above; later chunks on GPU run compiled flex under the
+same shape policy -- full layers with the Full BlockMask over the buffer, sparse layers over [the cache slots in use ;
+the chunk's keys] with a positional mask_mod and a BlockMask built from block-level position ranges
+(``masks.build_cached_block_mask``: no dense mask, no K/V expansion) -- and on CPU exact SDPA, nothing compiled.
 
 GQA: K/V keep ``num_kv_heads`` heads (``enable_gqa=True``) everywhere but lower-right causal SDPA (``_sdpa_causal``
-says why and what was measured).
+says why and what was measured) and the CPU path of a sparse layer's later prefill chunk (masked SDPA, which may fall
+back to the math kernel).
 
 Masks are built once per forward pass, one per distinct pattern, by ``MaskSet`` (the model builds it and hands it to
 every layer through torchtune's ``mask`` keyword).
@@ -269,8 +274,17 @@ class HybridAttention(MultiHeadAttention):
           one graph per key bucket; on CPU: lower-right causal SDPA, exact, nothing compiled;
         * sparse layer, first chunk (o = 0): the ordinary dispatch of the no-cache forward (compiled flex under the
           shape policy, or the dense mask on CPU), so a prompt prefilled whole gives exactly the forward's output;
-        * sparse layer, later chunks: the chunk attends [cached slots ; its own keys] under a bool mask from their
-          positions (a sparse layer's slots are few: sink + window, or the stride store)."""
+        * sparse layer, later chunks: the chunk attends [cached slots ; its own keys], then joins the slots. On GPU
+          (``_chunk_over_slots_flex``): compiled flex under the shape policy -- keys are the slots that positions < o
+          can occupy (``cache.used_slots(o)``, a prefix of the layout: n <= sink + window, or the local ring plus the
+          stride blocks so far), padded with empty slots to ``padded_len(n)``, then the chunk's keys padded to the
+          bucket of the nominal chunk size, like the queries; GQA unexpanded. The mask_mod reads each key column's
+          position (-1: empty or padding) and the offset from captured tensors and applies the pattern's token rule,
+          so the graph depends on shapes only: one per (pattern, chunk bucket, slot bucket), never one per offset,
+          prompt length or cache size. The BlockMask (``masks.build_cached_block_mask``) comes from each key block's
+          [min, max] position in O(q_blocks x kv_blocks): no C x keys mask, and a block is full only where it holds
+          no empty column and the rule covers its whole range. On CPU (``_chunk_over_slots_sdpa``): SDPA over every
+          slot with the dense bool mask from positions and K/V expanded per query head, exact, nothing compiled."""
         cache = step.caches[self]
         if step.mode == "decode":
             cache.write_step(k, v, step.pos)

@@ -5,6 +5,10 @@
 marked *full*, so FlexAttention skips the mask_mod there; only blocks cut by the pattern's edges (the diagonal, the
 window's far edge, sink and document boundaries) are *partial*.
 
+``build_cached_block_mask`` does the same for a prefill chunk over a KV cache, keys laid out as [cache slots ; the
+chunk's own keys] at arbitrary positions: the rectangle rule per (query block, key block) on the range of positions
+each key block holds, and a mask_mod that reads the positions from a tensor.
+
 ``dense_mask`` applies the token rule to every (query, key) pair. It is the oracle of the tests, not for long sequences.
 """
 
