@@ -163,8 +163,8 @@ def run_user_path(args) -> None:
 
 
 def gpu_correctness() -> dict:
-    """GPU paths (flex first chunk, flex Full over the buffer for later chunks, masked / mask-free decode) against the
-    no-cache forward of the same model, fp32, teacher-forced."""
+    """GPU paths (flex first chunk; later chunks by flex, Full over the buffer and sparse over [slots ; chunk];
+    masked / mask-free decode) against the no-cache forward of the same model, fp32, teacher-forced."""
     dev = torch.device("cuda")
     out = {}
     for pat in (AttnSink(4, 60),):

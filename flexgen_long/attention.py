@@ -12,10 +12,15 @@ Kernel dispatch (``HybridAttention.attend``, the one place that picks a kernel):
                                      of up to ``CPU_DENSE_MAX_LEN`` tokens (compiling a flex graph costs 8-26 s on a
                                      2-core CPU, measured; the O(S^2) bool mask is 4 MB at 2048 tokens).
 
-Cached steps (``KVCacheStep``, generation) are dispatched in ``_attend_cached``; see its docstring.
+Cached steps (``KVCacheStep``, generation) are dispatched in ``_attend_cached``; see its docstring. In short: decode
+is SDPA over the slots; a prompt's first chunk is the dispatch above; later chunks on GPU run compiled flex under the
+same shape policy -- full layers with the Full BlockMask over the buffer, sparse layers over [the cache slots in use ;
+the chunk's keys] with a positional mask_mod and a BlockMask built from block-level position ranges
+(``masks.build_cached_block_mask``: no dense mask, no K/V expansion) -- and on CPU exact SDPA, nothing compiled.
 
 GQA: K/V keep ``num_kv_heads`` heads (``enable_gqa=True``) everywhere but lower-right causal SDPA (``_sdpa_causal``
-says why and what was measured).
+says why and what was measured) and the CPU path of a sparse layer's later prefill chunk (masked SDPA, which may fall
+back to the math kernel).
 
 Masks are built once per forward pass, one per distinct pattern, by ``MaskSet`` (the model builds it and hands it to
 every layer through torchtune's ``mask`` keyword).
@@ -39,7 +44,7 @@ from torchtune.modules import MultiHeadAttention
 
 from torch.nn.attention.bias import causal_lower_right
 
-from .masks import build_block_mask, dense_mask
+from .masks import build_block_mask, build_cached_block_mask, dense_mask
 from .patterns import Documents, Full, Pattern, check_doc_ids
 from .shapes import BLOCK, compiled, flex_graph_key, pad_seq, padded_len
 
@@ -51,6 +56,10 @@ FLEX_EAGER_MAX_LEN = 2048
 #: On CPU, sequences up to this length use SDPA with the pattern's dense bool mask instead of compiled flex: a flex
 #: graph costs 8-26 s to compile on the 2-core CPU machine (measured, torch 2.13), the mask 4 MB per pattern here.
 CPU_DENSE_MAX_LEN = 2048
+#: Device types whose sparse layers run their later prefill chunks by compiled flex (``_chunk_over_slots_flex``);
+#: elsewhere masked SDPA. CPU has no cheap flex compile; the CPU tests add "cpu" here (with compilation off) to run the
+#: flex path at small sizes.
+_CHUNK_FLEX_DEVICES = frozenset({"cuda"})
 
 
 class FlexNotCompiledError(RuntimeError):
@@ -265,8 +274,17 @@ class HybridAttention(MultiHeadAttention):
           one graph per key bucket; on CPU: lower-right causal SDPA, exact, nothing compiled;
         * sparse layer, first chunk (o = 0): the ordinary dispatch of the no-cache forward (compiled flex under the
           shape policy, or the dense mask on CPU), so a prompt prefilled whole gives exactly the forward's output;
-        * sparse layer, later chunks: the chunk attends [cached slots ; its own keys] under a bool mask from their
-          positions (a sparse layer's slots are few: sink + window, or the stride store)."""
+        * sparse layer, later chunks: the chunk attends [cached slots ; its own keys], then joins the slots. On GPU
+          (``_chunk_over_slots_flex``): compiled flex under the shape policy -- keys are the slots that positions < o
+          can occupy (``cache.used_slots(o)``, a prefix of the layout: n <= sink + window, or the local ring plus the
+          stride blocks so far), padded with empty slots to ``padded_len(n)``, then the chunk's keys padded to the
+          bucket of the nominal chunk size, like the queries; GQA unexpanded. The mask_mod reads each key column's
+          position (-1: empty or padding) and the offset from captured tensors and applies the pattern's token rule,
+          so the graph depends on shapes only: one per (pattern, chunk bucket, slot bucket), never one per offset,
+          prompt length or cache size. The BlockMask (``masks.build_cached_block_mask``) comes from each key block's
+          [min, max] position in O(q_blocks x kv_blocks): no C x keys mask, and a block is full only where it holds
+          no empty column and the rule covers its whole range. On CPU (``_chunk_over_slots_sdpa``): SDPA over every
+          slot with the dense bool mask from positions and K/V expanded per query head, exact, nothing compiled."""
         cache = step.caches[self]
         if step.mode == "decode":
             cache.write_step(k, v, step.pos)
@@ -294,6 +312,44 @@ class HybridAttention(MultiHeadAttention):
             out = self.attend(q, k, v, masks)
             cache.write_prefill(row, k, v, o)
             return out
+        if q.device.type in _CHUNK_FLEX_DEVICES:
+            out = self._chunk_over_slots_flex(q, k, v, cache, step)
+        else:
+            out = self._chunk_over_slots_sdpa(q, k, v, cache, row, o)
+        cache.write_prefill(row, k, v, o)
+        return out
+
+    def _chunk_over_slots_flex(self, q: Tensor, k: Tensor, v: Tensor, cache, step: KVCacheStep) -> Tensor:
+        """A sparse layer's later prefill chunk (offset o > 0) by compiled flex, under the shape policy: keys
+        ``[the slots that positions < o can occupy (cache.used_slots(o): n, padded with empty slots to
+        padded_len(n)) ; the chunk's keys padded to the chunk bucket]``, queries padded to the same bucket, GQA
+        unexpanded; the BlockMask and its positional mask_mod from ``masks.build_cached_block_mask``. Reads the
+        cache, writes nothing."""
+        row, o, C = step.row, step.offset, q.shape[2]
+        n = cache.used_slots(o)
+        ps, pq = padded_len(n), padded_len(max(C, step.chunk or C))
+        # Every layer of one pattern holds the same positions (they receive the same writes, and this chunk's own
+        # write comes after its attention), so the layers of a pattern share one mask per step.
+        bm = step.mask(("sparse_chunk", self.pattern, self.num_heads, self.num_kv_heads, n, ps, pq),
+                       lambda: build_cached_block_mask(self.pattern, cache.pos[row, :, :n], C, q_offset=o,
+                                                       num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                                                       block_size=BLOCK, padded_lengths=(ps, pq)))
+
+        def keys(slots: Tensor, new: Tensor) -> Tensor:
+            # one contiguous [1, Hkv, ps + pq, D] buffer: its strides depend on the shape key only (dynamo guards on
+            # strides), and the empty columns are masked by position (-1), whatever they hold
+            out = new.new_zeros(1, self.num_kv_heads, ps + pq, new.shape[-1])
+            out[:, :, :n] = slots[row:row + 1, :, :n]
+            out[:, :, ps:ps + C] = new
+            return out
+
+        return flex_attend(q, keys(cache.k, k), keys(cache.v, v), bm)
+
+    def _chunk_over_slots_sdpa(self, q: Tensor, k: Tensor, v: Tensor, cache, row: int, o: int) -> Tensor:
+        """The same by masked SDPA (CPU; exact, nothing compiled): [all slots ; the chunk's keys] under the dense bool
+        mask [1, H, C, slots + C] from their positions, K/V expanded per query head. Reads the cache, writes
+        nothing."""
+        C = q.shape[2]
         kk = torch.cat([cache.k[row:row + 1], k], dim=2)
         vv = torch.cat([cache.v[row:row + 1], v], dim=2)
         qpos = torch.arange(o, o + C, device=q.device, dtype=torch.int32)
@@ -302,6 +358,4 @@ class HybridAttention(MultiHeadAttention):
         group = self.num_heads // self.num_kv_heads
         if group > 1:  # a masked SDPA with enable_gqa may fall back to the math kernel (C x slots scores per head)
             kk, vv = kk.repeat_interleave(group, dim=1), vv.repeat_interleave(group, dim=1)
-        out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
-        cache.write_prefill(row, k, v, o)
-        return out
+        return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)

@@ -319,6 +319,15 @@ class LayerCache:
         on = pat._on_stride(kb, self._heads.view(-1) if pat.head_dependent else 0)
         return torch.where(on, L * bs + (kb // V) * bs + off, (kb % L) * bs + off)
 
+    def used_slots(self, end: int) -> int:
+        """How many slots positions ``0 .. end-1`` can occupy: they all land in the prefix ``[0, n)`` of the layout,
+        n = ``cache_slots(pattern, end)`` <= ``slots`` (sinks and ring slots fill from 0; the stride store's block
+        slot of block kb is kb // stride; a plain buffer holds p at p). So a chunk at offset ``end`` needs only that
+        prefix, whatever ``max_len`` the cache was allocated for. Host arithmetic."""
+        if not isinstance(end, int) or isinstance(end, bool) or not 1 <= end <= self.max_len:
+            raise ValueError(f"end must be an int in [1, max_len={self.max_len}], got {end!r}")
+        return cache_slots(self.pattern, end)
+
     def _kept(self, p: Tensor, end: int) -> Tensor:
         """[n, Hp] whether position p of a write ending at ``end`` is still needed by queries >= end (a write of many
         tokens into a ring keeps only the last occupant of each slot, so no scatter ever has duplicate targets)."""

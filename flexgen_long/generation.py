@@ -285,10 +285,15 @@ def generate(model: nn.Module, prompts, *, max_new_tokens: int, temperature: flo
 @torch.inference_mode()
 def warmup(model: nn.Module, max_prompt_len: int, prefill_chunk: int | None = None) -> dict:
     """Compile, ahead of traffic, every graph that ``generate(prompts, prefill_chunk=prefill_chunk)`` can need for
-    prompts of up to ``max_prompt_len`` tokens. Compiled code runs in two places of a prefill (flexgen_long.shapes):
+    prompts of up to ``max_prompt_len`` tokens. Compiled code runs in three places of a prefill (flexgen_long.shapes):
     a prompt's first chunk (flex in the sparse and packed layers, at the bucket of the chunk's length) and, on GPU,
-    the full layers' later chunks (flex at the bucket of the chunk size x the bucket of the keys seen so far). One
-    prefill per bucket length covers them all. Returns ``{"graphs": new compiled graphs, "seconds": wall time}``."""
+    the later chunks: full layers' (flex at the bucket of the chunk size x the bucket of the keys seen so far) and
+    sparse layers' (flex at the bucket of the chunk size x the bucket of the slots that the positions before the chunk
+    can occupy, ``LayerCache.used_slots``). Both later-chunk keys depend only on the chunk size and the chunk's offset,
+    never on the cache's size (so not on ``max_new_tokens``). One prefill per bucket length covers them all: the
+    first chunks at every bucket, the full layers' key buckets at the lengths past the chunk, and every offset a
+    prompt can have (the multiples of the chunk size below ``max_prompt_len``) in the chunked prefill of the longest
+    prompt. Returns ``{"graphs": new compiled graphs, "seconds": wall time}``."""
     if not isinstance(max_prompt_len, int) or max_prompt_len < 1 or max_prompt_len > model.max_seq_len:
         raise ValueError(f"max_prompt_len must be an int in [1, model.max_seq_len={model.max_seq_len}], got "
                          f"{max_prompt_len!r}")
@@ -298,7 +303,9 @@ def warmup(model: nn.Module, max_prompt_len: int, prefill_chunk: int | None = No
     chunk = prefill_chunk if prefill_chunk is not None and prefill_chunk < max_prompt_len else None
     # the top bucket may pass the longest prompt: its shorter lengths share that bucket
     lengths = {min(b, max_prompt_len) for b in buckets(chunk or max_prompt_len)}  # first chunks
-    if chunk is not None:  # prompts whose last chunk ends in each key bucket past the first chunk
+    if chunk is not None:  # prompts whose last chunk ends in each key bucket past the first chunk; the longest
+        # (max_prompt_len, the top bucket clipped) runs at every offset a chunked prompt can have: the sparse layers'
+        # later-chunk graphs, keyed by the slots in use at that offset
         lengths |= {min(b, max_prompt_len) for b in buckets(max_prompt_len) if b > chunk}
     t0, g0 = time.perf_counter(), len(compiled_graphs())
     for n in sorted(lengths):

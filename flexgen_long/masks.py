@@ -5,6 +5,10 @@
 marked *full*, so FlexAttention skips the mask_mod there; only blocks cut by the pattern's edges (the diagonal, the
 window's far edge, sink and document boundaries) are *partial*.
 
+``build_cached_block_mask`` does the same for a prefill chunk over a KV cache, keys laid out as [cache slots ; the
+chunk's own keys] at arbitrary positions: the rectangle rule per (query block, key block) on the range of positions
+each key block holds, and a mask_mod that reads the positions from a tensor.
+
 ``dense_mask`` applies the token rule to every (query, key) pair. It is the oracle of the tests, not for long sequences.
 """
 
@@ -14,9 +18,9 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
-from .patterns import Documents, Pattern, _is_pow2, check_doc_ids, check_shape
+from .patterns import BlockRule, Documents, Pattern, _is_int, _is_pow2, _require, check_doc_ids, check_shape
 
-__all__ = ["build_block_mask", "dense_mask", "density"]
+__all__ = ["build_block_mask", "build_cached_block_mask", "cached_key_positions", "dense_mask", "density"]
 
 
 def _check_pattern(pattern) -> None:
@@ -50,6 +54,13 @@ def _views(pattern, q_len, kv_len, q_offset, block_size, num_kv_heads, group, do
     ``pad_q_blocks`` query blocks of padding are appended with no key blocks at all."""
     rule = pattern.block_rule(q_len, kv_len, q_offset=q_offset, block_size=block_size, num_kv_heads=num_kv_heads,
                               docs=docs, device=device)
+    return _rule_views(rule, group, pad_q_blocks)
+
+
+def _rule_views(rule: BlockRule, group: int, pad_q_blocks: int = 0):
+    """A BlockRule ([B, H, NQ, NK] partial / full, H = 1 or the KV heads) as the eight index tensors of a BlockMask,
+    with ``pad_q_blocks`` query blocks of padding (no key blocks) appended and a head-dependent rule's rows repeated
+    for the ``group`` query heads of each KV head."""
     # Building a mask is launch-bound (tens of small kernels, ~1 ms at 8K-32K on H200), so partial and full go
     # through each conversion together: one stacked tensor, half the launches.
     both = torch.stack([rule.partial, rule.full])
@@ -111,6 +122,69 @@ def build_block_mask(pattern: Pattern, q_len: int, kv_len: int, *, q_offset: int
     # The backward pass walks the mask by key block. from_kv_blocks would derive that view by expanding the indices to
     # a dense block matrix and argsorting it (a few ms at 128K with per-head masks); the transposed block rule gives
     # the same indices in one cumsum.
+    bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices = q_num, q_idx, full_q_num, full_q_idx
+    return bm
+
+
+def cached_key_positions(slot_pos: Tensor, q_len: int, q_offset: int, padded_lengths: tuple[int, int]) -> Tensor:
+    """Key positions [Hp, Ps + Pq] int32 of the layout ``[cache slots ; the chunk's own keys]``: ``slot_pos`` [Hp, n]
+    (a cache row's ``pos``, -1 = empty) then empty columns up to ``Ps``, then the chunk's positions ``q_offset ..
+    q_offset+q_len-1`` then empty columns up to ``Pq`` (``padded_lengths=(Ps, Pq)``)."""
+    ps, pq = padded_lengths
+    Hp, n = slot_pos.shape
+    if n > ps or q_len > pq:
+        raise ValueError(f"padded_lengths {padded_lengths} must hold the {n} slots and the {q_len}-token chunk")
+    kpos = torch.full((Hp, ps + pq), -1, dtype=torch.int32, device=slot_pos.device)
+    kpos[:, :n] = slot_pos
+    kpos[:, ps:ps + q_len] = torch.arange(q_offset, q_offset + q_len, dtype=torch.int32, device=slot_pos.device)
+    return kpos
+
+
+def build_cached_block_mask(pattern: Pattern, slot_pos: Tensor, q_len: int, *, q_offset: int, num_heads: int = 1,
+                            num_kv_heads: int | None = None, block_size: int = 128,
+                            padded_lengths: tuple[int, int] | None = None) -> BlockMask:
+    """BlockMask of ``pattern`` for a prefill chunk of ``q_len`` queries at absolute positions ``q_offset ..`` over
+    ``[cache slots ; the chunk's own keys]`` (``cached_key_positions``): ``slot_pos`` [Hp, n] int32 are the positions
+    the slots hold (-1 = empty; Hp = num_kv_heads for a head-dependent pattern, else 1).
+
+    ``padded_lengths=(Ps, Pq)`` (multiples of ``block_size``; default: n and q_len rounded up to it): the slot part
+    is padded with empty columns to ``Ps`` and the chunk's keys, like the queries, to ``Pq``, so the mask is for
+    queries [Pq] x keys [Ps + Pq]. The mask_mod (``Pattern.positional_mask_mod``) reads the key positions from a
+    captured tensor and the offset from a captured 0-d tensor: a compiled kernel depends on the shapes only. The
+    blocks come from ``Pattern.positional_block_rule`` in O(Hp * (q_blocks * kv_blocks + keys)), never from a
+    q_len x keys tensor: empty key blocks (padding, unused slots) list no queries, query blocks made only of padding
+    list no key blocks, and a block is *full* only where it holds no empty column and the rule says every pair is
+    visible. Padded query rows inside the last real query block see what a query at their position would see among
+    these keys (possibly nothing: flex then outputs zeros; finite either way, and the caller drops them)."""
+    _check_pattern(pattern)
+    _require(_is_int(q_len) and q_len >= 1, "q_len", "an int >= 1", q_len)
+    _require(_is_int(q_offset) and q_offset >= 0, "q_offset", "an int >= 0", q_offset)
+    num_kv_heads = check_shape(1, 1, 0, num_heads, num_kv_heads)
+    if not _is_pow2(block_size, 16):
+        raise ValueError(f"block_size must be a power of two >= 16, got {block_size!r}")
+    pat = pattern.bind_heads(num_kv_heads)
+    hp = num_kv_heads if pat.head_dependent else 1
+    if not isinstance(slot_pos, Tensor) or slot_pos.dim() != 2 or slot_pos.shape[0] != hp \
+            or slot_pos.dtype != torch.int32:
+        got = getattr(slot_pos, "dtype", type(slot_pos).__name__)
+        raise ValueError(f"slot_pos must be an int32 tensor [{hp}, slots] (a cache row's pos: one row per KV head for "
+                         f"a head-dependent pattern, else one), got {got} {tuple(getattr(slot_pos, 'shape', ()))}")
+    n = slot_pos.shape[1]
+    rounded = lambda x: max(1, -(-x // block_size)) * block_size  # noqa: E731
+    ps, pq = padded_lengths if padded_lengths is not None else (rounded(n), rounded(q_len))
+    for name, p, least in (("padded slot length", ps, n), ("padded chunk length", pq, q_len)):
+        if not _is_int(p) or p < least or p % block_size or p < block_size:
+            raise ValueError(f"{name} must be a multiple of block_size={block_size} and >= {max(least, 1)}, got {p!r}")
+    kpos = cached_key_positions(slot_pos, q_len, q_offset, (ps, pq))
+    rule = pat.positional_block_rule(q_len, kpos, q_offset=q_offset, block_size=block_size,
+                                     num_kv_heads=num_kv_heads)
+    nq, nq_grid = -(-q_len // block_size), pq // block_size
+    kv_num, kv_idx, full_num, full_idx, q_num, q_idx, full_q_num, full_q_idx = _rule_views(
+        rule, num_heads // num_kv_heads, nq_grid - nq)
+    off = torch.tensor(q_offset, dtype=torch.int32, device=slot_pos.device)
+    mask_mod = pat.positional_mask_mod(kpos, q_offset=off, num_heads=num_heads, num_kv_heads=num_kv_heads)
+    bm = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size, mask_mod=mask_mod,
+                                  seq_lengths=(pq, ps + pq), compute_q_blocks=False)
     bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices = q_num, q_idx, full_q_num, full_q_idx
     return bm
 

@@ -11,7 +11,9 @@ Every pattern answers three questions, all on positions *within one document* (`
 
 ``Pattern.mask_mod`` turns the token rule into a FlexAttention ``mask_mod`` for queries at absolute positions
 ``q_offset + q_idx`` (decode, chunked prefill), GQA heads, and packed documents; ``Pattern.block_rule`` evaluates the
-rectangle rule for a whole (q_len, kv_len) grid, documents included. ``flexgen_long.masks`` builds BlockMasks from it.
+rectangle rule for a whole (q_len, kv_len) grid, documents included. ``positional_mask_mod`` and
+``positional_block_rule`` do the same for keys at arbitrary positions given per column (a KV cache's slots followed by a
+chunk's own keys). ``flexgen_long.masks`` builds BlockMasks from them.
 
 Documents: a packed sequence carries one id per token; a *document* is a maximal run of equal ids. A key is visible
 only inside the query's own document, and the pattern sees positions relative to the document's first token (so every
@@ -172,6 +174,42 @@ class Pattern:
                               None if docs is None else (tuple(docs.run.shape), docs.run.shape[0] > 1))
         return mask_mod
 
+    def positional_mask_mod(self, key_pos: Tensor, *, q_offset: Tensor | int = 0, num_heads: int = 1,
+                            num_kv_heads: int | None = None) -> Callable:
+        """FlexAttention ``mask_mod`` for queries at absolute ``q_offset + q_idx`` over keys whose positions are given
+        column by column: ``key_pos`` [Hp, K] int32, -1 for a column that holds no key (an empty cache slot, padding),
+        Hp = num_kv_heads for a head-dependent pattern, else 1. A column is visible iff it holds a key and the token
+        rule allows it (``LayerCache.visible``'s rule). The positions and the offset are captured tensors: a compiled
+        kernel depends on their shapes only, never on their values."""
+        num_kv_heads = num_kv_heads or num_heads
+        pat = self.bind_heads(num_kv_heads)
+        group = num_heads // num_kv_heads
+        hp = num_kv_heads if pat.head_dependent else 1
+        if not isinstance(key_pos, Tensor) or key_pos.dim() != 2 or key_pos.shape[0] != hp \
+                or key_pos.dtype != torch.int32:
+            raise ValueError(f"key_pos must be an int32 tensor [{hp}, K] (one row per KV head for a head-dependent "
+                             f"pattern, else one), got {getattr(key_pos, 'dtype', type(key_pos).__name__)} "
+                             f"{tuple(getattr(key_pos, 'shape', ()))}")
+        off = q_offset if isinstance(q_offset, Tensor) else torch.tensor(q_offset, dtype=torch.int32,
+                                                                           device=key_pos.device)
+        if pat.head_dependent:
+            def mask_mod(b, h, q_idx, kv_idx):
+                kv_head = h // group
+                k = key_pos[kv_head, kv_idx]
+                return (k >= 0) & pat.visible(q_idx + off, k, kv_head)
+        else:
+            pos = key_pos[0]
+
+            def mask_mod(b, h, q_idx, kv_idx):
+                k = pos[kv_idx]
+                return (k >= 0) & pat.visible(q_idx + off, k, 0)
+
+        mask_mod.__name__ = f"{type(self).__name__.lower()}_positional_mask"
+        # As in mask_mod: the rule's constants and the captured tensors' shapes (flexgen_long.shapes.flex_graph_key).
+        # A tag first, and the pattern not at index 1, so that no key of this kind equals a mask_mod key.
+        mask_mod.graph_key = ("positional", (type(self).__name__, pat, group), tuple(key_pos.shape))
+        return mask_mod
+
     # -- the block rule over a whole grid ------------------------------------------------------------------------------
     def block_rule(self, q_len: int, kv_len: int, *, q_offset: int = 0, block_size: int = 128,
                    num_kv_heads: int = 1, docs: Documents | None = None, device=None) -> BlockRule:
@@ -195,6 +233,41 @@ class Pattern:
         else:
             any_, all_ = pat._doc_rect(docs, q0, q1, k0, k1, h)
         return BlockRule(partial=any_ & ~all_, full=all_)
+
+    def positional_block_rule(self, q_len: int, key_pos: Tensor, *, q_offset: int = 0, block_size: int = 128,
+                              num_kv_heads: int = 1) -> BlockRule:
+        """Classify every (query block, key block) for queries at ``q_offset .. q_offset+q_len-1`` over keys at the
+        positions ``key_pos`` [Hp, K] (-1: no key; K a multiple of ``block_size``; see ``positional_mask_mod``), in
+        O(Hp * (K + num_q_blocks * num_kv_blocks)): never a q_len x K tensor. Key block ``j`` is summarised by the
+        range ``[kmin, kmax]`` of the positions it holds, in any order; then
+
+        * *partial* where the rectangle rule says some pair of [query block] x [kmin, kmax] is visible (a superset of
+          the block's visible pairs, since its positions lie in that range; the mask_mod decides per token);
+        * *full* only where every column holds a key and the rule says every pair of the rectangle is visible: every
+          position of the block lies in the range, so every pair of the block is visible (exact for any key order,
+          whether cache slots or a chunk's own keys);
+        * skipped where the block holds no key at all.
+
+        Returns BlockRule [1, Hp, num_q_blocks, K // block_size]."""
+        pat = self.bind_heads(num_kv_heads)
+        Hp, K = key_pos.shape
+        if K % block_size:
+            raise ValueError(f"key_pos length {K} must be a multiple of block_size={block_size}")
+        kp = key_pos.reshape(Hp, K // block_size, block_size).long()
+        held = kp >= 0
+        kmax = kp.amax(-1)  # -1: the block holds no key
+        has = kmax >= 0
+        kmin = torch.where(held, kp, torch.iinfo(torch.int64).max).amin(-1)
+        kmin, kmax = torch.where(has, kmin, 0), torch.where(has, kmax, 0)  # empty blocks: any range, masked below
+        nq = -(-q_len // block_size)
+        q0 = q_offset + torch.arange(nq, dtype=torch.int64, device=key_pos.device) * block_size
+        q1 = torch.clamp(q0 + block_size - 1, max=q_offset + q_len - 1)
+        h = torch.arange(Hp, device=key_pos.device).view(-1, 1, 1) if pat.head_dependent else 0
+        any_, all_ = pat.rect(q0.view(1, -1, 1), q1.view(1, -1, 1), kmin[:, None, :], kmax[:, None, :], h)
+        shape = (Hp, nq, K // block_size)
+        full = all_.expand(shape) & held.all(-1)[:, None, :]
+        partial = any_.expand(shape) & has[:, None, :] & ~full
+        return BlockRule(partial=partial.unsqueeze(0), full=full.unsqueeze(0))
 
     def _doc_rect(self, docs: Documents, q0, q1, k0, k1, h):
         """Rectangle rule for packed documents, exactly: the pairs of a rectangle that can be visible lie in the

@@ -22,9 +22,15 @@ document layout. So every compiled flex call goes through this module, which
    function ever approaches the recompile limit -- nobody has to raise it. ``compiled_graphs()`` lists the keys.
 
 What is bounded, then: per model, graphs <= buckets(max length seen) x distinct sparse/packed patterns x {inference,
-training} x batch sizes used with the no-cache forward (generation prefills one sequence at a time: batch 1). Full
-layers on unpacked input never compile (``F.scaled_dot_product_attention`` picks cuDNN/flash at any shape), and decode
-steps attend over the caches with SDPA (eager, CUDA-graph replayed): cache sizes never reach compiled code.
+training} x batch sizes used with the no-cache forward (generation prefills one sequence at a time: batch 1). A chunked
+prefill adds, on GPU, the later chunks' graphs, keyed by the bucket of the nominal chunk size and: for full layers the
+bucket of the keys seen so far (<= buckets(longest prompt)); for each sparse pattern the bucket of the cache slots that
+the positions before the chunk can occupy -- its mask_mod reads the key positions and the offset from tensors, so the
+offset enters the key only through that bucket, and the cache's allocated size not at all: <= buckets(sink + window)
+per chunk bucket for AttnSink (one when the chunk is at least sink + window long, so the ring is full at every later
+offset, or when the ring fits 128 slots), <= buckets(stride store of the longest prompt) for BlockSparse. Full layers
+on unpacked input never compile (``F.scaled_dot_product_attention`` picks cuDNN/flash at any shape), and decode steps
+attend over the caches with SDPA (eager, CUDA-graph replayed): the caches' allocated sizes never reach compiled code.
 
 Dynamic shapes (``torch.compile(dynamic=True)``) would give one graph for all lengths, but flex in torch 2.11
 specialises sequence lengths in its block-mask checks (a fix landed upstream later, pytorch/pytorch#189952) and the

@@ -10,8 +10,9 @@ from torch.nn.attention.flex_attention import BlockMask
 from torchtune.modules import RotaryPositionalEmbeddings
 
 import reference as ref
-from flexgen_long.attention import (CPU_DENSE_MAX_LEN, FLEX_EAGER_MAX_LEN, FlexNotCompiledError, HybridAttention, MaskSet,
-                                    flex_attend, positions_in_documents)
+from flexgen_long.attention import (CPU_DENSE_MAX_LEN, FLEX_EAGER_MAX_LEN, FlexNotCompiledError, HybridAttention,
+                                    KVCacheStep, MaskSet, flex_attend, positions_in_documents)
+from flexgen_long.cache import LayerCache
 from flexgen_long.masks import build_block_mask
 from flexgen_long.patterns import AttnSink, BlockSparse, Full
 
@@ -21,11 +22,11 @@ pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without to
 H, HKV, D = 4, 2, 8
 
 
-def make_attn(pattern):
-    E = H * D
+def make_attn(pattern, heads=H, kv_heads=HKV):
+    E = heads * D
     lin = lambda i, o: torch.nn.Linear(i, o, bias=False)  # noqa: E731
-    return HybridAttention(embed_dim=E, num_heads=H, num_kv_heads=HKV, head_dim=D, q_proj=lin(E, H * D),
-                           k_proj=lin(E, HKV * D), v_proj=lin(E, HKV * D), output_proj=lin(E, E),
+    return HybridAttention(embed_dim=E, num_heads=heads, num_kv_heads=kv_heads, head_dim=D, q_proj=lin(E, heads * D),
+                           k_proj=lin(E, kv_heads * D), v_proj=lin(E, kv_heads * D), output_proj=lin(E, E),
                            pos_embeddings=RotaryPositionalEmbeddings(D, max_seq_len=4096), max_seq_len=4096,
                            pattern=pattern)
 
@@ -138,3 +139,33 @@ def test_bad_inputs():
 def test_positions_restart_per_document():
     doc = torch.tensor([[7, 7, 7, 2, 2, 7, 7], [1, 1, 1, 1, 1, 1, 1]])
     assert positions_in_documents(doc).tolist() == [[0, 1, 2, 0, 1, 0, 1], [0, 1, 2, 3, 4, 5, 6]]
+
+
+# AttnSink(128, 200) and BlockSparse(64, ...) fill several 128-token blocks of slots; AttnSink(4, 60) one
+CHUNK_PATTERNS = [AttnSink(4, 60), AttnSink(128, 200), AttnSink(3, 45), BlockSparse(64, 2, 3),
+                  BlockSparse(64, 2, 3, per_head=True)]
+
+
+@pytest.mark.parametrize("pattern", CHUNK_PATTERNS, ids=repr)
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2)], ids=["mha", "gqa"])
+def test_sparse_later_chunk_flex_equals_masked_sdpa(pattern, heads, kv_heads):
+    """A sparse layer's later prefill chunk by flex over [used slots ; chunk] (the GPU path: padded to buckets, GQA
+    unexpanded, positional mask_mod; here eager) against the CPU path (masked SDPA over every slot, K/V expanded), on
+    the same cache state: rings not yet full and wrapped, odd offsets and chunks, a last chunk shorter than the
+    nominal one."""
+    attn = make_attn(pattern, heads, kv_heads)
+    for o, C, chunk in [(1, 37, 37), (45, 23, 45), (300, 77, 100), (700, 200, 200), (901, 5, 128)]:
+        g = torch.Generator().manual_seed(o)
+        cache = LayerCache(pattern, 1, kv_heads, D, o + C + 5, torch.float32, "cpu")
+        for s in range(0, o, chunk):
+            m = min(chunk, o - s)
+            cache.write_prefill(0, torch.randn(1, kv_heads, m, D, generator=g),
+                                torch.randn(1, kv_heads, m, D, generator=g), s)
+        # q / k / v as the layer makes them: transposed views of [1, C, heads, D]
+        q, k, v = (torch.randn(1, C, h, D, generator=g).transpose(1, 2) for h in (heads, kv_heads, kv_heads))
+        step = KVCacheStep({attn: cache}, "prefill", row=0, offset=o, chunk=chunk)
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+            got = attn._chunk_over_slots_flex(q, k, v, cache, step)
+        want = attn._chunk_over_slots_sdpa(q, k, v, cache, 0, o)
+        assert got.shape == want.shape == (1, heads, C, D)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=f"o={o} C={C}")

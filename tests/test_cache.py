@@ -165,3 +165,83 @@ def test_choose_prefill_chunk_whole_chunked_or_memory_error():
         choose_prefill_chunk(m, 100, 1, torch.bfloat16)
     with pytest.raises(ValueError, match="prompt_len must be an int >= 1"):
         choose_prefill_chunk(m, 0, GiB)
+
+
+# ---- a sparse layer's later prefill chunk: the BlockMask over [cache slots ; chunk] ----------------------------------
+
+# AttnSink(16, 240) is LongGen's AttnSink(128, 1920) scaled down 8x (block-aligned sink, with mask blocks of 16);
+# AttnSink(4, 60) and AttnSink(3, 45) have sinks and windows that cut blocks.
+CHUNK_PATTERNS = [AttnSink(4, 60), AttnSink(16, 240), AttnSink(3, 45), BlockSparse(16, 2, 3),
+                  BlockSparse(16, 2, 3, per_head=True), BlockSparse(32, 1, 4, per_head=True)]
+# (offset, chunk): the ring not yet full, just full and wrapped many times; block-multiples and not
+CHUNK_GEOMETRY = [(1, 37), (45, 23), (77, 64), (301, 37), (555, 16), (640, 1)]
+
+
+def _filled(pattern, kv_heads, o, chunk, max_len):
+    """A cache row after a chunked prefill of positions 0..o-1 (K/V zeros: only the positions matter here)."""
+    c = LayerCache(pattern, 1, kv_heads, 2, max_len, torch.float32, "cpu")
+    for s in range(0, o, chunk):
+        m = min(chunk, o - s)
+        c.write_prefill(0, torch.zeros(1, kv_heads, m, 2), torch.zeros(1, kv_heads, m, 2), s)
+    return c
+
+
+@pytest.mark.parametrize("pattern", CHUNK_PATTERNS, ids=repr)
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2)], ids=["mha", "gqa"])
+def test_cached_block_mask_equals_the_slots_token_rule(pattern, heads, kv_heads):
+    """build_cached_block_mask expanded to tokens (full blocks all visible, partial ones through its mask_mod) equals
+    LayerCache.visible on the [slots ; chunk] layout for every real query; no visible pair lies in a block it omits,
+    no full block holds an invisible pair, padding query blocks list nothing, and full blocks do occur (on the chunk's
+    own keys and on slot blocks). The slots past used_slots(o) are empty, so the prefix is all a chunk needs."""
+    from torch.nn.functional import pad
+
+    import reference as ref
+    from flexgen_long.masks import build_cached_block_mask
+
+    fulls = [0, 0]  # full blocks on slots, on the chunk's keys
+    for o, C in CHUNK_GEOMETRY:
+        c = _filled(pattern, kv_heads, o, C, o + C + 40)
+        n = c.used_slots(o)
+        assert n <= c.slots and (c.pos[0, :, n:] == -1).all()
+        for bs, padded in [(16, None), (32, None), (16, (-(-n // 16) * 16 + 32, 128))]:
+            bm = build_cached_block_mask(pattern, c.pos[0, :, :n], C, q_offset=o, num_heads=heads,
+                                         num_kv_heads=kv_heads, block_size=bs, padded_lengths=padded)
+            pq, K = bm.seq_lengths
+            ps = K - pq
+            assert ps % bs == 0 and pq % bs == 0 and ps >= n and pq >= C
+            kpos = torch.cat([pad(c.pos[0, :, :n], (0, ps - n), value=-1),
+                              pad(torch.arange(o, o + C, dtype=torch.int32).expand(c.pos.shape[1], C), (0, pq - C),
+                                  value=-1)], dim=1)
+            want = c.visible(torch.arange(o, o + C)[None], kpos[None])  # [1, Hp, C, K]
+            want = want.repeat_interleave(heads // want.shape[1], 1) if want.shape[1] > 1 else want.expand(
+                1, heads, C, K)
+            got, full_t, part_t = (x.expand(1, heads, C, K) for x in ref.expand_block_mask(bm, C, K))
+            assert torch.equal(got, want), (o, C, bs)
+            assert not (want & ~(full_t | part_t)).any(), "a visible pair in an omitted block"
+            assert not (full_t & ~want).any(), "an invisible pair in a full block"
+            nq = -(-C // bs)
+            assert (bm.kv_num_blocks[..., nq:] == 0).all() and (bm.full_kv_num_blocks[..., nq:] == 0).all()
+            listed = torch.arange(bm.full_kv_indices.shape[-1]) < bm.full_kv_num_blocks[..., None]
+            full_cols = bm.full_kv_indices[listed]
+            fulls[0] += int((full_cols < ps // bs).sum())
+            fulls[1] += int((full_cols >= ps // bs).sum())
+    assert fulls[0] > 0 and fulls[1] > 0
+
+
+def test_cached_block_mask_bad_arguments():
+    from flexgen_long.masks import build_cached_block_mask
+
+    pos = torch.zeros(1, 10, dtype=torch.int32)
+    p = BlockSparse(16, 2, 3, per_head=True)
+    with pytest.raises(ValueError, match=r"slot_pos must be an int32 tensor \[2, slots\]"):
+        build_cached_block_mask(p, pos, 5, q_offset=10, num_heads=4, num_kv_heads=2)
+    with pytest.raises(ValueError, match="slot_pos must be an int32"):
+        build_cached_block_mask(AttnSink(1, 4), pos.long(), 5, q_offset=10)
+    with pytest.raises(ValueError, match="padded slot length"):
+        build_cached_block_mask(AttnSink(1, 4), pos, 5, q_offset=10, block_size=16, padded_lengths=(8, 16))
+    with pytest.raises(ValueError, match="padded chunk length"):
+        build_cached_block_mask(AttnSink(1, 4), pos, 17, q_offset=10, block_size=16, padded_lengths=(16, 16))
+    with pytest.raises(ValueError, match="q_offset"):
+        build_cached_block_mask(AttnSink(1, 4), pos, 5, q_offset=-1)
+    with pytest.raises(ValueError, match="end must be"):
+        LayerCache(AttnSink(1, 4), 1, 1, 2, 50, torch.float32, "cpu").used_slots(51)

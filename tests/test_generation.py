@@ -72,6 +72,61 @@ def test_chunked_prefill_equals_unchunked(pattern, kv_heads):
             torch.testing.assert_close(k, k0, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("pattern, kv_heads", CASES[1:], ids=IDS[1:])  # MQA, GQA and MHA; AttnSink MHA: test_attention
+def test_chunked_prefill_by_flex_equals_full_forward(pattern, kv_heads, monkeypatch):
+    """The sparse layers' later chunks by the GPU path (flex over [used slots ; chunk] with a positional mask_mod,
+    padded to buckets; run here eagerly, as the CPU default does not take it): every chunked prefill's logits equal
+    the no-cache forward's, over prompts of several lengths and caches of several sizes, and every call has one
+    compiled-graph key -- one chunk bucket (11 and 37 both pad to 128), whatever the offset, the prompt length or
+    the cache's max_len."""
+    import flexgen_long.attention as A
+    from flexgen_long.shapes import flex_graph_key, pad_seq
+
+    monkeypatch.setattr(A, "_CHUNK_FLEX_DEVICES", frozenset({"cuda", "cpu"}))
+    keys, calls, real = set(), [], A.flex_attend
+
+    def spy(q, k, v, bm):
+        keys.add(flex_graph_key(pad_seq(q, bm.seq_lengths[0]), k, v, bm))
+        calls.append(q.shape[2])
+        return real(q, k, v, bm)
+
+    monkeypatch.setattr(A, "flex_attend", spy)
+    model = _model(pattern, kv_heads)
+    toks = torch.randint(0, 97, (1, 150))
+    ref = _oracle(model, toks)[0]
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        for n, chunk, extra in [(150, 11, 0), (150, 37, 7), (96, 37, 50), (61, 11, 3)]:
+            cache = ModelCache(model, 1, n + extra, torch.float32, "cpu")
+            got = prefill(model, cache, toks[0, :n], 0, chunk, all_logits=True)
+            torch.testing.assert_close(got, ref[:n], atol=2e-5, rtol=1e-4, msg=f"n={n} chunk={chunk}")
+    assert calls and len(keys) == 1
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_warmup_covers_the_sparse_later_chunk_keys(monkeypatch):
+    """warmup(max_prompt_len, chunk) makes every compiled-function key that chunked prompts of up to that length then
+    need for the sparse layers' later chunks, whatever max_new_tokens sizes their caches (the GPU path forced on CPU,
+    compilation off: the keys are made as on a GPU, nothing is compiled; warmup and generate prefill under
+    inference_mode, these prompts under no_grad: the same keys)."""
+    import flexgen_long.attention as A
+    from flexgen_long.generation import warmup
+    from flexgen_long.shapes import compiled_graphs
+
+    monkeypatch.setattr(A, "_CHUNK_FLEX_DEVICES", frozenset({"cuda", "cpu"}))
+    model = _model(BlockSparse(32, 2, 2, per_head=True), 2)  # slots in use grow with the offset: 2 slot buckets
+    g = torch.Generator().manual_seed(3)
+    with torch.compiler.set_stance("force_eager"):
+        before = len(compiled_graphs("_flex"))
+        warmup(model, 300, 50)
+        warmed = len(compiled_graphs("_flex"))
+        for n in sorted(torch.randint(51, 301, (8,), generator=g).tolist()) + [300]:
+            cache = ModelCache(model, 1, n + n % 50, torch.float32, "cpu")  # as generate sizes it: + max_new_tokens
+            with torch.no_grad():
+                prefill(model, cache, torch.randint(0, 97, (n,), generator=g), 0, 50)
+    assert warmed - before >= 2 and len(compiled_graphs("_flex")) == warmed
+
+
 def _greedy_by_recompute(model, prompt, n):
     seq = list(prompt)
     with torch.no_grad():

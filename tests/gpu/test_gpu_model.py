@@ -12,12 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flexgen_long import AttnSink, longgen_llama, longgen_tiny
+from flexgen_long import AttnSink, BlockSparse, longgen_llama, longgen_tiny
 from flexgen_long.attention import HybridAttention, MaskSet
-from flexgen_long.cache import ModelCache, check_fits, free_memory_bytes, plan_cache
+from flexgen_long.cache import ModelCache, cache_slots, check_fits, free_memory_bytes, plan_cache
 from flexgen_long.generation import generate, prefill, warmup
 from reference import rel_err
-from flexgen_long.shapes import bucket_count, compiled_graphs
+from flexgen_long.shapes import bucket_count, compiled_graphs, padded_len
 
 DEV = "cuda"
 
@@ -25,6 +25,13 @@ DEV = "cuda"
 
 def flex_graphs() -> int:
     return len(compiled_graphs("_flex"))
+
+
+def sparse_chunk_graphs() -> int:
+    """Compiled flex graphs of sparse layers' later prefill chunks: their mask key (Pattern.positional_mask_mod's
+    graph_key, one element of the flex key) starts with "positional"."""
+    return sum(1 for g in compiled_graphs("_flex")
+               if any(isinstance(x, tuple) and x[:1] == ("positional",) for x in g.key[2]))
 
 
 def masks_of(model, S, kind, doc_ids=None):
@@ -204,7 +211,8 @@ def test_generate_55_lengths_and_every_tail(tiny, record_property):
 def test_warmup_compiles_everything_generate_needs(tiny, record_property):
     """After warmup(max_prompt_len, chunk) for each prefill_chunk the traffic uses, prompts of any length up to it
     (whole or chunked) compile nothing more. Whole prompts need one graph per first-chunk bucket (7 up to 1500);
-    chunking by 256 adds the full layers' later-chunk graphs, one per key bucket past 256 (5 more)."""
+    chunking by 256 adds the full layers' later-chunk graphs, one per key bucket past 256 (5), and the sparse layers'
+    one (chunk bucket 256; AttnSink(4, 60)'s 64 slots fit one bucket): 6 more."""
     w = {"whole": warmup(tiny, 1500), "chunk_256": warmup(tiny, 1500, 256)}
     before = flex_graphs()
     for i, n in enumerate(sorted(random.Random(4).sample(range(1, 1501), 30))):
@@ -220,6 +228,42 @@ def test_mixed_batch_equals_each_alone(tiny):
     together = generate(tiny, prompts, max_new_tokens=6, prefill_chunk=200)
     for p, got in zip(prompts, together):
         assert got.tokens == generate(tiny, [p], max_new_tokens=6)[0].tokens == greedy_by_forward(tiny, p, 6)
+
+
+@pytest.mark.parametrize("pattern,dtype", [(AttnSink(4, 60), torch.float32),
+                                           (BlockSparse(64, 2, 4, per_head=True), torch.float32),
+                                           (AttnSink(64, 448), torch.bfloat16)], ids=repr)
+def test_sparse_later_chunks_many_lengths_and_offsets(pattern, dtype, record_property):
+    """Chunked prefill of a sparse model (GQA, full middle layers) over 18 prompt lengths and 4 chunk sizes -- many
+    offsets, ragged last chunks, caches of many sizes: every token's logits equal the no-cache forward's, and the
+    sparse layers' later chunks (flex over [used slots ; chunk], positional mask_mod) compile at most one graph per
+    (chunk bucket, bucket of the slots in use), never one per offset, prompt length or cache size. AttnSink(4, 60)
+    uses 64 slots, one bucket: one graph per chunk bucket (chunks 100 and 128 -> 128, 200 and 256 -> 256)."""
+    torch.manual_seed(0)
+    model = longgen_llama(256, 4, 4, 2, 256, 512, 4096, full_layers="middle", sparse_pattern=pattern).to(
+        DEV, dtype).eval()
+    lengths = sorted(random.Random(21).sample(range(129, 1500), 18))
+    chunks = [128, 200, 256, 100]
+    before, worst, keys = sparse_chunk_graphs(), 0.0, set()
+    for i, n in enumerate(lengths):
+        chunk = chunks[i % len(chunks)]
+        prompt = torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)).to(DEV)
+        with torch.no_grad():
+            want = model(prompt[None])[0]
+            cache = ModelCache(model, 1, n + 1 + 37 * i, dtype, DEV)  # the cache's size varies too
+            got = prefill(model, cache, prompt, 0, chunk, all_logits=True)
+            del cache
+        worst = max(worst, rel_err(got, want))
+        keys |= {(padded_len(chunk), padded_len(cache_slots(pattern.bind_heads(2), o)))
+                 for o in range(chunk, n, chunk)}
+    graphs = sparse_chunk_graphs() - before
+    record_property("prefill_vs_forward_max_rel_err", worst)
+    record_property("sparse_chunk_graphs", graphs)
+    record_property("chunk_and_slot_buckets", sorted(keys))
+    assert worst < (2e-2 if dtype == torch.bfloat16 else 1e-4)
+    assert 1 <= graphs <= len(keys)
+    if pattern == AttnSink(4, 60):
+        assert len(keys) == 2
 
 
 # ---- memory plan ----------------------------------------------------------------------------------------------------------
