@@ -8,7 +8,10 @@ A training example is one packed sequence of exactly ``seq_len`` tokens::
                                positions and attention patterns in each one (flexgen_long.patterns, "Documents")
 
 A natural document longer than what is left of a sequence continues in the next one as a new document (its own
-positions); the tail that does not fill a whole sequence is dropped. Synthetic long-context tasks (passkey retrieval,
+positions); the tail that does not fill a whole sequence is dropped. Length extension needs documents as long as the
+sequences (positions restart per document, so short files never reach the new positions): ``min_document_tokens``
+joins consecutive files (sorted order: neighbouring modules of one package) into documents of at least that many
+tokens (``joined_documents``), as repository-level code corpora do. Synthetic long-context tasks (passkey retrieval,
 multi-key needle) can be mixed in at a configurable share of tokens; they are trained on their answers only, and each
 lies whole inside one sequence: one cut by a sequence boundary would train the model to produce an answer whose needle
 it cannot see (a hallucination drill -- the first repro runs lost their retrieval that way). Where a task does not fit
@@ -38,7 +41,7 @@ from .tokenizers import sequence_start
 
 __all__ = ["PYTHON_STDLIB", "PYTHON_STDLIB_PACKAGES", "PackedDocuments", "long_documents", "hf_long_documents",
            "text_files", "read_text_file", "check_packing_args", "ON_INVALID_UTF8", "passkey_task",
-           "multikey_needle_task", "SYNTHETIC_TASKS", "CROSS_ENTROPY_IGNORE_INDEX"]
+           "multikey_needle_task", "SYNTHETIC_TASKS", "CROSS_ENTROPY_IGNORE_INDEX", "joined_documents"]
 
 PYTHON_STDLIB = "python-stdlib"
 #: The standard library's *subpackages* (``email/``, ``asyncio/`` ...; no tests, no site-packages): files disjoint from
@@ -122,6 +125,26 @@ def _read_files(files: list[Path], on_invalid_utf8: str, skipped: list) -> Itera
         text = read_text_file(f, on_invalid_utf8, skipped)
         if text is not None and text.strip():
             yield text
+
+
+def joined_documents(tokenizer, texts: Iterable[str], min_tokens: int, separator: str = "\n\n") -> Iterator[list[int]]:
+    """Token ids of documents made of consecutive ``texts`` joined by ``separator`` until each holds at least
+    ``min_tokens`` tokens (``start text separator text ... EOS``, ``start`` = ``sequence_start``); the last one may be
+    shorter. Each text is tokenized on its own (a join never merges tokens across two texts)."""
+    if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 2:
+        raise ValueError(f"dataset.min_document_tokens must be null or an int >= 2, got {min_tokens!r}")
+    start = sequence_start(tokenizer)
+    sep = tokenizer.encode(separator, add_bos=False, add_eos=False)
+    doc = list(start)
+    for text in texts:
+        if len(doc) > len(start):
+            doc += sep
+        doc += tokenizer.encode(text, add_bos=False, add_eos=False)
+        if len(doc) + 1 >= min_tokens:
+            yield doc + [tokenizer.eos_id]
+            doc = list(start)
+    if len(doc) > len(start):
+        yield doc + [tokenizer.eos_id]
 
 
 # -- synthetic long-context tasks ---------------------------------------------------------------------------------------
@@ -254,8 +277,10 @@ def check_packing_args(seq_len, max_tokens, synthetic_share, synthetic_length, s
 
 def pack_documents(tokenizer, texts: Iterable[str], seq_len: int, *, max_tokens: int | None = None,
                    synthetic_share: float = 0.0, synthetic_length: int | list[int] | None = None,
-                   synthetic_tasks=("passkey", "multikey_needle"), seed: int = 0) -> PackedDocuments:
-    """Tokenize ``texts`` (each one document, ``BOS text EOS``), mix in synthetic tasks so that they make
+                   synthetic_tasks=("passkey", "multikey_needle"), seed: int = 0,
+                   min_document_tokens: int | None = None) -> PackedDocuments:
+    """Tokenize ``texts`` (each one document, ``BOS text EOS``; with ``min_document_tokens``, consecutive texts joined
+    into documents of at least that many tokens, ``joined_documents``), mix in synthetic tasks so that they make
     ``synthetic_share`` of the tokens, shuffle the documents (seeded) and pack them into ``seq_len`` sequences.
     ``synthetic_length``: one task length, or a list that the tasks cycle through (each task at each length in turn).
     ``max_tokens`` bounds the total (natural + synthetic)."""
@@ -264,8 +289,9 @@ def pack_documents(tokenizer, texts: Iterable[str], seq_len: int, *, max_tokens:
     natural_budget = None if max_tokens is None else int(max_tokens * (1 - synthetic_share))
     docs: list[tuple[list[int], list[bool] | None]] = []
     natural = 0
-    for text in texts:
-        ids = tokenizer.encode(text, add_bos=True, add_eos=True)
+    documents = (tokenizer.encode(text, add_bos=True, add_eos=True) for text in texts) if min_document_tokens is None \
+        else joined_documents(tokenizer, texts, min_document_tokens)
+    for ids in documents:
         if natural_budget is not None and natural + len(ids) > natural_budget:
             ids = ids[: natural_budget - natural]
         docs.append((ids, None))
@@ -362,8 +388,9 @@ def _keep_tasks_whole(docs: list, seq_len: int, pad_id: int, lookahead: int = 25
 def long_documents(tokenizer, seq_len: int, source: str = PYTHON_STDLIB, *, max_tokens: int | None = None,
                    synthetic_share: float = 0.0, synthetic_length: int | list[int] | None = None,
                    synthetic_tasks=("passkey", "multikey_needle"), seed: int = 0,
-                   on_invalid_utf8: str = "error") -> PackedDocuments:
-    """Packed long documents from local text files (``text_files`` explains ``source``); one file = one document.
+                   on_invalid_utf8: str = "error", min_document_tokens: int | None = None) -> PackedDocuments:
+    """Packed long documents from local text files (``text_files`` explains ``source``); one file = one document, or
+    with ``min_document_tokens`` consecutive files (sorted order) joined into documents of at least that many tokens.
     ``on_invalid_utf8``: ``"error"`` refuses a file that is not UTF-8 text, naming it; ``"skip"`` leaves it out and
     counts it in ``stats["skipped_files"]`` (names in ``stats["skipped_file_names"]``)."""
     if on_invalid_utf8 not in ON_INVALID_UTF8:
@@ -372,7 +399,7 @@ def long_documents(tokenizer, seq_len: int, source: str = PYTHON_STDLIB, *, max_
     skipped: list[Path] = []
     ds = pack_documents(tokenizer, _read_files(files, on_invalid_utf8, skipped), seq_len, max_tokens=max_tokens,
                         synthetic_share=synthetic_share, synthetic_length=synthetic_length,
-                        synthetic_tasks=synthetic_tasks, seed=seed)
+                        synthetic_tasks=synthetic_tasks, seed=seed, min_document_tokens=min_document_tokens)
     ds.stats.update(skipped_files=len(skipped), skipped_file_names=[str(p) for p in skipped])
     return ds
 

@@ -30,7 +30,8 @@ Steps, top to bottom:
    subpackages, disjoint from the training corpus ``python-stdlib``) with at least max(lengths) tokens; at each L,
    the NLL of tokens 1..L-1 of the same documents given their prefix, through the same cached prefill as
    generation (so the StreamingLLM baseline is scored with its ring caches). ppl = exp(mean NLL); also over the
-   second half of the positions alone, where context beyond a sparse window matters most.
+   second half of the positions alone, where context beyond a sparse window matters most. For lengths beyond the
+   longest files, ``perplexity_join_files: true`` makes each document the files of one directory joined in order.
 4. Writes ``<output_dir>/<name>.json`` and ``<output_dir>/<name>_retrieval.png`` (a heatmap per task).
 """
 
@@ -54,7 +55,7 @@ from torchtune import config, utils
 from flexgen_long import checkpoint_io, hf
 from flexgen_long import recipe_config as rc
 from flexgen_long.cache import ModelCache
-from flexgen_long.data import PYTHON_STDLIB_PACKAGES, SYNTHETIC_TASKS, read_text_file, text_files
+from flexgen_long.data import PYTHON_STDLIB_PACKAGES, SYNTHETIC_TASKS, joined_documents, read_text_file, text_files
 from flexgen_long.generation import generate, prefill
 from flexgen_long.models import relayout
 from flexgen_long.patterns import AttnSink, Full
@@ -62,7 +63,8 @@ from flexgen_long.patterns import AttnSink, Full
 log = utils.get_logger("INFO")
 
 RECIPE_KEYS = {"output_dir", "name", "checkpoint_dir", "model", "tokenizer", "streaming_llm", "tasks", "lengths",
-               "depths", "samples_per_cell", "perplexity_source", "perplexity_documents", "prefill_chunk", "seed",
+               "depths", "samples_per_cell", "perplexity_source", "perplexity_documents", "perplexity_join_files",
+               "prefill_chunk", "seed",
                "device", "dtype"}
 SCORING = ("greedy decoding (flexgen_long.generation.generate, temperature 0) of as many tokens as the answer has; "
            "exact match of the answer's token ids")
@@ -99,6 +101,7 @@ def validate_config(cfg: DictConfig) -> None:
     rc.integer(cfg, "samples_per_cell", 1, minimum=1)
     rc.integer(cfg, "perplexity_documents", 1, minimum=0)  # 0 skips perplexity
     rc.string(cfg, "perplexity_source", PYTHON_STDLIB_PACKAGES)
+    rc.boolean(cfg, "perplexity_join_files", False)
     rc.integer(cfg, "prefill_chunk", None, minimum=1, nullable=True)
     rc.integer(cfg, "seed", 0, minimum=0)
     rc.device_field(cfg)
@@ -220,29 +223,44 @@ def evaluate_retrieval(answer_fn: AnswerFn, tokenizer, tasks, lengths, depths, s
 
 
 # -- perplexity ----------------------------------------------------------------------------------------------------------
-def heldout_documents(tokenizer, source: str, min_tokens: int, n: int, seed: int) -> list[list[int]]:
+def heldout_documents(tokenizer, source: str, min_tokens: int, n: int, seed: int,
+                      join_files: bool = False) -> list[list[int]]:
     """``n`` documents of ``source`` with at least ``min_tokens`` tokens (BOS + text), chosen by a seeded shuffle of
-    the sorted file list; their first ``min_tokens`` tokens."""
+    the sorted file list; their first ``min_tokens`` tokens. ``join_files``: a document is the files of one directory
+    (in sorted order) joined until it holds ``min_tokens`` tokens (``flexgen_long.data.joined_documents``), the
+    directories in a seeded shuffle -- for lengths beyond the longest single files."""
     try:
         files = text_files(source)
     except (FileNotFoundError, ValueError) as e:
         _fail("perplexity_source", str(e))
-    files = list(files)
-    random.Random(seed).shuffle(files)
-    docs = []
-    for f in files:
+
+    def read(f):
         try:
-            text = read_text_file(f, field="")
+            return read_text_file(f, field="")
         except ValueError as e:
             _fail("perplexity_source", str(e))
-        ids = tokenizer.encode(text, add_bos=True, add_eos=False)
+
+    if join_files:
+        groups: dict[Path, list[Path]] = {}
+        for f in files:
+            groups.setdefault(f.parent, []).append(f)
+        order = sorted(groups)
+        random.Random(seed).shuffle(order)
+        candidates = (ids for d in order for ids in joined_documents(tokenizer, map(read, groups[d]), min_tokens))
+    else:
+        files = list(files)
+        random.Random(seed).shuffle(files)
+        candidates = (tokenizer.encode(read(f), add_bos=True, add_eos=False) for f in files)
+    docs = []
+    for ids in candidates:
         if len(ids) >= min_tokens:
             docs.append(ids[:min_tokens])
             if len(docs) == n:
                 break
     if not docs:
         _fail("perplexity_source", f"{source!r} has no document of at least max(lengths)={min_tokens} tokens; lower "
-                                   "lengths or point perplexity_source at longer documents")
+                                   "lengths, set perplexity_join_files=true or point perplexity_source at longer "
+                                   "documents")
     return docs
 
 
@@ -349,7 +367,7 @@ def evaluate(cfg: DictConfig) -> dict:
              f"sparse: {sorted(set(layout['patterns']) - {repr(Full())}) or 'none'}")
 
     docs = heldout_documents(tokenizer, cfg.get("perplexity_source", PYTHON_STDLIB_PACKAGES), max(lengths), n_docs,
-                             seed) if n_docs else []
+                             seed, cfg.get("perplexity_join_files", False)) if n_docs else []
     t0 = time.perf_counter()
     bar = tqdm(total=len(tasks) * len(lengths) * len(depths) + (len(lengths) if docs else 0), desc="eval")
     retrieval = evaluate_retrieval(greedy_answers(model, chunk), tokenizer, tasks, lengths, depths,
@@ -363,6 +381,7 @@ def evaluate(cfg: DictConfig) -> dict:
               "streaming_llm": OmegaConf.to_container(cfg.streaming_llm) if cfg.get("streaming_llm") else None,
               "scoring": SCORING, "retrieval": retrieval, "perplexity": perplexity,
               "perplexity_source": cfg.get("perplexity_source", PYTHON_STDLIB_PACKAGES) if docs else None,
+              "perplexity_join_files": bool(cfg.get("perplexity_join_files", False)) if docs else None,
               "seed": seed, "device": str(device), "card": torch.cuda.get_device_name(device)
               if device.type == "cuda" else "cpu", "dtype": cfg.get("dtype", "fp32"), "torch": torch.__version__,
               "seconds": round(time.perf_counter() - t0, 2)}

@@ -140,6 +140,10 @@ def _check_dataset(cfg: DictConfig, seq_len: int) -> None:
         raise rc.ConfigError(str(e)) from None
     if component == "flexgen_long.data.long_documents":
         data.text_files(args.get("source", data.PYTHON_STDLIB))
+        m = args.get("min_document_tokens")
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 2):
+            _fail("dataset.min_document_tokens", f"must be null (one file = one document) or an int >= 2 (consecutive "
+                                                 f"files joined into documents of at least that many tokens), got {m!r}")
         if args.get("on_invalid_utf8", "error") not in data.ON_INVALID_UTF8:
             _fail("dataset.on_invalid_utf8", f"must be one of {list(data.ON_INVALID_UTF8)}, got "
                                              f"{args['on_invalid_utf8']!r}")

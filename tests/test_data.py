@@ -228,3 +228,29 @@ def test_files_that_are_not_utf8_text_are_refused_or_skipped_and_counted(tmp_pat
     finally:
         recipe.release()
     assert "Data: skipped 3 file(s) that are not UTF-8 text (dataset.on_invalid_utf8=skip)" in caplog.text
+
+
+def test_min_document_tokens_joins_consecutive_files_into_long_documents(tmp_path):
+    """Length extension needs documents as long as the sequences (positions restart per document): consecutive texts
+    are joined, in order, each tokenized on its own, until a document holds min_document_tokens tokens."""
+    from flexgen_long.data import joined_documents
+
+    texts = ["a" * 30, "b" * 50, "c" * 10, "d" * 70, "e" * 5]
+    docs = list(joined_documents(TOK, texts, 64))
+    sep = TOK.encode("\n\n", add_bos=False, add_eos=False)
+    enc = lambda t: TOK.encode(t, add_bos=False, add_eos=False)  # noqa: E731
+    assert docs == [[TOK.bos_id] + enc(texts[0]) + sep + enc(texts[1]) + [TOK.eos_id],
+                    [TOK.bos_id] + enc(texts[2]) + sep + enc(texts[3]) + [TOK.eos_id],
+                    [TOK.bos_id] + enc(texts[4]) + [TOK.eos_id]]          # the rest: shorter, still a document
+    assert all(len(d) >= 64 for d in docs[:-1])
+    with pytest.raises(ValueError, match=r"dataset.min_document_tokens must be null or an int >= 2, got 0"):
+        list(joined_documents(TOK, texts, 0))
+
+    # through long_documents: the files of a directory in sorted order (90, 150, 30, 210, 15 bytes) -> documents of
+    # 244, 244 and 17 tokens (BOS, a separator between joined files, EOS)
+    for i, t in enumerate(texts):
+        (tmp_path / f"{i}.txt").write_text(t * 3)
+    ds = long_documents(TOK, 128, str(tmp_path), min_document_tokens=200)
+    assert ds.stats["documents"] == 3 and ds.stats["natural_tokens"] == sum(len(t) * 3 for t in texts) + 3 * 2 + 2 * 2
+    one_per_file = long_documents(TOK, 128, str(tmp_path))
+    assert one_per_file.stats["documents"] == 5

@@ -309,3 +309,22 @@ def test_repro_driver_stages_end_to_end_toy(tmp_path):
     assert "![heads_s1](heads_s1.png)" in table
     assert (res / "summary.png").stat().st_size > 10_000 and "accuracy over training" in table
     assert (res / "steps.png").stat().st_size > 10_000
+
+
+def test_heldout_documents_join_the_files_of_a_directory_beyond_the_longest_file(tmp_path):
+    """perplexity_join_files: a document is the files of one directory joined in sorted order until it holds the
+    length; without it, documents shorter than the length are skipped (and none at all is an error naming the fix)."""
+    from flexgen_long import recipe_config as rc
+    from recipes.longgen_eval import heldout_documents
+
+    for pkg in ("p1", "p2"):
+        (tmp_path / pkg).mkdir()
+        for i in range(4):
+            (tmp_path / pkg / f"m{i}.py").write_text(f"# {pkg} {i}\n" + "x = 1\n" * 20)   # 129 bytes each
+    docs = heldout_documents(TOK, str(tmp_path), 300, 2, 0, join_files=True)
+    assert len(docs) == 2 and all(len(d) == 300 and d[0] == TOK.bos_id for d in docs)
+    texts = {TOK.decode(d) for d in docs}
+    assert any(t.startswith("# p1 0\n") for t in texts) and any(t.startswith("# p2 0\n") for t in texts)
+    assert all("# p1 1\n" in t or "# p2 1\n" in t for t in texts)  # the next file of the same package follows
+    with pytest.raises(rc.ConfigError, match="perplexity_join_files=true"):
+        heldout_documents(TOK, str(tmp_path), 300, 2, 0)

@@ -349,6 +349,8 @@ BAD = [
     (["dataset.on_invalid_utf8=ignore"], ValueError,
      r"config field 'dataset.on_invalid_utf8': must be one of \['error', 'skip'\], got 'ignore'"),
     (["dataset.synthetic_share=1.5"], ValueError, r"dataset.synthetic_share must be a number in \[0, 1\), got 1.5"),
+    (["dataset.min_document_tokens=1"], ValueError,
+     r"config field 'dataset.min_document_tokens': must be null \(one file = one document\) or an int >= 2"),
     (["device=tpu"], ValueError, r"config field 'device': must be 'cpu', 'cuda' or 'cuda:<index>', got 'tpu'"),
     (["dtype=fp16"], ValueError, r"config field 'dtype': must be one of \['fp32', 'bf16'\], got 'fp16'"),
     (["log_peak_memory_stats=2"], ValueError, r"config field 'log_peak_memory_stats': must be true or false, got 2"),

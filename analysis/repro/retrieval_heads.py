@@ -19,6 +19,11 @@ The recomputed attention is checked against the layer's real output (probabiliti
 wrong mask, scale or RoPE would fail that check instead of producing plausible-looking scores.
 
     python analysis/repro/retrieval_heads.py CHECKPOINT_DIR --out analysis/results/repro/heads_s1 [--length 1008]
+    python analysis/repro/retrieval_heads.py outputs/smollm2/train_b/step_150 --out heads_b \
+        --tokenizer-dir outputs/smollm2-135m-instruct      # a finetuned HF-tokenizer model (checkpoints hold none)
+
+Tokenizer: ``--tokenizer-dir`` (an HF directory, ``flexgen_long.tokenizers.hf_tokenizer``), else the checkpoint's own
+when it holds one (tokenizer.json / tokenizer.model: a plain HF model directory), else bytes (the repro's models).
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from flexgen_long import hf  # noqa: E402
 from flexgen_long.attention import HybridAttention  # noqa: E402
 from flexgen_long.data import passkey_task  # noqa: E402
 from flexgen_long.layout import full_layer_indices  # noqa: E402
-from flexgen_long.tokenizers import byte_tokenizer  # noqa: E402
+from flexgen_long.tokenizers import byte_tokenizer, hf_tokenizer  # noqa: E402
 from recipes.longgen_eval import layout_summary  # noqa: E402
 
 
@@ -151,6 +156,20 @@ def retrieval_heads(model, tokenizer, length: int, samples: int, depths=(0.1, 0.
             "recompute_max_rel_error": worst}
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+def pick_tokenizer(checkpoint, tokenizer_dir=None):
+    """``tokenizer_dir``'s HF tokenizer; else the checkpoint's own if it holds one; else bytes (see the docstring)."""
+    if tokenizer_dir is not None:
+        if not any((Path(tokenizer_dir) / f).is_file() for f in TOKENIZER_FILES):
+            raise SystemExit(f"--tokenizer-dir {tokenizer_dir}: holds none of {list(TOKENIZER_FILES)}")
+        return hf_tokenizer(tokenizer_dir)
+    if any((Path(checkpoint) / f).is_file() for f in TOKENIZER_FILES):
+        return hf_tokenizer(checkpoint)
+    return byte_tokenizer()
+
+
 def plot(result: dict, title: str, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -187,6 +206,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--name", default=None, help="title of the figure (default: the checkpoint path)")
+    ap.add_argument("--tokenizer-dir", default=None,
+                    help="HF directory whose tokenizer to use (default: the checkpoint's own, else bytes)")
     args = ap.parse_args(argv)
     if args.length is not None and args.length < 128:
         ap.error(f"--length must be >= 128 (a passkey prompt needs ~120 tokens), got {args.length}")
@@ -199,7 +220,7 @@ def main(argv=None) -> dict:
         args.length = min(4096, room)
     if args.length > room:
         ap.error(f"--length {args.length} leaves no room for the answer: at most max_seq_len - 16 = {room}")
-    tokenizer = byte_tokenizer()
+    tokenizer = pick_tokenizer(args.checkpoint, args.tokenizer_dir)
     result = retrieval_heads(model, tokenizer, args.length, args.samples)
     L = len(model.layers)
     n = len(full_layer_indices(L, "middle"))  # as many full layers as LongGen's "middle third" has

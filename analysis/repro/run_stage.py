@@ -113,15 +113,21 @@ def _tune(recipe: str, config: str, overrides: list[str], log_path: Path) -> str
     return "".join(lines)
 
 
-def _pattern_overrides(name: str, toy: bool) -> list[str]:
-    """Field by field (torchtune's CLI merges into the YAML node): s2_extend.yaml holds an AttnSink, so a BlockSparse
-    first removes sink / window (``~key``), which BlockSparse would refuse as unknown arguments."""
-    p = (TOY_PATTERNS if toy else PATTERNS)[name]
-    drop = [] if name == "attnsink" else ["~model.sparse_pattern.sink", "~model.sparse_pattern.window"]
+def pattern_overrides(p: dict) -> list[str]:
+    """Overrides that set ``model.sparse_pattern`` to ``p`` field by field (torchtune's CLI merges into the YAML
+    node). The configs hold an AttnSink, so another pattern first removes sink / window (``~key``), which it would
+    refuse as unknown arguments."""
+    drop = [] if p["_component_"].endswith(".AttnSink") else ["~model.sparse_pattern.sink",
+                                                                "~model.sparse_pattern.window"]
     return drop + [f"model.sparse_pattern.{k}={json.dumps(v)}" for k, v in p.items()]
 
 
-def _full_layers(value) -> str:
+def _pattern_overrides(name: str, toy: bool) -> list[str]:
+    return pattern_overrides((TOY_PATTERNS if toy else PATTERNS)[name])
+
+
+def full_layers_override(value) -> str:
+    """``model.full_layers=`` a layout name or a list of layer indices (written without spaces: one CLI word)."""
     return "model.full_layers=" + (json.dumps(value).replace(" ", "") if isinstance(value, list) else value)
 
 
@@ -135,7 +141,7 @@ def layout_overrides(variant: str, toy: bool = False, results: Path | None = Non
             raise SystemExit(f"variant {variant} places its full layers by s1's retrieval heads, but {f} is missing: "
                              "run stage `heads s1` first (same --outputs/--results)")
         full = json.loads(f.read_text())["suggested_full_layers"]["contiguous"]
-    return [_full_layers(full), *_pattern_overrides(pattern, toy)]
+    return [full_layers_override(full), *_pattern_overrides(pattern, toy)]
 
 
 def train_summary(stdout: str, stage: str, variant: str, overrides: list[str], seconds: float) -> dict:
