@@ -193,6 +193,7 @@ def test_cached_block_mask_equals_the_slots_token_rule(pattern, heads, kv_heads)
     LayerCache.visible on the [slots ; chunk] layout for every real query; no visible pair lies in a block it omits,
     no full block holds an invisible pair, padding query blocks list nothing, and full blocks do occur (on the chunk's
     own keys and on slot blocks). The slots past used_slots(o) are empty, so the prefix is all a chunk needs."""
+    from torch.nn.attention.flex_attention import _transpose_ordered
     from torch.nn.functional import pad
 
     import reference as ref
@@ -221,6 +222,12 @@ def test_cached_block_mask_equals_the_slots_token_rule(pattern, heads, kv_heads)
             assert not (full_t & ~want).any(), "an invisible pair in a full block"
             nq = -(-C // bs)
             assert (bm.kv_num_blocks[..., nq:] == 0).all() and (bm.full_kv_num_blocks[..., nq:] == 0).all()
+            for num, idx, qnum, qidx in [(bm.kv_num_blocks, bm.kv_indices, bm.q_num_blocks, bm.q_indices),
+                                         (bm.full_kv_num_blocks, bm.full_kv_indices, bm.full_q_num_blocks,
+                                          bm.full_q_indices)]:  # the key-major view, as torch would derive it
+                tnum, tidx = _transpose_ordered(num, idx)
+                listed = torch.arange(tidx.shape[-1]) < tnum[..., None]
+                assert torch.equal(qnum, tnum) and torch.equal(qidx[listed], tidx[listed])
             listed = torch.arange(bm.full_kv_indices.shape[-1]) < bm.full_kv_num_blocks[..., None]
             full_cols = bm.full_kv_indices[listed]
             fulls[0] += int((full_cols < ps // bs).sum())
