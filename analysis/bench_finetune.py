@@ -56,8 +56,8 @@ def model_args(name: str, layout: str) -> tuple[str, list[str]]:
     if name == "1b":  # Llama-3.2-1B shape, 16 layers, middle third (5..9) full
         return f"{CONFIGS}/tiny_longgen.yaml", [
             "model._component_=flexgen_long.models.longgen_llama3_2_1b", "~model.vocab_size", "model.rope_base=500000",
-            f"model.full_layers={'all' if layout == 'full' else 'middle'}", "model.sparse_pattern.sink=64",
-            "model.sparse_pattern.window=1984"]
+            f"model.full_layers={'all' if layout == 'full' else 'middle'}", "model.sparse_pattern.sink=128",
+            "model.sparse_pattern.window=1920"]
     m = re.fullmatch(r"7b(?:(\d+)l)?", name)
     if not m or (m.group(1) is not None and not 1 <= int(m.group(1)) <= 32):
         raise ValueError(f"model must be 1b, 7b or 7b<N>l (N in 1..32 layers), got {name!r}")

@@ -32,7 +32,9 @@ from flexgen_long.models import longgen_llama, longgen_llama2_7b, longgen_llama3
 from flexgen_long.patterns import AttnSink, Full
 from flexgen_long import timing
 
-SPARSE = AttnSink(sink=64, window=1984)     # the repo default: 2048 keys per query (the paper's ~1/64 of 128K)
+SPARSE = AttnSink(sink=64, window=1984)  # 2048 keys per query (the paper's ~1/64 of 128K), the records' pattern; the
+# library default is now the block-aligned AttnSink(128, 1920) (flexgen_long.layout), timed through generate() by
+# --generate --sparse
 SHAPES = {"llama2_7b": longgen_llama2_7b, "llama3_1_8b": longgen_llama3_1_8b}
 
 

@@ -45,7 +45,7 @@ from torchtune.modules import MultiHeadAttention
 from torch.nn.attention.bias import causal_lower_right
 
 from .masks import build_block_mask, build_cached_block_mask, dense_mask
-from .patterns import Documents, Full, Pattern, check_doc_ids
+from .patterns import AttnSink, Documents, Full, Pattern, check_doc_ids
 from .shapes import BLOCK, compiled, flex_graph_key, pad_seq, padded_len
 
 __all__ = ["HybridAttention", "MaskSet", "KVCacheStep", "FlexNotCompiledError", "FLEX_EAGER_MAX_LEN",
@@ -277,10 +277,12 @@ class HybridAttention(MultiHeadAttention):
         * sparse layer, later chunks: the chunk attends [cached slots ; its own keys], then joins the slots. On GPU
           (``_chunk_over_slots_flex``): compiled flex under the shape policy -- keys are the slots that positions < o
           can occupy (``cache.used_slots(o)``, a prefix of the layout: n <= sink + window, or the local ring plus the
-          stride blocks so far), padded with empty slots to ``padded_len(n)``, then the chunk's keys padded to the
+          stride blocks so far), padded with empty slots -- to sink + window rounded up to a block for AttnSink (the
+          most a ring holds), to ``padded_len(n)`` for BlockSparse (its stride store grows) -- then the chunk's keys padded to the
           bucket of the nominal chunk size, like the queries; GQA unexpanded. The mask_mod reads each key column's
           position (-1: empty or padding) and the offset from captured tensors and applies the pattern's token rule,
-          so the graph depends on shapes only: one per (pattern, chunk bucket, slot bucket), never one per offset,
+          so the graph depends on shapes only: one per (pattern, chunk bucket) for AttnSink and per (pattern, chunk
+          bucket, slot bucket) for BlockSparse, never one per offset,
           prompt length or cache size. The BlockMask (``masks.build_cached_block_mask``) comes from each key block's
           [min, max] position in O(q_blocks x kv_blocks): no C x keys mask, and a block is full only where it holds
           no empty column and the rule covers its whole range. On CPU (``_chunk_over_slots_sdpa``): SDPA over every
@@ -321,13 +323,19 @@ class HybridAttention(MultiHeadAttention):
 
     def _chunk_over_slots_flex(self, q: Tensor, k: Tensor, v: Tensor, cache, step: KVCacheStep) -> Tensor:
         """A sparse layer's later prefill chunk (offset o > 0) by compiled flex, under the shape policy: keys
-        ``[the slots that positions < o can occupy (cache.used_slots(o): n, padded with empty slots to
-        padded_len(n)) ; the chunk's keys padded to the chunk bucket]``, queries padded to the same bucket, GQA
+        ``[the slots that positions < o can occupy (cache.used_slots(o): n, padded with empty slots, see below) ;
+        the chunk's keys padded to the chunk bucket]``, queries padded to the same bucket, GQA
         unexpanded; the BlockMask and its positional mask_mod from ``masks.build_cached_block_mask``. Reads the
         cache, writes nothing."""
         row, o, C = step.row, step.offset, q.shape[2]
         n = cache.used_slots(o)
-        ps, pq = padded_len(n), padded_len(max(C, step.chunk or C))
+        pq = padded_len(max(C, step.chunk or C))
+        # The slot part's compiled length: an AttnSink ring never holds more than sink + window keys, so it is padded
+        # to that (rounded up to a block) at every offset -- one graph per chunk bucket; the empty columns are key
+        # blocks the BlockMask lists for no query, which the kernel skips. A BlockSparse stride store grows with the
+        # prompt: the bucket of the slots in use.
+        ring = isinstance(self.pattern, AttnSink)
+        ps = -(-(self.pattern.sink + self.pattern.window) // BLOCK) * BLOCK if ring else padded_len(n)
         # Every layer of one pattern holds the same positions (they receive the same writes, and this chunk's own
         # write comes after its attention), so the layers of a pattern share one mask per step.
         bm = step.mask(("sparse_chunk", self.pattern, self.num_heads, self.num_kv_heads, n, ps, pq),

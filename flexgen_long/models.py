@@ -11,8 +11,8 @@ differ. Every builder is usable as ``_component_`` in a torchtune YAML config::
       full_layers: middle
       sparse_pattern:
         _component_: flexgen_long.patterns.AttnSink
-        sink: 64
-        window: 1984
+        sink: 128
+        window: 1920
 
 Forward: ``model(tokens, doc_ids=None)`` -> logits [B, S, vocab]. ``doc_ids`` [B, S] packs documents (a document is a
 maximal run of equal ids; see ``doc_ids_from_seq_lens`` for torchtune's packed datasets): attention stays inside each

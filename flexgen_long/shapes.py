@@ -24,11 +24,11 @@ document layout. So every compiled flex call goes through this module, which
 What is bounded, then: per model, graphs <= buckets(max length seen) x distinct sparse/packed patterns x {inference,
 training} x batch sizes used with the no-cache forward (generation prefills one sequence at a time: batch 1). A chunked
 prefill adds, on GPU, the later chunks' graphs, keyed by the bucket of the nominal chunk size and: for full layers the
-bucket of the keys seen so far (<= buckets(longest prompt)); for each sparse pattern the bucket of the cache slots that
-the positions before the chunk can occupy -- its mask_mod reads the key positions and the offset from tensors, so the
-offset enters the key only through that bucket, and the cache's allocated size not at all: <= buckets(sink + window)
-per chunk bucket for AttnSink (one when the chunk is at least sink + window long, so the ring is full at every later
-offset, or when the ring fits 128 slots), <= buckets(stride store of the longest prompt) for BlockSparse. Full layers
+bucket of the keys seen so far (<= buckets(longest prompt)); for each sparse pattern the slot part's padded length --
+its mask_mod reads the key positions and the offset from tensors, so the offset enters the key only through that
+length, and the cache's allocated size not at all: for AttnSink always sink + window rounded up to a block (the most a
+ring holds; empty slot blocks cost nothing, the BlockMask lists them for no query), so one graph per chunk bucket; for
+BlockSparse the bucket of the stride store in use, <= buckets(stride store of the longest prompt) per chunk bucket. Full layers
 on unpacked input never compile (``F.scaled_dot_product_attention`` picks cuDNN/flash at any shape), and decode steps
 attend over the caches with SDPA (eager, CUDA-graph replayed): the caches' allocated sizes never reach compiled code.
 

@@ -35,9 +35,14 @@ def pytest_runtest_logreport(report):
             return
         _RESULTS.append({"case": report.nodeid, "outcome": report.outcome, "seconds": round(report.duration, 2),
                          **{k: v for k, v in report.user_properties}})
+        _write(finished=False)  # after every case: a run stopped by a time limit keeps what it did
 
 
 def pytest_sessionfinish(session, exitstatus):
+    _write(finished=True)
+
+
+def _write(finished: bool) -> None:
     path = os.environ.get("FLEXGEN_GPU_RESULTS")
     if not path or not torch.cuda.is_available() or not _RESULTS:
         return
@@ -53,6 +58,7 @@ def pytest_sessionfinish(session, exitstatus):
         "suite": "tests/gpu", "card": torch.cuda.get_device_name(), "torch": torch.__version__,
         "triton": triton_version, "python": platform.python_version(), "commit": os.environ.get("FLEXGEN_COMMIT"),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "finished": finished,  # False: the session was stopped before its end (cases after the last listed not run)
         "passed": sum(r["outcome"] == "passed" for r in _RESULTS),
         "failed": sum(r["outcome"] == "failed" for r in _RESULTS),
         "skipped": sum(r["outcome"] == "skipped" for r in _RESULTS),
@@ -62,5 +68,7 @@ def pytest_sessionfinish(session, exitstatus):
         "cases": _RESULTS,
     }
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
         json.dump(record, f, indent=1)
+    os.replace(tmp, path)
