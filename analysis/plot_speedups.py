@@ -285,13 +285,66 @@ def plot_finetune(results: list[dict], out_dir: Path) -> dict:
     return drawn
 
 
+def plot_served(res: dict, out_dir: Path) -> tuple:
+    """bench_served.py's record as one figure: time to first token per call against the call's total prompt tokens
+    (every pass that ran: ours after warm-up, ours cold, each HF backend; failed calls marked x at their prompt size),
+    and the summary table in the title. Returns (figure, path, {pass: (calls, failures)})."""
+    fig, ax = plt.subplots(figsize=(9, 5.2))
+    styles = {"warm": ("o", "C0", "ours, after warmup()"), "cold": ("s", "C1", "ours, no warm-up"),
+              "hf_sdpa": ("^", "C2", "transformers sdpa"), "hf_flex_attention": ("v", "C3", "transformers flex")}
+    counts = {}
+    for name, (marker, color, label) in styles.items():
+        p = res.get("passes", {}).get(name)
+        if not p or "calls" not in p:
+            continue
+        ok = [c for c in p["calls"] if "ttft_s" in c]
+        bad = [c for c in p["calls"] if "ttft_s" not in c]
+        sm = p.get("summary", {})
+        counts[name] = (len(p["calls"]), len(bad))
+        tag = (f"{label}: {len(p['calls'])} calls, {len(bad)} failed, TTFT p50 {sm.get('ttft_p50_s', float('nan')):.2f}"
+               f" / p99 {sm.get('ttft_p99_s', float('nan')):.2f} s, decode {sm.get('decode_tokens_per_s', 0):.0f} tok/s"
+               f", {sm.get('compiled_graphs', 0)} graphs compiled")
+        ax.scatter([sum(c["lengths"]) for c in ok], [c["ttft_s"] for c in ok], marker=marker, color=color, s=14,
+                   alpha=0.7, label=tag)
+        if bad:
+            top = max([c["ttft_s"] for c in ok], default=1.0)
+            ax.scatter([sum(c["lengths"]) for c in bad], [top * 1.5] * len(bad), marker="x", color=color, s=30,
+                       label=f"{label}: failed (OOM / error), drawn at the top")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("prompt tokens in the call (all rows)")
+    ax.set_ylabel("time to first token (s)")
+    ax.legend(fontsize=6.5, loc="upper left")
+    w, m = res.get("workload", {}), res.get("model", {})
+    wu = res.get("passes", {}).get("warmup", {})
+    fig.suptitle(f"Served workload, {w.get('calls')} generate() calls of 1-{w.get('max_batch')} rows, prompts 1 to "
+                 f"{w.get('max_len')} tokens: {res.get('card')} (torch {res.get('torch')})\n"
+                 f"{m.get('num_layers')} layers, {m.get('sparse')} + full {m.get('full_layers')}; warmup(): "
+                 f"{wu.get('graphs', '?')} graphs in {wu.get('seconds', float('nan')):.0f} s", fontsize=9)
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"served_{_slug(res.get('card', 'unknown'))}.png"
+    fig.savefig(path, dpi=110)
+    return fig, path, counts
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--results", default="analysis/results/bench_*.json", help="glob of bench.py JSON files")
     ap.add_argument("--finetune", default=None, help="glob of bench_finetune.py JSON files: draw their figures "
                                                      "instead")
+    ap.add_argument("--served", default=None, help="a bench_served.py JSON file: draw its figure instead")
     ap.add_argument("--out", default="analysis/figures")
     a = ap.parse_args(argv)
+    if a.served:
+        try:
+            res = json.loads(Path(a.served).read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--served {a.served}: cannot read a bench_served.py JSON file ({e})")
+        fig, path, _ = plot_served(res, Path(a.out))
+        print(path)
+        plt.close(fig)
+        return
     if a.finetune:
         drawn = plot_finetune(load(a.finetune), Path(a.out))
         for fig, path, _ in drawn.values():

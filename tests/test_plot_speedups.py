@@ -82,3 +82,29 @@ def test_bench_cpu_smoke(tmp_path):
     # BlockSparse(16, 2 local, stride 4, per head): a ring of 2 blocks + ceil(8 / 4) on-stride blocks, per KV head
     assert r["kv"]["blocksparse"]["128"]["kv_bytes"] == 128 * per_slot + 3 * 64 * (2 * 2 * 16 * 4 + 2 * 4)
     assert r["train_setup"]["num_layers"] == 2
+
+
+def test_served_figure_counts_every_call_and_marks_failures(tmp_path):
+    """plot_served draws each pass that ran, with its failures (no ttft) counted and marked, and the CLI reads the
+    file; an unreadable file is an error that names it."""
+    plot_speedups = load_script("analysis/plot_speedups.py")
+    calls = lambda n, bad: [{"call": i, "lengths": [10 * (i + 1), 3], "ttft_s": 0.1 * (i + 1)} for i in range(n)] + [
+        {"call": n + i, "lengths": [100_000], "error": "OutOfMemoryError: ..."} for i in range(bad)]  # noqa: E731
+    res = {"card": "Test Card", "torch": "2.x", "workload": {"calls": 5, "max_batch": 2, "max_len": 1000},
+           "model": {"num_layers": 3, "sparse": "AttnSink(sink=128, window=1920)", "full_layers": [1]},
+           "passes": {"warmup": {"graphs": 4, "seconds": 2.0},
+                      "warm": {"summary": {"ttft_p50_s": 0.3, "ttft_p99_s": 0.5, "compiled_graphs": 0},
+                               "calls": calls(5, 0)},
+                      "hf_sdpa": {"summary": {"ttft_p50_s": 1.0}, "calls": calls(2, 3)}}}
+    fig, path, counts = plot_speedups.plot_served(res, tmp_path)
+    assert counts == {"warm": (5, 0), "hf_sdpa": (5, 3)} and path.exists()
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert any("5 calls, 3 failed" in t for t in labels) and any("failed (OOM" in t for t in labels)
+    plt.close(fig)
+    f = tmp_path / "served.json"
+    f.write_text(json.dumps(res))
+    plot_speedups.main(["--served", str(f), "--out", str(tmp_path / "figs")])
+    assert (tmp_path / "figs" / "served_Test_Card.png").exists()
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="broken.json"):
+        plot_speedups.main(["--served", str(tmp_path / "broken.json")])
