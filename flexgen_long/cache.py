@@ -35,7 +35,8 @@ from .patterns import AttnSink, BlockSparse, Full, Pattern
 from .shapes import padded_len
 
 __all__ = ["LayerCache", "ModelCache", "CachePlan", "LayerPlan", "plan_cache", "cache_slots", "free_memory_bytes",
-           "check_fits", "prefill_activation_bytes", "choose_prefill_chunk", "PREFILL_CHUNK_MULTIPLE"]
+           "check_fits", "prefill_activation_bytes", "choose_prefill_chunk", "PREFILL_CHUNK_MULTIPLE",
+           "decode_activation_bytes", "serving_capacity"]
 
 
 def cache_slots(pattern: Pattern, max_len: int) -> int:
@@ -177,7 +178,15 @@ def _kernel_bytes(at: HybridAttention, C: int, T: int, first: bool, cache_len: i
         if cpu and C <= 2048:                                # SDPA with the dense bool mask (attention.MaskSet)
             return Hm * C * C * (MASK_BUILD_BYTES + a)
         return flex(padded_len(C), padded_len(C))
-    K = cache_slots(pattern, cache_len) + C                  # [cached slots ; the chunk's own keys]
+    if not cpu:  # flex over [slots in use, padded ; the chunk, padded] (HybridAttention._chunk_over_slots_flex),
+        # GQA unexpanded, the key positions [Hp, keys] int32: no dense mask
+        pc = padded_len(C)
+        if isinstance(pattern, AttnSink):
+            ps = -(-(pattern.sink + pattern.window) // 128) * 128
+        else:
+            ps = padded_len(cache_slots(pattern, max(T - C, 1)))
+        return flex(pc, ps + pc) + (Hkv if pattern.head_dependent else 1) * (ps + pc) * 4
+    K = cache_slots(pattern, cache_len) + C                  # CPU: [all cached slots ; the chunk's own keys], masked
     return (2 * Hkv + (2 * H if H > Hkv else 0)) * K * D * a + K * 12 + Hm * C * K * (MASK_BUILD_BYTES + a) + lse
 
 
@@ -223,7 +232,9 @@ def prefill_activation_bytes(model: nn.Module, chunk_len: int, dtype: torch.dtyp
     plus the chunk's embedding CEa and the last token's logits only, V(a + 4). ``kernel`` (``_kernel_bytes``) is the
     attention path's own: LSE rows H pad(C) 4 (pad = flexgen_long.shapes.padded_len); flex's padded copies
     (2H pad(C) + 2Hkv pad(T))Da; on CPU a full layer's later chunk expands K/V to H heads and materialises its
-    lower-right mask, 2HTDa + CT(2 + 2a); a sparse layer's later chunk concatenates [cached slots ; chunk] keys (K =
+    lower-right mask, 2HTDa + CT(2 + 2a); a sparse layer's later chunk runs flex on GPU over [the slots in use,
+    padded to Ps ; the chunk, padded] (Ps = sink + window rounded up to a block for AttnSink, else the bucket of the
+    slots in use), with the key positions as int32; on CPU it concatenates [cached slots ; chunk] keys (K =
     slots + C), expands them to H heads and masks them, (2Hkv + 2H)KDa + Hm C K (11 + a) (Hm = H for a per-head
     pattern, else 1; 11 = ``MASK_BUILD_BYTES``: building a mask from positions goes through an int64 difference and
     bools; SDPA adds a float copy); a sparse first chunk on CPU of <= 2048 tokens uses a dense mask, Hm C^2 (11 + a).
@@ -278,6 +289,65 @@ def choose_prefill_chunk(model: nn.Module, prompt_len: int, free_bytes: int, dty
         else:
             hi = mid - 1
     return lo * m
+
+
+def decode_activation_bytes(model: nn.Module, batch_size: int, max_len: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Estimated peak transient bytes of one decode step of ``batch_size`` rows over caches of ``max_len`` (shapes
+    only). Per layer: the residual stream and the MLP's intermediates for B tokens, q/k/v, and the bool mask
+    [B, H, 1, slots] that a layer whose cache is not exactly the visible keys builds from positions (with its int64
+    comparisons: 11 bytes per element, as in ``prefill_activation_bytes``); then the logits [B, vocab] in the model's
+    dtype and in fp32 for sampling. Times ``PREFILL_SAFETY_FACTOR``, plus ``PREFILL_SLACK_BYTES``."""
+    _check_positive("batch_size", batch_size)
+    _check_positive("max_len", max_len)
+    a = torch.empty((), dtype=dtype).element_size()
+    B, E, V = batch_size, model.tok_embeddings.embedding_dim, model.tok_embeddings.num_embeddings
+    peak = 0
+    for layer in model.layers:
+        at, F = layer.attn, layer.mlp.w1.out_features
+        H, Hkv, D = at.num_heads, at.num_kv_heads, at.head_dim
+        slots = cache_slots(at.pattern.bind_heads(Hkv), max_len)
+        attention = B * (H + 2 * Hkv) * D * a + 2 * B * H * D * a + B * H * slots * MASK_BUILD_BYTES
+        peak = max(peak, 3 * B * E * a + max(attention, 3 * B * F * a + 2 * B * E * 4))
+    return int((peak + B * V * (a + 8)) * PREFILL_SAFETY_FACTOR) + PREFILL_SLACK_BYTES
+
+
+def serving_capacity(model: nn.Module, prompt_len: int, new_tokens: int, budget_bytes: int,
+                     dtype: torch.dtype = torch.bfloat16, prefill_chunk: int | None = 8192, device="cuda") -> dict:
+    """The largest batch of ``prompt_len``-token prompts, each generating ``new_tokens``, that ``generate()`` can hold
+    in ``budget_bytes`` of device memory -- the trimmed caches' serving gain, from shapes only (the model may live on
+    the meta device; nothing is allocated). Memory of a batch of B: the weights (every parameter, in ``dtype``) + the
+    KV caches (``plan_cache(B, prompt_len + new_tokens)``) + the larger of the prefill's activations (rows are
+    prefilled one at a time, so they do not grow with B; ``prefill_chunk`` tokens at a time, None = whole prompts;
+    ``prefill_activation_bytes`` on ``device``'s paths) and a decode step's (``decode_activation_bytes``). An
+    estimate: the activation terms err on the high side. Returns a dict with ``batch`` (0 when not even one fits) and
+    every term in bytes."""
+    _check_positive("prompt_len", prompt_len)
+    _check_positive("new_tokens", new_tokens)
+    _check_positive("budget_bytes", budget_bytes)
+    if prefill_chunk is not None:
+        _check_positive("prefill_chunk", prefill_chunk)
+    a = torch.empty((), dtype=dtype).element_size()
+    weights = sum(p.numel() for p in model.parameters()) * a
+    max_len = prompt_len + new_tokens
+    chunk = min(prefill_chunk or prompt_len, prompt_len)
+    prefill = prefill_activation_bytes(model, chunk, dtype, prompt_len, max_len, device)
+    kv_row = plan_cache(model, 1, max_len, dtype).total_bytes
+
+    def need(b: int) -> int:
+        return weights + plan_cache(model, b, max_len, dtype).total_bytes + max(
+            prefill, decode_activation_bytes(model, b, max_len, dtype))
+
+    lo, hi = 0, max(1, (budget_bytes - weights) // max(kv_row, 1) + 1)
+    while lo < hi:  # the largest b with need(b) <= budget (need grows with b)
+        mid = (lo + hi + 1) // 2
+        if need(mid) <= budget_bytes:
+            lo = mid
+        else:
+            hi = mid - 1
+    return {"batch": lo, "budget_bytes": budget_bytes, "weights_bytes": weights, "kv_per_row_bytes": kv_row,
+            "prefill_activation_bytes": prefill, "prefill_chunk": prefill_chunk,
+            "decode_activation_bytes": decode_activation_bytes(model, max(lo, 1), max_len, dtype),
+            "total_bytes": need(lo) if lo else need(1)}
 
 
 class LayerCache:

@@ -6,7 +6,7 @@ import torch
 
 from flexgen_long.cache import (PREFILL_SLACK_BYTES, LayerCache, ModelCache, cache_slots, check_fits,
                                 choose_prefill_chunk, plan_cache, prefill_activation_bytes)
-from flexgen_long.models import longgen_llama, longgen_llama2_7b, longgen_tiny
+from flexgen_long.models import longgen_llama, longgen_llama2_7b, longgen_llama3_1_8b, longgen_tiny
 from flexgen_long.patterns import AttnSink, BlockSparse, Full
 
 PATTERNS = [Full(), AttnSink(3, 10), AttnSink(0, 7), BlockSparse(16, 2, 3, per_head=True),
@@ -252,3 +252,30 @@ def test_cached_block_mask_bad_arguments():
         build_cached_block_mask(AttnSink(1, 4), pos, 5, q_offset=-1)
     with pytest.raises(ValueError, match="end must be"):
         LayerCache(AttnSink(1, 4), 1, 1, 2, 50, torch.float32, "cpu").used_slots(51)
+
+
+def test_serving_capacity_is_the_largest_batch_that_fits():
+    """serving_capacity's batch fits the budget and one more row does not; the hybrid 8B at 128K holds more rows than
+    the dense one (its trimmed caches); a budget below the weights gives 0; bad arguments name the field."""
+    from flexgen_long.cache import decode_activation_bytes, serving_capacity
+    GiB = 2**30
+    with torch.device("meta"):
+        hyb = longgen_llama3_1_8b(max_seq_len=131072 + 128)
+        dense = longgen_llama3_1_8b(max_seq_len=131072 + 128, full_layers="all")
+    weights = sum(p.numel() for p in hyb.parameters()) * 2
+    for model in (hyb, dense):
+        r = serving_capacity(model, 131072, 128, 79 * GiB)
+        b = r["batch"]
+        assert b >= 1 and r["total_bytes"] <= 79 * GiB and r["weights_bytes"] == weights
+
+        def need(n):
+            return weights + plan_cache(model, n, 131072 + 128).total_bytes + max(
+                r["prefill_activation_bytes"], decode_activation_bytes(model, n, 131072 + 128))
+        assert need(b) == r["total_bytes"] <= 79 * GiB < need(b + 1)
+    assert serving_capacity(hyb, 131072, 128, 79 * GiB)["batch"] >= 2.5 * serving_capacity(
+        dense, 131072, 128, 79 * GiB)["batch"]
+    assert serving_capacity(hyb, 131072, 128, weights // 2)["batch"] == 0
+    with pytest.raises(ValueError, match="budget_bytes must be an int >= 1"):
+        serving_capacity(hyb, 131072, 128, 0)
+    with pytest.raises(ValueError, match="prefill_chunk must be an int >= 1"):
+        serving_capacity(hyb, 131072, 128, GiB, prefill_chunk=0)

@@ -108,3 +108,20 @@ def test_served_figure_counts_every_call_and_marks_failures(tmp_path):
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(SystemExit, match="broken.json"):
         plot_speedups.main(["--served", str(tmp_path / "broken.json")])
+
+
+def test_capacity_script_writes_the_plan_and_its_figure(tmp_path):
+    """analysis/capacity.py: every (shape, layout, context) row, hybrid rows with their ratio to dense, the figure."""
+    cap = load_script("analysis/capacity.py")
+    out, fig = tmp_path / "cap.json", tmp_path / "cap.png"
+    cap.main(["--out", str(out), "--figure", str(fig), "--contexts", "8192", "--budget-gib", "40"])
+    res = json.loads(out.read_text())
+    assert {(r["shape"], r["layout"]) for r in res["rows"]} == {
+        (s, lay) for s in ("llama2_7b", "llama3_1_8b") for lay in ("hybrid", "dense")}
+    for r in res["rows"]:
+        assert r["batch"] >= 1 and r["total_bytes"] <= 40
+        if r["layout"] == "hybrid":
+            assert r["batch_ratio_vs_dense"] >= 1
+    assert fig.exists() and "estimate" in res["what"]
+    with pytest.raises(SystemExit, match="--budget-gib must be > 0"):
+        cap.main(["--out", str(out), "--budget-gib", "0"])
