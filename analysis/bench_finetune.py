@@ -8,10 +8,12 @@ full attention, launched with `tune run` exactly as a user does (`--nproc_per_no
     python analysis/bench_finetune.py --plan-only --nproc 8 2 --specs 7b-32k 7b-64k 7b-128k
 
 Specs are `<model>-<K tokens>`. Models: `7b` -- the shipped configs `recipes/configs/llama2_7b_longgen_128k.yaml`
-(hybrid: middle third full, AttnSink(64, 1984)) and `llama2_7b_full_128k.yaml` (`full_layers: all`) with random weights
+(hybrid: middle third full, AttnSink(128, 1920)) and `llama2_7b_full_128k.yaml` (`full_layers: all`) with random weights
 (`checkpoint.base_dir=null`, a byte tokenizer, the Python standard library's sources as text; speed does not depend on
-weights or text); `7b<N>l` -- the same with N layers; `1b` -- the Llama-3.2-1B shape on `tiny_longgen.yaml`'s recipe
-fields. Every run: `max_steps` optimizer steps of one micro-batch per GPU (`gradient_accumulation_steps=1`), bf16,
+weights or text); `7b<N>l` -- the same with N layers; `1b` / `3b` -- the Llama-3.2-1B / 3B shape (16 / 28 layers) on
+`tiny_longgen.yaml`'s recipe fields. The whole-recipe step of the 3B shape on one GPU:
+
+    python analysis/bench_finetune.py --specs 3b-64k 3b-128k --out analysis/results/finetune_3b_<card>.json Every run: `max_steps` optimizer steps of one micro-batch per GPU (`gradient_accumulation_steps=1`), bf16,
 activation checkpointing, `compile=false` (flex compiled inside the model, full layers on SDPA -- as the committed
 one- and two-GPU records ran). Step time is the median over the steps after the first (which compiles), from the
 recipe's own metrics (tokens/s per rank); peak memory is torchtune's, on rank 0, per step. Each run's record also holds
@@ -53,14 +55,16 @@ def model_args(name: str, layout: str) -> tuple[str, list[str]]:
     """(config, overrides) of model ``name`` with ``layout`` ('hybrid' or 'full')."""
     if layout not in ("hybrid", "full"):
         raise ValueError(f"layout must be 'hybrid' or 'full', got {layout!r}")
-    if name == "1b":  # Llama-3.2-1B shape, 16 layers, middle third (5..9) full
+    if name in ("1b", "3b"):  # Llama-3.2-1B shape (16 layers, 5..9 full) / 3B (28 layers, middle third 9..17 full)
         return f"{CONFIGS}/tiny_longgen.yaml", [
-            "model._component_=flexgen_long.models.longgen_llama3_2_1b", "~model.vocab_size", "model.rope_base=500000",
+            f"model._component_=flexgen_long.models.longgen_llama3_2_{name}", "~model.vocab_size", "model.rope_base=500000",
             f"model.full_layers={'all' if layout == 'full' else 'middle'}", "model.sparse_pattern.sink=128",
-            "model.sparse_pattern.window=1920"]
+            "model.sparse_pattern.window=1920",
+            # 3B at 64K-128K: the chunked loss (no [seq_len, vocab] fp32 logits at once), as the 7B configs
+            *(["loss._component_=torchtune.modules.loss.CEWithChunkedOutputLoss"] if name == "3b" else [])]
     m = re.fullmatch(r"7b(?:(\d+)l)?", name)
     if not m or (m.group(1) is not None and not 1 <= int(m.group(1)) <= 32):
-        raise ValueError(f"model must be 1b, 7b or 7b<N>l (N in 1..32 layers), got {name!r}")
+        raise ValueError(f"model must be 1b, 3b, 7b or 7b<N>l (N in 1..32 layers), got {name!r}")
     config = f"{CONFIGS}/llama2_7b_{'longgen' if layout == 'hybrid' else 'full'}_128k.yaml"
     shape = [*LLAMA2_7B_SHAPE, f"model.num_layers={m.group(1)}"] if m.group(1) else []
     return config, [*RANDOM_WEIGHTS, *shape]

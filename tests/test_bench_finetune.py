@@ -29,7 +29,7 @@ def test_runs_of_the_7b_benchmark_validate_and_plan():
     args = bench.run_args("7b", 65536, "full", 8, 3, "/tmp/x", "/tmp/y")
     assert args[:4] == ["tune", "run", "--nproc_per_node", "8"] and "recipes/configs/llama2_7b_full_128k.yaml" in args
     assert {"seq_len=65536", "model.max_seq_len=65536", "checkpoint.base_dir=null", "compile=false"} <= set(args)
-    with pytest.raises(ValueError, match=r"model must be 1b, 7b or 7b<N>l \(N in 1..32 layers\), got '7b40l'"):
+    with pytest.raises(ValueError, match=r"model must be 1b, 3b, 7b or 7b<N>l \(N in 1..32 layers\), got '7b40l'"):
         bench.parse_spec("7b40l-32k")
     with pytest.raises(ValueError, match=r"spec must be <model>-<K tokens>"):
         bench.parse_spec("7b-128")
