@@ -283,7 +283,7 @@ def generate(model: nn.Module, prompts, *, max_new_tokens: int, temperature: flo
 
 
 @torch.inference_mode()
-def warmup(model: nn.Module, max_prompt_len: int, prefill_chunk: int | None = None) -> dict:
+def warmup(model: nn.Module, max_prompt_len: int, prefill_chunk: int | str | None = None) -> dict:
     """Compile, ahead of traffic, every graph that ``generate(prompts, prefill_chunk=prefill_chunk)`` can need for
     prompts of up to ``max_prompt_len`` tokens. Compiled code runs in three places of a prefill (flexgen_long.shapes):
     a prompt's first chunk (flex in the sparse and packed layers, at the bucket of the chunk's length) and, on GPU,
@@ -293,13 +293,24 @@ def warmup(model: nn.Module, max_prompt_len: int, prefill_chunk: int | None = No
     never on the cache's size (so not on ``max_new_tokens``). One prefill per bucket length covers them all: the
     first chunks at every bucket, the full layers' key buckets at the lengths past the chunk, and every offset a
     prompt can have (the multiples of the chunk size below ``max_prompt_len``) in the chunked prefill of the longest
-    prompt. Returns ``{"graphs": new compiled graphs, "seconds": wall time}``."""
+    prompt. ``prefill_chunk="auto"``: the chunk that ``generate()``'s default would choose for one prompt of
+    ``max_prompt_len`` tokens on this device now (None when it fits whole); a batch's larger caches may leave less room
+    and make ``generate()`` choose a smaller one (``Generation.prefill_chunk`` says which) -- warm that one up too.
+    Returns ``{"graphs": new compiled graphs, "seconds": wall time, "prefill_chunk": the chunk warmed up}``."""
     if not isinstance(max_prompt_len, int) or max_prompt_len < 1 or max_prompt_len > model.max_seq_len:
         raise ValueError(f"max_prompt_len must be an int in [1, model.max_seq_len={model.max_seq_len}], got "
                          f"{max_prompt_len!r}")
-    if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
-        raise ValueError(f"prefill_chunk must be None (whole prompt) or an int >= 1, got {prefill_chunk!r}")
+    if prefill_chunk != "auto" and prefill_chunk is not None and (
+            not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or prefill_chunk < 1):
+        raise ValueError(f"prefill_chunk must be 'auto' (generate()'s default choice), None (whole prompt) or an int "
+                         f">= 1, got {prefill_chunk!r}")
     param = next(model.parameters())
+    if prefill_chunk == "auto":  # as generate() decides it, for one prompt of max_prompt_len tokens
+        plan = plan_cache(model, 1, max_prompt_len, param.dtype)
+        free = free_memory_bytes(param.device)
+        check_fits(plan, param.device, free_bytes=free)
+        prefill_chunk = choose_prefill_chunk(model, max_prompt_len, free - plan.total_bytes, param.dtype,
+                                             max_prompt_len, param.device)
     chunk = prefill_chunk if prefill_chunk is not None and prefill_chunk < max_prompt_len else None
     # the top bucket may pass the longest prompt: its shorter lengths share that bucket
     lengths = {min(b, max_prompt_len) for b in buckets(chunk or max_prompt_len)}  # first chunks
@@ -315,4 +326,4 @@ def warmup(model: nn.Module, max_prompt_len: int, prefill_chunk: int | None = No
         del cache
     if param.device.type == "cuda":
         torch.cuda.synchronize(param.device)
-    return {"graphs": len(compiled_graphs()) - g0, "seconds": time.perf_counter() - t0}
+    return {"graphs": len(compiled_graphs()) - g0, "seconds": time.perf_counter() - t0, "prefill_chunk": prefill_chunk}

@@ -242,6 +242,21 @@ def test_auto_prefill_chunk_from_the_memory_plan(monkeypatch):
         generate(model, prompts, max_new_tokens=new)
 
 
+def test_warmup_auto_resolves_the_chunk_generate_would_choose(monkeypatch):
+    """warmup(prefill_chunk='auto') warms the chunk that generate()'s default picks for one prompt of max_prompt_len
+    tokens (None with ample memory, the memory plan's chunk when tight) and says which; bad values name the field."""
+    from flexgen_long.generation import warmup
+    model = longgen_tiny(vocab_size=259)
+    assert warmup(model, 1000, "auto")["prefill_chunk"] is None
+    plan = plan_cache(model, 1, 1000, torch.float32)
+    act = {c: prefill_activation_bytes(model, c, torch.float32, 1000, 1000, "cpu") for c in (256, 384)}
+    monkeypatch.setattr(generation, "free_memory_bytes", lambda device: plan.total_bytes + (act[256] + act[384]) // 2)
+    w = warmup(model, 1000, "auto")
+    assert w["prefill_chunk"] == 256 and w["seconds"] > 0
+    with pytest.raises(ValueError, match="prefill_chunk must be 'auto'"):
+        warmup(model, 1000, "whole")
+
+
 def test_sample_filters():
     logits = torch.tensor([[0.0, 5.0, 4.0, -1.0]])
     assert sample(logits).tolist() == [1]
