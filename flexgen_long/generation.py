@@ -42,7 +42,8 @@ class Generation:
     is available earlier, so it is also each row's time to first token, counted from the start of prefill (the caches
     are planned and allocated before it). ``decode_s``: this row's own decode time -- wall time from the end of the
     prefill until the decode step that produced this row's last token had its ids on the host (0.0 when the prefill's
-    token was the row's only one). ``tokens_per_s``: this row's decode rate, its tokens after the first (which comes
+    token was the row's only one), less ``capture_s``, the CUDA-graph capture (once per kind of step and batch,
+    reported apart: it is setup, not decoding). ``tokens_per_s``: this row's decode rate, its tokens after the first (which comes
     from the prefill) over its ``decode_s``. A batch's rate over all rows: ``batch_tokens_per_s``."""
 
     tokens: list[int] = field(default_factory=list)
@@ -50,6 +51,7 @@ class Generation:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     prefill_chunk: int | None = None  # the chunk the prefill used (None: the whole prompt)
+    capture_s: float = 0.0  # CUDA-graph capture during this row's decode, excluded from decode_s (the batch's)
 
     @property
     def decode_tokens(self) -> int:
@@ -180,7 +182,10 @@ def compiled_decode_step(model: nn.Module, cache: ModelCache, batch_size: int, e
 
 class _GraphedStep:
     """decode_step captured into one CUDA graph per ``exact`` set; static input buffers, replayed each token.
-    ``compile``: capture the torch.compile'd step instead of the eager one."""
+    ``compile``: capture the torch.compile'd step instead of the eager one (its compilation then runs in the first,
+    real step of each kind and is not separated from it). ``capture_s``: wall time spent capturing graphs so far
+    (each capture between two device syncs, so it holds no decoding work) -- generate() reports it apart from the
+    decode time."""
 
     def __init__(self, model, cache, batch_size, device, compile: bool = False):
         self.compile, self.batch_size = compile, batch_size
@@ -188,6 +193,7 @@ class _GraphedStep:
         self.tokens = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.graphs: dict[frozenset, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self.capture_s = 0.0
 
     def __call__(self, tokens: Tensor, pos: Tensor, exact: frozenset) -> Tensor:
         self.tokens.copy_(tokens)
@@ -204,9 +210,13 @@ class _GraphedStep:
         with torch.cuda.stream(s):
             result = step(self.model, self.cache, self.tokens, self.pos, exact).clone()
         torch.cuda.current_stream().wait_stream(s)
+        torch.cuda.synchronize()  # the real step above is decoding; the capture below is not
+        t = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = step(self.model, self.cache, self.tokens, self.pos, exact)
+        torch.cuda.synchronize()
+        self.capture_s += time.perf_counter() - t
         self.graphs[exact] = (graph, out)
         return result
 
@@ -272,8 +282,10 @@ def generate(model: nn.Module, prompts, *, max_new_tokens: int, temperature: flo
                 if on_token is not None:
                     on_token(b, i)
                 done[b] = i in stop
-                if done[b] or final:  # this row's last token: its decode clock stops here
-                    results[b].decode_s = now - t1 if t > 0 else 0.0
+                if done[b] or final:  # this row's last token: its decode clock stops here, capture excluded
+                    captured = getattr(step_fn, "capture_s", 0.0)
+                    results[b].capture_s = captured
+                    results[b].decode_s = now - t1 - captured if t > 0 else 0.0
         if all(done) or final:
             break
         exact = exact_layers(model, cache, min(lens) + t, max(lens) + t)
