@@ -93,7 +93,8 @@ def run_ours(model, calls, vocab, new_tokens, label, save) -> list[dict]:
         try:
             gens = generate(model, prompts_for(lengths, vocab, i), max_new_tokens=new_tokens)
             rec.update(ttft_s=gens[0].prefill_s, decode_s=batch_decode_s(gens),
-                       decode_tokens=sum(g.decode_tokens for g in gens), prefill_chunk=gens[0].prefill_chunk)
+                       decode_tokens=sum(g.decode_tokens for g in gens), prefill_chunk=gens[0].prefill_chunk,
+                       capture_s=max(g.capture_s for g in gens))  # CUDA-graph capture, not in decode_s
         except Exception as e:  # noqa: BLE001 -- a failed call is a result of the workload
             rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             free()
