@@ -48,7 +48,7 @@ from .masks import build_block_mask, build_cached_block_mask, dense_mask
 from .patterns import AttnSink, Documents, Full, Pattern, check_doc_ids
 from .shapes import BLOCK, compiled, flex_graph_key, pad_seq, padded_len
 
-__all__ = ["HybridAttention", "MaskSet", "KVCacheStep", "FlexNotCompiledError", "FLEX_EAGER_MAX_LEN",
+__all__ = ["HybridAttention", "MaskSet", "KVCacheStep", "FlexNotCompiledError", "FLEX_EAGER_MAX_LEN", "slot_part_len",
            "CPU_DENSE_MAX_LEN", "flex_attend", "positions_in_documents"]
 
 #: Longest query or key length that flex may run uncompiled (its eager path allocates B*H*q_len*kv_len scores).
@@ -93,6 +93,16 @@ def flex_attend(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask) -> Tenso
         fn = compiled(_flex, flex_graph_key(q, k, v, block_mask), dynamic=False, fullgraph=True)
         out = fn(q, k, v, block_mask)
     return out if S == pq else out[:, :, :S]
+
+
+def slot_part_len(pattern: Pattern, used: int) -> int:
+    """Compiled length of the cached-slot part of a sparse layer's later prefill chunk, ``used`` slots in use: an
+    AttnSink ring never holds more than sink + window keys, so it is padded to that (rounded up to a block) at every
+    offset -- one graph per chunk bucket; the empty columns are key blocks the BlockMask lists for no query, which the
+    kernel skips. A BlockSparse stride store grows with the prompt: the bucket of the slots in use."""
+    if isinstance(pattern, AttnSink):
+        return -(-(pattern.sink + pattern.window) // BLOCK) * BLOCK
+    return padded_len(used)
 
 
 def _sdpa_causal(q: Tensor, k: Tensor, v: Tensor, q_offset: int = 0) -> Tensor:
@@ -330,12 +340,7 @@ class HybridAttention(MultiHeadAttention):
         row, o, C = step.row, step.offset, q.shape[2]
         n = cache.used_slots(o)
         pq = padded_len(max(C, step.chunk or C))
-        # The slot part's compiled length: an AttnSink ring never holds more than sink + window keys, so it is padded
-        # to that (rounded up to a block) at every offset -- one graph per chunk bucket; the empty columns are key
-        # blocks the BlockMask lists for no query, which the kernel skips. A BlockSparse stride store grows with the
-        # prompt: the bucket of the slots in use.
-        ring = isinstance(self.pattern, AttnSink)
-        ps = -(-(self.pattern.sink + self.pattern.window) // BLOCK) * BLOCK if ring else padded_len(n)
+        ps = slot_part_len(self.pattern, n)
         # Every layer of one pattern holds the same positions (they receive the same writes, and this chunk's own
         # write comes after its attention), so the layers of a pattern share one mask per step.
         bm = step.mask(("sparse_chunk", self.pattern, self.num_heads, self.num_kv_heads, n, ps, pq),

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .attention import HybridAttention
+from .attention import HybridAttention, slot_part_len
 from .patterns import AttnSink, BlockSparse, Full, Pattern
 from .shapes import padded_len
 
@@ -180,11 +180,7 @@ def _kernel_bytes(at: HybridAttention, C: int, T: int, first: bool, cache_len: i
         return flex(padded_len(C), padded_len(C))
     if not cpu:  # flex over [slots in use, padded ; the chunk, padded] (HybridAttention._chunk_over_slots_flex),
         # GQA unexpanded, the key positions [Hp, keys] int32: no dense mask
-        pc = padded_len(C)
-        if isinstance(pattern, AttnSink):
-            ps = -(-(pattern.sink + pattern.window) // 128) * 128
-        else:
-            ps = padded_len(cache_slots(pattern, max(T - C, 1)))
+        pc, ps = padded_len(C), slot_part_len(pattern, cache_slots(pattern, max(T - C, 1)))
         return flex(pc, ps + pc) + (Hkv if pattern.head_dependent else 1) * (ps + pc) * 4
     K = cache_slots(pattern, cache_len) + C                  # CPU: [all cached slots ; the chunk's own keys], masked
     return (2 * Hkv + (2 * H if H > Hkv else 0)) * K * D * a + K * 12 + Hm * C * K * (MASK_BUILD_BYTES + a) + lse
@@ -331,23 +327,23 @@ def serving_capacity(model: nn.Module, prompt_len: int, new_tokens: int, budget_
     max_len = prompt_len + new_tokens
     chunk = min(prefill_chunk or prompt_len, prompt_len)
     prefill = prefill_activation_bytes(model, chunk, dtype, prompt_len, max_len, device)
-    kv_row = plan_cache(model, 1, max_len, dtype).total_bytes
+    kv_row = plan_cache(model, 1, max_len, dtype).total_bytes  # every cache term is linear in the batch
 
-    def need(b: int) -> int:
-        return weights + plan_cache(model, b, max_len, dtype).total_bytes + max(
-            prefill, decode_activation_bytes(model, b, max_len, dtype))
+    def need(b: int) -> tuple[int, int]:  # (total, decode activations) of a batch of b
+        dec = decode_activation_bytes(model, b, max_len, dtype)
+        return weights + b * kv_row + max(prefill, dec), dec
 
     lo, hi = 0, max(1, (budget_bytes - weights) // max(kv_row, 1) + 1)
     while lo < hi:  # the largest b with need(b) <= budget (need grows with b)
         mid = (lo + hi + 1) // 2
-        if need(mid) <= budget_bytes:
+        if need(mid)[0] <= budget_bytes:
             lo = mid
         else:
             hi = mid - 1
+    total, dec = need(max(lo, 1))
     return {"batch": lo, "budget_bytes": budget_bytes, "weights_bytes": weights, "kv_per_row_bytes": kv_row,
-            "prefill_activation_bytes": prefill, "prefill_chunk": prefill_chunk,
-            "decode_activation_bytes": decode_activation_bytes(model, max(lo, 1), max_len, dtype),
-            "total_bytes": need(lo) if lo else need(1)}
+            "prefill_activation_bytes": prefill, "prefill_chunk": prefill_chunk, "decode_activation_bytes": dec,
+            "total_bytes": total}
 
 
 class LayerCache:

@@ -25,7 +25,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .attention import HybridAttention, KVCacheStep
+from .attention import KVCacheStep
+from .patterns import AttnSink, Full
 from .cache import ModelCache, check_fits, choose_prefill_chunk, free_memory_bytes, plan_cache
 from .shapes import buckets, compiled, compiled_graphs
 
@@ -116,13 +117,11 @@ def decode_step(model: nn.Module, cache: ModelCache, tokens: Tensor, pos: Tensor
 def exact_layers(model: nn.Module, cache: ModelCache, lo: int, hi: int) -> frozenset:
     """Layers whose cache, after writing tokens at positions in [lo, hi] (one per row), holds exactly the keys each
     row's query may see: a full buffer that every row fills to its last slot, or an AttnSink ring that every row has
-    filled (q >= sink + window - 1). BlockSparse stores keep stale off-stride slots: never exact. Host arithmetic."""
-    from .patterns import AttnSink, Full
+    filled (q >= sink + window - 1). BlockSparse stores keep stale off-stride slots: never exact. Host arithmetic over
+    the cache's own layer list (it runs once per generated token: no walk over the model's modules)."""
     out = set()
-    for a in model.modules():
-        if not isinstance(a, HybridAttention):
-            continue
-        c, p = cache[a], a.pattern
+    for a, c in cache.layers.items():
+        p = a.pattern
         if (isinstance(p, Full) or (isinstance(p, AttnSink) and c.slots < p.sink + p.window)) \
                 and lo == hi == c.slots - 1:
             out.add(a)
@@ -170,6 +169,18 @@ def _check(prompts, max_new_tokens, temperature, top_k, top_p, prefill_chunk, vo
             (not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or prefill_chunk < 1):
         raise ValueError(f"prefill_chunk must be 'auto' (the whole prompt if it fits, else a chunk chosen from the "
                          f"memory plan), None (the whole prompt) or an int >= 1, got {prefill_chunk!r}")
+
+
+def _checked_prefill_chunk(model: nn.Module, batch_size: int, max_len: int, longest: int, prefill_chunk, dtype,
+                           device):
+    """Check the caches' plan against free memory before anything is allocated, then return the prefill chunk:
+    ``prefill_chunk`` itself, or for "auto" the one that fits in what the caches leave (``choose_prefill_chunk``)."""
+    plan = plan_cache(model, batch_size, max_len, dtype)
+    free = free_memory_bytes(device)
+    check_fits(plan, device, free_bytes=free)  # the caches' bytes first ...
+    if prefill_chunk == "auto":  # ... then the prefill's activations in what they leave
+        prefill_chunk = choose_prefill_chunk(model, longest, free - plan.total_bytes, dtype, max_len, device)
+    return prefill_chunk
 
 
 def compiled_decode_step(model: nn.Module, cache: ModelCache, batch_size: int, exact: frozenset):
@@ -251,11 +262,7 @@ def generate(model: nn.Module, prompts, *, max_new_tokens: int, temperature: flo
     if max_len > model.max_seq_len:
         raise ValueError(f"longest prompt ({max(lens)}) + max_new_tokens ({max_new_tokens}) = {max_len} exceeds "
                          f"model.max_seq_len={model.max_seq_len}")
-    plan = plan_cache(model, B, max_len, dtype)
-    free = free_memory_bytes(device)
-    check_fits(plan, device, free_bytes=free)  # the caches' bytes first ...
-    if prefill_chunk == "auto":  # ... then the prefill's activations in what they leave
-        prefill_chunk = choose_prefill_chunk(model, max(lens), free - plan.total_bytes, dtype, max_len, device)
+    prefill_chunk = _checked_prefill_chunk(model, B, max_len, max(lens), prefill_chunk, dtype, device)
     cache = ModelCache(model, B, max_len, dtype, device, check_memory=False)  # checked above
     if cuda_graph is None:
         cuda_graph = device.type == "cuda"
@@ -318,11 +325,8 @@ def warmup(model: nn.Module, max_prompt_len: int, prefill_chunk: int | str | Non
                          f">= 1, got {prefill_chunk!r}")
     param = next(model.parameters())
     if prefill_chunk == "auto":  # as generate() decides it, for one prompt of max_prompt_len tokens
-        plan = plan_cache(model, 1, max_prompt_len, param.dtype)
-        free = free_memory_bytes(param.device)
-        check_fits(plan, param.device, free_bytes=free)
-        prefill_chunk = choose_prefill_chunk(model, max_prompt_len, free - plan.total_bytes, param.dtype,
-                                             max_prompt_len, param.device)
+        prefill_chunk = _checked_prefill_chunk(model, 1, max_prompt_len, max_prompt_len, "auto", param.dtype,
+                                               param.device)
     chunk = prefill_chunk if prefill_chunk is not None and prefill_chunk < max_prompt_len else None
     # the top bucket may pass the longest prompt: its shorter lengths share that bucket
     lengths = {min(b, max_prompt_len) for b in buckets(chunk or max_prompt_len)}  # first chunks

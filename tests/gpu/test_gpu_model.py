@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from flexgen_long import AttnSink, BlockSparse, longgen_llama, longgen_tiny
-from flexgen_long.attention import HybridAttention, MaskSet
+from flexgen_long.attention import HybridAttention, MaskSet, slot_part_len
 from flexgen_long.cache import ModelCache, cache_slots, check_fits, free_memory_bytes, plan_cache
 from flexgen_long.generation import generate, prefill, warmup
 from reference import rel_err
@@ -255,8 +255,7 @@ def test_sparse_later_chunks_many_lengths_and_offsets(pattern, dtype, record_pro
             got = prefill(model, cache, prompt, 0, chunk, all_logits=True)
             del cache
         worst = max(worst, rel_err(got, want))
-        ring = -(-(pattern.sink + pattern.window) // 128) * 128 if isinstance(pattern, AttnSink) else None
-        keys |= {(padded_len(chunk), ring or padded_len(cache_slots(pattern.bind_heads(2), o)))
+        keys |= {(padded_len(chunk), slot_part_len(pattern, cache_slots(pattern.bind_heads(2), o)))
                  for o in range(chunk, n, chunk)}
     graphs = sparse_chunk_graphs() - before
     record_property("prefill_vs_forward_max_rel_err", worst)
