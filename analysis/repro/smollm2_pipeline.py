@@ -285,7 +285,8 @@ def build_summary(out: Path, p: dict) -> dict:
                             "length": h["length"]}
         variants[v] = row
     base = load("heads_base")
-    return {"parameters": p, "d_full_layers": base["suggested_full_layers"]["top"] if base else None,
+    cards = sorted({j["card"] for j in map(load, [f"eval_{v}" for v in EVALS] + ["heads_base"]) if j and j.get("card")})
+    return {"parameters": p, "card": ", ".join(cards) or None, "d_full_layers": base["suggested_full_layers"]["top"] if base else None,
             "stages_done": [s for s in STAGES if s != "summary" and (out / f"{s}.json").exists()],
             "variants": variants}
 
@@ -297,8 +298,9 @@ def plot_summary(summary: dict, out: Path) -> list[Path]:
     rows, written = summary["variants"], []
     style = lambda v: {"color": "black", "lw": 2.5} if v == "a" else {"ls": "--"} if v in INFERENCE else {}  # noqa
 
-    # accuracy (mean over depths) and perplexity vs length
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    card = f" ({summary['card']})" if summary.get("card") else ""
+    # accuracy (mean over depths) and perplexity vs length, then training speed
+    fig, axes = plt.subplots(1, 4, figsize=(22, 4.8), gridspec_kw={"width_ratios": [1, 1, 1, 0.7]})
     for ax, task, title in zip(axes, ("passkey", "multikey_needle", None),
                                ("passkey accuracy", "multi-key needle accuracy", "perplexity (held-out)")):
         for v, r in rows.items():
@@ -312,9 +314,26 @@ def plot_summary(summary: dict, out: Path) -> list[Path]:
         ax.set_title(title + ("" if task is None else " (mean over depths)"))
         if task:
             ax.set_ylim(-0.03, 1.03)
-        ax.grid(alpha=0.3)
+        else:
+            ax.set_yscale("log")  # the unextended models reach 100s at 32K; the trained ones differ by percents
+        ax.grid(alpha=0.3, which="both")
     axes[2].legend(fontsize=7)
-    fig.suptitle(f"SmolLM2-135M extended to {summary['parameters']['seq_len']} tokens: retrieval and perplexity")
+    trained = {v: r["training"] for v, r in rows.items() if r.get("training")}
+    ax = axes[3]
+    if trained:
+        names = list(trained)
+        rates = [trained[v]["tokens_per_s"] / 1e3 for v in names]
+        bars = ax.bar(names, rates, color=["black" if v == "a" else "tab:blue" for v in names])
+        ref = trained.get("a", {}).get("tokens_per_s")
+        for b, v in zip(bars, names):
+            ax.text(b.get_x() + b.get_width() / 2, b.get_height(), f"{b.get_height():.1f}K"
+                    + (f"\n{trained[v]['tokens_per_s'] / ref:.2f}x a" if ref and v != "a" else ""),
+                    ha="center", va="bottom", fontsize=8)
+        ax.set_ylabel("training tokens/s (thousands)")
+        ax.set_ylim(0, max(rates) * 1.25)
+    ax.set_title("training speed (steady steps)")
+    fig.suptitle(f"SmolLM2-135M extended to {summary['parameters']['seq_len']} tokens: retrieval, perplexity and "
+                 f"training speed{card}")
     fig.tight_layout()
     fig.savefig(out / "summary.png", dpi=110)
     plt.close(fig)
@@ -341,6 +360,7 @@ def plot_summary(summary: dict, out: Path) -> list[Path]:
                         ax.text(b, a, f"{val:.2f}", ha="center", va="center", fontsize=6)
                 ax.set_title(f"{v}: {task}", fontsize=8)
         fig.colorbar(im, ax=axes.ravel().tolist(), label="exact match", shrink=0.8)
+        fig.suptitle(f"exact match by needle depth (rows) and context length (columns){card}")
         fig.savefig(out / "heatmaps.png", dpi=100)
         plt.close(fig)
         written.append(out / "heatmaps.png")
@@ -360,7 +380,7 @@ def plot_summary(summary: dict, out: Path) -> list[Path]:
         ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        ax.set_title("retrieval heads before (base) and after extension")
+        ax.set_title(f"retrieval heads before (base) and after extension{card}")
         fig.tight_layout()
         fig.savefig(out / "heads.png", dpi=110)
         plt.close(fig)
