@@ -30,7 +30,8 @@ from .patterns import AttnSink, Full
 from .cache import ModelCache, check_fits, choose_prefill_chunk, free_memory_bytes, plan_cache
 from .shapes import buckets, compiled, compiled_graphs
 
-__all__ = ["generate", "Generation", "batch_decode_s", "batch_tokens_per_s", "prefill", "decode_step", "forward_cached",
+__all__ = ["generate", "Generation", "batch_decode_s", "batch_tokens_per_s", "prefill", "decode_step",
+           "fused_decode_step", "forward_cached",
            "sample", "exact_layers", "warmup"]
 
 
@@ -53,6 +54,7 @@ class Generation:
     decode_s: float = 0.0
     prefill_chunk: int | None = None  # the chunk the prefill used (None: the whole prompt)
     capture_s: float = 0.0  # CUDA-graph capture during this row's decode, excluded from decode_s (the batch's)
+    compile_s: float = 0.0  # generate(compile_decode=True): compiling the decode step, before the prefill (the batch's)
 
     @property
     def decode_tokens(self) -> int:
@@ -183,17 +185,53 @@ def _checked_prefill_chunk(model: nn.Module, batch_size: int, max_len: int, long
     return prefill_chunk
 
 
-def compiled_decode_step(model: nn.Module, cache: ModelCache, batch_size: int, exact: frozenset):
-    """decode_step through torch.compile (inductor fuses RMSNorm, RoPE, the residual adds and the cache writes: eager
-    torchtune layers launch ~30 small kernels per layer, which keeps a decode step off the memory-bandwidth roof).
-    Static shapes: one compiled function per (model, batch size, cache length, ``exact`` set), each compiled once
-    (flexgen_long.shapes.compiled), on the warm-up step before CUDA-graph capture."""
-    return compiled(decode_step, (id(model), batch_size, cache.max_len, exact), dynamic=False)
+#: The torch.compile backend of ``fused_decode_step`` (the CPU tests use "eager": dynamo's graph split without
+#: Inductor's code generation, which takes minutes on a 2-core CPU).
+DECODE_COMPILE_BACKEND = "inductor"
+
+
+def _decode_layer(layer: nn.Module, h: Tensor, step: KVCacheStep, input_pos: Tensor) -> Tensor:
+    return layer(h, mask=step, input_pos=input_pos)
+
+
+def fused_decode_step(model: nn.Module, cache: ModelCache, tokens: Tensor, pos: Tensor,
+                      exact: frozenset = frozenset()) -> Tensor:
+    """``decode_step`` with each layer's work around attention compiled: Inductor fuses RMSNorm, RoPE, the residual
+    adds and the SiLU gate into a few kernels per layer around cuBLAS GEMVs, where eager torchtune layers launch ~30
+    small kernels; the attention itself (cache write, mask, SDPA: ``HybridAttention._decode``) is excluded from
+    compilation and runs between the graphs. Same logits as ``decode_step`` up to kernel rounding.
+
+    Compiled graphs: the layer code is shared by every layer (torch.compile treats their parameters as inputs), so
+    the step compiles four graphs -- RMSNorm; the q/k/v projections and RoPE; the output projection; the residual,
+    RMSNorm and MLP -- whatever the depth, the cache size or the ``exact`` set: at most three such sets per model
+    shape and dtype, for the first batch size, for batch 1 (always specialised), and one with the batch dimension
+    dynamic (torch.compile's automatic dynamic shapes) that serves every later batch size. Compilation happens on the first call (on CUDA: the warm-up step before
+    CUDA-graph capture, outside ``decode_s``)."""
+    step = KVCacheStep(cache, "decode", pos=pos, exact=exact)
+    layer_fn = compiled(_decode_layer, ("decode_layer", DECODE_COMPILE_BACKEND), backend=DECODE_COMPILE_BACKEND)
+    h = model.tok_embeddings(tokens.view(-1, 1))
+    input_pos = pos.view(-1, 1)
+    for layer in model.layers:
+        h = layer_fn(layer, h, step, input_pos)
+    return model.unembed(h)[:, -1]
+
+
+def compile_decode_ahead(model: nn.Module, batch_size: int, dtype: torch.dtype, device) -> float:
+    """Compile ``fused_decode_step`` for this batch size before any real step, on a throwaway one-token cache (its
+    graphs do not depend on the cache), so that compilation stays out of the decode timings. Returns the wall time
+    (milliseconds once the graphs exist)."""
+    t = time.perf_counter()
+    tmp = ModelCache(model, batch_size, 1, dtype, device, check_memory=False)  # a few KiB
+    zeros = torch.zeros(batch_size, dtype=torch.long, device=device)
+    fused_decode_step(model, tmp, zeros, zeros)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t
 
 
 class _GraphedStep:
     """decode_step captured into one CUDA graph per ``exact`` set; static input buffers, replayed each token.
-    ``compile``: capture the torch.compile'd step instead of the eager one (its compilation then runs in the first,
+    ``compile``: capture ``fused_decode_step`` instead of the eager step (its compilation then runs in the first,
     real step of each kind and is not separated from it). ``capture_s``: wall time spent capturing graphs so far
     (each capture between two device syncs, so it holds no decoding work) -- generate() reports it apart from the
     decode time."""
@@ -205,6 +243,8 @@ class _GraphedStep:
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.graphs: dict[frozenset, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self.capture_s = 0.0
+        self.compile_s = compile_decode_ahead(model, batch_size, next(iter(cache.layers.values())).k.dtype,
+                                              device) if compile else 0.0
 
     def __call__(self, tokens: Tensor, pos: Tensor, exact: frozenset) -> Tensor:
         self.tokens.copy_(tokens)
@@ -215,7 +255,7 @@ class _GraphedStep:
             return out
         # First step of this kind: run it for real on a side stream (warm-up, as CUDA graphs require), then capture
         # the same step; capturing runs nothing, so the caches are written once.
-        step = compiled_decode_step(self.model, self.cache, self.batch_size, exact) if self.compile else decode_step
+        step = fused_decode_step if self.compile else decode_step
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
@@ -236,7 +276,7 @@ class _GraphedStep:
 def generate(model: nn.Module, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, stop_tokens=None, prefill_chunk: int | str | None = "auto",
              on_token: Callable[[int, int], None] | None = None, cuda_graph: bool | None = None,
-             generator: torch.Generator | None = None) -> list[Generation]:
+             compile_decode: bool = False, generator: torch.Generator | None = None) -> list[Generation]:
     """Generate up to ``max_new_tokens`` ids after each prompt (lists of token ids, any lengths).
 
     temperature 0 = greedy; ``top_k`` / ``top_p`` restrict sampling; a row stops after emitting one of ``stop_tokens``.
@@ -246,7 +286,9 @@ def generate(model: nn.Module, prompts, *, max_new_tokens: int, temperature: flo
     (flexgen_long.cache.prefill_activation_bytes) fit in the free memory the KV caches leave, else the largest
     multiple of 128 tokens that fits (flexgen_long.cache.choose_prefill_chunk; MemoryError when not even 128 does).
     The chunk used is in each result's ``prefill_chunk``. ``cuda_graph``: replay decode steps from CUDA graphs
-    (default: on CUDA). The caches are planned and checked against free memory before they are allocated, and the
+    (default: on CUDA). ``compile_decode``: decode with ``fused_decode_step`` (each layer's work around attention
+    compiled; compiled once per process before the first step, reported as ``compile_s``, outside ``decode_s``); off
+    by default until its speed is measured. The caches are planned and checked against free memory before they are allocated, and the
     automatic chunk is chosen after the caches' bytes are taken, before anything is allocated.
 
     Timings (see ``Generation``): ``prefill_s`` is the batch's, ``decode_s`` / ``tokens_per_s`` each row's own (a
@@ -266,8 +308,13 @@ def generate(model: nn.Module, prompts, *, max_new_tokens: int, temperature: flo
     cache = ModelCache(model, B, max_len, dtype, device, check_memory=False)  # checked above
     if cuda_graph is None:
         cuda_graph = device.type == "cuda"
-    step_fn = _GraphedStep(model, cache, B, device) if cuda_graph else \
-        (lambda tok, pos, exact: decode_step(model, cache, tok, pos, exact))
+    if cuda_graph:
+        step_fn = _GraphedStep(model, cache, B, device, compile=compile_decode)
+        compile_s = step_fn.compile_s
+    else:
+        compile_s = compile_decode_ahead(model, B, dtype, device) if compile_decode else 0.0
+        one_step = fused_decode_step if compile_decode else decode_step
+        step_fn = lambda tok, pos, exact: one_step(model, cache, tok, pos, exact)  # noqa: E731
 
     t0 = time.perf_counter()
     last = torch.stack([prefill(model, cache, torch.tensor(p, device=device), row, prefill_chunk)
@@ -276,7 +323,8 @@ def generate(model: nn.Module, prompts, *, max_new_tokens: int, temperature: flo
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t1 = time.perf_counter()
-    results = [Generation(prompt_len=n, prefill_s=t1 - t0, prefill_chunk=prefill_chunk) for n in lens]
+    results = [Generation(prompt_len=n, prefill_s=t1 - t0, prefill_chunk=prefill_chunk, compile_s=compile_s)
+               for n in lens]
     pos = torch.tensor(lens, device=device)  # position of the token fed next, per row
     done = [False] * B
     for t in range(max_new_tokens):

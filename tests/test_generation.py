@@ -344,6 +344,7 @@ def test_graph_capture_is_reported_apart_from_decode_time(monkeypatch):
     class FakeGraphed:
         def __init__(self, model, cache, batch_size, device, compile=False):
             self.model, self.cache, self.capture_s, self.kinds = model, cache, 0.0, set()
+            self.compile_s = 0.0
 
         def __call__(self, tok, pos, exact):
             out = decode_step(self.model, self.cache, tok, pos, exact)
@@ -362,3 +363,62 @@ def test_graph_capture_is_reported_apart_from_decode_time(monkeypatch):
     plain = generate(model, [prompt], max_new_tokens=6, cuda_graph=False)[0]
     assert graphed.tokens == plain.tokens and plain.capture_s == 0.0
     assert graphed.capture_s >= 0.3 and 0 < graphed.decode_s < wall - graphed.prefill_s - 0.29
+
+
+class _GraphCounter:
+    """A torch.compile backend that counts the graphs dynamo hands it and runs them as traced (no code generation:
+    Inductor takes minutes on a 2-core CPU; the GPU suite runs the Inductor-compiled step)."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append([n.target for n in gm.graph.nodes if n.op == "call_function"])
+        return gm.forward
+
+
+@pytest.mark.parametrize("pattern, kv_heads", [(AttnSink(3, 10), 2), (BlockSparse(16, 2, 3, per_head=True), 2)],
+                         ids=["attnsink-gqa", "blocksparse-perhead"])
+def test_fused_decode_same_logits_tokens_and_bounded_graphs(pattern, kv_heads, monkeypatch):
+    """fused_decode_step (each layer's work around attention compiled, attention eager between the graphs) against
+    decode_step on twin caches: the same logits at every step of a mixed-length batch (rings filling, wrapping and
+    full, exact and masked steps), the same greedy tokens through generate(compile_decode=True), and the graph count
+    of its docstring: 4 graphs per set, whatever the depth -- one set for the first batch size, one for batch 1 (always
+    specialised), one with the batch dimension dynamic at the next size, none after, nor for other cache sizes or
+    prompt lengths."""
+    torch._dynamo.reset()  # graphs compiled by other tests for other model shapes must not count here
+    counter = _GraphCounter()
+    monkeypatch.setattr(generation, "DECODE_COMPILE_BACKEND", counter)
+    model = _model(pattern, kv_heads).eval()
+    prompts = [torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (1, 23, 61)]
+    caches = [ModelCache(model, 3, 140, torch.float32, "cpu") for _ in range(2)]
+    worst = 0.0
+    with torch.inference_mode():  # as generate() runs (dynamo guards on the grad mode)
+        for cache in caches:
+            for row, p in enumerate(prompts):
+                prefill(model, cache, torch.tensor(p), row)
+        tok = torch.tensor([p[-1] for p in prompts])
+        pos = torch.tensor([len(p) for p in prompts])
+        for t in range(70):
+            lo, hi = int(pos.min()), int(pos.max())
+            exact = exact_layers(model, caches[0], lo, hi)
+            want = decode_step(model, caches[0], tok, pos, exact)
+            got = generation.fused_decode_step(model, caches[1], tok, pos, exact)
+            worst = max(worst, float((got - want).abs().max() / want.abs().max()))
+            tok, pos = want.argmax(-1), pos + 1
+    assert worst < 1e-6, f"fused vs eager decode logits: relative difference {worst:.2e}"
+    for c0, c1 in zip(caches[0].layers.values(), caches[1].layers.values()):  # the eager attention wrote the caches
+        assert torch.equal(c0.pos, c1.pos) and torch.allclose(c0.k, c1.k, atol=1e-6)
+    assert len(counter.graphs) == 4, counter.graphs  # RMSNorm | q/k/v + RoPE | output projection | residual + MLP
+    assert not any("scaled_dot_product_attention" in str(g) for g in counter.graphs)  # attention stays eager
+
+    plain = generate(model, prompts, max_new_tokens=12)
+    fused = generate(model, prompts, max_new_tokens=12, compile_decode=True)  # same batch size: nothing new
+    assert [r.tokens for r in fused] == [r.tokens for r in plain]
+    assert len(counter.graphs) == 4 and fused[0].compile_s >= 0
+    seen = []
+    for batch in ([prompts[0]], prompts[:2], [prompts[2]] * 4, [prompts[1]] * 5):
+        out = generate(model, batch, max_new_tokens=5, compile_decode=True)
+        assert [r.tokens for r in out] == [r.tokens for r in generate(model, batch, max_new_tokens=5)]
+        seen.append(len(counter.graphs))
+    assert seen == [8, 12, 12, 12], seen  # batch 1: static; batch 2: the batch dimension dynamic; 4 and 5: nothing
