@@ -13,7 +13,9 @@ K/V byte; bandwidth = bytes / step time. Prefill is chunked (8K) through the sam
 The user's path (``--generate``): ``generate(model, [prompt], max_new_tokens=N, prefill_chunk=C)`` itself, called twice
 per row (the first call compiles and captures; the second is reported), with its own timings: ``Generation.prefill_s``
 and the decode time per token from ``Generation.decode_s`` (the Python loop, sampling, one host sync per token and the
-CUDA-graph replays all included), and peak memory. ``--chunks 0 8192``: 0 = the whole prompt in one chunk.
+CUDA-graph replays all included; CUDA-graph capture and the fused step's compilation are recorded apart, as
+``generate()`` reports them), and peak memory. ``--chunks 0 8192``: 0 = the whole prompt in one chunk.
+``--compile-decode``: each row also with ``generate(compile_decode=True)`` (the fused decode step).
 
     python analysis/bench_generation.py --generate --out gen.json --contexts 131072 --shapes llama2_7b --chunks 0 8192
 """
@@ -105,18 +107,21 @@ def measure(model, ctx: int, chunk: int, decode_reps: int = 30, compile_decode: 
     return row
 
 
-def user_path(model, ctx: int, chunk: int | None, new_tokens: int) -> dict:
+def user_path(model, ctx: int, chunk: int | None, new_tokens: int, compile_decode: bool = False) -> dict:
     """``generate()`` as users call it, second of two calls (module docstring)."""
     dev = torch.device("cuda")
     prompt = torch.randint(0, model.tok_embeddings.num_embeddings, (ctx,)).tolist()
-    row = {"ctx": ctx, "prefill_chunk": chunk or "whole", "new_tokens": new_tokens}
+    row = {"ctx": ctx, "prefill_chunk": chunk or "whole", "new_tokens": new_tokens, "compile_decode": compile_decode}
     t = time.perf_counter()
-    first = generate(model, [prompt], max_new_tokens=new_tokens, prefill_chunk=chunk)[0]
+    first = generate(model, [prompt], max_new_tokens=new_tokens, prefill_chunk=chunk,
+                     compile_decode=compile_decode)[0]
     row["first_call_s"] = time.perf_counter() - t
     row["first_call_prefill_s"] = first.prefill_s
+    row["first_call_compile_s"] = first.compile_s
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    g = generate(model, [prompt], max_new_tokens=new_tokens, prefill_chunk=chunk)[0]
+    g = generate(model, [prompt], max_new_tokens=new_tokens, prefill_chunk=chunk, compile_decode=compile_decode)[0]
+    row["capture_s"] = g.capture_s
     row["prefill_s"] = g.prefill_s
     row["decode_ms_per_token"] = g.decode_s / max(len(g.tokens) - 1, 1) * 1e3
     row["tokens_per_s"] = g.tokens_per_s
@@ -129,6 +134,7 @@ def user_path(model, ctx: int, chunk: int | None, new_tokens: int) -> dict:
 
 def run_user_path(args) -> None:
     sparse = [AttnSink(*map(int, p.split(","))) for p in args.sparse]
+    decode_modes = [False, True] if args.compile_decode else [False]  # eager step, then the fused one
     res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "path": "generate()",
            "full_layers": "middle third", "dtype": "bf16", "batch": 1, "rows": []}
     torch.set_default_dtype(torch.bfloat16)
@@ -138,12 +144,13 @@ def run_user_path(args) -> None:
         full_idx = {i for i, l in enumerate(model.layers) if isinstance(l.attn.pattern, Full)}
         for ctx in args.contexts:
             for chunk in args.chunks:
-                layouts = [("hybrid", p) for p in sparse] + [("dense", None)]
-                for layout, pat in layouts:
+                layouts = [("hybrid", p, cd) for p in sparse for cd in decode_modes] + \
+                    [("dense", None, cd) for cd in decode_modes]
+                for layout, pat, cd in layouts:
                     relayout(model, sorted(full_idx) if pat is not None else "all", pat or SPARSE)
                     r = {"shape": shape, "layout": layout, "sparse_pattern": repr(pat) if pat else None}
                     try:
-                        r.update(user_path(model, ctx, chunk or None, args.new_tokens))
+                        r.update(user_path(model, ctx, chunk or None, args.new_tokens, cd))
                     except torch.OutOfMemoryError as e:
                         r["error"] = f"OutOfMemoryError: {str(e).splitlines()[0][:200]}"
                         torch.cuda.empty_cache()
@@ -156,7 +163,8 @@ def run_user_path(args) -> None:
     for r in res["rows"]:
         if r["layout"] == "hybrid" and "prefill_s" in r:
             d = next((x for x in res["rows"] if x["layout"] == "dense" and x["shape"] == r["shape"]
-                      and x["ctx"] == r["ctx"] and x["prefill_chunk"] == r["prefill_chunk"] and "prefill_s" in x), None)
+                      and x["ctx"] == r["ctx"] and x["prefill_chunk"] == r["prefill_chunk"]
+                      and x["compile_decode"] == r["compile_decode"] and "prefill_s" in x), None)
             if d is not None:
                 r["prefill_speedup"] = d["prefill_s"] / r["prefill_s"]
                 r["decode_speedup"] = d["decode_ms_per_token"] / r["decode_ms_per_token"]
@@ -193,7 +201,9 @@ def main():
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
     ap.add_argument("--chunk", type=int, default=8192)
     ap.add_argument("--one-million", action="store_true")
-    ap.add_argument("--compile-decode", action="store_true", help="also time the torch.compile'd decode step")
+    ap.add_argument("--compile-decode", action="store_true",
+                    help="also time the fused decode step (generation.fused_decode_step; with --generate: "
+                         "generate(compile_decode=True) rows beside the eager ones)")
     ap.add_argument("--generate", action="store_true", help="time generate() itself (the user's path)")
     ap.add_argument("--chunks", type=int, nargs="+", default=[0, 8192],
                     help="with --generate: prefill_chunk values, 0 = whole prompt")
