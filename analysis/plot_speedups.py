@@ -10,6 +10,10 @@ For each ``bench.py ours`` result (one card, one model shape) it draws, into ``-
 * ``kv_<card>_<model>.png`` -- analytic KV cache size per variant, and the paper's -62% as a dashed line under dense;
 * ``times_<card>_<model>.png`` -- absolute median times (log axis) with min-max bars, HF peer included.
 
+With ``--batch-decode 'analysis/results/batch_decode_*.json'`` it draws instead, from ``bench_batch_decode.py``
+results, one ``batch_decode_<card>.png`` per card: decode tokens/s against batch size (log-log), a panel per shape
+and context, hybrid vs dense, eager vs fused step, each layout's largest batch on the budget starred.
+
 With ``--finetune 'analysis/results/finetune_*.json'`` it draws instead, from ``bench_finetune.py`` results, one
 ``finetune_<card>.png`` per card: whole-step time, speed-up (full / hybrid) with the paper's 1.55x, peak memory per GPU
 (measured, and the memory plan's estimate where the run recorded it) and scaling efficiency (tokens/s per GPU against
@@ -328,14 +332,94 @@ def plot_served(res: dict, out_dir: Path) -> tuple:
     return fig, path, counts
 
 
+BD_STYLE = {("hybrid", "eager"): ("o-", "tab:blue"), ("hybrid", "fused"): ("o--", "tab:cyan"),
+            ("dense", "eager"): ("s-", "black"), ("dense", "fused"): ("s--", "tab:gray")}
+
+
+def _tokens(n: int) -> str:
+    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def plot_batch_decode(results: list[dict], out_dir: Path) -> dict:
+    """One figure per card from bench_batch_decode.py results (several files of one card are joined, e.g. one per
+    shape): a panel per (shape, context) with decode tokens/s against the batch size (log-log), hybrid vs dense, eager
+    vs fused step; a layout's largest batch on the card's budget is starred. Rows that were skipped (over budget, not
+    enough memory) or failed are listed in the footnote, not drawn. Returns {card: (figure, path, {panel title: [line
+    labels]})} for the tests."""
+    by_card: dict = {}
+    for res in results:
+        by_card.setdefault(res["card"], []).append(res)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    drawn = {}
+    for card, runs in by_card.items():
+        rows = [r for res in runs for r in res.get("rows", [])]
+        modes = [m for m in ("eager", "fused") if any(m in res.get("modes", ()) for res in runs)]
+        panels = sorted({(r["shape"], r["ctx"]) for r in rows})
+        shapes = sorted({s for s, _ in panels})
+        ctxs = sorted({c for _, c in panels})
+        fig, axes = plt.subplots(len(shapes), len(ctxs), figsize=(5.2 * len(ctxs), 4.2 * len(shapes)), squeeze=False)
+        labels, notes = {}, []
+        for r in rows:
+            if not r.get("modes") and not r.get("same_as_sweep_row"):
+                why = (r.get("skipped") or r.get("error") or "not measured").split(":")[0]
+                notes.append(f"{r['shape']} {_tokens(r['ctx'])} {r['layout']} B={r['batch']}: {why}")
+        for (shape, ctx) in panels:
+            ax = axes[shapes.index(shape)][ctxs.index(ctx)]
+            timed = [r for r in rows if (r["shape"], r["ctx"]) == (shape, ctx) and r.get("modes")]
+            batches = sorted({r["batch"] for r in timed})
+            for layout in ("hybrid", "dense"):
+                for mode in modes:
+                    pts = sorted((r["batch"], r["modes"][mode]["tokens_per_s"]) for r in timed
+                                 if r["layout"] == layout and mode in r["modes"])
+                    if not pts:
+                        continue
+                    fmt, color = BD_STYLE[(layout, mode)]
+                    ax.plot(*zip(*pts), fmt, color=color, label=f"{layout} {mode}")
+                    largest = [r for r in rows if (r["shape"], r["ctx"], r["layout"], r["kind"]) ==
+                               (shape, ctx, layout, "largest")]
+                    for lr in largest:
+                        y = dict(pts).get(lr["batch"])
+                        if y is not None:
+                            ax.plot([lr["batch"]], [y], "*", ms=13, color=color,
+                                    label=f"{layout} {mode}: largest batch {lr['batch']}")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            if batches:
+                ax.set_xticks(batches)
+                ax.set_xticklabels([str(b) for b in batches])
+            ax.set_xlabel("batch size (rows decoded together)")
+            ax.set_ylabel("decode tokens/s (all rows, log)")
+            title = f"{shape}, {_tokens(ctx)} context"
+            ax.set_title(title)
+            ax.legend(fontsize=6)
+            labels[title] = [ln.get_label() for ln in ax.get_lines()]
+        torch_v = sorted({res.get("torch", "?") for res in runs})
+        budget = sorted({res.get("budget_gib") for res in runs})
+        path = _save_panels(fig, f"Batch decode throughput, hybrid vs dense: {card} (torch {', '.join(torch_v)}; "
+                                 f"largest batch on {', '.join(map(str, budget))} GiB starred; harness-level step)",
+                            notes, out_dir / f"batch_decode_{_slug(card)}.png")
+        drawn[card] = (fig, path, labels)
+    return drawn
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--results", default="analysis/results/bench_*.json", help="glob of bench.py JSON files")
     ap.add_argument("--finetune", default=None, help="glob of bench_finetune.py JSON files: draw their figures "
                                                      "instead")
     ap.add_argument("--served", default=None, help="a bench_served.py JSON file: draw its figure instead")
+    ap.add_argument("--batch-decode", default=None, help="glob of bench_batch_decode.py JSON files: draw their "
+                                                         "figure instead")
     ap.add_argument("--out", default="analysis/figures")
     a = ap.parse_args(argv)
+    if a.batch_decode:
+        drawn = plot_batch_decode(load(a.batch_decode), Path(a.out))
+        for fig, path, _ in drawn.values():
+            print(path)
+            plt.close(fig)
+        if not drawn:
+            raise SystemExit(f"--batch-decode: no bench_batch_decode.py results match {a.batch_decode!r}")
+        return
     if a.served:
         try:
             res = json.loads(Path(a.served).read_text())
