@@ -16,7 +16,9 @@ differ. Every builder is usable as ``_component_`` in a torchtune YAML config::
 
 Forward: ``model(tokens, doc_ids=None)`` -> logits [B, S, vocab]. ``doc_ids`` [B, S] packs documents (a document is a
 maximal run of equal ids; see ``doc_ids_from_seq_lens`` for torchtune's packed datasets): attention stays inside each
-document and RoPE positions restart at every document.
+document and RoPE positions restart at every document. With ``model.skip_output_layer = True`` (set by
+``flexgen_long.losses.ChunkedLinearCrossEntropy.set_model_output``) it returns the final-normed hidden states
+[B, S, dim] instead, for a loss that applies ``model.output`` itself, a chunk of tokens at a time.
 """
 
 from __future__ import annotations
@@ -49,9 +51,16 @@ class HybridDecoder(TransformerDecoder):
     """torchtune's ``TransformerDecoder`` whose forward builds the masks of all layers once (one per distinct
     pattern) and passes them down through each layer's ``mask`` keyword."""
 
+    #: True: forward stops after the final norm and returns the hidden states [B, S, dim], not logits -- for a loss
+    #: that applies ``self.output`` itself in chunks (flexgen_long.losses; torchtune 0.6.1's ``set_num_output_chunks``
+    #: still makes every chunk's logits inside forward). A mode set by the recipe, like ``set_num_output_chunks``, so
+    #: that every wrapper (FSDP2, activation checkpointing, compile) sees the same forward signature.
+    skip_output_layer: bool = False
+
     def forward(self, tokens: Tensor, *, mask: MaskSet | None = None, input_pos: Tensor | None = None,
                 doc_ids: Tensor | None = None):
-        """tokens [B, S] -> logits [B, S, vocab] (a list with hidden states if ``output_hidden_states`` is set).
+        """tokens [B, S] -> logits [B, S, vocab] (a list with hidden states if ``output_hidden_states`` is set), or
+        the final-normed hidden states [B, S, dim] in their place when ``skip_output_layer`` is set.
 
         ``doc_ids`` [B, S] or [S]: per-token document ids of a packed batch. ``input_pos``: RoPE positions; by default
         0..S-1, or positions within each document when ``doc_ids`` is given. ``mask``: a prebuilt ``MaskSet`` (else
@@ -85,7 +94,7 @@ class HybridDecoder(TransformerDecoder):
             if i in self.output_hidden_states:
                 hidden.append(h)
             h = layer(h, mask=mask, input_pos=input_pos)
-        out = self.unembed(h)
+        out = self.norm(h) if self.skip_output_layer else self.unembed(h)
         return [*hidden, out] if hidden else out
 
     def setup_caches(self, *args, **kwargs):

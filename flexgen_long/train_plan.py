@@ -21,7 +21,8 @@ state
                          one layer's gathered parameters plus the all-gather buffer of the next, and one layer's
                          unsharded gradient before its reduce-scatter. None in the head phase: every unit, the root
                          too, is resharded after forward (torchtune passes reshard_after_forward=True) and gathered
-                         again only when its backward starts, after the loss's
+                         again only when its backward starts, after the loss's -- except the root with
+                         ChunkedLinearCrossEntropy (below)
   buffers and inputs     the model's buffers (RoPE tables) + 28 T (tokens, labels, positions int64; doc ids int32)
 activations (an estimate: eager kernels, as with ``compile: false``; with ``compile: true`` inductor saves less)
   kept per layer         b * T * D with activation checkpointing (the layer's input); without it, the layer's saved set
@@ -34,9 +35,21 @@ activations (an estimate: eager kernels, as with ``compile: false``; with ``comp
   head                   T * (8 D + 4 + b D) (the final norm) + the loss: ``torch.nn.CrossEntropyLoss`` as the recipe
                          calls it 12 T V (fp32 logits' log-softmax, saved, and two fp32 gradients of its size);
                          torchtune's ``CEWithChunkedOutputLoss`` with C chunks: b T V + 4 T V + 4 T V / C (every
-                         chunk's logits in b, every chunk's saved fp32 log-softmax, one chunk's fp32 copy)
+                         chunk's logits in b, every chunk's saved fp32 log-softmax, one chunk's fp32 copy);
+                         ``flexgen_long.losses.ChunkedLinearCrossEntropy`` with C chunks of at most n = ceil(T / C)
+                         tokens: 12 n V + b T D, at its peak in a chunk's backward -- the chunk's recomputed fp32
+                         log-softmax (saved), its fp32 gradient and the fp32 gradient of the logits (the chunk's b
+                         logits and their fp32 copy, made first, are gone by then; no other chunk's logits exist),
+                         and the hidden states' gradient gathered over the chunks. The hidden states the chunks keep
+                         for their recompute are the final norm's b output, counted in the norm's term. This loss
+                         also puts two parts in the head phase that the others do not (their peak falls at the end
+                         of forward): the output projection's gradient, b V D (gathered, not sharded: FSDP2
+                         reduce-scatters it at the end of backward), and with W > 1 the root unit gathered, b * root
+                         (the recipe keeps it so through the loss, which calls the root's output module after the
+                         model's forward)
 peak = max over three phases (gradients are set to None at each step's start, optimizer states exist from step 1 on):
-  head phase             parameters + optimizer + buffers + every layer's kept activations + head
+  head phase             parameters + optimizer + buffers + every layer's kept activations + head (+ with
+                         ChunkedLinearCrossEntropy, the output projection's gradient and the gathered root above)
   layer phase            the same + FSDP2 without the head, at the layer i of the backward (L-1 down to 0) that
                          needs most: kept activations of layers 0..i, gradients of layers i..L-1 and of the root,
                          one layer's saved set and backward
@@ -46,7 +59,8 @@ Checked two ways (tests/test_train_plan.py): against torch's own memory trackers
 ``FSDPMemTracker`` over a fake process group) on a small model trained on the CPU -- parameters and optimizer states
 exactly, the peak 0-4% above, in each phase; and against the peaks measured on H200s
 (``analysis/results/finetune_*NVIDIA_H200.json``, every one of them in the head phase), 0.1-0.3% below. The layer
-phase has no GPU measurement behind it yet.
+phase has no GPU measurement behind it yet, nor has ChunkedLinearCrossEntropy's head: on the CPU trackers it is
+0.2% above (one process, and 3 ranks over a fake process group); every GPU record ran the other losses.
 """
 
 from __future__ import annotations
@@ -63,7 +77,7 @@ from .patterns import Full
 from .shapes import padded_len
 
 __all__ = ["ModelShape", "Unit", "TrainPlan", "plan_training", "plan_from_config", "check_fits", "headline",
-           "OPTIMIZERS", "LOSSES", "H200_GIB"]
+           "OPTIMIZERS", "LOSSES", "LOSS_CHUNKS", "H200_GIB"]
 
 GiB = 2**30
 #: What torch reports for an H200 (``total capacity of 139.80 GiB`` in the out-of-memory message recorded in
@@ -72,8 +86,12 @@ H200_GIB = 139.8
 #: Optimizers whose state the plan knows: component path -> kind.
 OPTIMIZERS = {"torch.optim.AdamW": "adam", "torch.optim.Adam": "adam",
               "torchao.optim.AdamW8bit": "adam8bit", "torchao.optim.Adam8bit": "adam8bit"}
-#: Losses the plan knows (the recipe calls any loss without ``num_output_chunks`` on the whole fp32 logits).
-LOSSES = ("torch.nn.CrossEntropyLoss", "torchtune.modules.loss.CEWithChunkedOutputLoss")
+#: Losses the plan knows (the recipe calls any loss without ``num_output_chunks`` on the whole fp32 logits, except
+#: flexgen_long's own, which takes the hidden states and projects them a chunk at a time).
+LOSSES = ("torch.nn.CrossEntropyLoss", "torchtune.modules.loss.CEWithChunkedOutputLoss",
+          "flexgen_long.losses.ChunkedLinearCrossEntropy")
+#: Each loss's chunk-count field in a config, and its default when the config leaves it out (the classes' own).
+LOSS_CHUNKS = {LOSSES[1]: ("num_output_chunks", 8), LOSSES[2]: ("num_chunks", 8)}
 _BLOCK_8BIT, _MIN_8BIT, _QMAP_BYTES = 256, 4096, 256 * 4  # torchao.optim's block size, threshold and code map
 
 
@@ -157,6 +175,7 @@ class TrainPlan:
     host_bytes: int = 0  # parameters, gradients and optimizer states offloaded to the host (fsdp_cpu_offload)
     layer_at: int = 0  # the layer at which the layer phase peaks
     alternative: tuple | None = None  # (optimizer, peak bytes) with the other optimizer kind
+    loss: str = LOSSES[0]  # one of LOSSES
 
     @property
     def totals(self) -> dict:
@@ -176,7 +195,7 @@ class TrainPlan:
         full = _ranges(s.full_layers)
         layout = ("all layers full" if len(s.full_layers) == s.num_layers else
                   f"full attention in {full or 'none'}; {', '.join(s.sparse)} elsewhere")
-        loss = (f"CEWithChunkedOutputLoss ({self.loss_chunks} chunks)" if self.loss_chunks else
+        loss = (f"{self.loss.rsplit('.', 1)[1]} ({self.loss_chunks} chunks)" if self.loss_chunks else
                 "CrossEntropyLoss on the whole logits")
         rows = [f"Training memory plan: an estimate per GPU, from shapes alone (nothing allocated)",
                 f"  model   {s.num_params / 1e6:.1f}M parameters, {s.num_layers} layers ({layout}); dim {s.dim}, FFN "
@@ -253,8 +272,10 @@ def _names(names) -> str:
 def plan_training(model: nn.Module | ModelShape, *, seq_len: int, world_size: int = 1, batch_size: int = 1,
                   dtype: torch.dtype = torch.bfloat16, optimizer: str = "torch.optim.AdamW", loss_chunks: int = 0,
                   activation_checkpointing: bool = True, cpu_offload: bool = False,
-                  alternative: bool = True) -> TrainPlan:
-    """The plan (module docstring) for ``model`` (any device, meta included) trained by the finetuning recipe."""
+                  alternative: bool = True, loss: str | None = None) -> TrainPlan:
+    """The plan (module docstring) for ``model`` (any device, meta included) trained by the finetuning recipe.
+    ``loss``: one of ``LOSSES``; by default torch's CrossEntropyLoss when ``loss_chunks`` is 0, else torchtune's
+    CEWithChunkedOutputLoss with that many chunks."""
     shape = model if isinstance(model, ModelShape) else ModelShape.of(model)
     for name, v, low in (("seq_len", seq_len, 1), ("world_size", world_size, 1), ("batch_size", batch_size, 1),
                          ("loss_chunks", loss_chunks, 0)):
@@ -262,6 +283,12 @@ def plan_training(model: nn.Module | ModelShape, *, seq_len: int, world_size: in
             raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
+    loss = loss or LOSSES[1 if loss_chunks else 0]
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {list(LOSSES)}, got {loss!r}")
+    if (loss == LOSSES[0]) != (loss_chunks == 0):
+        raise ValueError(f"loss_chunks must be 0 with {LOSSES[0]} and >= 1 with the chunked losses, got "
+                         f"{loss_chunks} with {loss}")
     b, w, s = dtype.itemsize, world_size, shape
     D, F, V, hd = s.dim, s.ffn_dim, s.vocab, s.head_dim
     dq, dkv = s.num_heads * hd, s.num_kv_heads * hd
@@ -286,7 +313,15 @@ def plan_training(model: nn.Module | ModelShape, *, seq_len: int, world_size: in
     backward = b * T * (2 * F + D)
     kept = b * T * D if activation_checkpointing else saved
     working = (saved if activation_checkpointing else 0) + backward
-    loss = 12 * T * V if loss_chunks == 0 else b * T * V + 4 * T * V + 4 * T * V // loss_chunks
+    head_grads = head_fsdp = 0
+    if loss == LOSSES[0]:
+        loss_bytes = 12 * T * V
+    elif loss == LOSSES[1]:
+        loss_bytes = b * T * V + 4 * T * V + 4 * T * V // loss_chunks
+    else:
+        loss_bytes = 12 * -(-T // loss_chunks) * V + b * T * D
+        head_grads = b * V * D  # the output projection's gradient, accumulated over the chunks, gathered
+        head_fsdp = b * units[-1].values if w > 1 else 0  # the root kept gathered through the loss
     L = s.num_layers
 
     def at(i):  # layer phase at layer i: kept 0..i, gradients of i..L-1 and the root
@@ -299,8 +334,8 @@ def plan_training(model: nn.Module | ModelShape, *, seq_len: int, world_size: in
         layer_grads, root_grads = [0] * L, 0
     P, G, O = (f"parameters ({str(dtype).replace('torch.', '')})", "gradients", f"optimizer ({optimizer})")
     phases = {
-        "head phase": {P: params, G: 0, O: opt, "FSDP2 buffers": 0, "buffers + inputs": fixed,
-                       "kept activations": L * kept, "head (final norm + loss)": norm + loss},
+        "head phase": {P: params, G: head_grads, O: opt, "FSDP2 buffers": head_fsdp, "buffers + inputs": fixed,
+                       "kept activations": L * kept, "head (final norm + loss)": norm + loss_bytes},
         "layer phase": {P: params, G: sum(layer_grads[layer_at:]) + root_grads, O: opt, "FSDP2 buffers": fsdp,
                         "buffers + inputs": fixed, "kept activations": (layer_at + 1) * kept,
                         "one layer (saved + backward)": working},
@@ -308,12 +343,13 @@ def plan_training(model: nn.Module | ModelShape, *, seq_len: int, world_size: in
     }
     plan = TrainPlan(shape=s, world_size=w, seq_len=seq_len, batch_size=batch_size, dtype=dtype,
                      optimizer=optimizer, loss_chunks=loss_chunks, activation_checkpointing=activation_checkpointing,
-                     cpu_offload=cpu_offload, units=tuple(units), phases=phases, host_bytes=host, layer_at=layer_at)
+                     cpu_offload=cpu_offload, units=tuple(units), phases=phases, host_bytes=host, layer_at=layer_at,
+                     loss=loss)
     if alternative:
         other = next(o for o, k in OPTIMIZERS.items() if k != kind and ("AdamW" in o) == ("AdamW" in optimizer))
         alt = plan_training(s, seq_len=seq_len, world_size=w, batch_size=batch_size, dtype=dtype, optimizer=other,
                             loss_chunks=loss_chunks, activation_checkpointing=activation_checkpointing,
-                            cpu_offload=cpu_offload, alternative=False)
+                            cpu_offload=cpu_offload, alternative=False, loss=loss)
         plan = replace(plan, alternative=(other, alt.peak))
     return plan
 
@@ -344,13 +380,14 @@ def plan_from_config(cfg, world_size: int, model: nn.Module | None = None) -> Tr
     dtype = rc.dtype_field(cfg)
     loss = _component_path("loss", cfg, LOSSES) if "loss" in cfg else LOSSES[0]
     chunks = 0
-    if loss == LOSSES[1]:
-        chunks = rc.integer(cfg, "loss.num_output_chunks", 8, minimum=1)  # CEWithChunkedOutputLoss's default: 8
+    if loss in LOSS_CHUNKS:
+        key, default = LOSS_CHUNKS[loss]
+        chunks = rc.integer(cfg, f"loss.{key}", default, minimum=1)
     if model is None:
         with torch.device("meta"):
             model = rc.instantiate("model", cfg.model)
     return plan_training(model, seq_len=seq_len, world_size=world_size, batch_size=batch_size, dtype=dtype,
-                         optimizer=_component_path("optimizer", cfg, OPTIMIZERS), loss_chunks=chunks,
+                         optimizer=_component_path("optimizer", cfg, OPTIMIZERS), loss_chunks=chunks, loss=loss,
                          activation_checkpointing=rc.boolean(cfg, "enable_activation_checkpointing", False),
                          cpu_offload=rc.boolean(cfg, "fsdp_cpu_offload", False))
 
@@ -373,7 +410,7 @@ def check_fits(plan: TrainPlan, gpu_memory_gib: float) -> None:
     if plan.peak <= cap:
         return
     kw = dict(world_size=plan.world_size, batch_size=plan.batch_size, dtype=plan.dtype, optimizer=plan.optimizer,
-              loss_chunks=plan.loss_chunks, activation_checkpointing=plan.activation_checkpointing,
+              loss_chunks=plan.loss_chunks, loss=plan.loss, activation_checkpointing=plan.activation_checkpointing,
               cpu_offload=plan.cpu_offload, alternative=False)
     blocks = _largest_fitting(lambda n: plan_training(plan.shape, seq_len=128 * n, **kw).peak <= cap, 1,
                               plan.seq_len // 128)

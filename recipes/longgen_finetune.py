@@ -31,6 +31,7 @@ shard per transformer layer; each rank reads its own slice of every batch.
 from __future__ import annotations
 
 import json
+import os
 import random
 import resource
 import sys
@@ -51,6 +52,7 @@ from flexgen_long import hf
 from flexgen_long import recipe_config as rc
 from flexgen_long import train_plan
 from flexgen_long.data import CROSS_ENTROPY_IGNORE_INDEX
+from flexgen_long.losses import ChunkedLinearCrossEntropy
 from flexgen_long.models import builder_config
 from flexgen_long.patterns import AttnSink, BlockSparse, Full
 
@@ -296,8 +298,20 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
         self._loss_fn = rc.instantiate("loss", cfg.get("loss", {"_component_": "torch.nn.CrossEntropyLoss"}))
         if hasattr(self._loss_fn, "num_output_chunks"):  # torchtune's CEWithChunkedOutputLoss: no [S, V] fp32 logits
             self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
+        if isinstance(self._loss_fn, ChunkedLinearCrossEntropy):  # no logits beyond one chunk's (flexgen_long.losses)
+            self._loss_fn.set_model_output(self._model)  # the model returns its final-normed hidden states
+            if self._world_size > 1:
+                # The loss calls model.output after the model's forward (per chunk, and again per chunk when backward
+                # recomputes it). The output belongs to FSDP2's root unit, resharded after forward by default: keep
+                # the root gathered through the loss instead (what torchtune does for its linear cross-entropy), or
+                # the loss would meet a sharded DTensor weight. Its post-backward still reduce-scatters and reshards.
+                self._model.set_reshard_after_forward(False, recurse=False)
         if cfg.get("compile", False):
-            self._loss_fn = training.compile_loss(self._loss_fn, verbose=self._is_rank_zero)
+            if isinstance(self._loss_fn, ChunkedLinearCrossEntropy):  # the upcast + cross-entropy, not the chunking
+                self._loss_fn.cross_entropy = torch.compile(  # torchtune's compile_loss reads the same variable
+                    self._loss_fn.cross_entropy, backend=os.environ.get("TORCH_COMPILE_BACKEND", "inductor"))
+            else:
+                self._loss_fn = training.compile_loss(self._loss_fn, verbose=self._is_rank_zero)
 
         if resume_from is not None:
             self._load_recipe_state(resume_from)
@@ -372,11 +386,14 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
 
     # -- train ----------------------------------------------------------------------------------------------------------
     def _loss(self, batch: dict) -> torch.Tensor:
-        logits = self._model(batch["tokens"], doc_ids=batch["doc_ids"])
+        """The mean loss over the micro-batch's trained tokens (labels != -100), whichever loss the config names."""
+        out = self._model(batch["tokens"], doc_ids=batch["doc_ids"])
         labels = batch["labels"]
-        if isinstance(logits, list):  # chunked output for CEWithChunkedOutputLoss
-            return self._loss_fn(logits, labels)
-        return self._loss_fn(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
+        if isinstance(self._loss_fn, ChunkedLinearCrossEntropy):  # out: final-normed hidden states, not logits
+            return self._loss_fn(out, labels)
+        if isinstance(out, list):  # chunked logits for CEWithChunkedOutputLoss
+            return self._loss_fn(out, labels)
+        return self._loss_fn(out.reshape(-1, out.shape[-1]).float(), labels.reshape(-1))
 
     def train(self) -> None:
         self._model.train()

@@ -16,6 +16,7 @@ from torchtune.modules import TransformerSelfAttentionLayer
 from torchtune.modules.loss import CEWithChunkedOutputLoss
 
 from flexgen_long import train_plan
+from flexgen_long.losses import ChunkedLinearCrossEntropy
 from flexgen_long.models import longgen_llama, longgen_llama2_7b
 from scripts import load_script
 
@@ -43,14 +44,18 @@ def _fake_world(world_size):
         dist.destroy_process_group()
 
 
-# (world size, vocab, loss chunks, phase the peak falls in): a large vocabulary puts the peak in the loss, a tiny one
-# in a layer's backward; 3 ranks leave ragged shards (FSDP2 pads them).
-CASES = [(1, 1000, 4, "head phase"), (1, 1000, 0, "head phase"), (1, 10, 0, "layer phase"),
-         (3, 1000, 4, "head phase"), (3, 10, 4, "layer phase")]
+# (world size, vocab, loss chunks, phase the peak falls in, loss): a large vocabulary puts the peak in the loss, a tiny
+# one in a layer's backward; 3 ranks leave ragged shards (FSDP2 pads them). flexgen_long's linear loss holds so little
+# that only a larger vocabulary (4000) puts its peak in the head.
+LINEAR = "flexgen_long.losses.ChunkedLinearCrossEntropy"
+CASES = [(1, 1000, 4, "head phase", None), (1, 1000, 0, "head phase", None), (1, 10, 0, "layer phase", None),
+         (3, 1000, 4, "head phase", None), (3, 10, 4, "layer phase", None),
+         (1, 4000, 4, "head phase", LINEAR), (3, 4000, 8, "head phase", LINEAR)]
 
 
-@pytest.mark.parametrize("world_size,vocab,chunks,phase", CASES, ids=[f"w{c[0]}-v{c[1]}-c{c[2]}" for c in CASES])
-def test_plan_matches_torch_memory_trackers(world_size, vocab, chunks, phase):
+@pytest.mark.parametrize("world_size,vocab,chunks,phase,loss", CASES,
+                         ids=[f"w{c[0]}-v{c[1]}-c{c[2]}" + ("-linear" if c[4] else "") for c in CASES])
+def test_plan_matches_torch_memory_trackers(world_size, vocab, chunks, phase, loss):
     """Train a small model as the recipe does (bf16, activation checkpointing per layer, FSDP2 via torchtune's
     shard_model, the recipe's loss call, AdamW, gradients set to None each step) and measure its second step with
     torch's MemTracker / FSDPMemTracker: parameters and optimizer states exactly, the peak within 0-5% above, in the
@@ -62,7 +67,7 @@ def test_plan_matches_torch_memory_trackers(world_size, vocab, chunks, phase):
     with _fake_world(world_size):
         with training.set_default_dtype(torch.bfloat16):
             model = longgen_llama(vocab, 3, 4, 2, 64, 160, 512, full_layers="all")
-        plan = train_plan.plan_training(model, seq_len=S, world_size=world_size, loss_chunks=chunks)
+        plan = train_plan.plan_training(model, seq_len=S, world_size=world_size, loss_chunks=chunks, loss=loss)
         training.set_activation_checkpointing(model, auto_wrap_policy={TransformerSelfAttentionLayer})
         if world_size > 1:
             training.shard_model(model, [lambda n, m: isinstance(m, TransformerSelfAttentionLayer)], cpu_offload=False)
@@ -70,7 +75,12 @@ def test_plan_matches_torch_memory_trackers(world_size, vocab, chunks, phase):
                      for n, m in model.named_modules() if isinstance(m, torch.distributed.fsdp.FSDPModule)]
             assert sorted(units) == sorted(u.name for u in plan.units)
         loss_fn = CEWithChunkedOutputLoss(num_output_chunks=chunks) if chunks else torch.nn.CrossEntropyLoss()
-        if chunks:
+        if loss == LINEAR:  # as the recipe sets it up: hidden states out of the model, the root kept gathered
+            loss_fn = ChunkedLinearCrossEntropy(num_chunks=chunks)
+            loss_fn.set_model_output(model)
+            if world_size > 1:
+                model.set_reshard_after_forward(False, recurse=False)
+        elif chunks:
             model.set_num_output_chunks(chunks)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         tokens, labels = torch.randint(0, vocab, (2, 1, S))
@@ -79,10 +89,10 @@ def test_plan_matches_torch_memory_trackers(world_size, vocab, chunks, phase):
         def step():
             opt.zero_grad(set_to_none=True)
             logits = model(tokens, input_pos=pos)
-            loss = (loss_fn(logits, labels) if chunks else  # as recipes/longgen_finetune.py calls either loss
-                    loss_fn(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1)))
+            value = (loss_fn(logits, labels) if chunks else  # as recipes/longgen_finetune.py calls each loss
+                     loss_fn(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1)))
             del logits
-            loss.backward()
+            value.backward()
             opt.step()
 
         step()  # optimizer states exist from here on, as in every measured step of a run
@@ -208,3 +218,58 @@ def test_the_7b_configs_state_their_plan(config):
     assert f"{eight.peak / GiB:.1f} GiB per GPU at 8 GPUs" in header and f"One GPU: {one.peak / GiB:.1f} GiB" in header
     assert f"-{(eight.peak - eight.alternative[1]) / GiB:.1f} GiB" in header  # what the 8-bit optimizer would save
     assert "An H200 has 139.8 GiB" in header and eight.peak < one.peak < 139.8 * GiB
+
+
+def test_the_3b_128k_spec_fits_one_h200_with_the_chunked_linear_loss():
+    """The Llama-3.2-3B shape (vocabulary 128,256) at 128K tokens on one GPU, as analysis/bench_finetune.py runs it:
+    with torchtune's CEWithChunkedOutputLoss (8 chunks, what the spec ran before) the head alone is 105.5 GiB and the
+    run does not fit an H200; with flexgen_long's loss (32 chunks) the head is 10.4 GiB and the peak moves to the
+    layers' backward."""
+    bench = load_script("analysis/bench_finetune.py", "bench_finetune")
+    args = bench.run_args("3b", 131072, "hybrid", 1, 3, "/tmp/x", "/tmp/y")
+    assert "loss._component_=flexgen_long.losses.ChunkedLinearCrossEntropy" in args and "loss.num_chunks=32" in args
+    new = bench.plan_run(args)
+    old = train_plan.plan_training(new.shape, seq_len=131072, loss_chunks=8)  # CEWithChunkedOutputLoss's default
+    head = "head (final norm + loss)"
+    new_head, old_head = new.phases["head phase"][head], old.phases["head phase"][head]
+    assert new.loss == LINEAR and new.loss_chunks == 32
+    assert old_head / GiB == pytest.approx(105.52, abs=0.01) and old.peak > 139.8 * GiB  # what --plan-only printed
+    assert new_head / GiB == pytest.approx(10.37, abs=0.01) and new_head < old_head / 10
+    assert new.peak_phase == "layer phase" and new.peak < 0.5 * old.peak and new.peak <= 139.8 * GiB
+
+
+def _comment(path: Path) -> str:
+    """The config's comment lines joined into one line (numbers may wrap across them)."""
+    return " ".join(ln.lstrip("# ").strip() for ln in path.read_text().splitlines() if ln.startswith("#"))
+
+
+@pytest.mark.parametrize("config", ["llama3_1_8b_longgen_128k", "llama3_1_8b_full_128k", "llama3_2_1b_longgen_64k",
+                                    "llama3_2_1b_full_64k", "llama2_7b_longgen_128k", "llama2_7b_full_128k"])
+def test_the_128k_configs_state_their_loss_choice(config):
+    """The Llama-3 configs switched to flexgen_long's loss and state their plan's peaks with it and with the
+    CEWithChunkedOutputLoss they shipped with (8B at 8 GPUs: over an H200 before); the Llama-2-7B ones kept theirs,
+    whose peak is in the layers' backward either way, and state what the new loss would change."""
+    cli = load_script("recipes/longgen_plan.py", "longgen_plan")
+    path = REPO / "recipes" / "configs" / f"{config}.yaml"
+    cfg = cli.load_config(path, RANDOM_WEIGHTS)
+    text = _comment(path)
+    old_loss = ["loss._component_=torchtune.modules.loss.CEWithChunkedOutputLoss", "~loss.num_chunks",
+                "loss.num_output_chunks=16"]
+    if config.startswith("llama2"):
+        assert cfg.loss._component_ == "torchtune.modules.loss.CEWithChunkedOutputLoss"
+        old = train_plan.plan_from_config(cfg, 8)
+        new = train_plan.plan_from_config(cli.load_config(path, [*RANDOM_WEIGHTS, f"loss._component_={LINEAR}",
+                                                                 "~loss.num_output_chunks", "loss.num_chunks=32"]), 8)
+        assert new.peak == old.peak and new.peak_phase == "layer phase"
+        assert f"{old.totals['head phase'] / GiB:.1f} -> {new.totals['head phase'] / GiB:.1f} GiB per GPU at 8 GPUs" \
+            in text
+        return
+    assert cfg.loss._component_ == LINEAR
+    new8, new1 = (train_plan.plan_from_config(cfg, w) for w in (8, 1))
+    old8, old1 = (train_plan.plan_from_config(cli.load_config(path, [*RANDOM_WEIGHTS, *old_loss]), w) for w in (8, 1))
+    assert old8.loss == train_plan.LOSSES[1] and old8.loss_chunks == 16
+    assert f"{new8.peak / GiB:.1f} GiB per GPU at 8 GPUs, {new1.peak / GiB:.1f} GiB on one" in text
+    assert f"{old8.peak / GiB:.1f} and {old1.peak / GiB:.1f} GiB" in text
+    assert new8.peak < old8.peak and new1.peak < old1.peak
+    assert ("over an H200's 139.8 GiB even at 8 GPUs" in text) == (old8.peak > 139.8 * GiB)
+    assert f"a chunk of {cfg.seq_len // cfg.loss.num_chunks} tokens" in text
