@@ -8,8 +8,9 @@ q [B, Hq, 1, D]; k, v [B, Hkv, S, D] are cache buffers of S allocated slots of w
 0 .. L[b]-1 (``lengths`` [B], a device tensor). This equals SDPA over the whole buffer with the bool mask
 ``arange(S) < L[b]`` (the full layers' decode step today), without reading the masked slots.
 
-Why. Decode is bound by the bytes read. Masked SDPA reads all S slots of every row, and at batch 1 it parallelises
-over B * Hq (32 programs on a Llama-2-7B layer, on a chip of 132 SMs). Here:
+Why. Decode is bound by the bytes read. Masked SDPA reads all S slots of every row; and at q_len 1 a kernel that
+parallelises over rows, heads and query blocks has B * Hq work items -- 32 for a Llama-2-7B layer at batch 1, on a
+chip of 132 SMs (how today's path really fares is for the benchmark below to measure). Here:
 
 * each row reads only its L[b] keys: 2 * Hkv * L[b] * D * itemsize bytes of K/V instead of S;
 * the key range is split over ``num_splits`` programs per (row, KV head) (split-K), so one sequence fills the GPU;
@@ -43,7 +44,8 @@ int64. Lengths are not checked against 1..S (that would sync the device); the ke
 value never reads outside the buffer, and a row with L = 0 gets zeros. fp32 inputs use IEEE fp32 dots (not TF32).
 
 CPU tensors take ``decode_attention_reference`` (plain torch), or with ``interpret=True`` the same Triton kernels in
-Triton's interpreter (how the CPU tests run them).
+Triton's interpreter (how the CPU tests run them; TRITON_INTERPRET=1 must be set before triton's first import, and
+``_interpreted`` mends one numpy 2.4 incompatibility of Triton 3.6's interpreter).
 
 Speed is not yet measured: ``analysis/bench_decode_kernel.py`` measures it against masked SDPA over the whole buffer
 and against SDPA over exactly the L valid keys. BLOCK_N, num_warps and num_stages below are first choices, not tuned.
@@ -264,7 +266,8 @@ def _check_config(config) -> None:
     if config is None:
         return
     if not isinstance(config, dict) or not set(config) <= {"BLOCK_N", "num_warps", "num_stages"}:
-        raise ValueError(f"config must be None or a dict with keys among BLOCK_N, num_warps, num_stages, got {config!r}")
+        raise ValueError(f"config must be None or a dict with keys among BLOCK_N, num_warps, num_stages, "
+                         f"got {config!r}")
     for key, low in (("BLOCK_N", 16), ("num_warps", 1), ("num_stages", 1)):
         val = config.get(key, low)
         if not isinstance(val, int) or val < low or (key != "num_stages" and val & (val - 1)):

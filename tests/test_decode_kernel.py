@@ -4,12 +4,13 @@ torch reference (float64) at lengths 1..S around every key-block edge, MHA and G
 H100/H200 (sm_90) without a GPU; the reference against today's masked SDPA; the split heuristic; argument errors.
 
 How the interpreter runs here. Triton 3.6 reads TRITON_INTERPRET when ``@triton.jit`` decorates a function: its own
-library (tl.cdiv, tl.sum, ...) at ``import triton``, our kernels at ``import flexgen_long.decode_kernel``. Setting the
-variable in this module would come too late when triton was already imported (torch imports it to look for GPU
-support) and would turn every Triton kernel made later in the pytest process -- Inductor's, in the GPU suite -- into
-an interpreted one. So the kernels run in a child process started with TRITON_INTERPRET=1 (this file run as a
-script), once for all cases (``interpreted`` fixture), and each test reads its case's result. The offline sm_90
-compile runs in a second child, without the variable. Each child costs ~4 s of imports.
+library (tl.cdiv, tl.sum, ...) at ``import triton``, our kernels at ``import flexgen_long.decode_kernel``, and the
+interpreter cannot call a compiled library function. Setting the variable in this module would come too late where
+triton is already imported (torch.compile's Inductor imports it, even on a CPU, so earlier tests do), and would turn
+every Triton kernel made later in the pytest process -- Inductor's, in the GPU suite -- into an interpreted one. So
+the kernels run in a child process started with TRITON_INTERPRET=1 (this file run as a script), once for all cases,
+and each test reads its case's result (``children`` fixture). The offline sm_90 compile runs in a second child,
+without the variable, at the same time. Each child spends ~4 s importing torch and triton.
 
 Interpreter limits (Triton's, documented in its debugging guide): no bfloat16 arithmetic -- it stores bf16 as uint16,
 and ``tl.dot`` multiplies those bit patterns. The G = 1 path converts K/V to fp32 before any arithmetic, so bf16 runs
@@ -124,14 +125,14 @@ def _child_interpret(out_path: str) -> None:
             part_o, part_lse, _ = made
             ref_lengths = lengths.clamp(1, c["S"])  # clamped rows: L > S reads S keys; L <= 0 checked apart
             ref = dk.decode_attention_reference(q.double(), k.double(), v.double(), ref_lengths, scale=c.get("scale"))
-            zero_rows = (lengths <= 0).tolist()
-            live = [b for b, z in enumerate(zero_rows) if not z]
+            zero = lengths <= 0
             empty = torch.isneginf(part_lse)
             results[name] = {
                 "dtype": str(out.dtype).removeprefix("torch."), "shape": list(out.shape),
-                "nan_out": bool(out.isnan().any()), "nan_partials": bool(part_o.isnan().any() or part_lse.isnan().any()),
-                "err": rel_err(out[live], ref[live]),
-                "zero_rows_max": float(out[[b for b, z in enumerate(zero_rows) if z]].abs().max()) if any(zero_rows) else 0.0,
+                "nan_out": bool(out.isnan().any()),
+                "nan_partials": bool(part_o.isnan().any() or part_lse.isnan().any()),
+                "err": rel_err(out[~zero], ref[~zero]),
+                "zero_rows_max": float(out[zero].abs().max()) if zero.any() else 0.0,
                 "empty_splits": int(empty.sum()) // c["hq"],  # per (row, split), over query heads
                 "empty_partials_max": float(part_o[empty].abs().max()) if empty.any() else 0.0,
                 "num_splits": part_lse.shape[-1],
@@ -187,7 +188,8 @@ def _child_compile(out_path: str) -> None:
                 usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(cubin)], capture_output=True,
                                        text=True, check=True).stdout
                 line = next(ln for ln in usage.splitlines() if "REG:" in ln)
-                res[which] = {f.split(":")[0]: int(f.split(":")[1]) for f in line.split() if f.split(":")[0] in ("REG", "STACK", "LOCAL")}
+                fields = dict(f.split(":") for f in line.split() if f.count(":") == 1)
+                res[which] = {key: int(fields[key]) for key in ("REG", "STACK", "LOCAL")}
             results[name] = res
         except Exception as e:
             import traceback
@@ -224,13 +226,16 @@ def children(tmp_path_factory):
     each fixture its own result when it asks."""
     _need_triton()
     tmp = tmp_path_factory.mktemp("decode_kernel")
+    repo = Path(__file__).resolve().parents[1]
     base = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # this checkout's package first, as in the pytest process (pyproject's pythonpath), whatever is installed
+    base["PYTHONPATH"] = os.pathsep.join([str(repo), *filter(None, [os.environ.get("PYTHONPATH")])])
     envs = {"interpret": {**base, "TRITON_INTERPRET": "1"},
             # a fresh cache, so that the compile really runs
             "compile": {**base, "TRITON_CACHE_DIR": str(tmp / "triton_cache")}}
     procs = {mode: (subprocess.Popen([sys.executable, __file__, mode, str(tmp / f"{mode}.json")], env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     cwd=Path(__file__).resolve().parents[1]), time.perf_counter())
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=repo),
+                    time.perf_counter())
              for mode, env in envs.items()}
     done = {}
 
