@@ -32,7 +32,7 @@ from flexgen_long.cache import ModelCache, plan_cache, free_memory_bytes
 from flexgen_long.generation import _GraphedStep, decode_step, exact_layers, generate, prefill
 from flexgen_long.models import longgen_llama, longgen_llama2_7b, longgen_llama3_1_8b, relayout
 from flexgen_long.patterns import AttnSink, Full
-from flexgen_long import timing
+from flexgen_long import attention, timing
 
 SPARSE = AttnSink(sink=64, window=1984)  # 2048 keys per query (the paper's ~1/64 of 128K), the records' pattern; the
 # library default is now the block-aligned AttnSink(128, 1920) (flexgen_long.layout), timed through generate() by
@@ -134,7 +134,9 @@ def user_path(model, ctx: int, chunk: int | None, new_tokens: int, compile_decod
 
 def run_user_path(args) -> None:
     sparse = [AttnSink(*map(int, p.split(","))) for p in args.sparse]
-    decode_modes = [False, True] if args.compile_decode else [False]  # eager step, then the fused one
+    # eager step, then the fused one; each with every full-layer decode kernel asked for (attention.FULL_DECODE_KERNEL)
+    decode_modes = [(cd, kern) for cd in ([False, True] if args.compile_decode else [False])
+                    for kern in args.full_decode_kernels]
     res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "path": "generate()",
            "full_layers": "middle third", "dtype": "bf16", "batch": 1, "rows": []}
     torch.set_default_dtype(torch.bfloat16)
@@ -146,9 +148,11 @@ def run_user_path(args) -> None:
             for chunk in args.chunks:
                 layouts = [("hybrid", p, cd) for p in sparse for cd in decode_modes] + \
                     [("dense", None, cd) for cd in decode_modes]
-                for layout, pat, cd in layouts:
+                for layout, pat, (cd, kern) in layouts:
                     relayout(model, sorted(full_idx) if pat is not None else "all", pat or SPARSE)
-                    r = {"shape": shape, "layout": layout, "sparse_pattern": repr(pat) if pat else None}
+                    attention.FULL_DECODE_KERNEL = kern
+                    r = {"shape": shape, "layout": layout, "sparse_pattern": repr(pat) if pat else None,
+                         "full_decode_kernel": kern}
                     try:
                         r.update(user_path(model, ctx, chunk or None, args.new_tokens, cd))
                     except torch.OutOfMemoryError as e:
@@ -164,7 +168,8 @@ def run_user_path(args) -> None:
         if r["layout"] == "hybrid" and "prefill_s" in r:
             d = next((x for x in res["rows"] if x["layout"] == "dense" and x["shape"] == r["shape"]
                       and x["ctx"] == r["ctx"] and x["prefill_chunk"] == r["prefill_chunk"]
-                      and x["compile_decode"] == r["compile_decode"] and "prefill_s" in x), None)
+                      and x["compile_decode"] == r["compile_decode"]
+                      and x["full_decode_kernel"] == r["full_decode_kernel"] and "prefill_s" in x), None)
             if d is not None:
                 r["prefill_speedup"] = d["prefill_s"] / r["prefill_s"]
                 r["decode_speedup"] = d["decode_ms_per_token"] / r["decode_ms_per_token"]
@@ -205,6 +210,8 @@ def main():
                     help="also time the fused decode step (generation.fused_decode_step; with --generate: "
                          "generate(compile_decode=True) rows beside the eager ones)")
     ap.add_argument("--generate", action="store_true", help="time generate() itself (the user's path)")
+    ap.add_argument("--full-decode-kernels", nargs="+", default=["sdpa"], choices=["sdpa", "split_k"],
+                    help="with --generate: rows for each full-layer decode kernel (attention.FULL_DECODE_KERNEL)")
     ap.add_argument("--chunks", type=int, nargs="+", default=[0, 8192],
                     help="with --generate: prefill_chunk values, 0 = whole prompt")
     ap.add_argument("--new-tokens", type=int, default=128, help="with --generate: tokens generated per call")

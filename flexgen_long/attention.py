@@ -56,6 +56,12 @@ FLEX_EAGER_MAX_LEN = 2048
 #: On CPU, sequences up to this length use SDPA with the pattern's dense bool mask instead of compiled flex: a flex
 #: graph costs 8-26 s to compile on the 2-core CPU machine (measured, torch 2.13), the mask 4 MB per pattern here.
 CPU_DENSE_MAX_LEN = 2048
+#: The full layers' decode kernel on CUDA when their buffer is not exactly filled (nearly every step): "sdpa" (SDPA
+#: over the whole buffer with the bool mask of the filled slots) or "split_k" (flexgen_long.decode_kernel: each row
+#: reads only its filled slots, the key range split over many programs so that one sequence fills the GPU). "sdpa"
+#: stays the default until the split-K kernel is measured against it (analysis/bench_decode_kernel.py); the GPU suite
+#: checks both.
+FULL_DECODE_KERNEL = "sdpa"
 #: Device types whose sparse layers run their later prefill chunks by compiled flex (``_chunk_over_slots_flex``);
 #: elsewhere masked SDPA. CPU has no cheap flex compile; the CPU tests add "cpu" here (with compilation off) to run the
 #: flex path at small sizes.
@@ -343,6 +349,10 @@ class HybridAttention(MultiHeadAttention):
         cache.write_step(k, v, step.pos)
         if self in step.exact:
             return F.scaled_dot_product_attention(q, cache.k, cache.v, enable_gqa=True)
+        if FULL_DECODE_KERNEL == "split_k" and isinstance(self.pattern, Full) and q.device.type == "cuda":
+            from .decode_kernel import decode_attention  # needs triton (a GPU install has it)
+            # a full buffer holds position p at slot p: row b sees slots 0 .. pos[b]
+            return decode_attention(q, cache.k, cache.v, step.mask(("full_lengths",), lambda: step.pos + 1))
         mask = step.mask(("decode", cache.pattern, cache.slots, self.num_heads), lambda: _expand_heads(
             cache.visible(step.pos[:, None], cache.pos), self.num_heads))
         return F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=mask, enable_gqa=True)

@@ -331,3 +331,41 @@ def test_fused_decode_matches_eager_at_many_lengths(dtype, record_property):
             before = stats["unique_graphs"]
     record_property("graphs_after_first_three_calls", stats["unique_graphs"] - before)
     assert stats["unique_graphs"] == before
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_split_k_full_layer_decode_matches_sdpa(dtype, monkeypatch, record_property):
+    """The full layers' decode through the split-K kernel (attention.FULL_DECODE_KERNEL = "split_k") against masked
+    SDPA, on twin caches of a GQA model (rows of different lengths, CUDA-graph-free steps), then generate() with CUDA
+    graphs (the kernel captured once, replayed for every length): fp32 gives the same greedy tokens."""
+    import flexgen_long.attention as attention
+    from flexgen_long.generation import decode_step, exact_layers
+    torch.manual_seed(0)
+    model = longgen_llama(1000, 4, 8, 2, 512, 1024, 4096, sparse_pattern=AttnSink(4, 60)).to(DEV, dtype).eval()
+    prompts = [torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (1, 70, 999)]
+    caches = [ModelCache(model, 3, 1100, dtype, DEV) for _ in range(2)]
+    worst = 0.0
+    with torch.inference_mode():
+        for cache in caches:
+            for row, p in enumerate(prompts):
+                prefill(model, cache, torch.tensor(p, device=DEV), row)
+        tok = torch.tensor([p[-1] for p in prompts], device=DEV)
+        pos = torch.tensor([len(p) for p in prompts], device=DEV)
+        for t in range(40):
+            exact = exact_layers(model, caches[0], int(pos.min()), int(pos.max()))
+            monkeypatch.setattr(attention, "FULL_DECODE_KERNEL", "sdpa")
+            want = decode_step(model, caches[0], tok, pos, exact).float()
+            monkeypatch.setattr(attention, "FULL_DECODE_KERNEL", "split_k")
+            got = decode_step(model, caches[1], tok, pos, exact).float()
+            worst = max(worst, rel_err(got, want))
+            tok, pos = want.argmax(-1), pos + 1
+    record_property("split_k_vs_sdpa_logits_max_rel_err", worst)
+    assert worst < (2e-2 if dtype == torch.bfloat16 else 1e-4)
+    if dtype == torch.float32:
+        for n in (1, 129, 1000, 3000):
+            batch = [prompts[1], torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(n)).tolist()]
+            monkeypatch.setattr(attention, "FULL_DECODE_KERNEL", "split_k")
+            got = generate(model, batch, max_new_tokens=8)
+            monkeypatch.setattr(attention, "FULL_DECODE_KERNEL", "sdpa")
+            want = generate(model, batch, max_new_tokens=8)
+            assert [r.tokens for r in got] == [r.tokens for r in want], f"n={n}"
