@@ -84,14 +84,15 @@ def summary(calls: list[dict]) -> dict:
             "wall_s": sum(c.get("wall_s", 0.0) for c in calls)}
 
 
-def run_ours(model, calls, vocab, new_tokens, label, save) -> list[dict]:
+def run_ours(model, calls, vocab, new_tokens, label, save, compile_decode: bool = False) -> list[dict]:
     out = []
     for i, lengths in enumerate(calls):
         g0 = {id(g) for g in compiled_graphs()}
         rec = {"call": i, "batch": len(lengths), "lengths": lengths}
         t0 = time.perf_counter()
         try:
-            gens = generate(model, prompts_for(lengths, vocab, i), max_new_tokens=new_tokens)
+            gens = generate(model, prompts_for(lengths, vocab, i), max_new_tokens=new_tokens,
+                            compile_decode=compile_decode)
             rec.update(ttft_s=gens[0].prefill_s, decode_s=batch_decode_s(gens),
                        decode_tokens=sum(g.decode_tokens for g in gens), prefill_chunk=gens[0].prefill_chunk,
                        capture_s=max(g.capture_s for g in gens))  # CUDA-graph capture, not in decode_s
@@ -183,6 +184,8 @@ def main(argv=None):
     ap.add_argument("--passes", nargs="+", default=["cold", "warmup", "warm"], choices=["cold", "warmup", "warm"],
                     help="which passes of our generate() to run, in order")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--compile-decode", action="store_true",
+                    help="our calls through generate(compile_decode=True) (the fused decode step)")
     ap.add_argument("--tiny", action="store_true", help="a small model for a CPU smoke test of the script")
     a = ap.parse_args(argv)
     dev = torch.device(a.device)
@@ -190,6 +193,7 @@ def main(argv=None):
         if a.tiny else SHAPE
     calls = workload(a.calls, a.max_len, a.max_batch, a.new_tokens, a.seed)
     res = {"benchmark": "served workload", **environment(dev, a.commit),
+           "compile_decode": a.compile_decode,
            "model": {**shape, "num_layers": a.layers, "full_layers": list(full_layer_indices(a.layers, "middle")),
                      "sparse": repr(SPARSE), "dtype": "bf16", "weights": "random"},
            "workload": {"calls": a.calls, "max_len": a.max_len, "max_batch": a.max_batch, "new_tokens": a.new_tokens,
@@ -210,10 +214,10 @@ def main(argv=None):
     model = ours(dev)
     for label in a.passes:
         if label == "warmup":
-            res["passes"]["warmup"] = warmup(model, a.max_len - a.new_tokens)
+            res["passes"]["warmup"] = warmup(model, a.max_len - a.new_tokens, compile_decode=a.compile_decode)
             print("warmup", res["passes"]["warmup"], flush=True)
             continue
-        rows = run_ours(model, calls, shape["vocab_size"], a.new_tokens, label, save)
+        rows = run_ours(model, calls, shape["vocab_size"], a.new_tokens, label, save, a.compile_decode)
         res["passes"][label] = {"summary": summary(rows), "calls": rows}
         print(label, res["passes"][label]["summary"], flush=True)
         save()

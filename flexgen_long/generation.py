@@ -350,7 +350,8 @@ def generate(model: nn.Module, prompts, *, max_new_tokens: int, temperature: flo
 
 
 @torch.inference_mode()
-def warmup(model: nn.Module, max_prompt_len: int, prefill_chunk: int | str | None = None) -> dict:
+def warmup(model: nn.Module, max_prompt_len: int, prefill_chunk: int | str | None = None,
+           compile_decode: bool = False) -> dict:
     """Compile, ahead of traffic, every graph that ``generate(prompts, prefill_chunk=prefill_chunk)`` can need for
     prompts of up to ``max_prompt_len`` tokens. Compiled code runs in three places of a prefill (flexgen_long.shapes):
     a prompt's first chunk (flex in the sparse and packed layers, at the bucket of the chunk's length) and, on GPU,
@@ -363,6 +364,9 @@ def warmup(model: nn.Module, max_prompt_len: int, prefill_chunk: int | str | Non
     prompt. ``prefill_chunk="auto"``: the chunk that ``generate()``'s default would choose for one prompt of
     ``max_prompt_len`` tokens on this device now (None when it fits whole); a batch's larger caches may leave less room
     and make ``generate()`` choose a smaller one (``Generation.prefill_chunk`` says which) -- warm that one up too.
+    ``compile_decode``: also compile ``fused_decode_step`` for batch 1 (always specialised) and batch 2 (which, coming
+    after 1, compiles the batch dimension dynamic: every later size), for traffic through
+    ``generate(compile_decode=True)``; ``"decode_compile_s"`` in the result.
     Returns ``{"graphs": new compiled graphs, "seconds": wall time, "prefill_chunk": the chunk warmed up}``."""
     if not isinstance(max_prompt_len, int) or max_prompt_len < 1 or max_prompt_len > model.max_seq_len:
         raise ValueError(f"max_prompt_len must be an int in [1, model.max_seq_len={model.max_seq_len}], got "
@@ -390,4 +394,8 @@ def warmup(model: nn.Module, max_prompt_len: int, prefill_chunk: int | str | Non
         del cache
     if param.device.type == "cuda":
         torch.cuda.synchronize(param.device)
-    return {"graphs": len(compiled_graphs()) - g0, "seconds": time.perf_counter() - t0, "prefill_chunk": prefill_chunk}
+    out = {"graphs": len(compiled_graphs()) - g0, "seconds": None, "prefill_chunk": prefill_chunk}
+    if compile_decode:
+        out["decode_compile_s"] = sum(compile_decode_ahead(model, b, param.dtype, param.device) for b in (1, 2))
+    out["seconds"] = time.perf_counter() - t0
+    return out

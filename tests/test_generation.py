@@ -8,7 +8,7 @@ import torch
 from flexgen_long import generation
 from flexgen_long.cache import ModelCache, plan_cache, prefill_activation_bytes
 from flexgen_long.generation import (batch_decode_s, batch_tokens_per_s, decode_step, exact_layers, generate, prefill,
-                                     sample)
+                                     sample, warmup)
 from flexgen_long.models import longgen_llama, longgen_tiny
 from flexgen_long.patterns import AttnSink, BlockSparse
 
@@ -422,3 +422,18 @@ def test_fused_decode_same_logits_tokens_and_bounded_graphs(pattern, kv_heads, m
         assert [r.tokens for r in out] == [r.tokens for r in generate(model, batch, max_new_tokens=5)]
         seen.append(len(counter.graphs))
     assert seen == [8, 12, 12, 12], seen  # batch 1: static; batch 2: the batch dimension dynamic; 4 and 5: nothing
+
+
+def test_warmup_compiles_the_fused_decode_for_every_batch_size(monkeypatch):
+    """warmup(compile_decode=True) leaves nothing for generate(compile_decode=True) to compile at any batch size."""
+    torch._dynamo.reset()
+    counter = _GraphCounter()
+    monkeypatch.setattr(generation, "DECODE_COMPILE_BACKEND", counter)
+    model = _model(AttnSink(3, 10), 2).eval()
+    w = warmup(model, 64, compile_decode=True)
+    assert len(counter.graphs) == 8 and w["decode_compile_s"] > 0  # batch 1 (static), then 2 (the batch dynamic)
+    for b in (1, 4, 2, 7):
+        prompts = [torch.randint(0, 97, (5 + 9 * r,), generator=torch.Generator().manual_seed(r)).tolist()
+                   for r in range(b)]
+        generate(model, prompts, max_new_tokens=3, compile_decode=True)
+    assert len(counter.graphs) == 8
