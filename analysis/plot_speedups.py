@@ -402,6 +402,15 @@ def plot_batch_decode(results: list[dict], out_dir: Path) -> dict:
     return drawn
 
 
+def _show(drawn: dict, none_message: str) -> None:
+    """Print each written figure's path and close it; no figure at all is an error (``none_message``)."""
+    for fig, path, _ in drawn.values():
+        print(path)
+        plt.close(fig)
+    if not drawn:
+        raise SystemExit(none_message)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--results", default="analysis/results/bench_*.json", help="glob of bench.py JSON files")
@@ -413,13 +422,8 @@ def main(argv=None):
     ap.add_argument("--out", default="analysis/figures")
     a = ap.parse_args(argv)
     if a.batch_decode:
-        drawn = plot_batch_decode(load(a.batch_decode), Path(a.out))
-        for fig, path, _ in drawn.values():
-            print(path)
-            plt.close(fig)
-        if not drawn:
-            raise SystemExit(f"--batch-decode: no bench_batch_decode.py results match {a.batch_decode!r}")
-        return
+        return _show(plot_batch_decode(load(a.batch_decode), Path(a.out)),
+                     f"--batch-decode: no bench_batch_decode.py results match {a.batch_decode!r}")
     if a.served:
         try:
             res = json.loads(Path(a.served).read_text())
@@ -430,13 +434,7 @@ def main(argv=None):
         plt.close(fig)
         return
     if a.finetune:
-        drawn = plot_finetune(load(a.finetune), Path(a.out))
-        for fig, path, _ in drawn.values():
-            print(path)
-            plt.close(fig)
-        if not drawn:
-            raise SystemExit(f"no bench_finetune.py results match {a.finetune!r}")
-        return
+        return _show(plot_finetune(load(a.finetune), Path(a.out)), f"no bench_finetune.py results match {a.finetune!r}")
     drawn = plot_all(a.results, a.out)
     for d in drawn:
         for name, (fig, path, _) in d.items():

@@ -288,31 +288,40 @@ def test_free_memory_counts_the_allocators_cache():
 
 # ---- fused decode (each layer's work around attention compiled by Inductor) ------------------------------------------------
 
+def twin_decode_max_err(model, dtype, lengths, max_len, steps, reference, candidate):
+    """Prefill the same prompts of ``lengths`` into two caches, then decode ``steps`` greedy steps (the reference's
+    tokens fed to both), ``reference(cache, tok, pos, exact)`` on one and ``candidate(...)`` on the other: the largest
+    relative error of the candidate's logits."""
+    from flexgen_long.generation import exact_layers
+    prompts = [torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in lengths]
+    caches = [ModelCache(model, len(prompts), max_len, dtype, DEV) for _ in range(2)]
+    worst = 0.0
+    with torch.inference_mode():  # as generate() runs
+        for cache in caches:
+            for row, p in enumerate(prompts):
+                prefill(model, cache, torch.tensor(p, device=DEV), row)
+        tok = torch.tensor([p[-1] for p in prompts], device=DEV)
+        pos = torch.tensor([len(p) for p in prompts], device=DEV)
+        for _ in range(steps):
+            exact = exact_layers(model, caches[0], int(pos.min()), int(pos.max()))
+            want = reference(caches[0], tok, pos, exact).float()
+            got = candidate(caches[1], tok, pos, exact).float()
+            worst = max(worst, rel_err(got, want))
+            tok, pos = want.argmax(-1), pos + 1
+    return worst
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_fused_decode_matches_eager_at_many_lengths(dtype, record_property):
     """fused_decode_step (Inductor) against decode_step on twin caches -- a mixed-length batch whose AttnSink rings
     fill, wrap and run full: logits agree at every step (fp32 to rounding, bf16 within bf16 noise); then
     generate(compile_decode=True) with CUDA graphs gives the eager step's greedy tokens (fp32) for 12 prompt lengths
     and batch sizes 1-4, compiling no graph after the first two batch sizes (counted by dynamo)."""
-    from flexgen_long.generation import decode_step, exact_layers, fused_decode_step
+    from flexgen_long.generation import decode_step, fused_decode_step
     torch.manual_seed(0)
     model = longgen_llama(1000, 4, 8, 2, 512, 1024, 4096, sparse_pattern=AttnSink(4, 60)).to(DEV, dtype).eval()
-    prompts = [torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (1, 70, 333)]
-    caches = [ModelCache(model, 3, 500, dtype, DEV) for _ in range(2)]
-    worst = 0.0
-    with torch.inference_mode():
-        for cache in caches:
-            for row, p in enumerate(prompts):
-                prefill(model, cache, torch.tensor(p, device=DEV), row)
-        tok = torch.tensor([p[-1] for p in prompts], device=DEV)
-        pos = torch.tensor([len(p) for p in prompts], device=DEV)
-        for t in range(100):
-            lo, hi = int(pos.min()), int(pos.max())
-            exact = exact_layers(model, caches[0], lo, hi)
-            want = decode_step(model, caches[0], tok, pos, exact).float()
-            got = fused_decode_step(model, caches[1], tok, pos, exact).float()
-            worst = max(worst, rel_err(got, want))
-            tok, pos = want.argmax(-1), pos + 1
+    worst = twin_decode_max_err(model, dtype, (1, 70, 333), 500, 100,
+                                lambda c, t, p, e: decode_step(model, c, t, p, e),
+                                lambda c, t, p, e: fused_decode_step(model, c, t, p, e))
     record_property("fused_vs_eager_logits_max_rel_err", worst)
     assert worst < (2e-2 if dtype == torch.bfloat16 else 1e-4)
     if dtype == torch.bfloat16:
@@ -339,31 +348,23 @@ def test_split_k_full_layer_decode_matches_sdpa(dtype, monkeypatch, record_prope
     SDPA, on twin caches of a GQA model (rows of different lengths, CUDA-graph-free steps), then generate() with CUDA
     graphs (the kernel captured once, replayed for every length): fp32 gives the same greedy tokens."""
     import flexgen_long.attention as attention
-    from flexgen_long.generation import decode_step, exact_layers
+    from flexgen_long.generation import decode_step
     torch.manual_seed(0)
     model = longgen_llama(1000, 4, 8, 2, 512, 1024, 4096, sparse_pattern=AttnSink(4, 60)).to(DEV, dtype).eval()
-    prompts = [torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (1, 70, 999)]
-    caches = [ModelCache(model, 3, 1100, dtype, DEV) for _ in range(2)]
-    worst = 0.0
-    with torch.inference_mode():
-        for cache in caches:
-            for row, p in enumerate(prompts):
-                prefill(model, cache, torch.tensor(p, device=DEV), row)
-        tok = torch.tensor([p[-1] for p in prompts], device=DEV)
-        pos = torch.tensor([len(p) for p in prompts], device=DEV)
-        for t in range(40):
-            exact = exact_layers(model, caches[0], int(pos.min()), int(pos.max()))
-            monkeypatch.setattr(attention, "FULL_DECODE_KERNEL", "sdpa")
-            want = decode_step(model, caches[0], tok, pos, exact).float()
-            monkeypatch.setattr(attention, "FULL_DECODE_KERNEL", "split_k")
-            got = decode_step(model, caches[1], tok, pos, exact).float()
-            worst = max(worst, rel_err(got, want))
-            tok, pos = want.argmax(-1), pos + 1
+    prompt70 = torch.randint(0, 1000, (70,), generator=torch.Generator().manual_seed(70)).tolist()
+
+    def step_with(kernel):
+        def run(cache, tok, pos, exact):
+            monkeypatch.setattr(attention, "FULL_DECODE_KERNEL", kernel)
+            return decode_step(model, cache, tok, pos, exact)
+        return run
+
+    worst = twin_decode_max_err(model, dtype, (1, 70, 999), 1100, 40, step_with("sdpa"), step_with("split_k"))
     record_property("split_k_vs_sdpa_logits_max_rel_err", worst)
     assert worst < (2e-2 if dtype == torch.bfloat16 else 1e-4)
     if dtype == torch.float32:
         for n in (1, 129, 1000, 3000):
-            batch = [prompts[1], torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(n)).tolist()]
+            batch = [prompt70, torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(n)).tolist()]
             monkeypatch.setattr(attention, "FULL_DECODE_KERNEL", "split_k")
             got = generate(model, batch, max_new_tokens=8)
             monkeypatch.setattr(attention, "FULL_DECODE_KERNEL", "sdpa")
