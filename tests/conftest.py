@@ -41,6 +41,8 @@ def smollm2_dir(tmp_path_factory) -> Path:
     key = hashlib.sha256(Path(import_gguf.__file__).read_bytes()
                          + f"{gguf.name}:{gguf.stat().st_size}:{transformers.__version__}".encode()).hexdigest()[:12]
     root = tmp_path_factory.getbasetemp().parent
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n: a worker's basetemp is one level deeper (pytest-N/popen-gwX)
+        root = root.parent
     out = root / f"smollm2-135m-{key}"
     if not (out / "config.json").is_file():
         r = subprocess.run([sys.executable, "-m", "flexgen_long.import_gguf", "--out", str(out)], capture_output=True,

