@@ -59,7 +59,6 @@ few rows): the same plan, prefill, copy, capacity and summary, but no CUDA graph
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import subprocess
 import sys
@@ -71,7 +70,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_generation, bench
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from bench import environment  # noqa: E402
+from bench import environment, free  # noqa: E402
 from bench_generation import SHAPES, weight_bytes_per_step  # noqa: E402
 from flexgen_long import generation, timing  # noqa: E402
 from flexgen_long.cache import (ModelCache, decode_activation_bytes, free_memory_bytes, plan_cache,  # noqa: E402
@@ -146,10 +145,10 @@ def prefill_row0(model, ctx: int, chunk: int, dtype, device) -> tuple[ModelCache
     ``prefill``; (None, {"skipped": why}) when it and the prefill's activations do not fit in free memory."""
     kv = plan_cache(model, 1, ctx + 1, dtype).total_bytes
     act = prefill_activation_bytes(model, min(chunk, ctx), dtype, ctx, ctx + 1, device)
-    free = free_memory_bytes(device)
-    if kv + act > free:
+    avail = free_memory_bytes(device)
+    if kv + act > avail:
         return None, {"skipped": f"prefill of row 0 does not fit: KV {kv / GiB:.4g} + prefill activations "
-                                 f"{act / GiB:.4g} GiB > {free / GiB:.4g} GiB free"}
+                                 f"{act / GiB:.4g} GiB > {avail / GiB:.4g} GiB free"}
     cache = ModelCache(model, 1, ctx + 1, dtype, device)
     prompt = torch.randint(0, model.tok_embeddings.num_embeddings, (ctx,), device=device)
     t = time.perf_counter()
@@ -180,10 +179,10 @@ def time_batch(model, src: ModelCache, B: int, ctx: int, dtype, device, modes, r
     row: dict = {}
     kv_now = plan_cache(model, B, ctx + 1, dtype).total_bytes if B > 1 else 0
     act = 2 * decode_activation_bytes(model, B, ctx + 1, dtype)  # each captured graph keeps its own activations
-    free = free_memory_bytes(device)
-    if kv_now + act > free:
+    avail = free_memory_bytes(device)
+    if kv_now + act > avail:
         raise MemoryError(f"not enough free memory: batch cache {kv_now / GiB:.4g} + decode activations "
-                          f"{act / GiB:.4g} GiB (x2 graphs) > {free / GiB:.4g} GiB free on {device}")
+                          f"{act / GiB:.4g} GiB (x2 graphs) > {avail / GiB:.4g} GiB free on {device}")
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.empty_cache()
@@ -240,12 +239,6 @@ def time_batch(model, src: ModelCache, B: int, ctx: int, dtype, device, modes, r
     return row
 
 
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 @torch.inference_mode()  # as generate() runs: caches made outside it would fail the compiled step's guards
 def run_group(res, model, shape, ctx, layout, batches, capacity_ctx, args, dtype, device, save) -> None:
     """Every batch of one (shape, ctx, layout): capacity, budget checks, one prefill of row 0, the timed rows."""
@@ -288,12 +281,12 @@ def run_group(res, model, shape, ctx, layout, batches, capacity_ctx, args, dtype
                     row["skipped"] = str(e)
                 except Exception as e:  # noqa: BLE001 -- recorded, never a crash of the whole run
                     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-                _free(device)
+                free()
         res["rows"].append(row)
         print(json.dumps(row), flush=True)
         save()
     del src
-    _free(device)
+    free()
 
 
 def _tps(row, mode):
@@ -453,7 +446,7 @@ def main(argv=None) -> dict:
                     run_group(res, model, shape, ctx, layout, a.batches, ctx in a.capacity_contexts, a, dtype,
                               device, save)
             del model
-            _free(device)
+            free()
     finally:
         torch.set_default_dtype(prev_dtype)
     res["summary"] = summarize(res)

@@ -44,6 +44,7 @@ from torchtune.modules import MultiHeadAttention
 
 from torch.nn.attention.bias import causal_lower_right
 
+from .decode_kernel import decode_attention  # imports without triton; its kernels need it (a GPU install has it)
 from .masks import build_block_mask, build_cached_block_mask, dense_mask
 from .patterns import AttnSink, Documents, Full, Pattern, check_doc_ids
 from .shapes import BLOCK, compiled, flex_graph_key, pad_seq, padded_len
@@ -350,7 +351,6 @@ class HybridAttention(MultiHeadAttention):
         if self in step.exact:
             return F.scaled_dot_product_attention(q, cache.k, cache.v, enable_gqa=True)
         if FULL_DECODE_KERNEL == "split_k" and isinstance(self.pattern, Full) and q.device.type == "cuda":
-            from .decode_kernel import decode_attention  # needs triton (a GPU install has it)
             # a full buffer holds position p at slot p: row b sees slots 0 .. pos[b]
             return decode_attention(q, cache.k, cache.v, step.mask(("full_lengths",), lambda: step.pos + 1))
         mask = step.mask(("decode", cache.pattern, cache.slots, self.num_heads), lambda: _expand_heads(
