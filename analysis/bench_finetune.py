@@ -86,12 +86,17 @@ def parse_spec(spec: str) -> tuple[str, int]:
 def run_args(name: str, seq: int, layout: str, nproc: int, steps: int, out_dir: str, log_dir: str) -> list[str]:
     """The `tune run` command of one run."""
     config, overrides = model_args(name, layout)
+    max_tokens = max(2_000_000, seq * (steps + 2) * nproc * 2)
     return ["tune", "run"] + (["--nproc_per_node", str(nproc)] if nproc > 1 else []) + [
         "recipes/longgen_finetune.py", "--config", config, *overrides,
         f"model.max_seq_len={seq}", f"seq_len={seq}", "device=cuda", "dtype=bf16",
         "enable_activation_checkpointing=true", "compile=false", "batch_size=1", "gradient_accumulation_steps=1",
         f"max_steps={steps}", "log_every_n_steps=1",
-        f"dataset.max_tokens={max(2_000_000, seq * (steps + 2) * nproc * 2)}",
+        f"dataset.max_tokens={max_tokens}",
+        # Every sequence one document, as in the paper (full attention over all seq_len tokens): the source's files
+        # joined into one long document and no synthetic tasks. Short packed documents would give the full layers a
+        # document mask that skips most of the causal work -- a cheaper, different baseline.
+        "dataset.synthetic_share=0", f"dataset.min_document_tokens={max_tokens}",
         "checkpoint.save_every_n_steps=null", f"output_dir={out_dir}",
         "checkpoint.resume=false", "checkpoint.overwrite=true",  # the benchmark's own scratch directory
         "metric_logger._component_=torchtune.training.metric_logging.DiskLogger", f"metric_logger.log_dir={log_dir}"]

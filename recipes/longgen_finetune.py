@@ -382,7 +382,16 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
             self._perm, self._perm_epoch = torch.randperm(len(self._dataset), generator=g), epoch
         start = (j * self._world_size + self._rank) * self._batch_size
         items = [self._dataset[int(k)] for k in self._perm[start: start + self._batch_size]]
-        return {k: torch.stack([it[k] for it in items]).to(self._device) for k in items[0]}
+        batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+        # Every row one document (long-document data, the paper's setting): no document mask is needed, so full layers
+        # take SDPA's causal kernel (cuDNN / flash on GPU) instead of flex with a document BlockMask, and sparse layers'
+        # masks skip the document lookup. The same attention: positions 0..S-1 are each row's in-document positions.
+        # Checked here on the host copy, before the transfer: no device sync.
+        single = bool((batch["doc_ids"] == batch["doc_ids"][:, :1]).all())
+        batch = {k: v.to(self._device) for k, v in batch.items()}
+        if single:
+            batch["doc_ids"] = None
+        return batch
 
     # -- train ----------------------------------------------------------------------------------------------------------
     def _loss(self, batch: dict) -> torch.Tensor:
