@@ -216,12 +216,21 @@ def _ft_ok(r) -> bool:
     return r.get("rc") == 0 and isinstance(r.get("step_s_median"), (int, float))
 
 
+def _ft_packed(r) -> bool:
+    """Whether a run trained on packed short documents (its command joins no documents)."""
+    return "dataset.min_document_tokens=" not in r.get("command", "")
+
+
 def plot_finetune(results: list[dict], out_dir: Path) -> dict:
     """One figure per card from bench_finetune.py results (runs of several files of one card are joined; a spec run
     twice keeps its last record). Returns {card: (figure, path, {panel: [line labels]})} for the tests."""
     by_card: dict = {}
     for res in results:
-        by_card.setdefault(res["card"], {}).update({r["spec"]: r for r in res.get("runs", [])})
+        # Records from before the benchmark joined its source into one document per sequence trained on packed short
+        # files, whose document masks skip most of the full layers' causal work: their series are labelled apart.
+        by_card.setdefault(res["card"], {}).update({
+            (r["spec"], _ft_packed(r)): {**r, "model": r["model"] + (" packed files" if _ft_packed(r) else "")}
+            for r in res.get("runs", [])})
     out_dir.mkdir(parents=True, exist_ok=True)
     drawn = {}
     for card, runs in by_card.items():
@@ -395,10 +404,97 @@ def plot_batch_decode(results: list[dict], out_dir: Path) -> dict:
             labels[title] = [ln.get_label() for ln in ax.get_lines()]
         torch_v = sorted({res.get("torch", "?") for res in runs})
         budget = sorted({res.get("budget_gib") for res in runs})
-        path = _save_panels(fig, f"Batch decode throughput, hybrid vs dense: {card} (torch {', '.join(torch_v)}; "
+        path = _save_panels(fig, f"Batch decode throughput, hybrid vs dense: {card}\n(torch {', '.join(torch_v)}; "
                                  f"largest batch on {', '.join(map(str, budget))} GiB starred; harness-level step)",
                             notes, out_dir / f"batch_decode_{_slug(card)}.png")
         drawn[card] = (fig, path, labels)
+    return drawn
+
+
+PAPER_PREFILL_SPEEDUP, PAPER_DECODE_SPEEDUP = 1.67, 1.41  # LongGen at 128K, Llama-2-7B
+
+
+def _decode_mode(r) -> str:
+    return f"{'fused' if r.get('compile_decode') else 'eager'} step, {r.get('full_decode_kernel', 'sdpa')}"
+
+
+def plot_generate(results: list[dict], out_dir: Path) -> dict:
+    """The user path: one figure per (card, shape, context) from ``bench_generation.py --generate`` records (rows
+    timed through ``generate()`` itself, second of two calls): prefill seconds per prefill chunk, decode milliseconds per
+    token per decode mode (eager / fused step x full-layer decode kernel) and peak memory, hybrid beside dense, each
+    pair's dense / hybrid ratio written on the hybrid bar. Rows that failed (out of memory) are listed in the footnote.
+    Returns {(card, shape, ctx): (figure, path, {panel: [bar labels]})} for the tests."""
+    groups: dict = {}
+    for res in results:
+        if res.get("path") != "generate()":
+            continue
+        for r in res.get("rows", []):
+            groups.setdefault((res["card"], r["shape"], r["ctx"]), ([], res))[0].append(r)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    colors = {"hybrid": "tab:blue", "dense": "black"}
+    drawn = {}
+    for (card, shape, ctx), (rows, res) in sorted(groups.items()):
+        ok = [r for r in rows if "prefill_s" in r]
+        notes = [f"{r['layout']} {_decode_mode(r)}, chunk {r.get('prefill_chunk')}: {r['error'].split(':')[0]}"
+                 for r in rows if "error" in r]
+        fig, axes = plt.subplots(1, 3, figsize=(17, 4.8), gridspec_kw={"width_ratios": [1, 2.2, 1]})
+        labels = {}
+
+        def bars(ax, keys, value, fmt):
+            """Grouped bars: one group per key, hybrid then dense. Written on each hybrid bar: the fastest (lowest) dense
+            bar of the panel over it -- the baseline is dense at its best, not dense in the same mode."""
+            names = []
+            dense = [value(r) for r in ok if r["layout"] == "dense" and any(k(r) for k in keys)]
+            best = min(dense) if dense else None
+            for i, key in enumerate(keys):
+                pair = {}
+                for j, layout in enumerate(("hybrid", "dense")):
+                    r = next((x for x in ok if x["layout"] == layout and key(x)), None)
+                    if r is None:
+                        continue
+                    v = value(r)
+                    pair[layout] = v
+                    ax.bar(i + (j - 0.5) * 0.38, v, 0.36, color=colors[layout], alpha=0.85,
+                           label=layout if i == 0 else None)
+                    ax.text(i + (j - 0.5) * 0.38, v, fmt.format(v), ha="center", va="bottom", fontsize=7)
+                    names.append(f"{layout} {i}")
+                if "hybrid" in pair and best is not None:
+                    ax.text(i - 0.19, pair["hybrid"] * 0.5, f"{best / pair['hybrid']:.2f}x", ha="center",
+                            color="white", fontsize=8, fontweight="bold", rotation=90)
+            return names
+
+        chunks = list(dict.fromkeys(r["prefill_chunk"] for r in ok))
+        labels["prefill"] = bars(axes[0], [lambda r, c=c: r["prefill_chunk"] == c and not r.get("compile_decode")
+                                           and r.get("full_decode_kernel", "sdpa") == "sdpa" for c in chunks],
+                                 lambda r: r["prefill_s"], "{:.2f}")
+        axes[0].set_xticks(range(len(chunks)))
+        axes[0].set_xticklabels([f"chunk {c}" for c in chunks])
+        axes[0].set_ylabel("prefill (s)")
+        axes[0].set_title(f"prefill in generate() (paper {PAPER_PREFILL_SPEEDUP}x)")
+        modes = list(dict.fromkeys(_decode_mode(r) for r in ok))
+        labels["decode"] = bars(axes[1], [lambda r, m=m: _decode_mode(r) == m and r["prefill_chunk"] == chunks[0]
+                                          for m in modes], lambda r: r["decode_ms_per_token"], "{:.1f}")
+        axes[1].set_xticks(range(len(modes)))
+        axes[1].set_xticklabels(modes, fontsize=8)
+        axes[1].set_ylabel("decode (ms per token)")
+        axes[1].set_title(f"decode in generate(), {ok[0]['new_tokens'] if ok else '?'} new tokens "
+                          f"(paper {PAPER_DECODE_SPEEDUP}x)")
+        labels["memory"] = bars(axes[2], [lambda r: r["prefill_chunk"] == chunks[0] and not r.get("compile_decode")
+                                          and r.get("full_decode_kernel", "sdpa") == "sdpa"],
+                                lambda r: r["peak_alloc_GiB"], "{:.1f}")
+        axes[2].set_xticks([0])
+        axes[2].set_xticklabels([f"{_tokens(ctx)} prompt"])
+        axes[2].set_ylabel("peak GiB allocated")
+        axes[2].set_title("peak memory (weights + caches + work)")
+        for ax in axes:
+            ax.legend(fontsize=7)
+        sparse = sorted({r["sparse_pattern"] for r in ok if r.get("sparse_pattern")})
+        path = _save_panels(fig, f"generate() end to end, {shape} shape, {_tokens(ctx)}-token prompt, batch "
+                                 f"{res.get('batch', 1)}, {res.get('dtype', '')}: {card} (torch {res.get('torch')})\n"
+                                 f"hybrid = full {res.get('full_layers', '?')} + {', '.join(sparse)}; "
+                                 f"white: the panel's best dense / hybrid", notes,
+                            out_dir / f"generate_{_slug(card)}_{shape}_{_tokens(ctx)}.png")
+        drawn[(card, shape, ctx)] = (fig, path, labels)
     return drawn
 
 
@@ -419,8 +515,13 @@ def main(argv=None):
     ap.add_argument("--served", default=None, help="a bench_served.py JSON file: draw its figure instead")
     ap.add_argument("--batch-decode", default=None, help="glob of bench_batch_decode.py JSON files: draw their "
                                                          "figure instead")
+    ap.add_argument("--generate", default=None, help="glob of bench_generation.py --generate JSON files (the "
+                                                     "generate() path): draw their figures instead")
     ap.add_argument("--out", default="analysis/figures")
     a = ap.parse_args(argv)
+    if a.generate:
+        return _show(plot_generate(load(a.generate), Path(a.out)),
+                     f"--generate: no bench_generation.py --generate results match {a.generate!r}")
     if a.batch_decode:
         return _show(plot_batch_decode(load(a.batch_decode), Path(a.out)),
                      f"--batch-decode: no bench_batch_decode.py results match {a.batch_decode!r}")

@@ -120,3 +120,21 @@ def test_finetune_figure_from_fixture(tmp_path):
     plt.close(fig)
     with pytest.raises(SystemExit):
         plot.main(["--finetune", str(tmp_path / "none_*.json"), "--out", str(tmp_path)])
+
+
+def test_finetune_figure_labels_packed_file_records_apart(tmp_path):
+    """A record trained on packed short files (no dataset.min_document_tokens in its command: document masks) is
+    drawn as its own series beside the one-document record of the same spec, never merged into it."""
+    plot = load_script("analysis/plot_speedups.py")
+    res = plot.load(str(FIXTURE))
+    old = json.loads(json.dumps(res[0]))
+    for r in old["runs"]:
+        r["command"] = "tune run ..."
+        if "step_s_median" in r:
+            r["step_s_median"] = 1.0  # other values than the one-document records': a merge would show
+    drawn = plot.plot_finetune(res + [old], tmp_path)
+    fig, _, labels = drawn["Fixture GPU"]
+    assert {"7b x8 hybrid", "7b packed files x8 hybrid", "7b packed files x8 full"} <= set(labels["whole recipe step"])
+    speed = next(ln for ln in fig.axes[1].get_lines() if ln.get_label() == "7b x8")  # still the fixture's own ratio
+    assert speed.get_ydata()[1] == pytest.approx(35.2 / 22.0)
+    plt.close(fig)

@@ -125,3 +125,34 @@ def test_capacity_script_writes_the_plan_and_its_figure(tmp_path):
     assert fig.exists() and "estimate" in res["what"]
     with pytest.raises(SystemExit, match="--budget-gib must be > 0"):
         cap.main(["--out", str(out), "--budget-gib", "0"])
+
+
+def test_generate_figure_draws_the_user_path_against_the_best_dense(tmp_path):
+    """plot_generate: prefill, decode per mode and memory bars of a bench_generation.py --generate record; the ratio
+    on each hybrid decode bar is over the fastest dense mode; a failed row is listed; harness records are ignored."""
+    plot = load_script("analysis/plot_speedups.py")
+
+    def row(layout, fused, kernel, prefill, ms, peak=10.0):
+        return {"shape": "llama2_7b", "layout": layout, "ctx": 131072, "prefill_chunk": "whole", "new_tokens": 128,
+                "compile_decode": fused, "full_decode_kernel": kernel, "prefill_s": prefill,
+                "decode_ms_per_token": ms, "peak_alloc_GiB": peak,
+                "sparse_pattern": "AttnSink(sink=128, window=1920)" if layout == "hybrid" else None}
+
+    rows = [row("hybrid", False, "sdpa", 6.0, 14.0), row("hybrid", True, "sdpa", 6.0, 11.0),
+            row("dense", False, "sdpa", 12.0, 23.0), row("dense", True, "sdpa", 12.0, 22.0),
+            {"shape": "llama2_7b", "layout": "dense", "ctx": 131072, "prefill_chunk": 8192, "compile_decode": False,
+             "full_decode_kernel": "split_k", "error": "OutOfMemoryError: CUDA out of memory"}]
+    res = {"card": "Test Card", "torch": "x", "path": "generate()", "full_layers": "middle third", "batch": 1,
+           "rows": rows}
+    drawn = plot.plot_generate([res, {"card": "Test Card", "rows": rows}], tmp_path)  # the second: no path, ignored
+    assert list(drawn) == [("Test Card", "llama2_7b", 131072)]
+    fig, path, labels = drawn[("Test Card", "llama2_7b", 131072)]
+    assert path.exists() and path.name == "generate_Test_Card_llama2_7b_128K.png"
+    assert labels["decode"] == ["hybrid 0", "dense 0", "hybrid 1", "dense 1"]
+    texts = [t.get_text() for t in fig.axes[1].texts]
+    assert f"{22.0 / 14.0:.2f}x" in texts and f"{22.0 / 11.0:.2f}x" in texts  # over the best dense, 22 ms
+    assert f"{12.0 / 6.0:.2f}x" in [t.get_text() for t in fig.axes[0].texts]
+    assert "OutOfMemoryError" in fig.texts[-1].get_text()
+    plt.close(fig)
+    with pytest.raises(SystemExit, match="--generate"):
+        plot.main(["--generate", str(tmp_path / "none_*.json"), "--out", str(tmp_path)])

@@ -133,6 +133,34 @@ def test_checkpoint_reloads_into_our_model(tmp_path):
     assert torch.equal(want, got)
 
 
+@pytest.mark.parametrize("single_document", [True, False])
+def test_batches_of_one_document_per_row_drop_the_document_mask(tmp_path, single_document):
+    """Long-document data (every row one document) trains without doc_ids, so full layers get SDPA's causal kernel;
+    the loss is the one the document mask gives. Packed short files keep their doc_ids."""
+    data = ["dataset.synthetic_share=0", "dataset.min_document_tokens=30000"] if single_document else []
+    cfg = _cfg(tmp_path, "max_steps=1", *data)
+    from recipes.longgen_finetune import LongGenFinetuneRecipe
+
+    recipe = LongGenFinetuneRecipe(cfg)
+    try:
+        recipe.setup(cfg)
+        kept = 0
+        for i in range(min(recipe._batches_per_epoch, 12)):
+            batch = recipe._batch(i)
+            if batch["doc_ids"] is not None:  # kept only where some row holds more than one document
+                assert any(len(torch.unique(row)) > 1 for row in batch["doc_ids"]), i
+                kept += 1
+                continue
+            with torch.no_grad():
+                without = recipe._loss(batch)
+                with_ids = recipe._loss({**batch, "doc_ids": torch.zeros_like(batch["tokens"], dtype=torch.int32)})
+            assert torch.allclose(without, with_ids, rtol=1e-6, atol=1e-6), (i, without, with_ids)
+        assert (kept == 0) if single_document else (kept > 0)
+    finally:
+        recipe.release()
+    recipe.cleanup()
+
+
 def test_full_attention_checkpoint_loads_in_transformers(tmp_path):
     from transformers import LlamaForCausalLM
 
