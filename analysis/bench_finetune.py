@@ -9,8 +9,9 @@ full attention, launched with `tune run` exactly as a user does (`--nproc_per_no
 
 Specs are `<model>-<K tokens>`. Models: `7b` -- the shipped configs `recipes/configs/llama2_7b_longgen_128k.yaml`
 (hybrid: middle third full, AttnSink(128, 1920)) and `llama2_7b_full_128k.yaml` (`full_layers: all`) with random weights
-(`checkpoint.base_dir=null`, a byte tokenizer, the Python standard library's sources as text; speed does not depend on
-weights or text); `7b<N>l` -- the same with N layers; `1b` / `3b` -- the Llama-3.2-1B / 3B shape (16 / 28 layers) on
+(`checkpoint.base_dir=null`, a byte tokenizer, the Python standard library's sources as text, joined so that every
+sequence is one document, as in the paper; speed does not depend on weights or text); `7b<N>l` -- the same with N
+layers; `1b` / `3b` -- the Llama-3.2-1B / 3B shape (16 / 28 layers) on
 `tiny_longgen.yaml`'s recipe fields and flexgen_long.losses.ChunkedLinearCrossEntropy (32 chunks: one chunk's
 logits at a time; the committed 1b records, run before it existed, used the config's CrossEntropyLoss, as their
 commands say). The whole-recipe step of the 3B shape on one GPU:
@@ -18,8 +19,9 @@ commands say). The whole-recipe step of the 3B shape on one GPU:
     python analysis/bench_finetune.py --specs 3b-64k 3b-128k --out analysis/results/finetune_3b_<card>.json
 
 Every run: `max_steps` optimizer steps of one micro-batch per GPU (`gradient_accumulation_steps=1`), bf16,
-activation checkpointing, `compile=false` (flex compiled inside the model, full layers on SDPA -- as the committed
-one- and two-GPU records ran). Step time is the median over the steps after the first (which compiles), from the
+activation checkpointing, `compile=false` (flex compiled inside the model; full layers on SDPA's causal kernel, as
+every row is one document). Records made before the runs joined their text trained on packed short files (document
+masks: full layers on flex, most causal work skipped); `plot_speedups.py --finetune` labels them "packed files". Step time is the median over the steps after the first (which compiles), from the
 recipe's own metrics (tokens/s per rank); peak memory is torchtune's, on rank 0, per step. Each run's record also holds
 the memory plan of its config (`flexgen_long.train_plan`, the estimate `recipes/longgen_plan.py` prints).
 
