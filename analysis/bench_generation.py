@@ -16,6 +16,7 @@ and the decode time per token from ``Generation.decode_s`` (the Python loop, sam
 CUDA-graph replays all included; CUDA-graph capture and the fused step's compilation are recorded apart, as
 ``generate()`` reports them), and peak memory. ``--chunks 0 8192``: 0 = the whole prompt in one chunk.
 ``--compile-decode``: each row also with ``generate(compile_decode=True)`` (the fused decode step).
+``--fuse-projections``: each row also after ``models.fuse_projections`` (q/k/v and gate/up as one matrix product each).
 
     python analysis/bench_generation.py --generate --out gen.json --contexts 131072 --shapes llama2_7b --chunks 0 8192
 """
@@ -30,7 +31,8 @@ import torch
 
 from flexgen_long.cache import ModelCache, plan_cache, free_memory_bytes
 from flexgen_long.generation import _GraphedStep, decode_step, exact_layers, generate, prefill
-from flexgen_long.models import longgen_llama, longgen_llama2_7b, longgen_llama3_1_8b, relayout
+from flexgen_long.models import (fuse_projections, longgen_llama, longgen_llama2_7b, longgen_llama3_1_8b, relayout,
+                                 unfuse_projections)
 from flexgen_long.patterns import AttnSink, Full
 from flexgen_long import attention, timing
 
@@ -135,8 +137,8 @@ def user_path(model, ctx: int, chunk: int | None, new_tokens: int, compile_decod
 def run_user_path(args) -> None:
     sparse = [AttnSink(*map(int, p.split(","))) for p in args.sparse]
     # eager step, then the fused one; each with every full-layer decode kernel asked for (attention.FULL_DECODE_KERNEL)
-    decode_modes = [(cd, kern) for cd in ([False, True] if args.compile_decode else [False])
-                    for kern in args.full_decode_kernels]
+    decode_modes = [(cd, kern, fp) for fp in ([False, True] if args.fuse_projections else [False])
+                    for cd in ([False, True] if args.compile_decode else [False]) for kern in args.full_decode_kernels]
     res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "path": "generate()",
            "full_layers": "middle third", "dtype": "bf16", "batch": 1, "rows": []}
     torch.set_default_dtype(torch.bfloat16)
@@ -148,11 +150,12 @@ def run_user_path(args) -> None:
             for chunk in args.chunks:
                 layouts = [("hybrid", p, cd) for p in sparse for cd in decode_modes] + \
                     [("dense", None, cd) for cd in decode_modes]
-                for layout, pat, (cd, kern) in layouts:
+                for layout, pat, (cd, kern, fp) in layouts:
                     relayout(model, sorted(full_idx) if pat is not None else "all", pat or SPARSE)
                     attention.FULL_DECODE_KERNEL = kern
+                    (fuse_projections if fp else unfuse_projections)(model)
                     r = {"shape": shape, "layout": layout, "sparse_pattern": repr(pat) if pat else None,
-                         "full_decode_kernel": kern}
+                         "full_decode_kernel": kern, "fused_projections": fp}
                     try:
                         r.update(user_path(model, ctx, chunk or None, args.new_tokens, cd))
                     except torch.OutOfMemoryError as e:
@@ -169,7 +172,8 @@ def run_user_path(args) -> None:
             d = next((x for x in res["rows"] if x["layout"] == "dense" and x["shape"] == r["shape"]
                       and x["ctx"] == r["ctx"] and x["prefill_chunk"] == r["prefill_chunk"]
                       and x["compile_decode"] == r["compile_decode"]
-                      and x["full_decode_kernel"] == r["full_decode_kernel"] and "prefill_s" in x), None)
+                      and x["full_decode_kernel"] == r["full_decode_kernel"]
+                      and x.get("fused_projections") == r.get("fused_projections") and "prefill_s" in x), None)
             if d is not None:
                 r["prefill_speedup"] = d["prefill_s"] / r["prefill_s"]
                 r["decode_speedup"] = d["decode_ms_per_token"] / r["decode_ms_per_token"]
@@ -210,6 +214,9 @@ def main():
                     help="also time the fused decode step (generation.fused_decode_step; with --generate: "
                          "generate(compile_decode=True) rows beside the eager ones)")
     ap.add_argument("--generate", action="store_true", help="time generate() itself (the user's path)")
+    ap.add_argument("--fuse-projections", action="store_true",
+                    help="with --generate: each row also with models.fuse_projections (one q/k/v and one gate/up "
+                         "matrix product per layer)")
     ap.add_argument("--full-decode-kernels", nargs="+", default=["sdpa"], choices=["sdpa", "split_k"],
                     help="with --generate: rows for each full-layer decode kernel (attention.FULL_DECODE_KERNEL)")
     ap.add_argument("--chunks", type=int, nargs="+", default=[0, 8192],

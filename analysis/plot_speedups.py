@@ -415,7 +415,8 @@ PAPER_PREFILL_SPEEDUP, PAPER_DECODE_SPEEDUP = 1.67, 1.41  # LongGen at 128K, Lla
 
 
 def _decode_mode(r) -> str:
-    return f"{'fused' if r.get('compile_decode') else 'eager'} step, {r.get('full_decode_kernel', 'sdpa')}"
+    return (f"{'fused' if r.get('compile_decode') else 'eager'} step, {r.get('full_decode_kernel', 'sdpa')}"
+            + (", one qkv/gate-up matmul" if r.get("fused_projections") else ""))
 
 
 def plot_generate(results: list[dict], out_dir: Path) -> dict:
@@ -465,7 +466,8 @@ def plot_generate(results: list[dict], out_dir: Path) -> dict:
 
         chunks = list(dict.fromkeys(r["prefill_chunk"] for r in ok))
         labels["prefill"] = bars(axes[0], [lambda r, c=c: r["prefill_chunk"] == c and not r.get("compile_decode")
-                                           and r.get("full_decode_kernel", "sdpa") == "sdpa" for c in chunks],
+                                           and r.get("full_decode_kernel", "sdpa") == "sdpa"
+                                           and not r.get("fused_projections") for c in chunks],
                                  lambda r: r["prefill_s"], "{:.2f}")
         axes[0].set_xticks(range(len(chunks)))
         axes[0].set_xticklabels([f"chunk {c}" for c in chunks])

@@ -49,7 +49,7 @@ from flexgen_long.cache import ModelCache  # noqa: E402
 from flexgen_long.generation import (_GraphedStep, decode_step, exact_layers, fused_decode_step,  # noqa: E402
                                      prefill)
 from flexgen_long.layout import DEFAULT_SPARSE_PATTERN  # noqa: E402
-from flexgen_long.models import longgen_tiny, relayout  # noqa: E402
+from flexgen_long.models import fuse_projections, longgen_tiny, relayout  # noqa: E402
 from flexgen_long.patterns import Full  # noqa: E402
 from flexgen_long import timing  # noqa: E402
 
@@ -172,6 +172,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--ctx", type=int, default=131072)
     ap.add_argument("--chunk", type=int, default=None, help="prefill chunk (default: the whole prompt)")
     ap.add_argument("--compile-decode", action="store_true", help="profile fused_decode_step, not decode_step")
+    ap.add_argument("--fuse-projections", action="store_true", help="profile after models.fuse_projections (one "
+                    "q/k/v and one gate/up matrix product per layer)")
     ap.add_argument("--steps", type=int, default=5, help="decode steps under the profiler")
     ap.add_argument("--reps", type=int, default=30, help="timed steps / graph replays (median)")
     ap.add_argument("--layouts", nargs="+", default=["hybrid", "dense"], choices=["hybrid", "dense"])
@@ -191,6 +193,8 @@ def main(argv=None) -> dict:
         torch.set_default_dtype(dtype)
         with device:
             model = SHAPES[shape](max_seq_len=ctx + 8).eval()
+    if a.fuse_projections:
+        fuse_projections(model)
     full_idx = sorted(i for i, l in enumerate(model.layers) if isinstance(l.attn.pattern, Full))
     sparse = next((l.attn.pattern for l in model.layers if not isinstance(l.attn.pattern, Full)), DEFAULT_SPARSE_PATTERN)
     res = {"benchmark": "profile of generate()'s phases", **environment(device, a.commit), "args": vars(a), "shape": shape, "ctx": ctx, "dtype": str(dtype).replace("torch.", ""),

@@ -227,6 +227,7 @@ class HybridAttention(MultiHeadAttention):
             raise ValueError(f"pattern must be a flexgen_long.patterns pattern, got {pattern!r}")
         self.pattern = pattern
         self._attention_call = None  # torchtune's SDPA/flex gate is not used (CUDA-only flex, expands GQA)
+        self.register_buffer("_wqkv", None, persistent=False)  # flexgen_long.models.fuse_projections (inference)
 
     def extra_repr(self) -> str:
         return f"pattern={self.pattern!r}"
@@ -241,9 +242,15 @@ class HybridAttention(MultiHeadAttention):
         if y is not None and y is not x:
             raise ValueError("HybridAttention is self-attention: y must be None or x itself")
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
+        if self._wqkv is not None and not torch.is_grad_enabled():
+            # one projection for q, k and v (fuse_projections): their weights are row blocks of one matrix
+            nq, nkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            q, k, v = F.linear(x, self._wqkv).split([nq, nkv, nkv], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(b, s, self.num_heads, self.head_dim)
+        k = k.view(b, s, self.num_kv_heads, self.head_dim)
+        v = v.view(b, s, self.num_kv_heads, self.head_dim)
         q = self.pos_embeddings(q, input_pos=input_pos)
         k = self.pos_embeddings(k, input_pos=input_pos)
         if mask is None:  # a layer used on its own: unpacked, masks for this layer only

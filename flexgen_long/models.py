@@ -27,9 +27,10 @@ from typing import Mapping
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torchtune.models.llama3._component_builders import llama3_mlp
 from torchtune.models.llama3_1._position_embeddings import Llama3ScaledRoPE
-from torchtune.modules import RMSNorm, RotaryPositionalEmbeddings, TiedLinear, TransformerDecoder, \
+from torchtune.modules import FeedForward, RMSNorm, RotaryPositionalEmbeddings, TiedLinear, TransformerDecoder, \
     TransformerSelfAttentionLayer
 
 from . import hf
@@ -37,7 +38,7 @@ from .attention import HybridAttention, MaskSet, positions_in_documents
 from .layout import DEFAULT_SPARSE_PATTERN, layer_patterns
 from .patterns import AttnSink, check_doc_ids
 
-__all__ = ["HybridDecoder", "longgen_llama", "from_hf_config", "builder_config", "doc_ids_from_seq_lens", "relayout", "longgen_llama2_7b", "longgen_llama2_13b",
+__all__ = ["HybridDecoder", "longgen_llama", "fuse_projections", "unfuse_projections", "GateUpFeedForward", "from_hf_config", "builder_config", "doc_ids_from_seq_lens", "relayout", "longgen_llama2_7b", "longgen_llama2_13b",
            "longgen_llama2_70b", "longgen_llama3_1_8b", "longgen_llama3_1_70b", "longgen_llama3_2_1b",
            "longgen_llama3_2_3b", "longgen_tiny", "LLAMA3_1_ROPE_SCALING", "LLAMA3_2_ROPE_SCALING"]
 
@@ -116,6 +117,77 @@ def relayout(model: nn.Module, full_layers="none", sparse_pattern=DEFAULT_SPARSE
         raise ValueError("relayout needs a model built by flexgen_long.models (no HybridAttention layers found)")
     for a, pattern in zip(attn, layer_patterns(len(attn), full_layers, sparse_pattern)):
         a.pattern = pattern
+    return model
+
+
+class GateUpFeedForward(FeedForward):
+    """torchtune's ``FeedForward`` (same submodules and state-dict keys) whose gate and up projections run as one matrix
+    product when ``fuse_projections`` has laid their weights out as row blocks of one matrix (``_w13``) and no gradient
+    is being recorded; otherwise exactly torchtune's forward."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w13 = getattr(self, "_w13", None)
+        if w13 is None or torch.is_grad_enabled():
+            return super().forward(x)
+        gate, up = F.linear(x, w13).chunk(2, dim=-1)
+        return self.w2(self.activation(gate) * up)
+
+
+def _fuse_rows(linears: list[nn.Linear]) -> Tensor:
+    """One matrix whose row blocks are the linears' weights, each weight's data re-pointed to its block (the modules,
+    parameters and state-dict keys stay; no memory is added once the old storages are freed)."""
+    fused = torch.cat([l.weight.detach() for l in linears], dim=0)
+    row = 0
+    for l in linears:
+        n = l.weight.shape[0]
+        l.weight.data = fused[row: row + n]
+        row += n
+    return fused
+
+
+def fuse_projections(model: nn.Module) -> nn.Module:
+    """Lay out each layer's q/k/v weights, and its MLP's gate/up weights, as row blocks of one matrix, so that
+    inference computes each group with one matrix product (at batch 1 in decode: one larger matrix-vector product in
+    place of three, or two, smaller ones). In place; returns the model. Values are unchanged (same weights), outputs
+    equal up to the matrix kernels' rounding.
+
+    Inference only: with gradients enabled the layers run the separate projections (so training after fusing still
+    trains every weight). The fused parameters share storage, so save checkpoints from an unfused model (safetensors
+    refuses shared tensors): ``unfuse_projections`` gives each weight its own storage back. Moving the model to
+    another device or dtype afterwards keeps values consistent (the fused matrices are non-persistent buffers and move
+    with it) but undoes the sharing: fuse after ``.to()``."""
+    attn = [m for m in model.modules() if isinstance(m, HybridAttention)]
+    if not attn:
+        raise ValueError("fuse_projections needs a model built by flexgen_long.models (no HybridAttention layers found)")
+    for a in attn:
+        lin = [a.q_proj, a.k_proj, a.v_proj]
+        if any(not isinstance(l, nn.Linear) or l.bias is not None for l in lin):
+            raise ValueError("fuse_projections: q/k/v projections must be nn.Linear without bias, got "
+                             f"{[type(l).__name__ for l in lin]}")
+        a.register_buffer("_wqkv", _fuse_rows(lin), persistent=False)
+    for m in list(model.modules()):
+        if isinstance(m, FeedForward) and m.w3 is not None:
+            if any(not isinstance(l, nn.Linear) or l.bias is not None for l in (m.w1, m.w3)):
+                raise ValueError("fuse_projections: MLP gate/up projections must be nn.Linear without bias")
+            m.__class__ = GateUpFeedForward
+            m.register_buffer("_w13", _fuse_rows([m.w1, m.w3]), persistent=False)
+    return model
+
+
+def unfuse_projections(model: nn.Module) -> nn.Module:
+    """Undo ``fuse_projections``: every weight in its own storage again, the fused matrices dropped."""
+    for m in model.modules():
+        for name, linears in (("_wqkv", ("q_proj", "k_proj", "v_proj")), ("_w13", ("w1", "w3"))):
+            if getattr(m, name, None) is not None:
+                for ln in linears:
+                    w = getattr(m, ln).weight
+                    w.data = w.data.clone()
+                if name == "_wqkv":
+                    m._wqkv = None  # HybridAttention's own (empty) buffer slot
+                else:
+                    delattr(m, name)
+        if isinstance(m, GateUpFeedForward):
+            m.__class__ = FeedForward
     return model
 
 

@@ -227,3 +227,57 @@ def test_bad_forward_arguments():
         model(tok, doc_ids=torch.zeros(3, 32, dtype=torch.long))
     with pytest.raises(NotImplementedError, match="KV cache"):
         model.setup_caches(1, torch.float32)
+
+
+def test_fused_projections_same_outputs_same_state_dict_and_training_still_reaches_every_weight(monkeypatch):
+    """fuse_projections: q/k/v and gate/up as row blocks of one matrix. The forward and generate() give the same
+    results as the separate projections (CPU, fp32), the state dict keeps its keys and values, training after fusing
+    still gets a gradient for every weight (the separate path runs under autograd), and unfusing restores torchtune's
+    modules with one storage per weight."""
+    from flexgen_long.generation import generate
+    from flexgen_long.models import GateUpFeedForward, fuse_projections, longgen_tiny, unfuse_projections
+    from torchtune.modules import FeedForward
+
+    torch.manual_seed(0)
+    model = longgen_tiny().eval()
+    x = torch.randint(0, 200, (2, 300))
+    prompts = [torch.randint(0, 200, (n,)).tolist() for n in (1, 77, 130)]
+    with torch.no_grad():
+        want = model(x)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tokens = [r.tokens for r in generate(model, prompts, max_new_tokens=16)]
+
+    assert fuse_projections(model) is model
+    attn, mlp = model.layers[0].attn, model.layers[0].mlp
+    assert type(mlp) is GateUpFeedForward
+    assert attn.q_proj.weight.data_ptr() == attn._wqkv.data_ptr()  # views of the fused matrix: no copy kept
+    assert mlp.w3.weight.data_ptr() == mlp._w13.data_ptr() + mlp.w1.weight.numel() * mlp._w13.element_size()
+    with torch.no_grad():
+        assert torch.allclose(model(x), want, rtol=1e-6, atol=1e-6)
+    sd = model.state_dict()
+    assert sd.keys() == before.keys() and all(torch.equal(sd[k], before[k]) for k in before)
+    assert [r.tokens for r in generate(model, prompts, max_new_tokens=16)] == tokens
+    from flexgen_long import generation
+    torch._dynamo.reset()
+    monkeypatch.setattr(generation, "DECODE_COMPILE_BACKEND", "eager")  # dynamo's tracing, no Inductor code (CPU)
+    assert [r.tokens for r in generate(model, prompts, max_new_tokens=16, compile_decode=True)] == tokens
+
+    model.train()
+    model(x[:, :64]).float().mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+    model.zero_grad()
+
+    unfuse_projections(model.eval())
+    assert type(mlp) is FeedForward and attn._wqkv is None and not hasattr(mlp, "_w13")
+    storages = {m.weight.untyped_storage().data_ptr() for m in (attn.q_proj, attn.k_proj, attn.v_proj)}
+    assert len(storages) == 3
+    with torch.no_grad():
+        assert torch.equal(model(x), want)
+
+
+def test_fuse_projections_refuses_models_it_does_not_know():
+    from flexgen_long.models import fuse_projections
+
+    with pytest.raises(ValueError, match="HybridAttention"):
+        fuse_projections(torch.nn.Sequential(torch.nn.Linear(4, 4)))

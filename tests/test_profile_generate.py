@@ -28,9 +28,9 @@ def test_kernel_categories(name, cat):
 def test_cpu_smoke_profiles_both_phases_of_both_layouts(tmp_path):
     prof = load_script("analysis/profile_generate.py")
     out = tmp_path / "p.json"
-    res = prof.main(["--tiny", "--ctx", "200", "--steps", "2", "--reps", "2", "--out", str(out)])
+    res = prof.main(["--tiny", "--ctx", "200", "--steps", "2", "--reps", "2", "--fuse-projections", "--out", str(out)])
     assert json.loads(out.read_text())["layouts"].keys() == {"hybrid", "dense"} == res["layouts"].keys()
-    assert res["shape"] == "tiny" and res["ctx"] == 200 and res["full_layers"]
+    assert res["shape"] == "tiny" and res["ctx"] == 200 and res["full_layers"] and res["args"]["fuse_projections"]
     for layout in ("hybrid", "dense"):
         for phase in ("prefill", "decode"):
             p = res["layouts"][layout][phase]
