@@ -34,7 +34,7 @@ from flexgen_long.generation import _GraphedStep, decode_step, exact_layers, gen
 from flexgen_long.models import (fuse_projections, longgen_llama, longgen_llama2_7b, longgen_llama3_1_8b, relayout,
                                  unfuse_projections)
 from flexgen_long.patterns import AttnSink, Full
-from flexgen_long import attention, timing
+from flexgen_long import attention, generation, timing
 
 SPARSE = AttnSink(sink=64, window=1984)  # 2048 keys per query (the paper's ~1/64 of 128K), the records' pattern; the
 # library default is now the block-aligned AttnSink(128, 1920) (flexgen_long.layout), timed through generate() by
@@ -135,11 +135,13 @@ def user_path(model, ctx: int, chunk: int | None, new_tokens: int, compile_decod
 
 
 def run_user_path(args) -> None:
+    generation.DECODE_COMPILE_OPTIONS = args.decode_compile_options
     sparse = [AttnSink(*map(int, p.split(","))) for p in args.sparse]
     # eager step, then the fused one; each with every full-layer decode kernel asked for (attention.FULL_DECODE_KERNEL)
     decode_modes = [(cd, kern, fp) for fp in ([False, True] if args.fuse_projections else [False])
                     for cd in ([False, True] if args.compile_decode else [False]) for kern in args.full_decode_kernels]
     res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "path": "generate()",
+           "decode_compile_options": args.decode_compile_options,
            "full_layers": "middle third", "dtype": "bf16", "batch": 1, "rows": []}
     torch.set_default_dtype(torch.bfloat16)
     for shape in args.shapes:
@@ -214,6 +216,9 @@ def main():
                     help="also time the fused decode step (generation.fused_decode_step; with --generate: "
                          "generate(compile_decode=True) rows beside the eager ones)")
     ap.add_argument("--generate", action="store_true", help="time generate() itself (the user's path)")
+    ap.add_argument("--decode-compile-options", type=json.loads, default=None, metavar="JSON",
+                    help="with --compile-decode: Inductor options of the fused step (generation."
+                         "DECODE_COMPILE_OPTIONS), e.g. '{\"coordinate_descent_tuning\": true}'")
     ap.add_argument("--fuse-projections", action="store_true",
                     help="with --generate: each row also with models.fuse_projections (one q/k/v and one gate/up "
                          "matrix product per layer)")

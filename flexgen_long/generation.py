@@ -188,6 +188,10 @@ def _checked_prefill_chunk(model: nn.Module, batch_size: int, max_len: int, long
 #: The torch.compile backend of ``fused_decode_step`` (the CPU tests use "eager": dynamo's graph split without
 #: Inductor's code generation, which takes minutes on a 2-core CPU).
 DECODE_COMPILE_BACKEND = "inductor"
+#: Inductor options of ``fused_decode_step`` (``torch.compile(options=...)``), e.g. ``{"coordinate_descent_tuning":
+#: True}`` (gpt-fast's setting for batch-1 decode) or ``{"max_autotune": True}``; None: Inductor's defaults, the
+#: setting measured so far. Part of the compiled graphs' key: changing it compiles a new set.
+DECODE_COMPILE_OPTIONS: dict | None = None
 
 
 def _decode_layer(layer: nn.Module, h: Tensor, step: KVCacheStep, input_pos: Tensor) -> Tensor:
@@ -208,7 +212,9 @@ def fused_decode_step(model: nn.Module, cache: ModelCache, tokens: Tensor, pos: 
     dynamic (torch.compile's automatic dynamic shapes) that serves every later batch size. Compilation happens on the first call (on CUDA: the warm-up step before
     CUDA-graph capture, outside ``decode_s``)."""
     step = KVCacheStep(cache, "decode", pos=pos, exact=exact)
-    layer_fn = compiled(_decode_layer, ("decode_layer", DECODE_COMPILE_BACKEND), backend=DECODE_COMPILE_BACKEND)
+    opts = DECODE_COMPILE_OPTIONS
+    layer_fn = compiled(_decode_layer, ("decode_layer", DECODE_COMPILE_BACKEND, tuple(sorted((opts or {}).items()))),
+                        backend=DECODE_COMPILE_BACKEND, **({"options": dict(opts)} if opts else {}))
     h = model.tok_embeddings(tokens.view(-1, 1))
     input_pos = pos.view(-1, 1)
     for layer in model.layers:

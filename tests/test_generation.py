@@ -437,3 +437,29 @@ def test_warmup_compiles_the_fused_decode_for_every_batch_size(monkeypatch):
                    for r in range(b)]
         generate(model, prompts, max_new_tokens=3, compile_decode=True)
     assert len(counter.graphs) == 8
+
+
+def test_fused_decode_passes_its_inductor_options_and_keys_graphs_by_them(monkeypatch):
+    """DECODE_COMPILE_OPTIONS reaches torch.compile's backend as ``options``; changing it compiles a new graph set
+    (the options are part of the compiled step's key) and the logits stay the same."""
+    from flexgen_long.generation import fused_decode_step
+
+    seen = []
+
+    def backend(gm, example_inputs, **kwargs):
+        seen.append(kwargs.get("options"))
+        return gm.forward
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(generation, "DECODE_COMPILE_BACKEND", backend)
+    model = _model(AttnSink(3, 10), 2).eval()
+    tok, pos = torch.tensor([5]), torch.tensor([0])
+    outs = []
+    with torch.inference_mode():
+        for opts in (None, {"coordinate_descent_tuning": True}):
+            monkeypatch.setattr(generation, "DECODE_COMPILE_OPTIONS", opts)
+            n = len(seen)
+            cache = ModelCache(model, 1, 16, torch.float32, "cpu")
+            outs.append(fused_decode_step(model, cache, tok, pos))
+            assert len(seen) > n and all(o == opts for o in seen[n:])
+    assert torch.equal(outs[0], outs[1])
