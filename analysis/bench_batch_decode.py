@@ -78,7 +78,7 @@ from flexgen_long.cache import (ModelCache, decode_activation_bytes, free_memory
 from flexgen_long.generation import _GraphedStep, compile_decode_ahead, decode_step, exact_layers, \
     fused_decode_step, prefill  # noqa: E402
 from flexgen_long.layout import DEFAULT_SPARSE_PATTERN  # noqa: E402
-from flexgen_long.models import TINY_SPARSE_PATTERN, longgen_llama, relayout  # noqa: E402
+from flexgen_long.models import TINY_SPARSE_PATTERN, fuse_projections, longgen_llama, relayout  # noqa: E402
 from flexgen_long.patterns import Full  # noqa: E402
 
 GiB = 2**30
@@ -376,6 +376,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--reps", type=int, default=None, help="timed replays per mode, default 30 (--tiny: 5)")
     ap.add_argument("--commit", default=None, help="git commit of the benchmarked tree (the device copy has no .git)")
+    ap.add_argument("--fuse-projections", action="store_true", help="time the model after models.fuse_projections "
+                    "(one q/k/v and one gate/up matrix product per layer)")
     ap.add_argument("--tiny", action="store_true", help="toy model on the CPU: a smoke test of the script")
     a = ap.parse_args(argv)
     tiny = a.tiny
@@ -418,6 +420,7 @@ def main(argv=None) -> dict:
            "budget_gib": a.budget_gib, "new_tokens": a.new_tokens, "prefill_chunk": a.chunk, "reps": a.reps,
            "modes": a.modes, "shapes": a.shapes, "contexts": a.contexts, "batches": a.batches,
            "capacity_contexts": a.capacity_contexts, "decode_compile_backend": generation.DECODE_COMPILE_BACKEND,
+           "fused_projections": a.fuse_projections,
            "copy_TBps": copy_bandwidth_TBps(device), "prefills": [], "rows": [], "capacity": [], "complete": False}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -438,6 +441,8 @@ def main(argv=None) -> dict:
             # generic kernels that a process serving one model never would.
             torch._dynamo.reset()
             model = build(shape, max(a.contexts) + a.new_tokens, device)
+            if a.fuse_projections:
+                fuse_projections(model)
             full_idx = sorted(i for i, l in enumerate(model.layers) if isinstance(l.attn.pattern, Full))
             pattern = model.layers[next(i for i in range(len(model.layers)) if i not in full_idx)].attn.pattern
             for ctx in a.contexts:

@@ -18,11 +18,11 @@ def test_tiny_smoke_run_and_figure(tmp_path, monkeypatch):
     out = tmp_path / "bd.json"
     # one shape and one context keep the test short (two sets of fused graphs compile: batch 1, then dynamic)
     res = bench.main(["--tiny", "--shapes", "tiny_mha", "--contexts", "512", "--reps", "3", "--out", str(out),
-                      "--commit", "test"])
+                      "--commit", "test", "--fuse-projections"])
     saved = json.loads(out.read_text())
     assert saved["complete"] and saved["errors"] == 0 and saved["commit"] == "test"
     assert saved["summary"] == json.loads(json.dumps(res["summary"]))  # the file holds what main() returned
-    assert "harness-level" in saved["method"] and saved["capacity_contexts"] == [512]
+    assert "harness-level" in saved["method"] and saved["capacity_contexts"] == [512] and saved["fused_projections"]
 
     # one prefill per layout that has a batch in budget
     assert [(p["layout"], p["prefill_s"] > 0) for p in saved["prefills"]] == [("hybrid", True), ("dense", True)]
