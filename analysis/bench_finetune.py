@@ -26,8 +26,9 @@ recipe's own metrics (tokens/s per rank); peak memory is torchtune's, on rank 0,
 the memory plan of its config (`flexgen_long.train_plan`, the estimate `recipes/longgen_plan.py` prints).
 
 The JSON is rewritten after every run; a second call with the same `--out` keeps the runs that succeeded and runs the
-rest, so a machine that stops a long call can be given the same command again. Each run's output directory (its final
-checkpoint: 40 GB at 7B) is deleted after it.
+rest, so a machine that stops a long call can be given the same command again. Runs write no checkpoint
+(`checkpoint.save_final=false`: a 7B one is about 40 GB, minutes of writing per run); each run's scratch output
+directory is deleted after it.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def run_args(name: str, seq: int, layout: str, nproc: int, steps: int, out_dir: 
         # joined into one long document and no synthetic tasks. Short packed documents would give the full layers a
         # document mask that skips most of the causal work -- a cheaper, different baseline.
         "dataset.synthetic_share=0", f"dataset.min_document_tokens={max_tokens}",
-        "checkpoint.save_every_n_steps=null", f"output_dir={out_dir}",
+        "checkpoint.save_every_n_steps=null", "checkpoint.save_final=false", f"output_dir={out_dir}",
         "checkpoint.resume=false", "checkpoint.overwrite=true",  # the benchmark's own scratch directory
         "metric_logger._component_=torchtune.training.metric_logging.DiskLogger", f"metric_logger.log_dir={log_dir}"]
 
@@ -206,7 +207,7 @@ def run_one(name: str, seq: int, layout: str, nproc: int, steps: int, scratch: P
         row["plan_error"] = str(e)
     t0 = time.time()
     rc, out, timed_out = _run(args, timeout_s)
-    shutil.rmtree(out_dir, ignore_errors=True)  # its final checkpoint (40 GB at 7B): the benchmark keeps none
+    shutil.rmtree(out_dir, ignore_errors=True)  # the benchmark's own scratch directory (no checkpoint in it)
     row.update(wall_s=round(time.time() - t0, 1), rc=rc)
     if rc != 0:
         row["error_tail"] = out[-3000:]

@@ -11,7 +11,7 @@ Run from the repository root::
 Per step: ``gradient_accumulation_steps`` micro-batches of ``batch_size`` packed sequences of ``seq_len`` tokens
 (documents kept apart by ``doc_ids``), the loss summed over their trained tokens and normalised by their count,
 gradient clipping, an optimizer step and a warmup + cosine LR step. Every ``checkpoint.save_every_n_steps`` steps and at
-the end: an HF-format checkpoint plus the recipe state, written atomically (flexgen_long.checkpoint_io). With
+the end (unless ``checkpoint.save_final: false``, for speed benchmarks): an HF-format checkpoint plus the recipe state, written atomically (flexgen_long.checkpoint_io). With
 ``checkpoint.resume: true`` the run continues from the latest checkpoint in ``output_dir`` on the same loss curve as an
 uninterrupted run (weights, optimizer, LR schedule, data position and RNG are restored), after checking that the model
 and data config are the ones that checkpoint was trained with.
@@ -65,7 +65,7 @@ RECIPE_KEYS = {
     "enable_activation_checkpointing", "fsdp_cpu_offload", "metric_logger", "log_every_n_steps",
     "log_peak_memory_stats",
 }
-CHECKPOINT_KEYS = {"base_dir", "resume", "overwrite", "save_every_n_steps", "keep_last_n"}
+CHECKPOINT_KEYS = {"base_dir", "resume", "overwrite", "save_every_n_steps", "keep_last_n", "save_final"}
 #: (section, leading arguments the recipe passes itself): every _component_ section, checked against its signature.
 COMPONENTS = (("model", 0), ("tokenizer", 0), ("dataset", 2), ("optimizer", 1), ("lr_scheduler", 1), ("loss", 0),
               ("metric_logger", 0))
@@ -100,6 +100,7 @@ def validate_config(cfg: DictConfig) -> None:
                                       "starts from step 0)")
     rc.integer(cfg, "checkpoint.save_every_n_steps", None, minimum=1, nullable=True)  # null: only at the end
     rc.integer(cfg, "checkpoint.keep_last_n", None, minimum=1, nullable=True)  # null: keep all
+    rc.boolean(cfg, "checkpoint.save_final", True)  # false: no checkpoint at the end (speed benchmarks)
     base = rc.get(cfg, "checkpoint.base_dir", None)
     if base is not None:
         d = rc.existing_dir("checkpoint.base_dir", base, "an HF model directory (config.json + *.safetensors), or "
@@ -240,6 +241,7 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
         ck = cfg.get("checkpoint", {})
         self._save_every = ck.get("save_every_n_steps")
         self._keep_last = ck.get("keep_last_n")
+        self._save_final = bool(ck.get("save_final", True))
         self._resume = bool(ck.get("resume", False))
         self._overwrite = bool(ck.get("overwrite", False))
         self._base_dir = ck.get("base_dir")
@@ -456,7 +458,10 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
             if self._save_every and self.global_step % self._save_every == 0 and self.global_step < self._max_steps:
                 self.save_checkpoint(epoch=self._micro_batches // self._batches_per_epoch)
         bar.close()
-        self.save_checkpoint(epoch=self._micro_batches // self._batches_per_epoch)
+        if self._save_final:
+            self.save_checkpoint(epoch=self._micro_batches // self._batches_per_epoch)
+        elif self._rank == 0:
+            log.info(f"checkpoint.save_final=false: no checkpoint written at step {self.global_step}")
 
     def _memory_stats(self) -> dict:
         if self._device.type == "cpu":  # torchtune's get_memory_stats supports accelerators only

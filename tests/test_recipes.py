@@ -86,6 +86,17 @@ def test_tune_run_tiny_config_as_typed(tmp_path):
     assert {"model.safetensors", "config.json", "recipe_state.pt"} <= {p.name for p in (out / "step_12").iterdir()}
 
 
+def test_save_final_false_trains_without_writing_the_last_checkpoint(tmp_path):
+    """checkpoint.save_final=false (speed benchmarks): the periodic checkpoints are written, the one at the end is not,
+    and a non-boolean value is refused naming the field."""
+    cfg = _cfg(tmp_path, "max_steps=4", "checkpoint.save_every_n_steps=2", "checkpoint.save_final=false")
+    _run(cfg)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_2"]
+    from recipes.longgen_finetune import validate_config
+    with pytest.raises(ValueError, match="checkpoint.save_final"):
+        validate_config(_cfg(tmp_path / "x", "checkpoint.save_final=sometimes"))
+
+
 def test_tune_run_torchrun_from_another_folder_with_absolute_paths(tmp_path):
     # `tune run --nproc_per_node N <recipe>` launches `python -m recipes.longgen_finetune` through torchrun; with an
     # absolute recipe path from another folder (which torchtune itself cannot turn into a module name) as well
