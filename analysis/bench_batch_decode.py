@@ -30,8 +30,8 @@ token). For each (shape, context, layout, batch B):
    attention compiled; ``compile_s`` is its ahead-of-time compilation, recorded apart -- ~1 min the first time in a
    process, milliseconds after). Warm-up (the capture step and one more), then ``--reps`` (30) timed replays with CUDA
    events (``flexgen_long.timing``): median, min, max. The fused step's logits are compared with the eager step's.
-4. Per row: ms per step, tokens/s = B / step time, bytes per step = every weight once (the embedding table: one row,
-   ``bench_generation.weight_bytes_per_step``) + every cached K/V byte of the batch, effective TB/s = bytes / step
+4. Per row: ms per step, tokens/s = B / step time, bytes per step = every weight once (the embedding table: one row)
+   + every cached K/V byte of the batch (``bench_generation.bytes_per_step``), effective TB/s = bytes / step
    time and its fraction of this card's copy bandwidth (one large device-to-device copy, measured at the start), peak
    memory allocated (the batch-1 source cache included when B > 1: ``source_cache_GiB``).
 
@@ -71,7 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_generation, be
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from bench import environment, free  # noqa: E402
-from bench_generation import SHAPES, weight_bytes_per_step  # noqa: E402
+from bench_generation import SHAPES, bytes_per_step  # noqa: E402
 from flexgen_long import generation, timing  # noqa: E402
 from flexgen_long.cache import (ModelCache, decode_activation_bytes, free_memory_bytes, plan_cache,  # noqa: E402
                                 prefill_activation_bytes, serving_capacity)
@@ -192,9 +192,8 @@ def time_batch(model, src: ModelCache, B: int, ctx: int, dtype, device, modes, r
     pos = torch.full((B,), ctx, dtype=torch.long, device=device)
     exact = exact_layers(model, cache, ctx, ctx)
     row["exact_layers"] = len(exact)
-    kv_read = sum(c.k.nbytes + c.v.nbytes for c in cache.layers.values())
     row["kv_GiB"] = cache.nbytes / GiB
-    row["bytes_per_step"] = weight_bytes_per_step(model) + kv_read
+    row["bytes_per_step"] = bytes_per_step(model, cache)
     row["source_cache_GiB"] = src.nbytes / GiB if B > 1 else 0.0
     row["modes"] = {}
     ref, peaks = None, []

@@ -21,7 +21,8 @@ commands say). The whole-recipe step of the 3B shape on one GPU:
 Every run: `max_steps` optimizer steps of one micro-batch per GPU (`gradient_accumulation_steps=1`), bf16,
 activation checkpointing, `compile=false` (flex compiled inside the model; full layers on SDPA's causal kernel, as
 every row is one document). Records made before the runs joined their text trained on packed short files (document
-masks: full layers on flex, most causal work skipped); `plot_speedups.py --finetune` labels them "packed files". Step time is the median over the steps after the first (which compiles), from the
+masks: full layers on flex, most causal work skipped); `plot_speedups.py --finetune` labels them "packed files".
+Step time is the median over the steps after the first (which compiles), from the
 recipe's own metrics (tokens/s per rank); peak memory is torchtune's, on rank 0, per step. Each run's record also holds
 the memory plan of its config (`flexgen_long.train_plan`, the estimate `recipes/longgen_plan.py` prints).
 

@@ -57,6 +57,11 @@ def weight_bytes_per_step(model) -> int:
     return sum(p.nbytes for p in model.parameters()) - emb.nbytes + emb[0].nbytes
 
 
+def bytes_per_step(model, cache) -> int:
+    """What a decode step must read: every weight once (the embedding table: one row) + every cached K/V byte."""
+    return weight_bytes_per_step(model) + sum(c.k.nbytes + c.v.nbytes for c in cache.layers.values())
+
+
 def measure(model, ctx: int, chunk: int, decode_reps: int = 30, compile_decode: bool = False) -> dict:
     dev = torch.device("cuda")
     plan = plan_cache(model, 1, ctx + 1, torch.bfloat16)
@@ -100,8 +105,7 @@ def measure(model, ctx: int, chunk: int, decode_reps: int = 30, compile_decode: 
             row["decode_compiled_max_rel_diff"] = float((gc_(tok, pos, exact).float() - ref_logits).abs().max()
                                                         / ref_logits.abs().max())
             del gc_
-    kv_read = sum(c.k.nbytes + c.v.nbytes for c in cache.layers.values())
-    row["bytes_per_step"] = weight_bytes_per_step(model) + kv_read
+    row["bytes_per_step"] = bytes_per_step(model, cache)
     row["decode_GBps"] = row["bytes_per_step"] / (row["decode_ms"] * 1e-3) / 1e9
     row["peak_alloc_GiB"] = torch.cuda.max_memory_allocated() / 2**30
     del cache, g
@@ -135,7 +139,6 @@ def user_path(model, ctx: int, chunk: int | None, new_tokens: int, compile_decod
 
 
 def run_user_path(args) -> None:
-    generation.DECODE_COMPILE_OPTIONS = args.decode_compile_options
     sparse = [AttnSink(*map(int, p.split(","))) for p in args.sparse]
     # eager step, then the fused one; each with every full-layer decode kernel asked for (attention.FULL_DECODE_KERNEL)
     decode_modes = [(cd, kern, fp) for fp in ([False, True] if args.fuse_projections else [False])
@@ -230,6 +233,7 @@ def main():
     ap.add_argument("--sparse", nargs="+", default=["64,1984", "128,1920"],
                     help="with --generate: the hybrid rows' AttnSink patterns, as sink,window")
     args = ap.parse_args()
+    generation.DECODE_COMPILE_OPTIONS = args.decode_compile_options  # the fused step of both paths
     if args.generate:
         return run_user_path(args)
     res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "sparse_pattern": repr(SPARSE),

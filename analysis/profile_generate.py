@@ -43,7 +43,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import environment  # noqa: E402  (analysis/bench.py: card, versions)
-from bench_generation import SHAPES, weight_bytes_per_step  # noqa: E402
+from bench_generation import SHAPES, bytes_per_step  # noqa: E402
 
 from flexgen_long.cache import ModelCache  # noqa: E402
 from flexgen_long.generation import (_GraphedStep, decode_step, exact_layers, fused_decode_step,  # noqa: E402
@@ -141,8 +141,7 @@ def profile_layout(model, ctx: int, chunk, compile_decode: bool, steps: int, rep
         dec["graphed_step_ms"] = timing.measure(lambda: g(tok, pos, exact), "cuda", budget_ms=0, min_reps=reps,
                                                 max_reps=reps)["median_ms"]
         dec["idle_in_graph_ms"] = dec["graphed_step_ms"] - dec["kernel_ms"]
-        kv = sum(c.k.nbytes + c.v.nbytes for c in cache.layers.values())
-        dec["bytes_per_step"] = weight_bytes_per_step(model) + kv
+        dec["bytes_per_step"] = bytes_per_step(model, cache)
         dec["TBps"] = dec["bytes_per_step"] / (dec["graphed_step_ms"] * 1e-3) / 1e12
         del g
     out["decode"] = dec

@@ -80,13 +80,18 @@ def batch_tokens_per_s(results: Sequence[Generation]) -> float:
     return sum(r.decode_tokens for r in results) / s if s > 0 else float("nan")
 
 
+def _call_layer(layer: nn.Module, h: Tensor, step: KVCacheStep, input_pos: Tensor) -> Tensor:
+    return layer(h, mask=step, input_pos=input_pos)
+
+
 def forward_cached(model: nn.Module, tokens: Tensor, step: KVCacheStep, input_pos: Tensor,
-                   last_only: bool = False) -> Tensor:
+                   last_only: bool = False, layer_fn: Callable = _call_layer) -> Tensor:
     """The model's forward over its caches. ``last_only``: logits of the last token only (a long prefill chunk would
-    otherwise materialise [C, vocab] logits)."""
+    otherwise materialise [C, vocab] logits). ``layer_fn(layer, h, step, input_pos)`` runs each layer
+    (``fused_decode_step`` passes the compiled one)."""
     h = model.tok_embeddings(tokens)
     for layer in model.layers:
-        h = layer(h, mask=step, input_pos=input_pos)
+        h = layer_fn(layer, h, step, input_pos)
     if last_only:
         h = h[:, -1:]
     return model.unembed(h)
@@ -194,10 +199,6 @@ DECODE_COMPILE_BACKEND = "inductor"
 DECODE_COMPILE_OPTIONS: dict | None = None
 
 
-def _decode_layer(layer: nn.Module, h: Tensor, step: KVCacheStep, input_pos: Tensor) -> Tensor:
-    return layer(h, mask=step, input_pos=input_pos)
-
-
 def fused_decode_step(model: nn.Module, cache: ModelCache, tokens: Tensor, pos: Tensor,
                       exact: frozenset = frozenset()) -> Tensor:
     """``decode_step`` with each layer's work around attention compiled: Inductor fuses RMSNorm, RoPE, the residual
@@ -213,13 +214,9 @@ def fused_decode_step(model: nn.Module, cache: ModelCache, tokens: Tensor, pos: 
     CUDA-graph capture, outside ``decode_s``)."""
     step = KVCacheStep(cache, "decode", pos=pos, exact=exact)
     opts = DECODE_COMPILE_OPTIONS
-    layer_fn = compiled(_decode_layer, ("decode_layer", DECODE_COMPILE_BACKEND, tuple(sorted((opts or {}).items()))),
+    layer_fn = compiled(_call_layer, ("decode_layer", DECODE_COMPILE_BACKEND, tuple(sorted((opts or {}).items()))),
                         backend=DECODE_COMPILE_BACKEND, **({"options": dict(opts)} if opts else {}))
-    h = model.tok_embeddings(tokens.view(-1, 1))
-    input_pos = pos.view(-1, 1)
-    for layer in model.layers:
-        h = layer_fn(layer, h, step, input_pos)
-    return model.unembed(h)[:, -1]
+    return forward_cached(model, tokens.view(-1, 1), step, pos.view(-1, 1), layer_fn=layer_fn)[:, -1]
 
 
 def compile_decode_ahead(model: nn.Module, batch_size: int, dtype: torch.dtype, device) -> float:
@@ -293,8 +290,9 @@ def generate(model: nn.Module, prompts, *, max_new_tokens: int, temperature: flo
     multiple of 128 tokens that fits (flexgen_long.cache.choose_prefill_chunk; MemoryError when not even 128 does).
     The chunk used is in each result's ``prefill_chunk``. ``cuda_graph``: replay decode steps from CUDA graphs
     (default: on CUDA). ``compile_decode``: decode with ``fused_decode_step`` (each layer's work around attention
-    compiled; compiled once per process before the first step, reported as ``compile_s``, outside ``decode_s``); off
-    by default until its speed is measured. The caches are planned and checked against free memory before they are allocated, and the
+    compiled; compiled once per process before the first step, reported as ``compile_s``, outside ``decode_s``):
+    measured faster than the eager step on an H200 (analysis/README.md), off by default until the GPU suite has run
+    with it as the default. The caches are planned and checked against free memory before they are allocated, and the
     automatic chunk is chosen after the caches' bytes are taken, before anything is allocated.
 
     Timings (see ``Generation``): ``prefill_s`` is the batch's, ``decode_s`` / ``tokens_per_s`` each row's own (a

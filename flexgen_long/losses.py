@@ -109,8 +109,8 @@ class ChunkedLinearCrossEntropy(nn.Module):
         total = None
         # tensor_split: num_chunks pieces whose sizes differ by at most one token, any length (torch.chunk would
         # make fewer, uneven ones when num_chunks does not divide it); with fewer tokens than chunks, one per token.
-        for h, y in zip(hidden.tensor_split(min(self.num_chunks, len(labels))), labels.tensor_split(
-                min(self.num_chunks, len(labels)))):
+        n = min(self.num_chunks, len(labels))
+        for h, y in zip(hidden.tensor_split(n), labels.tensor_split(n)):
             part = checkpoint(self.chunk_loss, h, y, use_reentrant=False)
             total = part if total is None else total + part
         return total / count.clamp(min=1)  # no trained token: total is 0, and stays a graph of every chunk

@@ -11,7 +11,8 @@ Run from the repository root::
 Per step: ``gradient_accumulation_steps`` micro-batches of ``batch_size`` packed sequences of ``seq_len`` tokens
 (documents kept apart by ``doc_ids``), the loss summed over their trained tokens and normalised by their count,
 gradient clipping, an optimizer step and a warmup + cosine LR step. Every ``checkpoint.save_every_n_steps`` steps and at
-the end (unless ``checkpoint.save_final: false``, for speed benchmarks): an HF-format checkpoint plus the recipe state, written atomically (flexgen_long.checkpoint_io). With
+the end (unless ``checkpoint.save_final: false``, for speed benchmarks): an HF-format checkpoint plus the recipe
+state, written atomically (flexgen_long.checkpoint_io). With
 ``checkpoint.resume: true`` the run continues from the latest checkpoint in ``output_dir`` on the same loss curve as an
 uninterrupted run (weights, optimizer, LR schedule, data position and RNG are restored), after checking that the model
 and data config are the ones that checkpoint was trained with.
@@ -400,9 +401,8 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
         """The mean loss over the micro-batch's trained tokens (labels != -100), whichever loss the config names."""
         out = self._model(batch["tokens"], doc_ids=batch["doc_ids"])
         labels = batch["labels"]
-        if isinstance(self._loss_fn, ChunkedLinearCrossEntropy):  # out: final-normed hidden states, not logits
-            return self._loss_fn(out, labels)
-        if isinstance(out, list):  # chunked logits for CEWithChunkedOutputLoss
+        # hidden states for ChunkedLinearCrossEntropy, a list of logit chunks for CEWithChunkedOutputLoss
+        if isinstance(self._loss_fn, ChunkedLinearCrossEntropy) or isinstance(out, list):
             return self._loss_fn(out, labels)
         return self._loss_fn(out.reshape(-1, out.shape[-1]).float(), labels.reshape(-1))
 
@@ -460,7 +460,7 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
         bar.close()
         if self._save_final:
             self.save_checkpoint(epoch=self._micro_batches // self._batches_per_epoch)
-        elif self._rank == 0:
+        elif self._is_rank_zero:
             log.info(f"checkpoint.save_final=false: no checkpoint written at step {self.global_step}")
 
     def _memory_stats(self) -> dict:
