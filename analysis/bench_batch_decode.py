@@ -398,7 +398,7 @@ def main(argv=None) -> dict:
     a.batches = sorted(set(a.batches))
     if tiny:
         device, dtype = torch.device("cpu"), torch.float32  # bf16 matmuls are slow on CPUs
-        generation.DECODE_COMPILE_BACKEND = "eager"  # Inductor would take minutes on a small CPU
+        generation.COMPILE_BACKEND = "eager"  # Inductor would take minutes on a small CPU
     else:
         if not torch.cuda.is_available():
             ap.error("needs a CUDA GPU (or --tiny for the CPU smoke test)")
@@ -418,7 +418,7 @@ def main(argv=None) -> dict:
            "full_layers": "middle third",
            "budget_gib": a.budget_gib, "new_tokens": a.new_tokens, "prefill_chunk": a.chunk, "reps": a.reps,
            "modes": a.modes, "shapes": a.shapes, "contexts": a.contexts, "batches": a.batches,
-           "capacity_contexts": a.capacity_contexts, "decode_compile_backend": generation.DECODE_COMPILE_BACKEND,
+           "capacity_contexts": a.capacity_contexts, "decode_compile_backend": generation.COMPILE_BACKEND,
            "fused_projections": a.fuse_projections,
            "copy_TBps": copy_bandwidth_TBps(device), "prefills": [], "rows": [], "capacity": [], "complete": False}
     out = Path(a.out)

@@ -17,6 +17,9 @@ CUDA-graph replays all included; CUDA-graph capture and the fused step's compila
 ``generate()`` reports them), and peak memory. ``--chunks 0 8192``: 0 = the whole prompt in one chunk.
 ``--compile-decode``: each row also with ``generate(compile_decode=True)`` (the fused decode step).
 ``--fuse-projections``: each row also after ``models.fuse_projections`` (q/k/v and gate/up as one matrix product each).
+``--compile-prefill``: each row also with ``generate(compile_prefill=True)``. ``--modes``: exactly these rows instead,
+each a ``+``-joined set of compile_decode, fuse_projections, compile_prefill, split_k (or ``plain``), e.g.
+``--modes plain compile_decode+fuse_projections+compile_prefill``.
 
     python analysis/bench_generation.py --generate --out gen.json --contexts 131072 --shapes llama2_7b --chunks 0 8192
 """
@@ -113,20 +116,23 @@ def measure(model, ctx: int, chunk: int, decode_reps: int = 30, compile_decode: 
     return row
 
 
-def user_path(model, ctx: int, chunk: int | None, new_tokens: int, compile_decode: bool = False) -> dict:
+def user_path(model, ctx: int, chunk: int | None, new_tokens: int, compile_decode: bool = False,
+              compile_prefill: bool = False) -> dict:
     """``generate()`` as users call it, second of two calls (module docstring)."""
     dev = torch.device("cuda")
     prompt = torch.randint(0, model.tok_embeddings.num_embeddings, (ctx,)).tolist()
-    row = {"ctx": ctx, "prefill_chunk": chunk or "whole", "new_tokens": new_tokens, "compile_decode": compile_decode}
+    row = {"ctx": ctx, "prefill_chunk": chunk or "whole", "new_tokens": new_tokens, "compile_decode": compile_decode,
+           "compile_prefill": compile_prefill}
+    kw = {"max_new_tokens": new_tokens, "prefill_chunk": chunk, "compile_decode": compile_decode,
+          "compile_prefill": compile_prefill}
     t = time.perf_counter()
-    first = generate(model, [prompt], max_new_tokens=new_tokens, prefill_chunk=chunk,
-                     compile_decode=compile_decode)[0]
+    first = generate(model, [prompt], **kw)[0]
     row["first_call_s"] = time.perf_counter() - t
     row["first_call_prefill_s"] = first.prefill_s
     row["first_call_compile_s"] = first.compile_s
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    g = generate(model, [prompt], max_new_tokens=new_tokens, prefill_chunk=chunk, compile_decode=compile_decode)[0]
+    g = generate(model, [prompt], **kw)[0]
     row["capture_s"] = g.capture_s
     row["prefill_s"] = g.prefill_s
     row["decode_ms_per_token"] = g.decode_s / max(len(g.tokens) - 1, 1) * 1e3
@@ -140,9 +146,14 @@ def user_path(model, ctx: int, chunk: int | None, new_tokens: int, compile_decod
 
 def run_user_path(args) -> None:
     sparse = [AttnSink(*map(int, p.split(","))) for p in args.sparse]
-    # eager step, then the fused one; each with every full-layer decode kernel asked for (attention.FULL_DECODE_KERNEL)
-    decode_modes = [(cd, kern, fp) for fp in ([False, True] if args.fuse_projections else [False])
-                    for cd in ([False, True] if args.compile_decode else [False]) for kern in args.full_decode_kernels]
+    if args.modes:
+        decode_modes = [("compile_decode" in m, "split_k" if "split_k" in m else "sdpa", "fuse_projections" in m,
+                         "compile_prefill" in m) for m in args.modes]
+    else:  # eager step, then the fused one; each with every full-layer decode kernel asked for
+        decode_modes = [(cd, kern, fp, cp) for cp in ([False, True] if args.compile_prefill else [False])
+                        for fp in ([False, True] if args.fuse_projections else [False])
+                        for cd in ([False, True] if args.compile_decode else [False])
+                        for kern in args.full_decode_kernels]
     res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "path": "generate()",
            "decode_compile_options": args.decode_compile_options,
            "full_layers": "middle third", "dtype": "bf16", "batch": 1, "rows": []}
@@ -155,14 +166,14 @@ def run_user_path(args) -> None:
             for chunk in args.chunks:
                 layouts = [("hybrid", p, cd) for p in sparse for cd in decode_modes] + \
                     [("dense", None, cd) for cd in decode_modes]
-                for layout, pat, (cd, kern, fp) in layouts:
+                for layout, pat, (cd, kern, fp, cp) in layouts:
                     relayout(model, sorted(full_idx) if pat is not None else "all", pat or SPARSE)
                     attention.FULL_DECODE_KERNEL = kern
                     (fuse_projections if fp else unfuse_projections)(model)
                     r = {"shape": shape, "layout": layout, "sparse_pattern": repr(pat) if pat else None,
                          "full_decode_kernel": kern, "fused_projections": fp}
                     try:
-                        r.update(user_path(model, ctx, chunk or None, args.new_tokens, cd))
+                        r.update(user_path(model, ctx, chunk or None, args.new_tokens, cd, cp))
                     except torch.OutOfMemoryError as e:
                         r["error"] = f"OutOfMemoryError: {str(e).splitlines()[0][:200]}"
                         torch.cuda.empty_cache()
@@ -177,6 +188,7 @@ def run_user_path(args) -> None:
             d = next((x for x in res["rows"] if x["layout"] == "dense" and x["shape"] == r["shape"]
                       and x["ctx"] == r["ctx"] and x["prefill_chunk"] == r["prefill_chunk"]
                       and x["compile_decode"] == r["compile_decode"]
+                      and x.get("compile_prefill") == r.get("compile_prefill")
                       and x["full_decode_kernel"] == r["full_decode_kernel"]
                       and x.get("fused_projections") == r.get("fused_projections") and "prefill_s" in x), None)
             if d is not None:
@@ -225,6 +237,11 @@ def main():
     ap.add_argument("--fuse-projections", action="store_true",
                     help="with --generate: each row also with models.fuse_projections (one q/k/v and one gate/up "
                          "matrix product per layer)")
+    ap.add_argument("--compile-prefill", action="store_true",
+                    help="with --generate: each row also with generate(compile_prefill=True)")
+    ap.add_argument("--modes", nargs="+", default=None, metavar="MODE",
+                    help="with --generate: exactly these rows per layout (instead of the flags' products): each "
+                         "'plain' or a '+'-joined set of compile_decode, fuse_projections, compile_prefill, split_k")
     ap.add_argument("--full-decode-kernels", nargs="+", default=["sdpa"], choices=["sdpa", "split_k"],
                     help="with --generate: rows for each full-layer decode kernel (attention.FULL_DECODE_KERNEL)")
     ap.add_argument("--chunks", type=int, nargs="+", default=[0, 8192],
@@ -233,6 +250,11 @@ def main():
     ap.add_argument("--sparse", nargs="+", default=["64,1984", "128,1920"],
                     help="with --generate: the hybrid rows' AttnSink patterns, as sink,window")
     args = ap.parse_args()
+    known = {"plain", "compile_decode", "fuse_projections", "compile_prefill", "split_k"}
+    for m in args.modes or ():
+        if not set(m.split("+")) <= known:
+            ap.error(f"--modes: {m!r} is not 'plain' or a '+'-joined set of {sorted(known - {'plain'})}")
+    args.modes = [set(m.split("+")) for m in args.modes] if args.modes else None
     generation.DECODE_COMPILE_OPTIONS = args.decode_compile_options  # the fused step of both paths
     if args.generate:
         return run_user_path(args)

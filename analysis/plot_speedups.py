@@ -419,6 +419,11 @@ def _decode_mode(r) -> str:
             + (", one qkv/gate-up matmul" if r.get("fused_projections") else ""))
 
 
+def _prefill_mode(r) -> str:
+    return (f"chunk {r['prefill_chunk']}, {'compiled' if r.get('compile_prefill') else 'eager'} layers"
+            + (", one qkv/gate-up matmul" if r.get("fused_projections") else ""))
+
+
 def plot_generate(results: list[dict], out_dir: Path) -> dict:
     """The user path: one figure per (card, shape, context) from ``bench_generation.py --generate`` records (rows
     timed through ``generate()`` itself, second of two calls): prefill seconds per prefill chunk, decode milliseconds per
@@ -465,12 +470,12 @@ def plot_generate(results: list[dict], out_dir: Path) -> dict:
             return names
 
         chunks = list(dict.fromkeys(r["prefill_chunk"] for r in ok))
-        labels["prefill"] = bars(axes[0], [lambda r, c=c: r["prefill_chunk"] == c and not r.get("compile_decode")
-                                           and r.get("full_decode_kernel", "sdpa") == "sdpa"
-                                           and not r.get("fused_projections") for c in chunks],
+        # the prefill does not depend on the decode mode: one group per prefill mode (the first row of each)
+        pmodes = list(dict.fromkeys(_prefill_mode(r) for r in ok))
+        labels["prefill"] = bars(axes[0], [lambda r, m=m: _prefill_mode(r) == m for m in pmodes],
                                  lambda r: r["prefill_s"], "{:.2f}")
-        axes[0].set_xticks(range(len(chunks)))
-        axes[0].set_xticklabels([f"chunk {c}" for c in chunks])
+        axes[0].set_xticks(range(len(pmodes)))
+        axes[0].set_xticklabels([m.replace(", ", "\n") for m in pmodes], fontsize=7)
         axes[0].set_ylabel("prefill (s)")
         axes[0].set_title(f"prefill in generate() (paper {PAPER_PREFILL_SPEEDUP}x)")
         modes = list(dict.fromkeys(_decode_mode(r) for r in ok))
@@ -481,11 +486,11 @@ def plot_generate(results: list[dict], out_dir: Path) -> dict:
         axes[1].set_ylabel("decode (ms per token)")
         axes[1].set_title(f"decode in generate(), {ok[0]['new_tokens'] if ok else '?'} new tokens "
                           f"(paper {PAPER_DECODE_SPEEDUP}x)")
-        labels["memory"] = bars(axes[2], [lambda r: r["prefill_chunk"] == chunks[0] and not r.get("compile_decode")
-                                          and r.get("full_decode_kernel", "sdpa") == "sdpa"],
+        labels["memory"] = bars(axes[2], [lambda r, m=m: _prefill_mode(r) == m for m in pmodes],
                                 lambda r: r["peak_alloc_GiB"], "{:.1f}")
-        axes[2].set_xticks([0])
-        axes[2].set_xticklabels([f"{_tokens(ctx)} prompt"])
+        axes[2].set_xticks(range(len(pmodes)))
+        axes[2].set_xticklabels([m.replace(", ", "\n") for m in pmodes], fontsize=7)
+        axes[2].set_xlabel(f"{_tokens(ctx)}-token prompt")
         axes[2].set_ylabel("peak GiB allocated")
         axes[2].set_title("peak memory (weights + caches + work)")
         for ax in axes:

@@ -3,6 +3,7 @@ the prefill of one prompt and of the decode step, each kernel put in a category,
 
     python analysis/profile_generate.py --shape llama2_7b --ctx 131072 --out analysis/results/profile_generate_<card>.json
     python analysis/profile_generate.py --shape llama2_7b --ctx 131072 --compile-decode --out ...   # the fused step
+    python analysis/profile_generate.py ... --compile-prefill --fuse-projections   # compiled prefill, fused matmuls
     python analysis/profile_generate.py --tiny --out /tmp/profile_tiny.json     # CPU smoke test (seconds)
 
 Method. The model (random bf16 weights: speed does not depend on values; ``--tiny``: a toy fp32 model on the CPU) is
@@ -104,18 +105,19 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def profile_layout(model, ctx: int, chunk, compile_decode: bool, steps: int, reps: int, device, dtype) -> dict:
+def profile_layout(model, ctx: int, chunk, compile_decode: bool, steps: int, reps: int, device, dtype,
+                   compile_prefill: bool = False) -> dict:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     cache = ModelCache(model, 1, ctx + 1, dtype, device)
     prompt = torch.randint(0, model.tok_embeddings.num_embeddings, (ctx,), device=device)
-    prefill(model, cache, prompt, 0, chunk)  # compiles (flex for these shapes)
+    prefill(model, cache, prompt, 0, chunk, compile=compile_prefill)  # compiles (flex for these shapes)
     _sync(device)
     with profile(activities=activities) as prof:
-        prefill(model, cache, prompt, 0, chunk)
+        prefill(model, cache, prompt, 0, chunk, compile=compile_prefill)
         _sync(device)
     out = {"prefill": kernel_table(prof, device.type)}
     t = time.perf_counter()
-    prefill(model, cache, prompt, 0, chunk)
+    prefill(model, cache, prompt, 0, chunk, compile=compile_prefill)
     _sync(device)
     out["prefill"]["wall_s"] = time.perf_counter() - t
 
@@ -171,6 +173,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--ctx", type=int, default=131072)
     ap.add_argument("--chunk", type=int, default=None, help="prefill chunk (default: the whole prompt)")
     ap.add_argument("--compile-decode", action="store_true", help="profile fused_decode_step, not decode_step")
+    ap.add_argument("--compile-prefill", action="store_true", help="profile prefill(compile=True) (each layer's "
+                    "work around attention compiled), not the eager prefill")
     ap.add_argument("--fuse-projections", action="store_true", help="profile after models.fuse_projections (one "
                     "q/k/v and one gate/up matrix product per layer)")
     ap.add_argument("--steps", type=int, default=5, help="decode steps under the profiler")
@@ -202,7 +206,7 @@ def main(argv=None) -> dict:
         for layout in a.layouts:
             relayout(model, full_idx if layout == "hybrid" else "all", sparse)
             res["layouts"][layout] = profile_layout(model, ctx, a.chunk, a.compile_decode, a.steps, a.reps, device,
-                                                    dtype)
+                                                    dtype, a.compile_prefill)
             Path(a.out).write_text(json.dumps(res, indent=1))
     print_table(res)
     return res

@@ -280,6 +280,15 @@ class HybridAttention(MultiHeadAttention):
                                "(the model does this by itself when gradients are needed on CPU)")
         return flex_attend(q, k, v, m)
 
+    # Never traced: a compiled decode step or prefill (flexgen_long.generation: ``fused_decode_step``,
+    # ``prefill(compile=True)``) compiles each layer's work around this call -- RMSNorm, the q/k/v projections and RoPE
+    # before it, the output projection, residuals and MLP after it -- and runs this eagerly between the graphs: the
+    # cache write, the masks and the attention kernels (SDPA / flash over the compact cache; prefill's flex calls
+    # keep their own compiled graphs under the shape policy). Decode with the attention compiled into the step took
+    # 33.4 ms against 12.9 ms eager at 128K on an H200, Llama-2-7B shape
+    # (analysis/results/generation_compiled_decode_NVIDIA_H200.json). It also keeps the caches (sized per call), the
+    # chunk offsets and the masks out of every compiled graph's guards.
+    @torch.compiler.disable
     def _attend_cached(self, q: Tensor, k: Tensor, v: Tensor, step: KVCacheStep) -> Tensor:
         """Attention of new tokens over this layer's compact cache (k/v: the new tokens' keys, after RoPE).
 
@@ -341,13 +350,6 @@ class HybridAttention(MultiHeadAttention):
         cache.write_prefill(row, k, v, o)
         return out
 
-    # Never traced: a compiled decode step (flexgen_long.generation.fused_decode_step) compiles each layer's work
-    # around this call -- RMSNorm, the q/k/v projections and RoPE before it, the output projection, residuals and MLP
-    # after it -- and runs this eagerly between the two graphs: the cache write, the mask and SDPA (flash / efficient
-    # kernels over the compact cache: the whole step compiled, attention included, took 33.4 ms against 12.9 ms
-    # eager at 128K on an H200, Llama-2-7B shape, analysis/results/generation_compiled_decode_NVIDIA_H200.json). It
-    # also keeps the caches (sized per call) out of every compiled graph's guards.
-    @torch.compiler.disable
     def _decode(self, q: Tensor, k: Tensor, v: Tensor, step: KVCacheStep) -> Tensor:
         """One token per sequence: write it into the cache, then SDPA over the slots -- with no mask where the cache
         holds exactly the visible keys (``step.exact``), else with the bool mask of the slots' positions, built once

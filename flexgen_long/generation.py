@@ -98,17 +98,19 @@ def forward_cached(model: nn.Module, tokens: Tensor, step: KVCacheStep, input_po
 
 
 def prefill(model: nn.Module, cache: ModelCache, prompt: Tensor, row: int, chunk: int | None = None,
-            all_logits: bool = False) -> Tensor:
+            all_logits: bool = False, compile: bool = False) -> Tensor:
     """Run ``prompt`` [n] (one sequence) through the model into row ``row`` of the caches, ``chunk`` tokens at a time.
-    Returns the last token's logits [vocab] (or every token's [n, vocab] with ``all_logits``)."""
+    Returns the last token's logits [vocab] (or every token's [n, vocab] with ``all_logits``). ``compile``: each
+    layer's work around attention through ``compiled_prefill_layer`` (same results up to kernel rounding)."""
     n = prompt.shape[0]
     chunk = n if chunk is None else chunk
+    layer_fn = compiled_prefill_layer() if compile else _call_layer
     outs = []
     for o in range(0, n, chunk):
         toks = prompt[o:o + chunk].view(1, -1)
         pos = torch.arange(o, o + toks.shape[1], device=prompt.device).view(1, -1)
         logits = forward_cached(model, toks, KVCacheStep(cache, "prefill", row=row, offset=o, chunk=chunk), pos,
-                                last_only=not all_logits)
+                                last_only=not all_logits, layer_fn=layer_fn)
         outs.append(logits[0])
     return torch.cat(outs) if all_logits else outs[-1][-1]
 
@@ -190,9 +192,9 @@ def _checked_prefill_chunk(model: nn.Module, batch_size: int, max_len: int, long
     return prefill_chunk
 
 
-#: The torch.compile backend of ``fused_decode_step`` (the CPU tests use "eager": dynamo's graph split without
-#: Inductor's code generation, which takes minutes on a 2-core CPU).
-DECODE_COMPILE_BACKEND = "inductor"
+#: The torch.compile backend of ``fused_decode_step`` and ``compiled_prefill_layer`` (the CPU tests use "eager":
+#: dynamo's graph split without Inductor's code generation, which takes minutes on a 2-core CPU).
+COMPILE_BACKEND = "inductor"
 #: Inductor options of ``fused_decode_step`` (``torch.compile(options=...)``), e.g. ``{"coordinate_descent_tuning":
 #: True}`` (gpt-fast's setting for batch-1 decode) or ``{"max_autotune": True}``; None: Inductor's defaults, the
 #: setting measured so far. Part of the compiled graphs' key: changing it compiles a new set.
@@ -214,9 +216,23 @@ def fused_decode_step(model: nn.Module, cache: ModelCache, tokens: Tensor, pos: 
     CUDA-graph capture, outside ``decode_s``)."""
     step = KVCacheStep(cache, "decode", pos=pos, exact=exact)
     opts = DECODE_COMPILE_OPTIONS
-    layer_fn = compiled(_call_layer, ("decode_layer", DECODE_COMPILE_BACKEND, tuple(sorted((opts or {}).items()))),
-                        backend=DECODE_COMPILE_BACKEND, **({"options": dict(opts)} if opts else {}))
+    layer_fn = compiled(_call_layer, ("decode_layer", COMPILE_BACKEND, tuple(sorted((opts or {}).items()))),
+                        backend=COMPILE_BACKEND, **({"options": dict(opts)} if opts else {}))
     return forward_cached(model, tokens.view(-1, 1), step, pos.view(-1, 1), layer_fn=layer_fn)[:, -1]
+
+
+def compiled_prefill_layer() -> Callable:
+    """The prefill's layer function with each layer's work around attention compiled (``prefill(compile=True)``,
+    ``generate(compile_prefill=True)``): Inductor fuses RMSNorm (fp32 inside), RoPE (fp32 inside), the residual adds
+    and the SiLU gate, which eager torchtune layers run as separate passes over [C, dim] and [C, ffn] activations --
+    at a 128K-token prompt each pass over one of them moves 1-6 GB. The attention (``HybridAttention._attend_cached``:
+    cache write, masks, SDPA / compiled flex) stays outside, as in ``fused_decode_step``.
+
+    Shapes: compiled with ``dynamic=True``, so the chunk length is symbolic and one set of graphs serves every prompt
+    and chunk length (a 1-token chunk is specialised by torch.compile: one more set); the graphs hold no attention,
+    hence none of the shape policy's buckets apply. The layer code is shared by every layer, as in
+    ``fused_decode_step``."""
+    return compiled(_call_layer, ("prefill_layer", COMPILE_BACKEND), backend=COMPILE_BACKEND, dynamic=True)
 
 
 def compile_decode_ahead(model: nn.Module, batch_size: int, dtype: torch.dtype, device) -> float:
@@ -279,7 +295,8 @@ class _GraphedStep:
 def generate(model: nn.Module, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, stop_tokens=None, prefill_chunk: int | str | None = "auto",
              on_token: Callable[[int, int], None] | None = None, cuda_graph: bool | None = None,
-             compile_decode: bool = False, generator: torch.Generator | None = None) -> list[Generation]:
+             compile_decode: bool = False, compile_prefill: bool = False,
+             generator: torch.Generator | None = None) -> list[Generation]:
     """Generate up to ``max_new_tokens`` ids after each prompt (lists of token ids, any lengths).
 
     temperature 0 = greedy; ``top_k`` / ``top_p`` restrict sampling; a row stops after emitting one of ``stop_tokens``.
@@ -292,8 +309,15 @@ def generate(model: nn.Module, prompts, *, max_new_tokens: int, temperature: flo
     (default: on CUDA). ``compile_decode``: decode with ``fused_decode_step`` (each layer's work around attention
     compiled; compiled once per process before the first step, reported as ``compile_s``, outside ``decode_s``):
     measured faster than the eager step on an H200 (analysis/README.md), off by default until the GPU suite has run
-    with it as the default. The caches are planned and checked against free memory before they are allocated, and the
-    automatic chunk is chosen after the caches' bytes are taken, before anything is allocated.
+    with it as the default. ``compile_prefill``: prefill with each layer's work around attention compiled
+    (``compiled_prefill_layer``; compiled on first use, inside the first call's ``prefill_s`` -- ``warmup`` moves it
+    ahead). The caches are planned and checked against free memory before they are allocated, and the automatic chunk
+    is chosen after the caches' bytes are taken, before anything is allocated.
+
+    On CUDA the decode loop runs one step ahead: step t+1 is launched before the host waits for step t's ids (copied
+    to pinned memory behind an event), so the per-token host work (streaming, stop tokens, the next launch) overlaps
+    the GPU's step instead of idling it. Results are the same as running the steps in lockstep; when every row has
+    stopped, the step already launched is discarded.
 
     Timings (see ``Generation``): ``prefill_s`` is the batch's, ``decode_s`` / ``tokens_per_s`` each row's own (a
     row that hit a stop token early stops its clock there); ``batch_tokens_per_s(results)`` is the batch's rate."""
@@ -321,8 +345,8 @@ def generate(model: nn.Module, prompts, *, max_new_tokens: int, temperature: flo
         step_fn = lambda tok, pos, exact: one_step(model, cache, tok, pos, exact)  # noqa: E731
 
     t0 = time.perf_counter()
-    last = torch.stack([prefill(model, cache, torch.tensor(p, device=device), row, prefill_chunk)
-                        for row, p in enumerate(prompts)])
+    last = torch.stack([prefill(model, cache, torch.tensor(p, device=device), row, prefill_chunk,
+                                compile=compile_prefill) for row, p in enumerate(prompts)])
     tok = sample(last, temperature, top_k, top_p, generator)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -331,10 +355,22 @@ def generate(model: nn.Module, prompts, *, max_new_tokens: int, temperature: flo
                for n in lens]
     pos = torch.tensor(lens, device=device)  # position of the token fed next, per row
     done = [False] * B
+
+    def launch(t: int) -> _HostIds:  # the step that feeds token t (at position lens + t) and samples token t + 1
+        nonlocal tok, pos
+        exact = exact_layers(model, cache, min(lens) + t, max(lens) + t)
+        tok = sample(step_fn(tok, pos, exact), temperature, top_k, top_p, generator)
+        pos = pos + 1
+        return _HostIds(tok)
+
+    ahead = device.type in _LOOKAHEAD_DEVICES
+    pending = _HostIds(tok)
     for t in range(max_new_tokens):
-        ids = tok.tolist()  # the loop's one sync per token: streaming and stop tokens need the ids on the host
-        now = time.perf_counter()  # exact: the step that made these ids has finished (t = 0: the prefill's token)
         final = t == max_new_tokens - 1
+        if ahead and not final:
+            following = launch(t)
+        ids = pending.wait()  # the loop's one wait per token: streaming and stop tokens need the ids on the host
+        now = time.perf_counter()  # exact: the step that made these ids has finished (t = 0: the prefill's token)
         for b, i in enumerate(ids):
             if not done[b]:
                 results[b].tokens.append(i)
@@ -347,15 +383,39 @@ def generate(model: nn.Module, prompts, *, max_new_tokens: int, temperature: flo
                     results[b].decode_s = now - t1 - captured if t > 0 else 0.0
         if all(done) or final:
             break
-        exact = exact_layers(model, cache, min(lens) + t, max(lens) + t)
-        tok = sample(step_fn(tok, pos, exact), temperature, top_k, top_p, generator)
-        pos = pos + 1
+        pending = following if ahead else launch(t)
     return results
+
+
+#: Device types whose decode loop launches the next step before waiting for the current token (``generate``); on the
+#: CPU a launched step runs to completion at once, so there is nothing to overlap (the CPU tests add "cpu" here to run
+#: the look-ahead loop).
+_LOOKAHEAD_DEVICES = frozenset({"cuda"})
+
+
+class _HostIds:
+    """Sampled ids [B] on their way to the host: on CUDA a non-blocking copy into pinned memory and an event behind
+    it, so that waiting for them does not wait for work queued after them (``tolist()`` would synchronise the whole
+    stream); elsewhere the tensor itself."""
+
+    def __init__(self, ids: Tensor):
+        if ids.device.type == "cuda":
+            self.host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+            self.host.copy_(ids, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host, self.event = ids, None
+
+    def wait(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
 
 
 @torch.inference_mode()
 def warmup(model: nn.Module, max_prompt_len: int, prefill_chunk: int | str | None = None,
-           compile_decode: bool = False) -> dict:
+           compile_decode: bool = False, compile_prefill: bool = False) -> dict:
     """Compile, ahead of traffic, every graph that ``generate(prompts, prefill_chunk=prefill_chunk)`` can need for
     prompts of up to ``max_prompt_len`` tokens. Compiled code runs in three places of a prefill (flexgen_long.shapes):
     a prompt's first chunk (flex in the sparse and packed layers, at the bucket of the chunk's length) and, on GPU,
@@ -370,7 +430,9 @@ def warmup(model: nn.Module, max_prompt_len: int, prefill_chunk: int | str | Non
     and make ``generate()`` choose a smaller one (``Generation.prefill_chunk`` says which) -- warm that one up too.
     ``compile_decode``: also compile ``fused_decode_step`` for batch 1 (always specialised) and batch 2 (which, coming
     after 1, compiles the batch dimension dynamic: every later size), for traffic through
-    ``generate(compile_decode=True)``; ``"decode_compile_s"`` in the result.
+    ``generate(compile_decode=True)``; ``"decode_compile_s"`` in the result. ``compile_prefill``: run those prefills
+    through ``compiled_prefill_layer`` (its graphs, for traffic through ``generate(compile_prefill=True)``; the
+    first prefill compiles them, a 1-token prompt the set torch.compile specialises for 1-token chunks).
     Returns ``{"graphs": new compiled graphs, "seconds": wall time, "prefill_chunk": the chunk warmed up}``."""
     if not isinstance(max_prompt_len, int) or max_prompt_len < 1 or max_prompt_len > model.max_seq_len:
         raise ValueError(f"max_prompt_len must be an int in [1, model.max_seq_len={model.max_seq_len}], got "
@@ -390,11 +452,13 @@ def warmup(model: nn.Module, max_prompt_len: int, prefill_chunk: int | str | Non
         # (max_prompt_len, the top bucket clipped) runs at every offset a chunked prompt can have: the sparse layers'
         # later-chunk graphs, keyed by the slots in use at that offset
         lengths |= {min(b, max_prompt_len) for b in buckets(max_prompt_len) if b > chunk}
+    if compile_prefill:
+        lengths.add(1)  # compiled_prefill_layer's specialised set for 1-token chunks
     t0, g0 = time.perf_counter(), len(compiled_graphs())
     for n in sorted(lengths):
         cache = ModelCache(model, 1, n, param.dtype, param.device)
         prefill(model, cache, torch.zeros(n, dtype=torch.long, device=param.device), 0,
-                chunk if chunk is not None and n > chunk else None)
+                chunk if chunk is not None and n > chunk else None, compile=compile_prefill)
         del cache
     if param.device.type == "cuda":
         torch.cuda.synchronize(param.device)

@@ -13,7 +13,7 @@ from flexgen_long import generation
 
 def test_tiny_smoke_run_and_figure(tmp_path, monkeypatch):
     # the script sets the fused step's backend to "eager" for its CPU smoke mode; keep other tests' setting
-    monkeypatch.setattr(generation, "DECODE_COMPILE_BACKEND", generation.DECODE_COMPILE_BACKEND)
+    monkeypatch.setattr(generation, "COMPILE_BACKEND", generation.COMPILE_BACKEND)
     bench = load_script("analysis/bench_batch_decode.py")
     out = tmp_path / "bd.json"
     # one shape and one context keep the test short (two sets of fused graphs compile: batch 1, then dynamic)

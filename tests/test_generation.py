@@ -388,7 +388,7 @@ def test_fused_decode_same_logits_tokens_and_bounded_graphs(pattern, kv_heads, m
     prompt lengths."""
     torch._dynamo.reset()  # graphs compiled by other tests for other model shapes must not count here
     counter = _GraphCounter()
-    monkeypatch.setattr(generation, "DECODE_COMPILE_BACKEND", counter)
+    monkeypatch.setattr(generation, "COMPILE_BACKEND", counter)
     model = _model(pattern, kv_heads).eval()
     prompts = [torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (1, 23, 61)]
     caches = [ModelCache(model, 3, 140, torch.float32, "cpu") for _ in range(2)]
@@ -428,7 +428,7 @@ def test_warmup_compiles_the_fused_decode_for_every_batch_size(monkeypatch):
     """warmup(compile_decode=True) leaves nothing for generate(compile_decode=True) to compile at any batch size."""
     torch._dynamo.reset()
     counter = _GraphCounter()
-    monkeypatch.setattr(generation, "DECODE_COMPILE_BACKEND", counter)
+    monkeypatch.setattr(generation, "COMPILE_BACKEND", counter)
     model = _model(AttnSink(3, 10), 2).eval()
     w = warmup(model, 64, compile_decode=True)
     assert len(counter.graphs) == 8 and w["decode_compile_s"] > 0  # batch 1 (static), then 2 (the batch dynamic)
@@ -451,7 +451,7 @@ def test_fused_decode_passes_its_inductor_options_and_keys_graphs_by_them(monkey
         return gm.forward
 
     torch._dynamo.reset()
-    monkeypatch.setattr(generation, "DECODE_COMPILE_BACKEND", backend)
+    monkeypatch.setattr(generation, "COMPILE_BACKEND", backend)
     model = _model(AttnSink(3, 10), 2).eval()
     tok, pos = torch.tensor([5]), torch.tensor([0])
     outs = []
@@ -463,3 +463,80 @@ def test_fused_decode_passes_its_inductor_options_and_keys_graphs_by_them(monkey
             outs.append(fused_decode_step(model, cache, tok, pos))
             assert len(seen) > n and all(o == opts for o in seen[n:])
     assert torch.equal(outs[0], outs[1])
+
+
+def test_compiled_prefill_same_logits_one_graph_set_for_every_length(monkeypatch):
+    """prefill(compile=True) -- each layer's work around attention through torch.compile with dynamic shapes --
+    gives the eager prefill's logits and caches for prompts of any length, whole or chunked with ragged tails, and
+    compiles 4 graphs for every length >= 2 (RMSNorm | q/k/v + RoPE | output projection | residual + MLP) plus the
+    same 4 once for 1-token chunks (torch.compile specialises size 1), none holding attention. generate() and
+    warmup() take it as ``compile_prefill``: same greedy tokens; after warmup nothing is compiled for any length."""
+    torch._dynamo.reset()
+    counter = _GraphCounter()
+    monkeypatch.setattr(generation, "COMPILE_BACKEND", counter)
+    model = _model(AttnSink(3, 10), 2).eval()
+    seen = []
+    with torch.inference_mode():
+        for n, chunk in [(37, None), (140, 11), (64, 7), (1, None), (23, 22), (5, None)]:
+            prompt = torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(n))
+            caches = [ModelCache(model, 1, n, torch.float32, "cpu") for _ in range(2)]
+            want = prefill(model, caches[0], prompt, 0, chunk, all_logits=True)
+            got = prefill(model, caches[1], prompt, 0, chunk, all_logits=True, compile=True)
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+            for c0, c1 in zip(caches[0].layers.values(), caches[1].layers.values()):
+                assert torch.equal(c0.pos, c1.pos) and torch.allclose(c0.k, c1.k, atol=1e-6)
+            seen.append(len(counter.graphs))
+    # 140 = 12 x 11 + 8: ragged tail; 64 = 9 x 7 + 1: the first 1-token chunk (the second set); 23 = 22 + 1 likewise
+    assert seen == [4, 4, 8, 8, 8, 8], seen
+    assert not any("attention" in str(g) for g in counter.graphs)
+    prompts = [torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (30, 3)]
+    plain = generate(model, prompts, max_new_tokens=8, prefill_chunk=16)
+    assert [r.tokens for r in generate(model, prompts, max_new_tokens=8, prefill_chunk=16, compile_prefill=True)] \
+        == [r.tokens for r in plain]
+    assert len(counter.graphs) == 8
+
+    torch._dynamo.reset()
+    counter.graphs.clear()
+    warmup(model, 300, prefill_chunk=100, compile_prefill=True)
+    assert len(counter.graphs) == 8
+    for n in (1, 2, 99, 101, 257, 300):
+        generate(model, [[i % 97 for i in range(n)]], max_new_tokens=2, prefill_chunk=100, compile_prefill=True)
+    assert len(counter.graphs) == 8
+
+
+def test_lookahead_decode_loop_gives_the_lockstep_results(monkeypatch):
+    """The CUDA decode loop launches step t+1 before it waits for token t (generation._LOOKAHEAD_DEVICES). Run here
+    on the CPU, it gives exactly the lockstep loop's results: greedy batches whose rows stop at different tokens,
+    the streamed (row, token) order, seeded sampling, max_new_tokens=1 -- and it launches one step more than lockstep
+    only when every row stops before max_new_tokens (that step is discarded)."""
+    model = longgen_tiny(vocab_size=50)
+    prompts, full, k = _early_stop_case(model)
+    steps = [0]
+    real_step = generation.decode_step
+
+    def counted(*args, **kwargs):
+        steps[0] += 1
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "decode_step", counted)
+
+    def run():
+        out = []
+        for kw in ({"prompts": prompts, "max_new_tokens": 30, "stop_tokens": [full[0][k]]},
+                   {"prompts": prompts[:1], "max_new_tokens": 30, "stop_tokens": [full[0][k]]},
+                   {"prompts": prompts, "max_new_tokens": 1},
+                   {"prompts": [[1, 2], [3], [4, 5, 6]], "max_new_tokens": 9, "temperature": 0.8, "top_k": 10,
+                    "top_p": 0.9, "generator": torch.Generator().manual_seed(5)}):
+            streamed, steps[0] = [], 0
+            kw = dict(kw)
+            res = generate(model, kw.pop("prompts"), **kw, on_token=lambda b, t: streamed.append((b, t)))
+            out.append(([r.tokens for r in res], streamed, steps[0]))
+        return out
+
+    lockstep = run()
+    monkeypatch.setattr(generation, "_LOOKAHEAD_DEVICES", frozenset({"cuda", "cpu"}))
+    ahead = run()
+    assert [(t, s) for t, s, _ in ahead] == [(t, s) for t, s, _ in lockstep]
+    assert lockstep[0][0][0] == full[0][:k + 1] and lockstep[0][0][1] == full[1]
+    assert [a[2] - b[2] for a, b in zip(ahead, lockstep)] == [0, 1, 0, 0]  # only the all-stopped call runs one more
+    assert lockstep[1][2] == k

@@ -259,7 +259,7 @@ def test_fused_projections_same_outputs_same_state_dict_and_training_still_reach
     assert [r.tokens for r in generate(model, prompts, max_new_tokens=16)] == tokens
     from flexgen_long import generation
     torch._dynamo.reset()
-    monkeypatch.setattr(generation, "DECODE_COMPILE_BACKEND", "eager")  # dynamo's tracing, no Inductor code (CPU)
+    monkeypatch.setattr(generation, "COMPILE_BACKEND", "eager")  # dynamo's tracing, no Inductor code (CPU)
     assert [r.tokens for r in generate(model, prompts, max_new_tokens=16, compile_decode=True)] == tokens
 
     model.train()

@@ -132,14 +132,16 @@ def test_generate_figure_draws_the_user_path_against_the_best_dense(tmp_path):
     on each hybrid decode bar is over the fastest dense mode; a failed row is listed; harness records are ignored."""
     plot = load_script("analysis/plot_speedups.py")
 
-    def row(layout, fused, kernel, prefill, ms, peak=10.0):
+    def row(layout, fused, kernel, prefill, ms, peak=10.0, compiled_prefill=False):
         return {"shape": "llama2_7b", "layout": layout, "ctx": 131072, "prefill_chunk": "whole", "new_tokens": 128,
                 "compile_decode": fused, "full_decode_kernel": kernel, "prefill_s": prefill,
+                "compile_prefill": compiled_prefill,
                 "decode_ms_per_token": ms, "peak_alloc_GiB": peak,
                 "sparse_pattern": "AttnSink(sink=128, window=1920)" if layout == "hybrid" else None}
 
     rows = [row("hybrid", False, "sdpa", 6.0, 14.0), row("hybrid", True, "sdpa", 6.0, 11.0),
             row("dense", False, "sdpa", 12.0, 23.0), row("dense", True, "sdpa", 12.0, 22.0),
+            row("hybrid", True, "sdpa", 5.5, 11.0, 9.0, True), row("dense", True, "sdpa", 11.4, 22.0, 9.0, True),
             {"shape": "llama2_7b", "layout": "dense", "ctx": 131072, "prefill_chunk": 8192, "compile_decode": False,
              "full_decode_kernel": "split_k", "error": "OutOfMemoryError: CUDA out of memory"}]
     res = {"card": "Test Card", "torch": "x", "path": "generate()", "full_layers": "middle third", "batch": 1,
@@ -151,7 +153,10 @@ def test_generate_figure_draws_the_user_path_against_the_best_dense(tmp_path):
     assert labels["decode"] == ["hybrid 0", "dense 0", "hybrid 1", "dense 1"]
     texts = [t.get_text() for t in fig.axes[1].texts]
     assert f"{22.0 / 14.0:.2f}x" in texts and f"{22.0 / 11.0:.2f}x" in texts  # over the best dense, 22 ms
-    assert f"{12.0 / 6.0:.2f}x" in [t.get_text() for t in fig.axes[0].texts]
+    # prefill and memory: one group per prefill mode (eager / compiled layers), whatever the decode mode
+    assert labels["prefill"] == labels["memory"] == ["hybrid 0", "dense 0", "hybrid 1", "dense 1"]
+    prefill_texts = [t.get_text() for t in fig.axes[0].texts]
+    assert f"{11.4 / 6.0:.2f}x" in prefill_texts and f"{11.4 / 5.5:.2f}x" in prefill_texts  # over the best dense
     assert "OutOfMemoryError" in fig.texts[-1].get_text()
     plt.close(fig)
     with pytest.raises(SystemExit, match="--generate"):

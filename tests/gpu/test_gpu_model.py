@@ -398,3 +398,67 @@ def test_fused_projections_match_separate_ones(dtype, record_property):
     unfuse_projections(model)
     with torch.no_grad():
         assert torch.equal(model(x).float(), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_compiled_prefill_matches_eager_at_many_lengths(dtype, record_property):
+    """prefill(compile=True) (Inductor, dynamic shapes: each layer's work around attention compiled) against the eager
+    prefill, every token's logits, for prompts users send: 1, 65, 127 and 129 tokens, odd lengths, chunked with a
+    ragged or 1-token tail (fp32 to rounding, bf16 within bf16 noise). Then, after warmup(compile_prefill=True), 14
+    distinct prompt lengths through generate(compile_prefill=True, compile_decode=True) compile nothing, and (fp32)
+    give the eager path's greedy tokens."""
+    torch.manual_seed(0)
+    model = longgen_llama(1000, 4, 8, 2, 512, 1024, 4096, sparse_pattern=AttnSink(4, 60)).to(DEV, dtype).eval()
+    worst = 0.0
+    with torch.inference_mode():
+        for n, chunk in [(1, None), (65, None), (127, None), (129, None), (333, None), (1000, 256), (769, 256),
+                         (1210, 300)]:
+            prompt = torch.randint(0, 1000, (n,), device=DEV)
+            caches = [ModelCache(model, 1, n, dtype, DEV) for _ in range(2)]
+            want = prefill(model, caches[0], prompt, 0, chunk, all_logits=True).float()
+            got = prefill(model, caches[1], prompt, 0, chunk, all_logits=True, compile=True).float()
+            worst = max(worst, rel_err(got, want))
+    record_property("compiled_vs_eager_prefill_max_rel_err", worst)
+    assert worst < (2e-2 if dtype == torch.bfloat16 else 1e-4)
+    if dtype == torch.bfloat16:
+        return  # greedy tokens of random bf16 weights can flip on near-ties; fp32 checks them below
+    stats = torch._dynamo.utils.counters["stats"]
+    warmup(model, 1210, prefill_chunk=300, compile_decode=True, compile_prefill=True)
+    before = stats["unique_graphs"]
+    lengths = [1, 2, 64, 128] + sorted(random.Random(5).sample(range(3, 1210), 10))
+    for i, n in enumerate(lengths):
+        batch = [torch.randint(0, 1000, (m,), generator=torch.Generator().manual_seed(m)).tolist()
+                 for m in (n, max(1, n // 3), n + 1)[:1 + i % 3]]
+        got = generate(model, batch, max_new_tokens=6, prefill_chunk=300, compile_prefill=True, compile_decode=True)
+        want = generate(model, batch, max_new_tokens=6, prefill_chunk=300)
+        assert [r.tokens for r in got] == [r.tokens for r in want], f"n={n} batch={len(batch)}"
+    record_property("graphs_after_warmup", stats["unique_graphs"] - before)
+    assert stats["unique_graphs"] == before
+
+
+def test_lookahead_decode_stops_rows_exactly(record_property):
+    """generate() on CUDA launches step t+1 before it waits for token t: rows that hit a stop token at different steps
+    end exactly there (each the prefix of its uncut greedy run), the streamed (row, token) order is each row's tokens
+    in order, a call whose only row stops early discards its launched step without touching the next call's results,
+    and decode_s / tokens_per_s stay positive per row."""
+    torch.manual_seed(0)
+    model = longgen_llama(1000, 4, 8, 2, 512, 1024, 4096, sparse_pattern=AttnSink(4, 60)).to(DEV).eval()
+    prompts = [torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (90, 7, 300)]
+    full = [r.tokens for r in generate(model, prompts, max_new_tokens=40)]
+    stop = next((t for t in full[0][3:30] if t not in full[0][:3]), None)
+    assert stop is not None
+    k = full[0].index(stop)
+    streamed = []
+    cut = generate(model, prompts, max_new_tokens=40, stop_tokens=[stop],
+                   on_token=lambda b, t: streamed.append((b, t)))
+    for b, r in enumerate(cut):
+        want = full[b][:full[b].index(stop) + 1] if stop in full[b] else full[b]
+        assert r.tokens == want, f"row {b}"
+        assert [t for row, t in streamed if row == b] == r.tokens
+        assert r.decode_s > 0 and r.tokens_per_s > 0
+    assert len(cut[0].tokens) == k + 1
+    alone = generate(model, prompts[:1], max_new_tokens=40, stop_tokens=[stop])[0]
+    assert alone.tokens == full[0][:k + 1]
+    again = [r.tokens for r in generate(model, prompts, max_new_tokens=40)]
+    assert again == full
+    record_property("row0_stopped_after", k + 1)
