@@ -180,6 +180,16 @@ def _check(prompts, max_new_tokens, temperature, top_k, top_p, prefill_chunk, vo
                          f"memory plan), None (the whole prompt) or an int >= 1, got {prefill_chunk!r}")
 
 
+def _compile_flags(device, **flags) -> tuple[bool, ...]:
+    """``generate`` / ``warmup``'s compile flags: None -> on for CUDA, off elsewhere; else a bool, checked."""
+    out = []
+    for name, v in flags.items():
+        if v is not None and not isinstance(v, bool):
+            raise ValueError(f"{name} must be True, False or None (None: on for CUDA, off elsewhere), got {v!r}")
+        out.append(torch.device(device).type == "cuda" if v is None else v)
+    return tuple(out)
+
+
 def _checked_prefill_chunk(model: nn.Module, batch_size: int, max_len: int, longest: int, prefill_chunk, dtype,
                            device):
     """Check the caches' plan against free memory before anything is allocated, then return the prefill chunk:
@@ -295,7 +305,7 @@ class _GraphedStep:
 def generate(model: nn.Module, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, stop_tokens=None, prefill_chunk: int | str | None = "auto",
              on_token: Callable[[int, int], None] | None = None, cuda_graph: bool | None = None,
-             compile_decode: bool = False, compile_prefill: bool = False,
+             compile_decode: bool | None = None, compile_prefill: bool | None = None,
              generator: torch.Generator | None = None) -> list[Generation]:
     """Generate up to ``max_new_tokens`` ids after each prompt (lists of token ids, any lengths).
 
@@ -307,11 +317,12 @@ def generate(model: nn.Module, prompts, *, max_new_tokens: int, temperature: flo
     multiple of 128 tokens that fits (flexgen_long.cache.choose_prefill_chunk; MemoryError when not even 128 does).
     The chunk used is in each result's ``prefill_chunk``. ``cuda_graph``: replay decode steps from CUDA graphs
     (default: on CUDA). ``compile_decode``: decode with ``fused_decode_step`` (each layer's work around attention
-    compiled; compiled once per process before the first step, reported as ``compile_s``, outside ``decode_s``):
-    measured faster than the eager step on an H200 (analysis/README.md), off by default until the GPU suite has run
-    with it as the default. ``compile_prefill``: prefill with each layer's work around attention compiled
-    (``compiled_prefill_layer``; compiled on first use, inside the first call's ``prefill_s`` -- ``warmup`` moves it
-    ahead). The caches are planned and checked against free memory before they are allocated, and the automatic chunk
+    compiled; compiled once per process before the first step, reported as ``compile_s``, outside ``decode_s``).
+    ``compile_prefill``: prefill with each layer's work around attention compiled (``compiled_prefill_layer``;
+    compiled on first use, inside the first call's ``prefill_s`` -- ``warmup`` moves it ahead). Both default to
+    ``None``: on for CUDA, where each was measured faster than the eager layers on an H200 (Llama-2-7B shape, 128K
+    prompt: prefill 5.84 vs 6.67 s, decode 10.3 vs 13.0 ms per token with ``models.fuse_projections``;
+    analysis/README.md), off elsewhere (Inductor takes minutes to compile a model on a small CPU). The caches are planned and checked against free memory before they are allocated, and the automatic chunk
     is chosen after the caches' bytes are taken, before anything is allocated.
 
     On CUDA the decode loop runs one step ahead: step t+1 is launched before the host waits for step t's ids (copied
@@ -326,6 +337,8 @@ def generate(model: nn.Module, prompts, *, max_new_tokens: int, temperature: flo
     stop = set(int(t) for t in (stop_tokens or ()))
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
+    compile_decode, compile_prefill = _compile_flags(device, compile_decode=compile_decode,
+                                                     compile_prefill=compile_prefill)
     prompts = [list(p.tolist() if isinstance(p, Tensor) else p) for p in prompts]
     lens = [len(p) for p in prompts]
     B, max_len = len(prompts), max(lens) + max_new_tokens
@@ -415,7 +428,7 @@ class _HostIds:
 
 @torch.inference_mode()
 def warmup(model: nn.Module, max_prompt_len: int, prefill_chunk: int | str | None = None,
-           compile_decode: bool = False, compile_prefill: bool = False) -> dict:
+           compile_decode: bool | None = None, compile_prefill: bool | None = None) -> dict:
     """Compile, ahead of traffic, every graph that ``generate(prompts, prefill_chunk=prefill_chunk)`` can need for
     prompts of up to ``max_prompt_len`` tokens. Compiled code runs in three places of a prefill (flexgen_long.shapes):
     a prompt's first chunk (flex in the sparse and packed layers, at the bucket of the chunk's length) and, on GPU,
@@ -432,7 +445,9 @@ def warmup(model: nn.Module, max_prompt_len: int, prefill_chunk: int | str | Non
     after 1, compiles the batch dimension dynamic: every later size), for traffic through
     ``generate(compile_decode=True)``; ``"decode_compile_s"`` in the result. ``compile_prefill``: run those prefills
     through ``compiled_prefill_layer`` (its graphs, for traffic through ``generate(compile_prefill=True)``; the
-    first prefill compiles them, a 1-token prompt the set torch.compile specialises for 1-token chunks).
+    first prefill compiles them, a 1-token prompt the set torch.compile specialises for 1-token chunks). Both
+    default to ``generate()``'s defaults (None: on for CUDA, off elsewhere), so that ``warmup`` compiles what
+    ``generate`` with its defaults will run.
     Returns ``{"graphs": new compiled graphs, "seconds": wall time, "prefill_chunk": the chunk warmed up}``."""
     if not isinstance(max_prompt_len, int) or max_prompt_len < 1 or max_prompt_len > model.max_seq_len:
         raise ValueError(f"max_prompt_len must be an int in [1, model.max_seq_len={model.max_seq_len}], got "
@@ -442,6 +457,8 @@ def warmup(model: nn.Module, max_prompt_len: int, prefill_chunk: int | str | Non
         raise ValueError(f"prefill_chunk must be 'auto' (generate()'s default choice), None (whole prompt) or an int "
                          f">= 1, got {prefill_chunk!r}")
     param = next(model.parameters())
+    compile_decode, compile_prefill = _compile_flags(param.device, compile_decode=compile_decode,
+                                                     compile_prefill=compile_prefill)
     if prefill_chunk == "auto":  # as generate() decides it, for one prompt of max_prompt_len tokens
         prefill_chunk = _checked_prefill_chunk(model, 1, max_prompt_len, max_prompt_len, "auto", param.dtype,
                                                param.device)

@@ -15,6 +15,10 @@ stops its clock there).
 ``prefill_chunk``: ``auto`` (the default) prefills each prompt whole when its activations fit in the memory the KV
 caches leave, else in the largest multiple of 128 tokens that fits (flexgen_long.cache.choose_prefill_chunk); null:
 each prompt whole; an int: that many tokens per chunk.
+
+``compile``: null (the default) lets ``generate()`` decide -- on a GPU it compiles each layer's work around attention
+for the prefill and the decode step (faster from the first long prompt on; the first call pays the compilation, some
+seconds), on the CPU it does not; true / false force it either way.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from flexgen_long.generation import batch_decode_s, batch_tokens_per_s, generate
 log = utils.get_logger("INFO")
 
 RECIPE_KEYS = {"checkpoint_dir", "model", "tokenizer", "prompts", "max_new_tokens", "temperature", "top_k", "top_p",
-               "stop_on_eos", "prefill_chunk", "seed", "device", "dtype"}
+               "stop_on_eos", "prefill_chunk", "compile", "seed", "device", "dtype"}
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -51,6 +55,7 @@ def validate_config(cfg: DictConfig) -> None:
         rc.fail("top_p", f"must be null or a number in (0, 1], got {top_p!r}")
     rc.boolean(cfg, "stop_on_eos", True)
     prefill_chunk_field(cfg)
+    compile_field(cfg)
     rc.integer(cfg, "seed", 0, minimum=0)
     rc.device_field(cfg)
     rc.dtype_field(cfg)
@@ -67,6 +72,15 @@ def prefill_chunk_field(cfg: DictConfig) -> int | str | None:
         rc.fail("prefill_chunk", "must be 'auto' (the whole prompt if its activations fit next to the KV caches, "
                                  "else a chunk chosen from the memory plan), null (the whole prompt) or an int >= 1, "
                                  f"got {v!r}")
+    return v
+
+
+def compile_field(cfg: DictConfig) -> bool | None:
+    """``compile``: null (generate()'s default: on for CUDA, off elsewhere), true or false."""
+    v = rc.get(cfg, "compile", None)
+    if v is not None and not isinstance(v, bool):
+        rc.fail("compile", f"must be null (generate()'s default: compiled layers on a GPU, eager on the CPU), true or "
+                           f"false, got {v!r}")
     return v
 
 
@@ -96,7 +110,8 @@ def generate_text(cfg: DictConfig) -> None:
                     top_k=cfg.get("top_k"), top_p=cfg.get("top_p"),
                     stop_tokens=(getattr(tokenizer, "stop_tokens", None) or [tokenizer.eos_id])
                     if cfg.get("stop_on_eos", True) else None,
-                    prefill_chunk=prefill_chunk_field(cfg), on_token=on_token)
+                    prefill_chunk=prefill_chunk_field(cfg), on_token=on_token,
+                    compile_decode=compile_field(cfg), compile_prefill=compile_field(cfg))
     for i, (p, o) in enumerate(zip(cfg.prompts, outs)):
         print(f"\n=== [{i}] {p}{tokenizer.decode(o.tokens)}", flush=True)
     log.info(speed_report(outs))

@@ -321,6 +321,7 @@ def test_generate_recipe_runs_as_typed_and_loads_a_checkpoint(tmp_path):
     (["dtype=fp16"], r"config field 'dtype': must be one of \['fp32', 'bf16'\], got 'fp16'"),
     (["prefill_chunk=whole"], r"config field 'prefill_chunk': must be 'auto' .*null .*or an int >= 1, got 'whole'"),
     (["prefill_chunk=0"], r"config field 'prefill_chunk': must be 'auto' .*got 0"),
+    (["compile=always"], r"config field 'compile': must be null \(generate\(\)'s default.*true or false, got 'always'"),
     *([] if torch.cuda.is_available() else [(["device=cuda"], r"config field 'device': 'cuda' was requested")]),
 ])
 def test_generate_recipe_refuses_bad_config_naming_the_field(overrides, message):
@@ -540,3 +541,22 @@ def test_lookahead_decode_loop_gives_the_lockstep_results(monkeypatch):
     assert lockstep[0][0][0] == full[0][:k + 1] and lockstep[0][0][1] == full[1]
     assert [a[2] - b[2] for a, b in zip(ahead, lockstep)] == [0, 1, 0, 0]  # only the all-stopped call runs one more
     assert lockstep[1][2] == k
+
+
+def test_compile_flags_default_to_the_device_and_are_checked(monkeypatch):
+    """generate()/warmup()'s compile_decode and compile_prefill default to None: on for CUDA, off on the CPU (nothing
+    is compiled here by default); anything but True / False / None is refused before any work, naming the field."""
+    torch._dynamo.reset()
+    counter = _GraphCounter()
+    monkeypatch.setattr(generation, "COMPILE_BACKEND", counter)
+    model = _model(AttnSink(3, 10), 2).eval()
+    generate(model, [[1, 2, 3]], max_new_tokens=3)
+    warmup(model, 40)
+    assert counter.graphs == []
+    assert generation._compile_flags("cuda", a=None, b=False) == (True, False)
+    assert generation._compile_flags("cpu", a=None, b=True) == (False, True)
+    for kw in ({"compile_decode": "yes"}, {"compile_prefill": 1}):
+        with pytest.raises(ValueError, match=f"{next(iter(kw))} must be True, False or None"):
+            generate(model, [[1, 2, 3]], max_new_tokens=3, **kw)
+        with pytest.raises(ValueError, match=f"{next(iter(kw))} must be True, False or None"):
+            warmup(model, 40, **kw)

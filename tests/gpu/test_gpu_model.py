@@ -20,6 +20,8 @@ from reference import rel_err
 from flexgen_long.shapes import bucket_count, compiled_graphs, padded_len
 
 DEV = "cuda"
+#: generate()'s eager layers (its defaults compile the prefill's and the decode step's layers on CUDA)
+EAGER = {"compile_decode": False, "compile_prefill": False}
 
 
 
@@ -210,16 +212,20 @@ def test_generate_55_lengths_and_every_tail(tiny, record_property):
 
 def test_warmup_compiles_everything_generate_needs(tiny, record_property):
     """After warmup(max_prompt_len, chunk) for each prefill_chunk the traffic uses, prompts of any length up to it
-    (whole or chunked) compile nothing more. Whole prompts need one graph per first-chunk bucket (7 up to 1500);
-    chunking by 256 adds the full layers' later-chunk graphs, one per key bucket past 256 (5), and the sparse layers'
-    one (chunk bucket 256; the AttnSink ring is padded to sink + window, one length): 6 more."""
+    (whole or chunked) compile nothing more -- no flex graph and no dynamo graph at all (generate()'s defaults compile
+    the prefill's and the decode step's layers on CUDA, and warmup's defaults follow them). Whole prompts need one flex
+    graph per first-chunk bucket (7 up to 1500); chunking by 256 adds the full layers' later-chunk graphs, one per key
+    bucket past 256 (5), and the sparse layers' one (chunk bucket 256; the AttnSink ring is padded to sink + window,
+    one length): 6 more."""
     w = {"whole": warmup(tiny, 1500), "chunk_256": warmup(tiny, 1500, 256)}
-    before = flex_graphs()
+    stats = torch._dynamo.utils.counters["stats"]
+    before, dynamo_before = flex_graphs(), stats["unique_graphs"]
     for i, n in enumerate(sorted(random.Random(4).sample(range(1, 1501), 30))):
         prompt = torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist()
         generate(tiny, [prompt], max_new_tokens=2, prefill_chunk=(256 if i % 2 else None))
     record_property("warmup", w)
     assert flex_graphs() == before
+    assert stats["unique_graphs"] == dynamo_before
 
 
 def test_mixed_batch_equals_each_alone(tiny):
@@ -334,7 +340,7 @@ def test_fused_decode_matches_eager_at_many_lengths(dtype, record_property):
         batch = [torch.randint(0, 1000, (m,), generator=torch.Generator().manual_seed(m)).tolist()
                  for m in (n, max(1, n // 3), n + 5, 7)[:1 + i % 4]]
         fused = generate(model, batch, max_new_tokens=8, compile_decode=True)
-        plain = generate(model, batch, max_new_tokens=8)
+        plain = generate(model, batch, max_new_tokens=8, **EAGER)
         assert [r.tokens for r in fused] == [r.tokens for r in plain], f"n={n} batch={len(batch)}"
         if i == 2:  # batch sizes 1, 2, 3 seen: the dynamic-batch graphs exist
             before = stats["unique_graphs"]
@@ -385,7 +391,7 @@ def test_fused_projections_match_separate_ones(dtype, record_property):
     prompts = [torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (1, 70, 333)]
     with torch.no_grad():
         want = model(x).float()
-    plain = [r.tokens for r in generate(model, prompts, max_new_tokens=12)]
+    plain = [r.tokens for r in generate(model, prompts, max_new_tokens=12, **EAGER)]
     fuse_projections(model)
     with torch.no_grad():
         got = model(x).float()
@@ -393,8 +399,8 @@ def test_fused_projections_match_separate_ones(dtype, record_property):
     record_property("forward_max_rel_err", err)
     assert err < (2e-2 if dtype == torch.bfloat16 else 1e-5)
     if dtype == torch.float32:
-        assert [r.tokens for r in generate(model, prompts, max_new_tokens=12)] == plain
-        assert [r.tokens for r in generate(model, prompts, max_new_tokens=12, compile_decode=True)] == plain
+        assert [r.tokens for r in generate(model, prompts, max_new_tokens=12, **EAGER)] == plain
+        assert [r.tokens for r in generate(model, prompts, max_new_tokens=12)] == plain  # compiled: the default
     unfuse_projections(model)
     with torch.no_grad():
         assert torch.equal(model(x).float(), want)
@@ -430,7 +436,7 @@ def test_compiled_prefill_matches_eager_at_many_lengths(dtype, record_property):
         batch = [torch.randint(0, 1000, (m,), generator=torch.Generator().manual_seed(m)).tolist()
                  for m in (n, max(1, n // 3), n + 1)[:1 + i % 3]]
         got = generate(model, batch, max_new_tokens=6, prefill_chunk=300, compile_prefill=True, compile_decode=True)
-        want = generate(model, batch, max_new_tokens=6, prefill_chunk=300)
+        want = generate(model, batch, max_new_tokens=6, prefill_chunk=300, **EAGER)
         assert [r.tokens for r in got] == [r.tokens for r in want], f"n={n} batch={len(batch)}"
     record_property("graphs_after_warmup", stats["unique_graphs"] - before)
     assert stats["unique_graphs"] == before
