@@ -420,8 +420,8 @@ def _decode_mode(r) -> str:
 
 
 def _prefill_mode(r) -> str:
-    return (f"chunk {r['prefill_chunk']}, {'compiled' if r.get('compile_prefill') else 'eager'} layers"
-            + (", one qkv/gate-up matmul" if r.get("fused_projections") else ""))
+    return (f"chunk {r['prefill_chunk']}, {'compiled' if r.get('compile_prefill') else 'eager'}"
+            + (" + 1 qkv/gate-up mm" if r.get("fused_projections") else ""))
 
 
 def plot_generate(results: list[dict], out_dir: Path) -> dict:
@@ -443,7 +443,7 @@ def plot_generate(results: list[dict], out_dir: Path) -> dict:
         ok = [r for r in rows if "prefill_s" in r]
         notes = [f"{r['layout']} {_decode_mode(r)}, chunk {r.get('prefill_chunk')}: {r['error'].split(':')[0]}"
                  for r in rows if "error" in r]
-        fig, axes = plt.subplots(1, 3, figsize=(17, 4.8), gridspec_kw={"width_ratios": [1, 2.2, 1]})
+        fig, axes = plt.subplots(1, 3, figsize=(18, 5), gridspec_kw={"width_ratios": [1.4, 2, 1.4]})
         labels = {}
 
         def bars(ax, keys, value, fmt):
