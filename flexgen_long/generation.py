@@ -12,8 +12,11 @@ flexgen_long.cache.choose_prefill_chunk); a chunk at offset o attends to the cac
 pattern, so chunking changes memory, not results.
 
 A decode step (``decode_step``) has static shapes and keeps positions on the device: the loop never syncs inside a step
-(it syncs once per token to stream and check stop tokens). On CUDA the step is captured once into a CUDA graph per
-kind of mask use (rings not yet full / full) and replayed, so a step costs what its kernels cost.
+(it waits once per token for that token's ids, to stream and check stop tokens; on CUDA the next step is already
+launched by then, so the wait overlaps the GPU's work). On CUDA the step is captured once into a CUDA graph per kind of
+mask use (rings not yet full / full) and replayed, so a step costs what its kernels cost; and by default each layer's
+work around attention runs compiled, in the prefill (``compiled_prefill_layer``) and in the decode step
+(``fused_decode_step``).
 """
 
 from __future__ import annotations
