@@ -325,8 +325,9 @@ def generate(model: nn.Module, prompts, *, max_new_tokens: int, temperature: flo
     compiled on first use, inside the first call's ``prefill_s`` -- ``warmup`` moves it ahead). Both default to
     ``None``: on for CUDA, where each was measured faster than the eager layers on an H200 (Llama-2-7B shape, 128K
     prompt: prefill 5.84 vs 6.67 s, decode 10.3 vs 13.0 ms per token with ``models.fuse_projections``;
-    analysis/README.md), off elsewhere (Inductor takes minutes to compile a model on a small CPU). The caches are planned and checked against free memory before they are allocated, and the automatic chunk
-    is chosen after the caches' bytes are taken, before anything is allocated.
+    analysis/README.md), off elsewhere (Inductor takes minutes to compile a model on a small CPU). The caches are
+    planned and checked against free memory before they are allocated, and the automatic chunk is chosen after the
+    caches' bytes are taken, before anything is allocated.
 
     On CUDA the decode loop runs one step ahead: step t+1 is launched before the host waits for step t's ids (copied
     to pinned memory behind an event), so the per-token host work (streaming, stop tokens, the next launch) overlaps
