@@ -175,6 +175,19 @@ def _early_stop_case(model, n=30):
     pytest.skip("no token of row 0 is absent from row 1 (random weights)")
 
 
+def _count_decode_steps(monkeypatch) -> list[int]:
+    """Wrap generation.decode_step so that ``steps[0]`` counts the decode steps run (the list returned)."""
+    steps = [0]
+    real_step = generation.decode_step
+
+    def counted(*args, **kwargs):
+        steps[0] += 1
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "decode_step", counted)
+    return steps
+
+
 def test_per_row_decode_time_counts_its_own_steps(monkeypatch):
     """A row's decode_s runs from the end of prefill to the step that produced its last token: with a clock that reads
     the number of decode steps run so far, a row that stopped after k steps reports k, the other the whole batch's
@@ -182,13 +195,7 @@ def test_per_row_decode_time_counts_its_own_steps(monkeypatch):
     model = longgen_tiny(vocab_size=50)
     n = 30
     prompts, full, k = _early_stop_case(model, n)
-    steps = [0]
-    real_step = generation.decode_step
-
-    def counted(*args, **kwargs):
-        steps[0] += 1
-        return real_step(*args, **kwargs)
-    monkeypatch.setattr(generation, "decode_step", counted)
+    steps = _count_decode_steps(monkeypatch)
     monkeypatch.setattr(generation, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: float(steps[0]))}))
     outs = generate(model, prompts, max_new_tokens=n, stop_tokens=[full[0][k]], cuda_graph=False)
     assert outs[0].tokens == full[0][:k + 1] and outs[1].tokens == full[1]
@@ -512,14 +519,7 @@ def test_lookahead_decode_loop_gives_the_lockstep_results(monkeypatch):
     only when every row stops before max_new_tokens (that step is discarded)."""
     model = longgen_tiny(vocab_size=50)
     prompts, full, k = _early_stop_case(model)
-    steps = [0]
-    real_step = generation.decode_step
-
-    def counted(*args, **kwargs):
-        steps[0] += 1
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(generation, "decode_step", counted)
+    steps = _count_decode_steps(monkeypatch)
 
     def run():
         out = []
