@@ -144,6 +144,11 @@ def user_path(model, ctx: int, chunk: int | None, new_tokens: int, compile_decod
     return row
 
 
+#: What a hybrid row shares with the dense row its ratios are taken against: shape, prompt and every mode.
+PAIRED_BY = ("shape", "ctx", "prefill_chunk", "compile_decode", "compile_prefill", "full_decode_kernel",
+             "fused_projections")
+
+
 def run_user_path(args) -> None:
     sparse = [AttnSink(*map(int, p.split(","))) for p in args.sparse]
     if args.modes:
@@ -185,12 +190,8 @@ def run_user_path(args) -> None:
         torch.cuda.empty_cache()
     for r in res["rows"]:
         if r["layout"] == "hybrid" and "prefill_s" in r:
-            d = next((x for x in res["rows"] if x["layout"] == "dense" and x["shape"] == r["shape"]
-                      and x["ctx"] == r["ctx"] and x["prefill_chunk"] == r["prefill_chunk"]
-                      and x["compile_decode"] == r["compile_decode"]
-                      and x.get("compile_prefill") == r.get("compile_prefill")
-                      and x["full_decode_kernel"] == r["full_decode_kernel"]
-                      and x.get("fused_projections") == r.get("fused_projections") and "prefill_s" in x), None)
+            d = next((x for x in res["rows"] if x["layout"] == "dense" and "prefill_s" in x
+                      and all(x.get(k) == r.get(k) for k in PAIRED_BY)), None)
             if d is not None:
                 r["prefill_speedup"] = d["prefill_s"] / r["prefill_s"]
                 r["decode_speedup"] = d["decode_ms_per_token"] / r["decode_ms_per_token"]

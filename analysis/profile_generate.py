@@ -12,7 +12,7 @@ layer full, through ``relayout``, same weights):
 
 1. Prefill: a random ``ctx``-token prompt through ``generation.prefill`` into a batch-1 cache (``--chunk``: whole by
    default, as ``generate()`` does when the activations fit), once to compile, then once under the profiler and once
-   more timed by CUDA events (the wall time the profile is compared with).
+   more timed on the host clock up to a device sync (the wall time the profile is compared with).
 2. Decode: one step at position ``ctx`` over the filled cache (``exact_layers``: the mask-free path when every buffer
    and ring is exactly full), eager ``decode_step`` or, with ``--compile-decode``, ``fused_decode_step``. The profiled
    steps run *outside* a CUDA graph, so that every kernel is seen; their kernel times are what the graph replays,
@@ -110,15 +110,16 @@ def profile_layout(model, ctx: int, chunk, compile_decode: bool, steps: int, rep
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     cache = ModelCache(model, 1, ctx + 1, dtype, device)
     prompt = torch.randint(0, model.tok_embeddings.num_embeddings, (ctx,), device=device)
-    prefill(model, cache, prompt, 0, chunk, compile=compile_prefill)  # compiles (flex for these shapes)
-    _sync(device)
-    with profile(activities=activities) as prof:
+    def run_prefill():
         prefill(model, cache, prompt, 0, chunk, compile=compile_prefill)
         _sync(device)
+
+    run_prefill()  # compiles (flex for these shapes; the layers with --compile-prefill)
+    with profile(activities=activities) as prof:
+        run_prefill()
     out = {"prefill": kernel_table(prof, device.type)}
     t = time.perf_counter()
-    prefill(model, cache, prompt, 0, chunk, compile=compile_prefill)
-    _sync(device)
+    run_prefill()
     out["prefill"]["wall_s"] = time.perf_counter() - t
 
     tok = torch.zeros(1, dtype=torch.long, device=device)

@@ -91,6 +91,7 @@ def generate_text(cfg: DictConfig) -> None:
     validate_config(cfg)
     torch.manual_seed(cfg.get("seed", 0))
     device, dtype = rc.device_field(cfg), rc.dtype_field(cfg)
+    compiled = compile_field(cfg)
     model = rc.build_model(cfg, rc.checkpoint_dir_field(cfg), device, dtype, log=log.info)
     # one q/k/v and one gate/up matrix product per layer (same weights, no extra memory; this recipe saves nothing):
     # with the compiled layers, 10.3 ms per token at 128K on an H200, Llama-2-7B shape (analysis/README.md)
@@ -116,7 +117,7 @@ def generate_text(cfg: DictConfig) -> None:
                     stop_tokens=(getattr(tokenizer, "stop_tokens", None) or [tokenizer.eos_id])
                     if cfg.get("stop_on_eos", True) else None,
                     prefill_chunk=prefill_chunk_field(cfg), on_token=on_token,
-                    compile_decode=compile_field(cfg), compile_prefill=compile_field(cfg))
+                    compile_decode=compiled, compile_prefill=compiled)
     for i, (p, o) in enumerate(zip(cfg.prompts, outs)):
         print(f"\n=== [{i}] {p}{tokenizer.decode(o.tokens)}", flush=True)
     log.info(speed_report(outs))
