@@ -1,35 +1,13 @@
-"""One attention layer of the hybrid model: torchtune's projections and RoPE, GQA, a pattern, and the kernel choice.
+"""One attention layer of the hybrid model: torchtune's projections and RoPE, GQA, a pattern, and the kernels that the
+route table (flexgen_long.routes) picks for it.
 
-Kernel dispatch (``HybridAttention.attend``, the one place that picks a kernel):
+Without a cache the decoder builds a ``MaskSet`` once per forward (one route and one mask per distinct pattern) and
+hands it to every layer. Over KV caches it hands every layer a ``KVStep`` (flexgen_long.engine builds them): the caches
+and where the new tokens go. Either way the layer runs ``KERNELS[route.kernel]``.
 
-* full layer, unpacked batch      -> ``F.scaled_dot_product_attention(is_causal=True)``: torch picks its fastest backend
-                                     (cuDNN / flash on GPU) at any shape; no mask tensor, nothing compiled;
-* sparse layer, or a packed batch -> compiled ``flex_attention`` with the pattern's BlockMask (``masks.build_block_mask``,
-                                     document-masked when packed), through the shape policy (``flex_attend``: lengths
-                                     padded to a bucket, one compiled function per shape key; flexgen_long.shapes);
-* the same, where the MaskSet is *dense* -> SDPA with the bool mask of the same token rule (``masks.dense_mask``): on
-                                     CPU when gradients are needed (flex has no CPU backward) and on CPU for sequences
-                                     of up to ``CPU_DENSE_MAX_LEN`` tokens (compiling a flex graph costs 8-26 s on a
-                                     2-core CPU, measured; the O(S^2) bool mask is 4 MB at 2048 tokens).
-
-Cached steps (``KVCacheStep``, generation) are dispatched in ``_attend_cached``; see its docstring. In short: decode
-is SDPA over the slots; a prompt's first chunk is the dispatch above; later chunks on GPU run compiled flex under the
-same shape policy -- full layers with the Full BlockMask over the buffer, sparse layers over [the cache slots in use ;
-the chunk's keys] with a positional mask_mod and a BlockMask built from block-level position ranges
-(``masks.build_cached_block_mask``: no dense mask, no K/V expansion) -- and on CPU exact SDPA, nothing compiled.
-
-GQA: K/V keep ``num_kv_heads`` heads (``enable_gqa=True``) everywhere but lower-right causal SDPA (``_sdpa_causal``
-says why and what was measured) and the CPU path of a sparse layer's later prefill chunk (masked SDPA, which may fall
-back to the math kernel).
-
-Masks are built once per forward pass, one per distinct pattern, by ``MaskSet`` (the model builds it and hands it to
-every layer through torchtune's ``mask`` keyword).
-
-The flex guard: uncompiled ``flex_attention`` materialises the whole score matrix (64 GiB per head at 128K tokens). All
-flex calls run ``_flex``, whose body checks ``torch.compiler.is_compiling()``: dynamo folds that to True while
-tracing, so compiled code never sees the check, but when dynamo does not compile the call (compilation disabled,
-``set_stance("force_eager")``, an outer compiled region that gave up) the body runs as plain Python, sees False, and
-raises ``FlexNotCompiledError`` for any sequence longer than ``FLEX_EAGER_MAX_LEN``. Short sequences may run eagerly.
+The flex guard: uncompiled ``flex_attention`` materialises the whole score matrix. ``_flex`` runs inside compiled
+code, where ``torch.compiler.is_compiling()`` is folded to True; when dynamo did not compile the call (compilation
+disabled, ``force_eager``, an abandoned region) it sees False and refuses sequences longer than ``FLEX_EAGER_MAX_LEN``.
 """
 
 from __future__ import annotations
@@ -39,34 +17,22 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
-from torchtune.modules import MultiHeadAttention
-
 from torch.nn.attention.bias import causal_lower_right
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torchtune.modules import MultiHeadAttention, TransformerSelfAttentionLayer
 
-from .decode_kernel import decode_attention  # imports without triton; its kernels need it (a GPU install has it)
 from .masks import build_block_mask, build_cached_block_mask, dense_mask
-from .patterns import AttnSink, Documents, Full, Pattern, check_doc_ids
+from .patterns import Documents, Full, Pattern, check_doc_ids
+from .policy import Policy
+from .routes import BUFFER_KERNELS, Route, route
 from .shapes import BLOCK, compiled, flex_graph_key, pad_seq, padded_len
 
-__all__ = ["HybridAttention", "MaskSet", "KVCacheStep", "FlexNotCompiledError", "FLEX_EAGER_MAX_LEN", "slot_part_len",
-           "CPU_DENSE_MAX_LEN", "flex_attend", "positions_in_documents"]
+__all__ = ["HybridAttention", "HybridLayer", "MaskSet", "KVStep", "KERNELS", "FlexNotCompiledError",
+           "FLEX_EAGER_MAX_LEN", "flex_attend", "attention_layers", "positions_in_documents", "run_layer"]
 
-#: Longest query or key length that flex may run uncompiled (its eager path allocates B*H*q_len*kv_len scores).
+#: Longest query or key length that flex may run uncompiled (its eager path allocates B*H*q_len*kv_len scores): a
+#: safety limit, not a setting.
 FLEX_EAGER_MAX_LEN = 2048
-#: On CPU, sequences up to this length use SDPA with the pattern's dense bool mask instead of compiled flex: a flex
-#: graph costs 8-26 s to compile on the 2-core CPU machine (measured, torch 2.13), the mask 4 MB per pattern here.
-CPU_DENSE_MAX_LEN = 2048
-#: The full layers' decode kernel on CUDA when their buffer is not exactly filled (nearly every step): "sdpa" (SDPA
-#: over the whole buffer with the bool mask of the filled slots) or "split_k" (flexgen_long.decode_kernel: each row
-#: reads only its filled slots, the key range split over many programs so that one sequence fills the GPU). "sdpa"
-#: stays the default until the split-K kernel is measured against it (analysis/bench_decode_kernel.py); the GPU suite
-#: checks both.
-FULL_DECODE_KERNEL = "sdpa"
-#: Device types whose sparse layers run their later prefill chunks by compiled flex (``_chunk_over_slots_flex``);
-#: elsewhere masked SDPA. CPU has no cheap flex compile; the CPU tests add "cpu" here (with compilation off) to run the
-#: flex path at small sizes.
-_CHUNK_FLEX_DEVICES = frozenset({"cuda"})
 
 
 class FlexNotCompiledError(RuntimeError):
@@ -74,21 +40,18 @@ class FlexNotCompiledError(RuntimeError):
 
 
 def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask) -> Tensor:
-    if not torch.compiler.is_compiling():
-        # Only reached when dynamo did not compile this call (see the module docstring).
-        if max(q.shape[-2], k.shape[-2]) > FLEX_EAGER_MAX_LEN:
-            raise FlexNotCompiledError(
-                f"flex_attention would run uncompiled on q_len={q.shape[-2]}, kv_len={k.shape[-2]} (> "
-                f"FLEX_EAGER_MAX_LEN={FLEX_EAGER_MAX_LEN}), materialising the full score matrix: compilation is "
-                "disabled or was abandoned for this call (run with TORCH_LOGS=recompiles,graph_breaks)")
+    if not torch.compiler.is_compiling() and max(q.shape[-2], k.shape[-2]) > FLEX_EAGER_MAX_LEN:
+        raise FlexNotCompiledError(
+            f"flex_attention would run uncompiled on q_len={q.shape[-2]}, kv_len={k.shape[-2]} (> "
+            f"FLEX_EAGER_MAX_LEN={FLEX_EAGER_MAX_LEN}), materialising the full score matrix: compilation is disabled "
+            "or was abandoned for this call (run with TORCH_LOGS=recompiles,graph_breaks)")
     return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
 
 
 def flex_attend(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask) -> Tensor:
-    """Compiled flex attention under the shape policy (flexgen_long.shapes): q [B, Hq, S, D] and k/v [B, Hkv, T, D]
-    are zero-padded to the BlockMask's lengths (a bucket; ``build_block_mask(padded_lengths=)``), the call runs the
-    compiled graph of its shape key, and the output is cut back to S rows. Inside an outer compiled region (a
-    ``torch.compile``'d layer) flex is traced into that region's graph instead."""
+    """Compiled flex attention under the shape policy: q [B, Hq, S, D], k/v [B, Hkv, T, D] zero-padded to the
+    BlockMask's lengths, the compiled graph of the call's shape key, the output cut back to S rows. Inside an outer
+    compiled region flex is traced into that region's graph instead."""
     pq, pk = block_mask.seq_lengths
     S, T = q.shape[-2], k.shape[-2]
     if S > pq or T > pk:
@@ -97,37 +60,16 @@ def flex_attend(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask) -> Tenso
     if torch.compiler.is_compiling():
         out = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
     else:
-        fn = compiled(_flex, flex_graph_key(q, k, v, block_mask), dynamic=False, fullgraph=True)
-        out = fn(q, k, v, block_mask)
+        out = compiled(_flex, flex_graph_key(q, k, v, block_mask), dynamic=False, fullgraph=True)(q, k, v, block_mask)
     return out if S == pq else out[:, :, :S]
 
 
-def slot_part_len(pattern: Pattern, used: int) -> int:
-    """Compiled length of the cached-slot part of a sparse layer's later prefill chunk, ``used`` slots in use: an
-    AttnSink ring never holds more than sink + window keys, so it is padded to that (rounded up to a block) at every
-    offset -- one graph per chunk bucket; the empty columns are key blocks the BlockMask lists for no query, which the
-    kernel skips. A BlockSparse stride store grows with the prompt: the bucket of the slots in use."""
-    if isinstance(pattern, AttnSink):
-        return -(-(pattern.sink + pattern.window) // BLOCK) * BLOCK
-    return padded_len(used)
-
-
-def _sdpa_causal(q: Tensor, k: Tensor, v: Tensor, q_offset: int = 0) -> Tensor:
-    """Causal SDPA of queries at positions q_offset .. q_offset+S-1 over keys 0 .. T-1 (T = q_offset + S): the Full
-    pattern, at any shape, nothing compiled.
-
-    Square -> ``is_causal`` with ``enable_gqa`` (unexpanded K/V: on an H200, torch 2.11, bf16, 16K tokens, 32 q / 8 kv
-    heads, warmed up, 2.45 ms forward / 8.89 ms forward+backward at D 64 against 2.60 / 9.14 ms with K/V expanded
-    first; 3.80 / 14.36 against 4.07 / 14.77 at D 128; analysis/results/shapes_NVIDIA_H200.json). A chunk after a
-    prefix -> ``causal_lower_right`` (flash / memory-efficient kernels align the diagonal to the last key); its flash
-    call takes equal head counts, so K/V are expanded there."""
-    S, T = q.shape[-2], k.shape[-2]
-    if S == T:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    group = q.shape[1] // k.shape[1]
-    if group > 1:
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(S, T))
+def attention_layers(model: nn.Module) -> list["HybridAttention"]:
+    """The model's attention layers, in order (the one walk over a model's modules)."""
+    attn = [m for m in model.modules() if isinstance(m, HybridAttention)]
+    if not attn:
+        raise ValueError(f"{type(model).__name__} has no HybridAttention layers (build it with flexgen_long.models)")
+    return attn
 
 
 def positions_in_documents(doc_ids: Tensor) -> Tensor:
@@ -138,73 +80,75 @@ def positions_in_documents(doc_ids: Tensor) -> Tensor:
 
 
 class MaskSet:
-    """The masks of one forward pass: for each distinct pattern, what its kernel needs for this batch.
+    """The routes and masks of one no-cache forward: per distinct pattern, its route (flexgen_long.routes, phase
+    "train" when ``grad`` else "first") and the mask that route needs -- a BlockMask for flex, a dense bool mask for
+    SDPA, none for causal SDPA. ``kind`` overrides the choice for every masked pattern: ``"block"`` (flex) or
+    ``"dense"`` (SDPA with the bool mask)."""
 
-    ``kind`` is ``"block"`` (BlockMasks for flex) or ``"dense"`` (bool masks for SDPA; CPU with gradients). A Full
-    pattern on an unpacked batch needs no mask (SDPA ``is_causal``) and gets none."""
-
-    def __init__(self, patterns: Iterable[Pattern], seq_len: int, *, num_heads: int, num_kv_heads: int,
-                 device, doc_ids: Tensor | None = None, kind: str = "block"):
-        if kind not in ("block", "dense"):
-            raise ValueError(f"MaskSet kind must be 'block' or 'dense', got {kind!r}")
+    def __init__(self, patterns: Iterable[Pattern], seq_len: int, *, num_heads: int, num_kv_heads: int, device,
+                 doc_ids: Tensor | None = None, kind: str | None = None, grad: bool = False,
+                 policy: Policy | None = None):
+        if kind not in (None, "block", "dense"):
+            raise ValueError(f"MaskSet kind must be None (the route table's choice), 'block' or 'dense', got {kind!r}")
         if doc_ids is not None:
             doc_ids = check_doc_ids(doc_ids, seq_len).to(device)
-        self.seq_len, self.kind, self.doc_ids = seq_len, kind, doc_ids
-        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
-        self.masks: dict[Pattern, Tensor | BlockMask] = {}
+        self.seq_len, self.doc_ids, self.num_heads = seq_len, doc_ids, num_heads
+        policy = (policy or Policy()).on(device)
+        self.routes: dict[Pattern, tuple[Route, Tensor | BlockMask | None]] = {}
         for p in dict.fromkeys(patterns):  # distinct, in layer order
-            if isinstance(p, Full) and doc_ids is None:
-                continue
-            if kind == "block":
-                padded = padded_len(seq_len)  # the shape policy: one bucket per range of lengths
-                self.masks[p] = build_block_mask(p, seq_len, seq_len, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                                                 block_size=BLOCK, device=device, doc_ids=doc_ids,
-                                                 padded_lengths=(padded, padded))
+            r = route(p.bind_heads(num_kv_heads), "train" if grad else "first", device=device, policy=policy,
+                      q_len=seq_len, packed=doc_ids is not None, heads=(num_heads, num_kv_heads, 1))
+            if kind is not None and r.kernel != "sdpa_causal":
+                r = Route("flex" if kind == "block" else "sdpa_dense_mask", r.shape, r.bytes)
+            if r.kernel == "flex":  # padded to the bucket (the shape policy)
+                m = build_block_mask(p, seq_len, seq_len, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                                     block_size=BLOCK, device=device, doc_ids=doc_ids,
+                                     padded_lengths=(padded_len(seq_len),) * 2)
+            elif r.kernel == "sdpa_dense_mask":
+                m = dense_mask(p, seq_len, seq_len, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                               doc_ids=doc_ids).to(device)
             else:
-                self.masks[p] = dense_mask(p, seq_len, seq_len, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                                           doc_ids=doc_ids).to(device)
-
-    @staticmethod
-    def kind_for(device, needs_grad: bool, seq_len: int | None = None) -> str:
-        """'dense' on CPU where flex cannot run the backward pass (gradients) or where compiling would cost more than
-        the dense mask (``seq_len <= CPU_DENSE_MAX_LEN``), else 'block'."""
-        cpu = torch.device(device).type == "cpu"
-        short = seq_len is not None and seq_len <= CPU_DENSE_MAX_LEN
-        return "dense" if cpu and (needs_grad or short) else "block"
+                m = None
+            self.routes[p] = (r, m)
 
     def __getitem__(self, pattern: Pattern):
+        """The mask of ``pattern`` (None for causal SDPA)."""
         try:
-            return self.masks[pattern]
+            return self.routes[pattern][1]
         except KeyError:
-            raise KeyError(f"no mask for {pattern!r} in this MaskSet (built for {list(self.masks)})") from None
+            raise KeyError(f"no route for {pattern!r} in this MaskSet (built for {list(self.routes)})") from None
 
 
-class KVCacheStep:
-    """What generation passes as a layer's ``mask`` to run it over its KV cache (flexgen_long.cache holds the caches,
-    flexgen_long.generation builds the steps; the kernels are chosen here, in ``HybridAttention.attend``).
+class KVStep:
+    """One forward over KV caches, as every layer sees it: ``cache`` (a flexgen_long.cache.ModelCache), ``phase``
+    ("first" / "later": a prefill chunk of sequence ``row`` at ``offset``, ``chunk`` its nominal size; "decode": one
+    token per row at device positions ``pos`` [B], ``lo`` the lowest on the host), the resolved ``policy``, and
+    ``last_only``: logits of the last token only. Routes and masks are made once per step and pattern (every layer of
+    a pattern holds the same positions) and shared by its layers."""
 
-    ``caches[layer]`` gives the layer's cache (``k``/``v`` [B, Hkv, slots, D], ``pos`` [B, Hp, slots], ``max_len``,
-    ``write_prefill``, ``write_step``, ``visible``). ``mode`` is ``"prefill"`` (one sequence ``row``: a chunk of
-    tokens at absolute positions ``offset ..``; ``chunk``: the prefill's nominal chunk size, which sizes the compiled
-    shape of every later chunk, the last one too) or ``"decode"`` (one token per sequence at device positions ``pos``
-    [B]). ``exact``: layers whose cache holds exactly the keys the query may see (a full buffer or a full ring at the
-    same position in every row) -- decode over those needs no mask at all; it is host knowledge, passed in by the
-    caller, so no step ever syncs to find it out."""
+    def __init__(self, cache, phase: str, policy: Policy, *, row: int = 0, offset: int = 0, chunk: int | None = None,
+                 pos: Tensor | None = None, lo: int = 0, last_only: bool = False, layer_fn=None):
+        self.cache, self.phase, self.policy, self.row, self.offset, self.chunk = cache, phase, policy, row, offset, chunk
+        self.pos, self.lo, self.last_only = pos, lo, last_only
+        self.layer_fn = layer_fn or run_layer  # how the decoder runs each layer: eager, or compiled by the engine
+        self._memo: dict = {}
 
-    def __init__(self, caches, mode: str, *, row: int = 0, offset: int = 0, pos: Tensor | None = None,
-                 exact: frozenset = frozenset(), chunk: int | None = None):
-        if mode not in ("prefill", "decode"):
-            raise ValueError(f"KVCacheStep mode must be 'prefill' or 'decode', got {mode!r}")
-        self.caches, self.mode, self.row, self.offset, self.pos, self.exact = caches, mode, row, offset, pos, exact
-        self.chunk = chunk
-        self._masks: dict = {}  # masks of this step, built once and shared by every layer that needs the same one
+    def memo(self, key, make):
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
 
-    def mask(self, key, build):
-        """The mask for ``key`` in this step, built by ``build()`` on first use (masks once per forward, not per
-        layer: a prefill chunk's layers of one pattern all need the same BlockMask)."""
-        if key not in self._masks:
-            self._masks[key] = build()
-        return self._masks[key]
+    def route(self, attn: "HybridAttention", q_len: int, itemsize: int) -> Route:
+        c = self.cache[attn]
+        return self.memo(("route", c.pattern, c.slots, attn.num_heads, q_len), lambda: route(
+            c.pattern, self.phase, device=c.k.device, policy=self.policy, q_len=q_len, offset=self.offset,
+            chunk=self.chunk, slots=c.slots, lo=self.lo, batch=c.k.shape[0], itemsize=itemsize,
+            heads=(attn.num_heads, attn.num_kv_heads, attn.head_dim)))
+
+
+def run_layer(layer: nn.Module, h: Tensor, input_pos: Tensor, kv: KVStep) -> Tensor:
+    """One decoder layer over the caches (the function the engine compiles, shared by every layer)."""
+    return layer(h, input_pos=input_pos, kv=kv)
 
 
 def _expand_heads(mask: Tensor, num_heads: int) -> Tensor:
@@ -212,10 +156,108 @@ def _expand_heads(mask: Tensor, num_heads: int) -> Tensor:
     return mask if mask.shape[1] == 1 else mask.repeat_interleave(num_heads // mask.shape[1], dim=1)
 
 
+def _sdpa_lower_right(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal SDPA of the last S positions over T keys; square: ``is_causal`` with GQA unexpanded; else
+    ``causal_lower_right``, whose flash kernel takes equal head counts."""
+    if q.shape[-2] == k.shape[-2]:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[-2], k.shape[-2]))
+
+
+# -- the kernels: (layer, q, k, v, context, route) -> output; q [B, Hq, C, D], k/v [B, Hkv, C, D] after RoPE ------------
+
+def _causal(at, q, k, v, ctx, r):
+    """Causal SDPA over the keys so far: the sequence's own, or a cache buffer's (the chunk written before)."""
+    if isinstance(ctx, KVStep):
+        c, T = ctx.cache[at], ctx.offset + q.shape[2]
+        k, v = c.k[ctx.row:ctx.row + 1, :, :T], c.v[ctx.row:ctx.row + 1, :, :T]
+    return _sdpa_lower_right(q, k, v)
+
+
+def _dense(at, q, k, v, ctx, r):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_mask(at, q, ctx, r), enable_gqa=True)
+
+
+def _flex_seq(at, q, k, v, ctx, r):
+    return flex_attend(q, k, v, _mask(at, q, ctx, r))
+
+
+def _mask(at, q, ctx, r):
+    """The first chunk's mask from a KVStep (made once per step and pattern) or the forward's MaskSet."""
+    if isinstance(ctx, MaskSet):
+        return ctx[at.pattern]
+    C, kind = q.shape[2], r.kernel
+    return ctx.memo(("first", at.pattern, kind, C), lambda: MaskSet(
+        [at.pattern], C, num_heads=at.num_heads, num_kv_heads=at.num_kv_heads, device=q.device, policy=ctx.policy,
+        kind="block" if kind == "flex" else "dense")[at.pattern])
+
+
+def _flex_full_chunk(at, q, k, v, ctx, r):
+    c, (pq, pk), C = ctx.cache[at], r.shape, q.shape[2]
+    bm = ctx.memo(("full_chunk", pq, pk), lambda: build_block_mask(
+        Full(), C, ctx.offset + C, q_offset=ctx.offset, num_heads=at.num_heads, num_kv_heads=at.num_kv_heads,
+        block_size=BLOCK, device=q.device, padded_lengths=(pq, pk)))
+    # contiguous copies: a slice keeps the buffer's strides, which differ with every cache size (dynamo guards them)
+    kk, vv = (t[ctx.row:ctx.row + 1, :, :pk].contiguous() for t in (c.k, c.v))
+    return flex_attend(q, kk, vv, bm)
+
+
+def _flex_over_slots(at, q, k, v, ctx, r):
+    """Keys [the slots that positions < offset can occupy (a prefix of the layout), padded ; the chunk, padded]; the
+    mask_mod reads each column's position (-1: empty) and the offset from tensors, so the graph depends on shapes only."""
+    c, row, o, C = ctx.cache[at], ctx.row, ctx.offset, q.shape[2]
+    pq, n = r.shape[0], c.pattern.cache_slots(o)
+    ps = r.shape[1] - pq
+    bm = ctx.memo(("slots", c.pattern, at.num_heads, n, r.shape), lambda: build_cached_block_mask(
+        c.pattern, c.pos[row, :, :n], C, q_offset=o, num_heads=at.num_heads, num_kv_heads=at.num_kv_heads,
+        block_size=BLOCK, padded_lengths=(ps, pq)))
+
+    def keys(slots: Tensor, new: Tensor) -> Tensor:  # one contiguous buffer: strides that depend on the shape only
+        out = new.new_zeros(1, at.num_kv_heads, ps + pq, new.shape[-1])
+        out[:, :, :n] = slots[row:row + 1, :, :n]
+        out[:, :, ps:ps + C] = new
+        return out
+
+    return flex_attend(q, keys(c.k, k), keys(c.v, v), bm)
+
+
+def _sdpa_over_slots(at, q, k, v, ctx, r):
+    """[every slot ; the chunk's keys] under the dense mask of their positions, K/V expanded per query head (a masked
+    SDPA with GQA may fall back to the math kernel)."""
+    c, row, o, C = ctx.cache[at], ctx.row, ctx.offset, q.shape[2]
+    kk, vv = torch.cat([c.k[row:row + 1], k], dim=2), torch.cat([c.v[row:row + 1], v], dim=2)
+    qpos = torch.arange(o, o + C, device=q.device, dtype=torch.int32)
+    kpos = torch.cat([c.pos[row:row + 1], qpos.expand(1, c.pos.shape[1], C)], dim=2)
+    group = at.num_heads // at.num_kv_heads
+    if group > 1:
+        kk, vv = kk.repeat_interleave(group, dim=1), vv.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(q, kk, vv, attn_mask=_expand_heads(c.visible(qpos[None], kpos), at.num_heads))
+
+
+def _decode_exact(at, q, k, v, ctx, r):
+    c = ctx.cache[at]
+    return F.scaled_dot_product_attention(q, c.k, c.v, enable_gqa=True)
+
+
+def _decode_masked(at, q, k, v, ctx, r):
+    c = ctx.cache[at]
+    mask = ctx.memo(("decode", c.pattern, c.slots, at.num_heads), lambda: _expand_heads(
+        c.visible(ctx.pos[:, None], c.pos), at.num_heads))  # built after the layer's write, by the first layer
+    return F.scaled_dot_product_attention(q, c.k, c.v, attn_mask=mask, enable_gqa=True)
+
+
+#: The route table's kernels by name.
+KERNELS = {"sdpa_causal": _causal, "sdpa_dense_mask": _dense, "flex": _flex_seq, "sdpa_lower_right": _causal,
+           "flex_full_chunk": _flex_full_chunk, "flex_over_slots": _flex_over_slots,
+           "sdpa_over_slots": _sdpa_over_slots, "sdpa_exact": _decode_exact, "sdpa_masked": _decode_masked}
+
+
 class HybridAttention(MultiHeadAttention):
-    """torchtune's ``MultiHeadAttention`` (same submodules, same state-dict keys) with a fixed ``pattern`` and its own
-    kernel dispatch. Self-attention only; KV caches are flexgen_long.cache's compact per-pattern ones, reached through
-    a ``KVCacheStep`` passed as ``mask`` (``attend`` -> ``_attend_cached``), not torchtune's ``setup_cache``."""
+    """torchtune's ``MultiHeadAttention`` (same submodules and state-dict keys) with a fixed ``pattern``; its kernels
+    come from the route table. Self-attention only; KV caches are flexgen_long.cache's compact per-pattern ones."""
 
     def __init__(self, *, embed_dim: int, num_heads: int, num_kv_heads: int, head_dim: int, q_proj: nn.Module,
                  k_proj: nn.Module, v_proj: nn.Module, output_proj: nn.Module, pos_embeddings: nn.Module,
@@ -233,177 +275,72 @@ class HybridAttention(MultiHeadAttention):
         return f"pattern={self.pattern!r}"
 
     def setup_cache(self, batch_size: int, dtype: torch.dtype, max_seq_len: int) -> None:
-        raise NotImplementedError("torchtune's KV cache keeps every key, which defeats the sparse layers; use the "
-                                  "compact per-pattern caches of flexgen_long.cache.ModelCache (flexgen_long.generation."
-                                  "generate allocates them)")
+        raise NotImplementedError("torchtune's KV cache keeps every key, which defeats the sparse layers; "
+                                  "flexgen_long.engine.Engine allocates compact per-pattern caches")
 
     def forward(self, x: Tensor, y: Tensor | None = None, *, mask: MaskSet | None = None,
-                input_pos: Tensor | None = None) -> Tensor:
+                input_pos: Tensor | None = None, kv: KVStep | None = None) -> Tensor:
         if y is not None and y is not x:
             raise ValueError("HybridAttention is self-attention: y must be None or x itself")
         b, s, _ = x.shape
-        if self._wqkv is not None and not torch.is_grad_enabled():
-            # one projection for q, k and v (fuse_projections): their weights are row blocks of one matrix
+        if self._wqkv is not None and not torch.is_grad_enabled():  # fuse_projections: one matrix product
             nq, nkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
             q, k, v = F.linear(x, self._wqkv).split([nq, nkv, nkv], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(b, s, self.num_heads, self.head_dim)
-        k = k.view(b, s, self.num_kv_heads, self.head_dim)
-        v = v.view(b, s, self.num_kv_heads, self.head_dim)
-        q = self.pos_embeddings(q, input_pos=input_pos)
-        k = self.pos_embeddings(k, input_pos=input_pos)
-        if mask is None:  # a layer used on its own: unpacked, masks for this layer only
-            mask = MaskSet([self.pattern], s, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-                           device=x.device, kind=MaskSet.kind_for(x.device, torch.is_grad_enabled(), s))
-        out = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
+        q = self.pos_embeddings(q.view(b, s, self.num_heads, self.head_dim), input_pos=input_pos).transpose(1, 2)
+        k = self.pos_embeddings(k.view(b, s, self.num_kv_heads, self.head_dim), input_pos=input_pos).transpose(1, 2)
+        v = v.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if kv is not None:
+            out = self._attend_cached(q, k, v, kv)
+        else:
+            if mask is None:  # a layer used on its own: unpacked, masks for this layer only
+                mask = MaskSet([self.pattern], s, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                               device=x.device, grad=torch.is_grad_enabled())
+            out = self.attend(q, k, v, mask)
         return self.output_proj(out.transpose(1, 2).reshape(b, s, -1))
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, masks: MaskSet | KVCacheStep) -> Tensor:
-        """The kernel dispatch. q [B, Hq, S, D], k/v [B, Hkv, S, D] -> [B, Hq, S, D]."""
-        if isinstance(masks, KVCacheStep):
-            return self._attend_cached(q, k, v, masks)
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, masks: MaskSet) -> Tensor:
+        """The no-cache forward's attention: the MaskSet's route for this pattern. q [B, Hq, S, D], k/v [B, Hkv, S, D]."""
         if not isinstance(masks, MaskSet):
             raise ValueError("mask must be a flexgen_long.attention.MaskSet (the hybrid model builds one per forward "
                              f"from doc_ids); torchtune bool masks / BlockMasks would override the per-layer patterns, "
                              f"got {type(masks).__name__}")
         if q.shape[-2] != masks.seq_len:
             raise ValueError(f"MaskSet was built for seq_len={masks.seq_len}, the layer got {q.shape[-2]} tokens")
-        if isinstance(self.pattern, Full) and masks.doc_ids is None:
-            return _sdpa_causal(q, k, v)
-        m = masks[self.pattern]
-        if masks.kind == "dense":
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)
-        if q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
-                                                                    or v.requires_grad):
-            raise RuntimeError("flex_attention has no CPU backward: build the MaskSet with kind='dense' "
+        if self.pattern not in masks.routes:
+            masks[self.pattern]  # raises, naming the patterns it holds
+        r = masks.routes[self.pattern][0]
+        if r.kernel == "flex" and q.device.type == "cpu" and torch.is_grad_enabled() and any(
+                t.requires_grad for t in (q, k, v)):
+            raise RuntimeError("flex_attention has no CPU backward: build the MaskSet with kind='dense' or grad=True "
                                "(the model does this by itself when gradients are needed on CPU)")
-        return flex_attend(q, k, v, m)
+        return KERNELS[r.kernel](self, q, k, v, masks, r)
 
-    # Never traced: a compiled decode step or prefill (flexgen_long.generation: ``fused_decode_step``,
-    # ``prefill(compile=True)``) compiles each layer's work around this call -- RMSNorm, the q/k/v projections and RoPE
-    # before it, the output projection, residuals and MLP after it -- and runs this eagerly between the graphs: the
-    # cache write, the masks and the attention kernels (SDPA / flash over the compact cache; prefill's flex calls
-    # keep their own compiled graphs under the shape policy). Decode with the attention compiled into the step took
-    # 33.4 ms against 12.9 ms eager at 128K on an H200, Llama-2-7B shape
-    # (analysis/results/generation_compiled_decode_NVIDIA_H200.json). It also keeps the caches (sized per call), the
-    # chunk offsets and the masks out of every compiled graph's guards.
+    # Never traced: a compiled decode step or prefill compiles each layer's work around this call and runs it eagerly
+    # between the graphs (cache writes, masks, attention kernels; flex keeps its own graphs), which also keeps the
+    # caches' sizes, offsets and masks out of every compiled graph's guards. Measured: analysis/README.md.
     @torch.compiler.disable
-    def _attend_cached(self, q: Tensor, k: Tensor, v: Tensor, step: KVCacheStep) -> Tensor:
-        """Attention of new tokens over this layer's compact cache (k/v: the new tokens' keys, after RoPE).
-
-        decode: write the token, then SDPA over the slots -- with no mask where the cache holds exactly the visible keys
-        (``step.exact``; flash/efficient SDPA over a compact cache was 9-31x faster than flex decoding on an H200, over
-        4K-128K caches), else with a [B, H, 1, slots] bool mask from the slots' positions (ring not yet full, stale
-        stride blocks, rows of different lengths). Static shapes, positions on the device: CUDA-graph safe, and nothing
-        compiled sees the cache's size.
-
-        prefill (one row, a chunk of C tokens at ``offset`` o):
-        * full layer: the chunk joins the buffer, then attends positions 0 .. o+C-1 of it. First chunk: causal SDPA
-          (cuDNN). Later chunks on GPU: compiled flex with the Full BlockMask at offset o, the chunk padded to the
-          bucket of the nominal chunk size and the keys to the bucket of o + C (copied past the buffer's end only when
-          that bucket outgrows it) -- 19.3 ms against 25.0 ms for lower-right causal SDPA (flash) for 8192 queries
-          over 65536 keys (H200, bf16, 32 q / 8 kv heads, D 128; analysis/results/shapes_NVIDIA_H200.json), at most
-          one graph per key bucket; on CPU: lower-right causal SDPA, exact, nothing compiled;
-        * sparse layer, first chunk (o = 0): the ordinary dispatch of the no-cache forward (compiled flex under the
-          shape policy, or the dense mask on CPU), so a prompt prefilled whole gives exactly the forward's output;
-        * sparse layer, later chunks: the chunk attends [cached slots ; its own keys], then joins the slots. On GPU
-          (``_chunk_over_slots_flex``): compiled flex under the shape policy -- keys are the slots that positions < o
-          can occupy (``cache.used_slots(o)``, a prefix of the layout: n <= sink + window, or the local ring plus the
-          stride blocks so far), padded with empty slots -- to sink + window rounded up to a block for AttnSink (the
-          most a ring holds), to ``padded_len(n)`` for BlockSparse (its stride store grows) -- then the chunk's keys padded to the
-          bucket of the nominal chunk size, like the queries; GQA unexpanded. The mask_mod reads each key column's
-          position (-1: empty or padding) and the offset from captured tensors and applies the pattern's token rule,
-          so the graph depends on shapes only: one per (pattern, chunk bucket) for AttnSink and per (pattern, chunk
-          bucket, slot bucket) for BlockSparse, never one per offset,
-          prompt length or cache size. The BlockMask (``masks.build_cached_block_mask``) comes from each key block's
-          [min, max] position in O(q_blocks x kv_blocks): no C x keys mask, and a block is full only where it holds
-          no empty column and the rule covers its whole range. On CPU (``_chunk_over_slots_sdpa``): SDPA over every
-          slot with the dense bool mask from positions and K/V expanded per query head, exact, nothing compiled."""
-        if step.mode == "decode":
-            return self._decode(q, k, v, step)
-        cache = step.caches[self]
-        row, o, C = step.row, step.offset, q.shape[2]
-        if isinstance(self.pattern, Full):
-            cache.write_prefill(row, k, v, o)
-            if o == 0 or q.device.type != "cuda":
-                return _sdpa_causal(q, cache.k[row:row + 1, :, :o + C], cache.v[row:row + 1, :, :o + C], o)
-            pq, pk = padded_len(max(C, step.chunk or C)), padded_len(o + C)
-            bm = step.mask(("full_chunk", pq, pk), lambda: build_block_mask(
-                Full(), C, o + C, q_offset=o, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-                block_size=BLOCK, device=q.device, padded_lengths=(pq, pk)))
-            # contiguous copies: a slice of the buffer has the buffer's strides, which differ with every cache size
-            # and would make every generate() call a new graph (dynamo guards on strides)
-            kk, vv = (t[row:row + 1, :, :pk].contiguous() for t in (cache.k, cache.v))
-            return flex_attend(q, kk, vv, bm)
-        if o == 0:
-            masks = step.mask(("first", self.pattern), lambda: MaskSet(
-                [self.pattern], C, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, device=q.device,
-                kind=MaskSet.kind_for(q.device, False, C)))
-            out = self.attend(q, k, v, masks)
-            cache.write_prefill(row, k, v, o)
-            return out
-        if q.device.type in _CHUNK_FLEX_DEVICES:
-            out = self._chunk_over_slots_flex(q, k, v, cache, step)
-        else:
-            out = self._chunk_over_slots_sdpa(q, k, v, cache, row, o)
-        cache.write_prefill(row, k, v, o)
+    def _attend_cached(self, q: Tensor, k: Tensor, v: Tensor, kv: KVStep) -> Tensor:
+        """Attention of new tokens over this layer's cache: the step's route, with the tokens written into the cache
+        before a kernel that reads the buffer (decode; a full layer's later chunk) and after the others."""
+        cache, r = kv.cache[self], kv.route(self, q.shape[2], q.element_size())
+        if kv.phase == "decode":
+            cache.write_step(k, v, kv.pos)
+            return KERNELS[r.kernel](self, q, k, v, kv, r)
+        if r.kernel in BUFFER_KERNELS:
+            cache.write_prefill(kv.row, k, v, kv.offset)
+            return KERNELS[r.kernel](self, q, k, v, kv, r)
+        out = KERNELS[r.kernel](self, q, k, v, kv, r)
+        cache.write_prefill(kv.row, k, v, kv.offset)
         return out
 
-    def _decode(self, q: Tensor, k: Tensor, v: Tensor, step: KVCacheStep) -> Tensor:
-        """One token per sequence: write it into the cache, then SDPA over the slots -- with no mask where the cache
-        holds exactly the visible keys (``step.exact``), else with the bool mask of the slots' positions, built once
-        per step for all layers of one pattern (they hold the same positions; each layer writes its token before it
-        reads the mask, the first one before it builds it)."""
-        cache = step.caches[self]
-        cache.write_step(k, v, step.pos)
-        if self in step.exact:
-            return F.scaled_dot_product_attention(q, cache.k, cache.v, enable_gqa=True)
-        if FULL_DECODE_KERNEL == "split_k" and isinstance(self.pattern, Full) and q.device.type == "cuda":
-            # a full buffer holds position p at slot p: row b sees slots 0 .. pos[b]
-            return decode_attention(q, cache.k, cache.v, step.mask(("full_lengths",), lambda: step.pos + 1))
-        mask = step.mask(("decode", cache.pattern, cache.slots, self.num_heads), lambda: _expand_heads(
-            cache.visible(step.pos[:, None], cache.pos), self.num_heads))
-        return F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=mask, enable_gqa=True)
 
-    def _chunk_over_slots_flex(self, q: Tensor, k: Tensor, v: Tensor, cache, step: KVCacheStep) -> Tensor:
-        """A sparse layer's later prefill chunk (offset o > 0) by compiled flex, under the shape policy: keys
-        ``[the slots that positions < o can occupy (cache.used_slots(o): n, padded with empty slots, see below) ;
-        the chunk's keys padded to the chunk bucket]``, queries padded to the same bucket, GQA
-        unexpanded; the BlockMask and its positional mask_mod from ``masks.build_cached_block_mask``. Reads the
-        cache, writes nothing."""
-        row, o, C = step.row, step.offset, q.shape[2]
-        n = cache.used_slots(o)
-        pq = padded_len(max(C, step.chunk or C))
-        ps = slot_part_len(self.pattern, n)
-        # Every layer of one pattern holds the same positions (they receive the same writes, and this chunk's own
-        # write comes after its attention), so the layers of a pattern share one mask per step.
-        bm = step.mask(("sparse_chunk", self.pattern, self.num_heads, self.num_kv_heads, n, ps, pq),
-                       lambda: build_cached_block_mask(self.pattern, cache.pos[row, :, :n], C, q_offset=o,
-                                                       num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-                                                       block_size=BLOCK, padded_lengths=(ps, pq)))
+class HybridLayer(TransformerSelfAttentionLayer):
+    """torchtune's ``TransformerSelfAttentionLayer`` (same submodules, same state-dict keys) that hands its attention
+    the KV step explicitly."""
 
-        def keys(slots: Tensor, new: Tensor) -> Tensor:
-            # one contiguous [1, Hkv, ps + pq, D] buffer: its strides depend on the shape key only (dynamo guards on
-            # strides), and the empty columns are masked by position (-1), whatever they hold
-            out = new.new_zeros(1, self.num_kv_heads, ps + pq, new.shape[-1])
-            out[:, :, :n] = slots[row:row + 1, :, :n]
-            out[:, :, ps:ps + C] = new
-            return out
-
-        return flex_attend(q, keys(cache.k, k), keys(cache.v, v), bm)
-
-    def _chunk_over_slots_sdpa(self, q: Tensor, k: Tensor, v: Tensor, cache, row: int, o: int) -> Tensor:
-        """The same by masked SDPA (CPU; exact, nothing compiled): [all slots ; the chunk's keys] under the dense bool
-        mask [1, H, C, slots + C] from their positions, K/V expanded per query head. Reads the cache, writes
-        nothing."""
-        C = q.shape[2]
-        kk = torch.cat([cache.k[row:row + 1], k], dim=2)
-        vv = torch.cat([cache.v[row:row + 1], v], dim=2)
-        qpos = torch.arange(o, o + C, device=q.device, dtype=torch.int32)
-        kpos = torch.cat([cache.pos[row:row + 1], qpos.expand(1, cache.pos.shape[1], C)], dim=2)
-        mask = _expand_heads(cache.visible(qpos[None], kpos), self.num_heads)
-        group = self.num_heads // self.num_kv_heads
-        if group > 1:  # a masked SDPA with enable_gqa may fall back to the math kernel (C x slots scores per head)
-            kk, vv = kk.repeat_interleave(group, dim=1), vv.repeat_interleave(group, dim=1)
-        return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
+    def forward(self, x: Tensor, *, mask: MaskSet | None = None, input_pos: Tensor | None = None,
+                kv: KVStep | None = None, **kwargs) -> Tensor:
+        h = self.sa_scale(self.attn(self.sa_norm(x), mask=mask, input_pos=input_pos, kv=kv)) + x
+        return h + self.mlp_scale(self.mlp(self.mlp_norm(h)))

@@ -27,7 +27,7 @@ import importlib
 import math
 from collections.abc import Mapping, Sequence
 
-from .patterns import AttnSink, BlockSparse, Full, Pattern
+from .patterns import AttnSink, Full, Pattern
 
 __all__ = ["full_layer_indices", "layer_patterns", "as_sparse_pattern", "DEFAULT_SPARSE_PATTERN"]
 
@@ -97,7 +97,8 @@ def _middle(n: int, L: int) -> tuple[int, ...]:
 
 
 def as_sparse_pattern(sparse_pattern) -> Pattern:
-    """An AttnSink/BlockSparse from an instance or from a YAML node ``{"_component_": dotted.path, **kwargs}``."""
+    """A sparse pattern (AttnSink, BlockSparse, any sparse Pattern subclass) from an instance or from a YAML node
+    ``{"_component_": dotted.path, **kwargs}``."""
     if isinstance(sparse_pattern, Mapping):
         node = dict(sparse_pattern)
         path = node.pop("_component_", None)
@@ -109,13 +110,13 @@ def as_sparse_pattern(sparse_pattern) -> Pattern:
             cls = getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError) as e:
             raise ValueError(f"sparse_pattern _component_ {path!r} cannot be imported: {e}") from e
-        if not (isinstance(cls, type) and issubclass(cls, (AttnSink, BlockSparse))):
-            raise ValueError(f"sparse_pattern _component_ must be flexgen_long.patterns.AttnSink or BlockSparse, "
-                             f"got {path!r}")
+        if not (isinstance(cls, type) and issubclass(cls, Pattern)) or cls.is_full:
+            raise ValueError(f"sparse_pattern _component_ must be a sparse flexgen_long.patterns pattern (AttnSink, "
+                             f"BlockSparse or a Pattern subclass of your own), got {path!r}")
         sparse_pattern = cls(**node)
-    if isinstance(sparse_pattern, Full) or not isinstance(sparse_pattern, (AttnSink, BlockSparse)):
-        raise ValueError("sparse_pattern must be an AttnSink or BlockSparse instance (for full attention everywhere "
-                         f"use full_layers='all'), got {sparse_pattern!r}")
+    if not isinstance(sparse_pattern, Pattern) or sparse_pattern.is_full:
+        raise ValueError("sparse_pattern must be a sparse pattern such as AttnSink or BlockSparse (for full attention "
+                         f"everywhere use full_layers='all'), got {sparse_pattern!r}")
     return sparse_pattern
 
 

@@ -30,11 +30,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchtune.models.llama3._component_builders import llama3_mlp
 from torchtune.models.llama3_1._position_embeddings import Llama3ScaledRoPE
-from torchtune.modules import FeedForward, RMSNorm, RotaryPositionalEmbeddings, TiedLinear, TransformerDecoder, \
-    TransformerSelfAttentionLayer
+from torchtune.modules import FeedForward, RMSNorm, RotaryPositionalEmbeddings, TiedLinear, TransformerDecoder
 
 from . import hf
-from .attention import HybridAttention, MaskSet, positions_in_documents
+from .attention import HybridAttention, HybridLayer, KVStep, MaskSet, attention_layers, positions_in_documents
 from .layout import DEFAULT_SPARSE_PATTERN, layer_patterns
 from .patterns import AttnSink, check_doc_ids
 
@@ -59,34 +58,38 @@ class HybridDecoder(TransformerDecoder):
     skip_output_layer: bool = False
 
     def forward(self, tokens: Tensor, *, mask: MaskSet | None = None, input_pos: Tensor | None = None,
-                doc_ids: Tensor | None = None):
+                doc_ids: Tensor | None = None, kv: KVStep | None = None):
         """tokens [B, S] -> logits [B, S, vocab] (a list with hidden states if ``output_hidden_states`` is set), or
         the final-normed hidden states [B, S, dim] in their place when ``skip_output_layer`` is set.
 
         ``doc_ids`` [B, S] or [S]: per-token document ids of a packed batch. ``input_pos``: RoPE positions; by default
         0..S-1, or positions within each document when ``doc_ids`` is given. ``mask``: a prebuilt ``MaskSet`` (else
-        built here); torchtune's bool masks / BlockMasks are refused, since they would override the layer patterns."""
+        built here; torchtune's bool masks / BlockMasks are refused: they would override the layer patterns). ``kv``:
+        run over KV caches instead (flexgen_long.engine builds the step; its logits are the last token's only when
+        the step says so)."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, seq_len], got shape {tuple(tokens.shape)}")
         seq_len = tokens.shape[1]
         if seq_len > self.max_seq_len:
             raise ValueError(f"seq_len {seq_len} exceeds max_seq_len={self.max_seq_len} (raise max_seq_len in the "
                              "builder; RoPE tables are built up to it)")
+        if kv is not None and (mask is not None or doc_ids is not None):
+            raise ValueError("a forward over KV caches takes no mask and no doc_ids (prompts are prefilled one "
+                             "sequence at a time)")
         if doc_ids is not None:
             check_doc_ids(doc_ids, seq_len, batch=tokens.shape[0])
-        attn = [m for m in self.modules() if isinstance(m, HybridAttention)]
-        if mask is None:
-            needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        if kv is None and mask is None:
+            attn = attention_layers(self)
+            grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
             mask = MaskSet([a.pattern for a in attn], seq_len, num_heads=attn[0].num_heads,
-                           num_kv_heads=attn[0].num_kv_heads, device=tokens.device, doc_ids=doc_ids,
-                           kind=MaskSet.kind_for(tokens.device, needs_grad, seq_len))
-        elif not isinstance(mask, MaskSet):
+                           num_kv_heads=attn[0].num_kv_heads, device=tokens.device, doc_ids=doc_ids, grad=grad)
+        elif kv is None and not isinstance(mask, MaskSet):
             raise ValueError("mask must be None or a flexgen_long.attention.MaskSet; pass packing as doc_ids "
                              "(torchtune masks would override the per-layer patterns; generation over KV caches goes "
-                             f"through flexgen_long.generation), got {type(mask).__name__}")
-        elif doc_ids is not None:
+                             f"through flexgen_long.engine), got {type(mask).__name__}")
+        elif kv is None and doc_ids is not None:
             raise ValueError("pass doc_ids or a prebuilt MaskSet, not both (the MaskSet already holds its doc_ids)")
-        if input_pos is None and mask.doc_ids is not None:
+        if input_pos is None and mask is not None and mask.doc_ids is not None:
             input_pos = positions_in_documents(mask.doc_ids)
 
         h = self.tok_embeddings(tokens)
@@ -94,14 +97,15 @@ class HybridDecoder(TransformerDecoder):
         for i, layer in enumerate(self.layers):
             if i in self.output_hidden_states:
                 hidden.append(h)
-            h = layer(h, mask=mask, input_pos=input_pos)
+            h = layer(h, mask=mask, input_pos=input_pos) if kv is None else kv.layer_fn(layer, h, input_pos, kv)
+        if kv is not None and kv.last_only:
+            h = h[:, -1:]
         out = self.norm(h) if self.skip_output_layer else self.unembed(h)
         return [*hidden, out] if hidden else out
 
     def setup_caches(self, *args, **kwargs):
-        raise NotImplementedError("torchtune's KVCache keeps every key of every layer; the hybrid model uses compact KV caches "
-                                  "per pattern: flexgen_long.cache.ModelCache (and flexgen_long.generation."
-                                  "generate, which allocates them)")
+        raise NotImplementedError("torchtune's KVCache keeps every key of every layer; the hybrid model uses compact "
+                                  "per-pattern KV caches: flexgen_long.engine.Engine allocates them")
 
 
 def relayout(model: nn.Module, full_layers="none", sparse_pattern=DEFAULT_SPARSE_PATTERN) -> nn.Module:
@@ -112,9 +116,7 @@ def relayout(model: nn.Module, full_layers="none", sparse_pattern=DEFAULT_SPARSE
     attention, run with sink + window attention on every layer, so generation keeps a ring cache of sink + window
     keys per layer. Keys keep their absolute RoPE positions (no re-rotation inside the cache, unlike the original
     StreamingLLM), which is what our caches store; positions up to the model's trained length stay in distribution."""
-    attn = [m for m in model.modules() if isinstance(m, HybridAttention)]
-    if not attn:
-        raise ValueError("relayout needs a model built by flexgen_long.models (no HybridAttention layers found)")
+    attn = attention_layers(model)
     for a, pattern in zip(attn, layer_patterns(len(attn), full_layers, sparse_pattern)):
         a.pattern = pattern
     return model
@@ -156,10 +158,7 @@ def fuse_projections(model: nn.Module) -> nn.Module:
     refuses shared tensors): ``unfuse_projections`` gives each weight its own storage back. Moving the model to
     another device or dtype afterwards keeps values consistent (the fused matrices are non-persistent buffers and move
     with it) but undoes the sharing: fuse after ``.to()``."""
-    attn = [m for m in model.modules() if isinstance(m, HybridAttention)]
-    if not attn:
-        raise ValueError("fuse_projections needs a model built by flexgen_long.models (no HybridAttention layers found)")
-    for a in attn:
+    for a in attention_layers(model):
         lin = [a.q_proj, a.k_proj, a.v_proj]
         if any(not isinstance(l, nn.Linear) or l.bias is not None for l in lin):
             raise ValueError("fuse_projections: q/k/v projections must be nn.Linear without bias, got "
@@ -262,7 +261,7 @@ def longgen_llama(vocab_size: int, num_layers: int, num_heads: int, num_kv_heads
             v_proj=nn.Linear(embed_dim, num_kv_heads * head_dim, bias=False),
             output_proj=nn.Linear(num_heads * head_dim, embed_dim, bias=False),
             pos_embeddings=rope, max_seq_len=max_seq_len, pattern=pattern)
-        layers.append(TransformerSelfAttentionLayer(
+        layers.append(HybridLayer(
             attn=attn, mlp=llama3_mlp(dim=embed_dim, hidden_dim=intermediate_dim),
             sa_norm=RMSNorm(dim=embed_dim, eps=norm_eps), mlp_norm=RMSNorm(dim=embed_dim, eps=norm_eps)))
     tok_embeddings = nn.Embedding(vocab_size, embed_dim)

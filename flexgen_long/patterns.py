@@ -122,10 +122,22 @@ def check_shape(q_len, kv_len, q_offset, num_heads, num_kv_heads) -> int:
 
 
 class Pattern:
-    """Base class. Subclasses define ``visible``, ``rect`` and ``row_count`` on document-relative positions."""
+    """Base class. Subclasses define ``visible``, ``rect`` and ``row_count`` on document-relative positions, and may
+    refine the cache layout below (a plain buffer by default).
+
+    The cache layout (flexgen_long.cache keeps one compact KV cache per layer from it, and nothing outside this module
+    asks which class a pattern is): ``cache_slots(max_len)`` slots; position ``p`` lives in slot ``slot_of(p)``; a
+    write that ends at position ``end`` keeps the positions ``kept(p, end)``; a cache that received every position up
+    to ``q`` holds exactly the keys query ``q`` sees when ``holds_exactly(q, slots)`` (attention over it needs no mask).
+    Compact caches rely on one property of every pattern here: a key that a query stops seeing stays unseen by every
+    later query."""
 
     #: True when the rule depends on the KV head (BlockSparse with per_head=True).
     head_dependent: bool = False
+    #: True for plain causal attention (``Full``): SDPA's causal kernels compute it without any mask.
+    is_full: bool = False
+    #: The most slots a cache of this pattern needs at any length (None: it grows with the length).
+    max_slots: int | None = None
 
     # -- the rules (overridden) ---------------------------------------------------------------------------------------
     def visible(self, q: Tensor, k: Tensor, kv_head: Tensor | int = 0) -> Tensor:
@@ -140,6 +152,26 @@ class Pattern:
     def bind_heads(self, num_kv_heads: int) -> "Pattern":
         """The pattern as used with ``num_kv_heads`` KV heads (only BlockSparse's per-head shift depends on it)."""
         return self
+
+    # -- the cache layout (overridable) --------------------------------------------------------------------------------
+    def cache_slots(self, max_len: int) -> int:
+        """Slots a cache needs for sequences of up to ``max_len`` tokens."""
+        return max_len if self.max_slots is None else min(max_len, self.max_slots)
+
+    def slot_of(self, p: Tensor, kv_head: Tensor | int = 0) -> Tensor:
+        """The slot of position ``p`` (any shape; ``kv_head`` broadcasts against it): a plain buffer holds p at p."""
+        return p
+
+    def kept(self, p: Tensor, end: int, kv_head: Tensor | int = 0) -> Tensor:
+        """Whether position ``p`` (< ``end``) is still seen by some query at ``end - 1`` or later: by the property in
+        the class docstring, exactly when query ``end - 1`` sees it. A write keeps only those, so no two kept positions
+        share a slot."""
+        return self.visible(end - 1, p, kv_head)
+
+    def holds_exactly(self, q: int, slots: int) -> bool:
+        """Whether a cache of ``slots`` slots that received every position up to ``q`` holds exactly the keys that
+        query ``q`` sees (then attention over it needs no mask). Never, unless a pattern says so."""
+        return False
 
     # -- FlexAttention ------------------------------------------------------------------------------------------------
     def mask_mod(self, *, q_offset: Tensor | int = 0, num_heads: int = 1, num_kv_heads: int | None = None,
@@ -316,6 +348,10 @@ class Pattern:
 class Full(Pattern):
     """Causal attention: ``k <= q``."""
 
+    is_full = True
+
+    def holds_exactly(self, q, slots):
+        return q >= slots - 1  # the buffer filled to its last slot
     def visible(self, q, k, kv_head=0):
         return k <= q
 
@@ -339,6 +375,17 @@ class AttnSink(Pattern):
     def __post_init__(self):
         _require(_is_int(self.sink) and self.sink >= 0, "AttnSink.sink", "an int >= 0", self.sink)
         _require(_is_int(self.window) and self.window >= 1, "AttnSink.window", "an int >= 1", self.window)
+
+    @property
+    def max_slots(self) -> int:  # type: ignore[override]
+        return self.sink + self.window
+
+    def slot_of(self, p, kv_head=0):
+        # sinks in their own slots, then a ring: the slot of p was last held by p - window, which no query >= p sees
+        return torch.where(p < self.sink, p, self.sink + torch.remainder(p - self.sink, self.window))
+
+    def holds_exactly(self, q, slots):
+        return q >= slots - 1  # a full ring holds the sinks and the last window - 1 keys (or every key, if smaller)
 
     def visible(self, q, k, kv_head=0):
         return (k <= q) & ((k < self.sink) | (q - k < self.window))
@@ -401,6 +448,22 @@ class BlockSparse(Pattern):
 
     def _on_stride(self, kb, kv_head):
         return (kb + self.shift(kv_head)) % self.vertical_stride == 0
+
+    def cache_slots(self, max_len):
+        # an off-stride ring of local_blocks blocks (none with stride 1: every block is on it) + one block per on-stride
+        # block; per KV head, each its own shift
+        nblocks = -(-max_len // self.block)
+        local = 0 if self.vertical_stride == 1 else self.local_blocks * self.block
+        return local + (-(-nblocks // self.vertical_stride)) * self.block
+
+    def slot_of(self, p, kv_head=0):
+        bs, L, V = self.block, self.local_blocks, self.vertical_stride
+        if V == 1:  # every block is on the stride: a plain buffer
+            return p
+        kb, off = p // bs, p % bs
+        # on-stride blocks keep a slot each forever; off-stride ones share a ring of L blocks, whose slot for block kb
+        # was last held by kb - L, outside every later query's local window
+        return torch.where(self._on_stride(kb, kv_head), L * bs + (kb // V) * bs + off, (kb % L) * bs + off)
 
     def visible(self, q, k, kv_head=0):
         qb, kb = q // self.block, k // self.block

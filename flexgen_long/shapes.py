@@ -1,41 +1,20 @@
-"""The shape policy: which shapes reach compiled code, so that the number of compiled graphs is bounded by a small
-number that does not depend on the workload.
+"""The shape policy: which shapes reach compiled code, so that the number of compiled graphs stays small whatever
+prompts, chunks and documents users send.
 
-Why a policy is needed. ``flex_attention`` must run compiled (uncompiled, it materialises the whole q_len x kv_len score
-matrix), and a compiled function with static shapes is a new graph for every new shape. Dynamo keeps at most
-``torch._dynamo.config.recompile_limit`` (8) graphs per function and then fails (or, without ``fullgraph``, silently
-falls back to the uncompiled path). A served model sees any prompt length; a training run on packed data sees any
-document layout. So every compiled flex call goes through this module, which
+``flex_attention`` must run compiled (uncompiled it materialises the whole score matrix), and a compiled function with
+static shapes is a new graph per shape; dynamo keeps at most ``recompile_limit`` (8) per function and then fails. So
+every compiled flex call (flexgen_long.routes says which) goes through this module, which
 
-1. **pads** the query and key lengths up to a **bucket** (``padded_len``): 128, then the ladder
-   256, 384, 512, 768, 1024, 1536, 2048, 3072, ... (powers of two and 1.5x powers of two, all multiples of the
-   128-token block). A bucket holds every length from the previous rung + 1 up to itself, so lengths 1..max_len need
-   at most ``max(1, 2 * ceil(log2(max_len / 128)))`` buckets (20 up to 128K, ``bucket_count``). Padding costs almost
-   no compute: ``flexgen_long.masks.build_block_mask(..., padded_lengths=)`` lists no key blocks for the padded query blocks and
-   causality hides the padded keys from every real query, so the kernel skips them; only the pad / slice copies of
-   q, k, v and the output remain (one pass over them). And the shortest query block is 128 tokens, which keeps flex
-   away from its decoding lowering: on an H200 (torch 2.11) a compiled flex call with 65-127 queries and an AttnSink
-   BlockMask failed in that lowering with ``NoValidChoicesError``.
-2. **compiles one function per shape key** (``compiled``): a key is everything dynamo would guard on for that call
-   (padded shapes, dtypes, device, grad mode, the mask's pattern and layout). Each key gets a fresh code object, and
-   dynamo's graph cache and recompile counter live on the code object, so every key compiles exactly once and no
-   function ever approaches the recompile limit -- nobody has to raise it. ``compiled_graphs()`` lists the keys.
+1. **pads** query and key lengths up to a **bucket** (``padded_len``): 128, then 256, 384, 512, 768, 1024, 1536,
+   2048, 3072, ... (2^k and 1.5 * 2^k, multiples of the 128-token block), at most ``2 * ceil(log2(n / 128))`` buckets
+   for lengths up to n (20 up to 128K). Padding costs almost no compute: the BlockMask lists no key blocks for padded
+   query blocks and causality hides padded keys. The shortest query block, 128, also keeps flex away from its
+   decoding lowering, which failed on short AttnSink queries (analysis/README.md);
+2. **compiles one function per shape key** (``compiled``): the key holds everything dynamo would guard on, and each key
+   gets a fresh code object (dynamo's graph cache and recompile counter live on the code object), so every key
+   compiles once and nothing approaches the recompile limit.
 
-What is bounded, then: per model, graphs <= buckets(max length seen) x distinct sparse/packed patterns x {inference,
-training} x batch sizes used with the no-cache forward (generation prefills one sequence at a time: batch 1). A chunked
-prefill adds, on GPU, the later chunks' graphs, keyed by the bucket of the nominal chunk size and: for full layers the
-bucket of the keys seen so far (<= buckets(longest prompt)); for each sparse pattern the slot part's padded length --
-its mask_mod reads the key positions and the offset from tensors, so the offset enters the key only through that
-length, and the cache's allocated size not at all: for AttnSink always sink + window rounded up to a block (the most a
-ring holds; empty slot blocks cost nothing, the BlockMask lists them for no query), so one graph per chunk bucket; for
-BlockSparse the bucket of the stride store in use, <= buckets(stride store of the longest prompt) per chunk bucket. Full layers
-on unpacked input never compile (``F.scaled_dot_product_attention`` picks cuDNN/flash at any shape), and decode steps
-attend over the caches with SDPA (eager, CUDA-graph replayed): the caches' allocated sizes never reach compiled code.
-
-Dynamic shapes (``torch.compile(dynamic=True)``) would give one graph for all lengths, but flex in torch 2.11
-specialises sequence lengths in its block-mask checks (a fix landed upstream later, pytorch/pytorch#189952) and the
-q_len < 128 branch would still split graphs; static buckets give the same kernels as exact shapes and need no guard
-analysis.
+Static buckets rather than ``dynamic=True``: flex in torch 2.11 specialises sequence lengths in its block-mask checks.
 """
 
 from __future__ import annotations

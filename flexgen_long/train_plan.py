@@ -136,8 +136,8 @@ class ModelShape:
         a, mlp = attn[0], layers[0].mlp
         return cls(num_layers=len(layers), dim=a.embed_dim, ffn_dim=mlp.w1.weight.shape[0],
                    vocab=model.tok_embeddings.num_embeddings, num_heads=a.num_heads, num_kv_heads=a.num_kv_heads,
-                   head_dim=a.head_dim, full_layers=tuple(i for i, x in enumerate(attn) if isinstance(x.pattern, Full)),
-                   sparse=tuple(dict.fromkeys(repr(x.pattern) for x in attn if not isinstance(x.pattern, Full))),
+                   head_dim=a.head_dim, full_layers=tuple(i for i, x in enumerate(attn) if x.pattern.is_full),
+                   sparse=tuple(dict.fromkeys(repr(x.pattern) for x in attn if not x.pattern.is_full)),
                    params=tuple(units),
                    buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()))
 

@@ -54,9 +54,10 @@ from torchtune import config, utils
 
 from flexgen_long import checkpoint_io, hf
 from flexgen_long import recipe_config as rc
-from flexgen_long.cache import ModelCache
+from flexgen_long.engine import Engine
 from flexgen_long.data import PYTHON_STDLIB_PACKAGES, SYNTHETIC_TASKS, joined_documents, read_text_file, text_files
-from flexgen_long.generation import generate, prefill
+from flexgen_long.generation import generate
+from flexgen_long.policy import Policy
 from flexgen_long.models import relayout
 from flexgen_long.patterns import AttnSink, Full
 
@@ -146,7 +147,7 @@ def build_model(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> tu
 
 def layout_summary(model: nn.Module) -> dict:
     patterns = [layer.attn.pattern for layer in model.layers]
-    return {"num_layers": len(patterns), "full_layers": [i for i, p in enumerate(patterns) if isinstance(p, Full)],
+    return {"num_layers": len(patterns), "full_layers": [i for i, p in enumerate(patterns) if p.is_full],
             "patterns": [repr(p) for p in patterns]}
 
 
@@ -188,7 +189,7 @@ def greedy_answers(model: nn.Module, prefill_chunk: int | None = None) -> Answer
     No CUDA graphs: an answer is a handful of tokens, fewer than a graph capture's warm-up costs."""
     def answer(prompts, max_new_tokens):
         outs = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
-                        prefill_chunk=prefill_chunk, cuda_graph=False)
+                        policy=Policy(prefill_chunk=prefill_chunk, cuda_graphs=False))
         return [o.tokens for o in outs]
     return answer
 
@@ -267,10 +268,10 @@ def heldout_documents(tokenizer, source: str, min_tokens: int, n: int, seed: int
 @torch.inference_mode()
 def sequence_nll(model: nn.Module, tokens: list[int], prefill_chunk: int | None = None) -> torch.Tensor:
     """NLL [n-1] of tokens[1:] given their prefix, through the model's cached prefill (generation's code path)."""
-    param = next(model.parameters())
-    x = torch.tensor(tokens, device=param.device)
-    cache = ModelCache(model, 1, len(tokens), param.dtype, param.device)
-    logits = prefill(model, cache, x, row=0, chunk=prefill_chunk, all_logits=True)
+    engine = Engine(model, Policy(prefill_chunk=prefill_chunk, compile_prefill=False))
+    engine.reserve(1, len(tokens))
+    x = torch.tensor(tokens, device=engine.device)
+    logits = engine.prefill(x, row=0, all_logits=True)
     return F.cross_entropy(logits[:-1].float(), x[1:], reduction="none")
 
 

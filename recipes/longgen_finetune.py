@@ -55,7 +55,6 @@ from flexgen_long import train_plan
 from flexgen_long.data import CROSS_ENTROPY_IGNORE_INDEX
 from flexgen_long.losses import ChunkedLinearCrossEntropy
 from flexgen_long.models import builder_config
-from flexgen_long.patterns import AttnSink, BlockSparse, Full
 
 log = utils.get_logger("INFO")
 
@@ -163,22 +162,20 @@ def validate_model(model: nn.Module, cfg: DictConfig) -> None:
         _fail("seq_len", f"{seq_len} exceeds model.max_seq_len={model.max_seq_len}, the length the model's RoPE is "
                          "set up for; raise model.max_seq_len (and model.rope_base for length extension) or lower "
                          "seq_len")
+    last = torch.tensor([seq_len - 1])
     for i, layer in enumerate(model.layers):
-        p = getattr(layer.attn, "pattern", Full())
-        if isinstance(p, AttnSink) and p.sink + p.window >= seq_len:
-            _fail("model.sparse_pattern", f"AttnSink(sink={p.sink}, window={p.window}) of layer {i} sees every key "
-                                          f"of a seq_len={seq_len} sequence (sink + window >= seq_len): the layer "
-                                          "would be full attention; lower the window, or use model.full_layers=all "
-                                          "for a full-attention model")
-        if isinstance(p, BlockSparse):
-            if seq_len % p.block:
-                _fail("model.sparse_pattern", f"BlockSparse.block={p.block} of layer {i} must divide "
-                                              f"seq_len={seq_len} (the pattern is laid out in whole blocks)")
-            if p.local_blocks * p.block >= seq_len or p.vertical_stride == 1:
-                _fail("model.sparse_pattern", f"BlockSparse(block={p.block}, local_blocks={p.local_blocks}, "
-                                              f"vertical_stride={p.vertical_stride}) of layer {i} sees every key of "
-                                              f"a seq_len={seq_len} sequence: need local_blocks * block < seq_len "
-                                              "and vertical_stride > 1")
+        p = layer.attn.pattern.bind_heads(layer.attn.num_kv_heads)
+        if p.is_full:
+            continue
+        if all(int(p.row_count(last, h)) == seq_len for h in range(layer.attn.num_kv_heads)):
+            _fail("model.sparse_pattern", f"{p!r} of layer {i} sees every key of a seq_len={seq_len} sequence: the "
+                                          "layer would be full attention; make the pattern sparser (a smaller "
+                                          "window or fewer local blocks), or use model.full_layers=all for a "
+                                          "full-attention model")
+        block = getattr(p, "block", None)  # a pattern laid out in whole blocks (BlockSparse)
+        if block is not None and seq_len % block:
+            _fail("model.sparse_pattern", f"{p!r} of layer {i}: its block={block} must divide seq_len={seq_len} "
+                                          "(the pattern is laid out in whole blocks)")
     base = rc.get(cfg, "checkpoint.base_dir", None)
     if base is not None:  # the base checkpoint's sizes (its config.json) against the model's, before any weights
         try:
@@ -366,10 +363,8 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
             training.validate_no_params_on_meta_device(model)
         if self._is_rank_zero:
             n = sum(p.numel() for p in model.parameters()) * (self._world_size if self._world_size > 1 else 1)
-            full = [i for i, layer in enumerate(model.layers) if isinstance(getattr(layer.attn, "pattern", Full()),
-                                                                             Full)]
-            sparse = {repr(layer.attn.pattern) for layer in model.layers if hasattr(layer.attn, "pattern")
-                      and not isinstance(layer.attn.pattern, Full)}
+            full = [i for i, layer in enumerate(model.layers) if layer.attn.pattern.is_full]
+            sparse = {repr(layer.attn.pattern) for layer in model.layers if not layer.attn.pattern.is_full}
             log.info(f"Model: {n / 1e6:.2f}M parameters, {len(model.layers)} layers, full attention in {full}, "
                      f"sparse: {', '.join(sorted(sparse)) or 'none'}; {self._dtype}, {self._device}, world size "
                      f"{self._world_size}" + (f", from {self._base_dir}" if self._base_dir else ", random init"))

@@ -34,6 +34,7 @@ from flexgen_long import recipe_config as rc
 from flexgen_long.cache import plan_cache
 from flexgen_long.generation import batch_decode_s, batch_tokens_per_s, generate
 from flexgen_long.models import fuse_projections
+from flexgen_long.policy import Policy
 
 log = utils.get_logger("INFO")
 
@@ -116,8 +117,8 @@ def generate_text(cfg: DictConfig) -> None:
                     top_k=cfg.get("top_k"), top_p=cfg.get("top_p"),
                     stop_tokens=(getattr(tokenizer, "stop_tokens", None) or [tokenizer.eos_id])
                     if cfg.get("stop_on_eos", True) else None,
-                    prefill_chunk=prefill_chunk_field(cfg), on_token=on_token,
-                    compile_decode=compiled, compile_prefill=compiled)
+                    on_token=on_token, policy=Policy(prefill_chunk=prefill_chunk_field(cfg),
+                                                     compile_decode=compiled, compile_prefill=compiled))
     for i, (p, o) in enumerate(zip(cfg.prompts, outs)):
         print(f"\n=== [{i}] {p}{tokenizer.decode(o.tokens)}", flush=True)
     log.info(speed_report(outs))

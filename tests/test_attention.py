@@ -10,11 +10,13 @@ from torch.nn.attention.flex_attention import BlockMask
 from torchtune.modules import RotaryPositionalEmbeddings
 
 import reference as ref
-from flexgen_long.attention import (CPU_DENSE_MAX_LEN, FLEX_EAGER_MAX_LEN, FlexNotCompiledError, HybridAttention,
-                                    KVCacheStep, MaskSet, flex_attend, positions_in_documents)
+from flexgen_long.attention import (FLEX_EAGER_MAX_LEN, KERNELS, FlexNotCompiledError, HybridAttention, KVStep,
+                                    MaskSet, flex_attend, positions_in_documents)
 from flexgen_long.cache import LayerCache
 from flexgen_long.masks import build_block_mask
 from flexgen_long.patterns import AttnSink, BlockSparse, Full
+from flexgen_long.policy import Policy
+from flexgen_long.routes import route
 
 # eager flex on purpose (tiny shapes; the guard allows it up to FLEX_EAGER_MAX_LEN)
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -79,10 +81,12 @@ def test_dispatch_picks_the_kernel(monkeypatch):
     q, k = torch.randn(1, H, 40, D), torch.randn(1, HKV, 40, D)
     sink = AttnSink(sink=2, window=5)
     doc = torch.tensor([[0] * 20 + [1] * 20])
-    unpacked = MaskSet([Full(), sink], 40, num_heads=H, num_kv_heads=HKV, device="cpu")
-    packed = MaskSet([Full(), sink], 40, num_heads=H, num_kv_heads=HKV, device="cpu", doc_ids=doc)
+    unpacked = MaskSet([Full(), sink, sink], 40, num_heads=H, num_kv_heads=HKV, device="cpu", kind="block")
+    packed = MaskSet([Full(), sink], 40, num_heads=H, num_kv_heads=HKV, device="cpu", doc_ids=doc, kind="block")
     dense = MaskSet([Full(), sink], 40, num_heads=H, num_kv_heads=HKV, device="cpu", kind="dense")
-    assert list(unpacked.masks) == [sink] and list(packed.masks) == [Full(), sink]  # one mask per distinct pattern
+    assert list(unpacked.routes) == [Full(), sink]  # one route and mask per distinct pattern
+    assert [r.kernel for r, _ in unpacked.routes.values()] == ["sdpa_causal", "flex"]
+    assert [r.kernel for r, _ in packed.routes.values()] == ["flex", "flex"]  # documents: a mask even when full
     make_attn(Full()).attend(q, k, k, unpacked)
     make_attn(sink).attend(q, k, k, unpacked)
     make_attn(Full()).attend(q, k, k, packed)
@@ -93,14 +97,18 @@ def test_dispatch_picks_the_kernel(monkeypatch):
     assert calls[3][0] == "sdpa" and calls[3][2] is dense[sink] and calls[3][2].dtype == torch.bool
 
 
-def test_mask_kind_for_device_grad_and_length():
-    assert MaskSet.kind_for("cpu", True) == "dense"
-    assert MaskSet.kind_for("cpu", False) == "block"
-    assert MaskSet.kind_for("cpu", True, 100_000) == "dense"  # no flex backward on CPU
-    assert MaskSet.kind_for("cpu", False, CPU_DENSE_MAX_LEN) == "dense"  # cheaper than compiling on CPU
-    assert MaskSet.kind_for("cpu", False, CPU_DENSE_MAX_LEN + 1) == "block"
-    assert MaskSet.kind_for("cuda", True) == "block"
-    assert MaskSet.kind_for("cuda", False, 5) == "block"
+def test_mask_set_takes_the_route_tables_kernel_per_device_grad_and_length():
+    """The MaskSet builds the mask its route needs: dense bool on a CPU with a gradient (no flex backward there) or up
+    to the policy's dense_mask_max_len, a BlockMask (flex) otherwise, none for a full layer's causal SDPA; a policy
+    moves the threshold."""
+    sink = AttnSink(2, 5)
+    kind = lambda S, **kw: type(MaskSet([sink], S, num_heads=H, num_kv_heads=HKV, device="cpu", **kw)[sink])  # noqa
+    limit = Policy().on("cpu").dense_mask_max_len
+    assert limit == 2048 and Policy().on("cuda").dense_mask_max_len == 0
+    assert kind(40) is torch.Tensor and kind(40, grad=True) is torch.Tensor
+    assert kind(limit + 1, grad=True) is torch.Tensor  # no flex backward on a CPU
+    assert kind(40, policy=Policy(dense_mask_max_len=16)) is BlockMask
+    assert MaskSet([Full()], 40, num_heads=H, num_kv_heads=HKV, device="cpu")[Full()] is None  # SDPA is_causal
 
 
 def test_guard_refuses_long_uncompiled_flex():
@@ -163,9 +171,12 @@ def test_sparse_later_chunk_flex_equals_masked_sdpa(pattern, heads, kv_heads):
                                 torch.randn(1, kv_heads, m, D, generator=g), s)
         # q / k / v as the layer makes them: transposed views of [1, C, heads, D]
         q, k, v = (torch.randn(1, C, h, D, generator=g).transpose(1, 2) for h in (heads, kv_heads, kv_heads))
-        step = KVCacheStep({attn: cache}, "prefill", row=0, offset=o, chunk=chunk)
+        step = KVStep({attn: cache}, "later", Policy().on("cpu"), row=0, offset=o, chunk=chunk)
         with torch.no_grad(), torch.compiler.set_stance("force_eager"):
-            got = attn._chunk_over_slots_flex(q, k, v, cache, step)
-        want = attn._chunk_over_slots_sdpa(q, k, v, cache, 0, o)
+            flex_route = route(cache.pattern, "later", device="cpu", policy=Policy(chunk_flex=True).on("cpu"),
+                               q_len=C, offset=o, chunk=chunk, slots=cache.slots, heads=(heads, kv_heads, D))
+            got = KERNELS["flex_over_slots"](attn, q, k, v, step, flex_route)
+        want = KERNELS["sdpa_over_slots"](attn, q, k, v, step, step.route(attn, C, 4))
+        assert step.route(attn, C, 4).kernel == "sdpa_over_slots" and flex_route.kernel == "flex_over_slots"
         assert got.shape == want.shape == (1, heads, C, D)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=f"o={o} C={C}")

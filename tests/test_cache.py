@@ -4,8 +4,8 @@ the memory plan against what is allocated, and the fail-before-allocation check.
 import pytest
 import torch
 
-from flexgen_long.cache import (PREFILL_SLACK_BYTES, LayerCache, ModelCache, cache_slots, check_fits,
-                                choose_prefill_chunk, plan_cache, prefill_activation_bytes)
+from flexgen_long.cache import (PREFILL_SLACK_BYTES, LayerCache, ModelCache, check_fits, choose_prefill_chunk,
+                                plan_cache, prefill_activation_bytes)
 from flexgen_long.models import longgen_llama, longgen_llama2_7b, longgen_llama3_1_8b, longgen_tiny
 from flexgen_long.patterns import AttnSink, BlockSparse, Full
 
@@ -27,7 +27,7 @@ def test_slots_hold_every_needed_key(pattern, chunk):
     with its own K/V (each key's values encode its position), however often the ring wrapped or blocks were dropped."""
     H, D, max_len = 2, 4, 150
     c = LayerCache(pattern, 1, H, D, max_len, torch.float32, "cpu")
-    assert c.slots == cache_slots(pattern.bind_heads(H), max_len)
+    assert c.slots == pattern.bind_heads(H).cache_slots(max_len)
     kv = torch.arange(max_len, dtype=torch.float32).view(1, 1, -1, 1).expand(1, H, max_len, D) \
         + 1000 * torch.arange(H).view(1, H, 1, 1)
     n = 0
@@ -133,15 +133,16 @@ def test_prefill_activation_estimate_bounds_the_measured_peak(name, prompt_len, 
     """The estimate (before its fixed slack) is at least the CPU allocator's peak during a real prefill, whole or in
     chunks, full and sparse layers (dense masks, later chunks over cached slots, lower-right full chunks), and not
     absurdly above it."""
-    from flexgen_long.generation import prefill
+    from flexgen_long.engine import Engine
+    from flexgen_long.policy import Policy
     torch.manual_seed(0)
     model = {"tiny": lambda: longgen_tiny(vocab_size=259),
              "gqa": lambda: longgen_llama(300, 3, 8, 2, 128, 352, 4096, sparse_pattern=BlockSparse(64, 2, 4, True)),
              "mha": lambda: longgen_llama(300, 3, 4, 4, 64, 200, 4096, sparse_pattern=AttnSink(16, 240))}[name]()
-    cache = ModelCache(model.eval(), 1, prompt_len + 8, torch.float32, "cpu")
+    engine = Engine(model.eval(), Policy(prefill_chunk=chunk))
+    engine.reserve(1, prompt_len + 8)
     prompt = torch.randint(0, 259, (prompt_len,))
-    with torch.inference_mode():
-        measured = _cpu_peak_bytes(lambda: prefill(model, cache, prompt, 0, chunk))
+    measured = _cpu_peak_bytes(lambda: engine.prefill(prompt, 0))
     est = prefill_activation_bytes(model, chunk or prompt_len, torch.float32, prompt_len, prompt_len + 8, "cpu")
     assert measured <= est - PREFILL_SLACK_BYTES <= 6 * measured
 
@@ -192,7 +193,7 @@ def test_cached_block_mask_equals_the_slots_token_rule(pattern, heads, kv_heads)
     """build_cached_block_mask expanded to tokens (full blocks all visible, partial ones through its mask_mod) equals
     LayerCache.visible on the [slots ; chunk] layout for every real query; no visible pair lies in a block it omits,
     no full block holds an invisible pair, padding query blocks list nothing, and full blocks do occur (on the chunk's
-    own keys and on slot blocks). The slots past used_slots(o) are empty, so the prefix is all a chunk needs."""
+    own keys and on slot blocks). The slots past cache_slots(o) are empty, so the prefix is all a chunk needs."""
     from torch.nn.attention.flex_attention import _transpose_ordered
     from torch.nn.functional import pad
 
@@ -202,7 +203,7 @@ def test_cached_block_mask_equals_the_slots_token_rule(pattern, heads, kv_heads)
     fulls = [0, 0]  # full blocks on slots, on the chunk's keys
     for o, C in CHUNK_GEOMETRY:
         c = _filled(pattern, kv_heads, o, C, o + C + 40)
-        n = c.used_slots(o)
+        n = c.pattern.cache_slots(o)  # the slots positions 0..o-1 can occupy: a prefix of the layout
         assert n <= c.slots and (c.pos[0, :, n:] == -1).all()
         for bs, padded in [(16, None), (32, None), (16, (-(-n // 16) * 16 + 32, 128))]:
             bm = build_cached_block_mask(pattern, c.pos[0, :, :n], C, q_offset=o, num_heads=heads,
@@ -250,8 +251,6 @@ def test_cached_block_mask_bad_arguments():
         build_cached_block_mask(AttnSink(1, 4), pos, 17, q_offset=10, block_size=16, padded_lengths=(16, 16))
     with pytest.raises(ValueError, match="q_offset"):
         build_cached_block_mask(AttnSink(1, 4), pos, 5, q_offset=-1)
-    with pytest.raises(ValueError, match="end must be"):
-        LayerCache(AttnSink(1, 4), 1, 1, 2, 50, torch.float32, "cpu").used_slots(51)
 
 
 def test_serving_capacity_is_the_largest_batch_that_fits():

@@ -1,16 +1,22 @@
-"""flexgen_long.generation against the no-cache oracle: the hybrid model's own full forward ``model(tokens)`` (same
-sparse masks, dense-mask SDPA on CPU) -- teacher-forced logits through the caches, greedy tokens vs greedy by full
-recompute, chunked vs unchunked prefill, batches of mixed lengths vs each prompt alone."""
+"""flexgen_long.engine and flexgen_long.generation against the no-cache oracle: the hybrid model's own full forward
+``model(tokens)`` (same sparse masks, dense-mask SDPA on CPU) -- teacher-forced logits through the caches, greedy
+tokens vs greedy by full recompute, chunked vs unchunked prefill, batches of mixed lengths vs each prompt alone; and
+the policy's compiled paths against the eager ones (traced by dynamo with a graph-counting backend: Inductor takes
+minutes on a 2-core CPU; the GPU suite runs Inductor)."""
+
+import time
 
 import pytest
 import torch
 
 from flexgen_long import generation
-from flexgen_long.cache import ModelCache, plan_cache, prefill_activation_bytes
-from flexgen_long.generation import (batch_decode_s, batch_tokens_per_s, decode_step, exact_layers, generate, prefill,
-                                     sample, warmup)
+from flexgen_long.cache import plan_cache, prefill_activation_bytes
+from flexgen_long.engine import Engine
+from flexgen_long.generation import batch_decode_s, batch_tokens_per_s, generate, sample
 from flexgen_long.models import longgen_llama, longgen_tiny
 from flexgen_long.patterns import AttnSink, BlockSparse
+from flexgen_long.policy import Policy
+from flexgen_long.shapes import compiled_graphs
 
 # (pattern, num_kv_heads): windows small enough that 150-token sequences wrap rings ~14x and drop many stride blocks
 CASES = [(AttnSink(3, 10), 4), (AttnSink(3, 10), 2), (AttnSink(0, 7), 1),
@@ -29,6 +35,12 @@ def _oracle(model, toks):
         return model(toks).detach()
 
 
+def _positional_flex_graphs() -> int:
+    """Compiled-function keys of sparse layers' later chunks (their mask key starts with "positional")."""
+    return sum(1 for g in compiled_graphs("_flex") if any(isinstance(x, tuple) and x[:1] == ("positional",)
+                                                            for x in g.key[2]))
+
+
 @pytest.mark.parametrize("pattern, kv_heads", CASES, ids=IDS)
 def test_teacher_forced_logits_equal_full_forward(pattern, kv_heads):
     """Batch of 3 prompts of mixed lengths (prefilled in chunks), then teacher-forced decode of the rest together;
@@ -38,16 +50,16 @@ def test_teacher_forced_logits_equal_full_forward(pattern, kv_heads):
     toks = torch.randint(0, 97, (B, S))
     ref = _oracle(model, toks)
     lens = [37, 5, 64]
-    with torch.no_grad():
-        cache = ModelCache(model, B, S, torch.float32, "cpu")
-        got = [[prefill(model, cache, toks[b, :n], b, chunk=11, all_logits=True)] for b, n in enumerate(lens)]
-        pos = torch.tensor(lens)
-        for t in range(S - max(lens)):
-            logits = decode_step(model, cache, toks[torch.arange(B), pos], pos,
-                                 exact_layers(model, cache, int(pos.min()), int(pos.max())))
-            for b in range(B):
-                got[b].append(logits[b:b + 1])
-            pos = pos + 1
+    engine = Engine(model, Policy(prefill_chunk=11))
+    engine.reserve(B, S)
+    got = [[engine.prefill(toks[b, :n], b, all_logits=True)] for b, n in enumerate(lens)]
+    pos = torch.tensor(lens)
+    for t in range(S - max(lens)):
+        logits = engine.step(toks[torch.arange(B), pos])
+        for b in range(B):
+            got[b].append(logits[b:b + 1])
+        pos = pos + 1
+    assert engine.lengths == [n + S - max(lens) for n in lens]
     for b, n in enumerate(lens):
         g = torch.cat(got[b])
         torch.testing.assert_close(g, ref[b, :g.shape[0]], atol=2e-5, rtol=1e-4)
@@ -57,14 +69,14 @@ def test_teacher_forced_logits_equal_full_forward(pattern, kv_heads):
 def test_chunked_prefill_equals_unchunked(pattern, kv_heads):
     model = _model(pattern, kv_heads)
     prompt = torch.randint(0, 97, (140,))
-    with torch.no_grad():
-        outs = []
-        for chunk in (None, 1, 16, 33):
-            cache = ModelCache(model, 1, 160, torch.float32, "cpu")
-            logits = prefill(model, cache, prompt, 0, chunk, all_logits=True)
-            # what the next query (position 140) may see; stale slots (never read) may differ between chunkings
-            live = [(c.visible(torch.tensor([[140]]), c.pos)[:, :, 0], c) for c in cache.layers.values()]
-            outs.append((logits, [(torch.where(m[..., None], c.k, 0), torch.where(m, c.pos, -1)) for m, c in live]))
+    outs = []
+    for chunk in (None, 1, 16, 33):
+        engine = Engine(model, Policy(prefill_chunk=chunk))
+        engine.reserve(1, 160)
+        logits = engine.prefill(prompt, 0, all_logits=True)
+        # what the next query (position 140) may see; stale slots (never read) may differ between chunkings
+        live = [(c.visible(torch.tensor([[140]]), c.pos)[:, :, 0], c) for c in engine.cache.layers.values()]
+        outs.append((logits, [(torch.where(m[..., None], c.k, 0), torch.where(m, c.pos, -1)) for m, c in live]))
     for logits, layers in outs[1:]:
         torch.testing.assert_close(logits, outs[0][0], atol=2e-5, rtol=1e-4)
         for (k, p), (k0, p0) in zip(layers, outs[0][1]):
@@ -74,57 +86,44 @@ def test_chunked_prefill_equals_unchunked(pattern, kv_heads):
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("pattern, kv_heads", CASES[1:], ids=IDS[1:])  # MQA, GQA and MHA; AttnSink MHA: test_attention
-def test_chunked_prefill_by_flex_equals_full_forward(pattern, kv_heads, monkeypatch):
-    """The sparse layers' later chunks by the GPU path (flex over [used slots ; chunk] with a positional mask_mod,
-    padded to buckets; run here eagerly, as the CPU default does not take it): every chunked prefill's logits equal
-    the no-cache forward's, over prompts of several lengths and caches of several sizes, and every call has one
-    compiled-graph key -- one chunk bucket (11 and 37 both pad to 128), whatever the offset, the prompt length or
-    the cache's max_len."""
-    import flexgen_long.attention as A
-    from flexgen_long.shapes import flex_graph_key, pad_seq
-
-    monkeypatch.setattr(A, "_CHUNK_FLEX_DEVICES", frozenset({"cuda", "cpu"}))
-    keys, calls, real = set(), [], A.flex_attend
-
-    def spy(q, k, v, bm):
-        keys.add(flex_graph_key(pad_seq(q, bm.seq_lengths[0]), k, v, bm))
-        calls.append(q.shape[2])
-        return real(q, k, v, bm)
-
-    monkeypatch.setattr(A, "flex_attend", spy)
+def test_chunked_prefill_by_flex_equals_full_forward(pattern, kv_heads):
+    """Later chunks by the GPU's routes (``Policy(chunk_flex=True)``: flex over the full buffer, and over [used slots ;
+    chunk] with a positional mask_mod, padded to buckets; run here eagerly): every chunked prefill's logits equal the
+    no-cache forward's, over prompts of several lengths and caches of several sizes, and the sparse later chunks make
+    one compiled-function key -- one chunk bucket (11 and 37 both pad to 128), whatever the offset, the prompt length
+    or the cache's max_len."""
     model = _model(pattern, kv_heads)
     toks = torch.randint(0, 97, (1, 150))
     ref = _oracle(model, toks)[0]
-    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+    before = _positional_flex_graphs()
+    with torch.compiler.set_stance("force_eager"):
         for n, chunk, extra in [(150, 11, 0), (150, 37, 7), (96, 37, 50), (61, 11, 3)]:
-            cache = ModelCache(model, 1, n + extra, torch.float32, "cpu")
-            got = prefill(model, cache, toks[0, :n], 0, chunk, all_logits=True)
+            engine = Engine(model, Policy(prefill_chunk=chunk, chunk_flex=True))
+            engine.reserve(1, n + extra)
+            got = engine.prefill(toks[0, :n], 0, all_logits=True)
             torch.testing.assert_close(got, ref[:n], atol=2e-5, rtol=1e-4, msg=f"n={n} chunk={chunk}")
-    assert calls and len(keys) == 1
+    new = _positional_flex_graphs() - before
+    assert new <= 1 and (new == 1 or pattern == AttnSink(3, 10) and kv_heads == 2)  # earlier cases may have made it
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-def test_warmup_covers_the_sparse_later_chunk_keys(monkeypatch):
-    """warmup(max_prompt_len, chunk) makes every compiled-function key that chunked prompts of up to that length then
-    need for the sparse layers' later chunks, whatever max_new_tokens sizes their caches (the GPU path forced on CPU,
-    compilation off: the keys are made as on a GPU, nothing is compiled; warmup and generate prefill under
-    inference_mode, these prompts under no_grad: the same keys)."""
-    import flexgen_long.attention as A
-    from flexgen_long.generation import warmup
-    from flexgen_long.shapes import compiled_graphs
-
-    monkeypatch.setattr(A, "_CHUNK_FLEX_DEVICES", frozenset({"cuda", "cpu"}))
+def test_warmup_covers_the_sparse_later_chunk_keys():
+    """Engine.warmup(max_prompt_len) makes every compiled-function key that chunked prompts of up to that length then
+    need for the sparse layers' later chunks, whatever max_new_tokens sizes their caches (the GPU routes forced on
+    CPU, compilation off: the keys are made as on a GPU, nothing is compiled)."""
     model = _model(BlockSparse(32, 2, 2, per_head=True), 2)  # slots in use grow with the offset: 2 slot buckets
+    policy = Policy(prefill_chunk=50, chunk_flex=True)
     g = torch.Generator().manual_seed(3)
     with torch.compiler.set_stance("force_eager"):
         before = len(compiled_graphs("_flex"))
-        warmup(model, 300, 50)
+        w = Engine(model, policy).warmup(300)
         warmed = len(compiled_graphs("_flex"))
         for n in sorted(torch.randint(51, 301, (8,), generator=g).tolist()) + [300]:
-            cache = ModelCache(model, 1, n + n % 50, torch.float32, "cpu")  # as generate sizes it: + max_new_tokens
-            with torch.no_grad():
-                prefill(model, cache, torch.randint(0, 97, (n,), generator=g), 0, 50)
+            engine = Engine(model, policy)
+            engine.reserve(1, n + n % 50)  # as generate sizes it: + max_new_tokens
+            engine.prefill(torch.randint(0, 97, (n,), generator=g), 0)
     assert warmed - before >= 2 and len(compiled_graphs("_flex")) == warmed
+    assert {k for k, _, _ in w["graphs"]} == {"flex_over_slots", "flex_full_chunk"} and w["prefill_chunk"] == 50
 
 
 def _greedy_by_recompute(model, prompt, n):
@@ -143,7 +142,8 @@ def test_greedy_equals_full_recompute_and_batch_equals_alone(pattern, kv_heads):
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (30, 3, 55)]
     streamed = []
-    outs = generate(model, prompts, max_new_tokens=40, prefill_chunk=16, on_token=lambda b, t: streamed.append((b, t)))
+    outs = generate(model, prompts, max_new_tokens=40, policy=Policy(prefill_chunk=16),
+                    on_token=lambda b, t: streamed.append((b, t)))
     for b, p in enumerate(prompts):
         assert outs[b].tokens == _greedy_by_recompute(model, p, 40)
         assert outs[b].prompt_len == len(p) and outs[b].tokens_per_s > 0
@@ -175,17 +175,14 @@ def _early_stop_case(model, n=30):
     pytest.skip("no token of row 0 is absent from row 1 (random weights)")
 
 
-def _count_decode_steps(monkeypatch) -> list[int]:
-    """Wrap generation.decode_step so that ``steps[0]`` counts the decode steps run (the list returned)."""
-    steps = [0]
-    real_step = generation.decode_step
+class _CountingEngine(Engine):
+    """An Engine that counts its decode steps."""
 
-    def counted(*args, **kwargs):
-        steps[0] += 1
-        return real_step(*args, **kwargs)
+    steps = 0
 
-    monkeypatch.setattr(generation, "decode_step", counted)
-    return steps
+    def step(self, tokens):
+        self.steps += 1
+        return super().step(tokens)
 
 
 def test_per_row_decode_time_counts_its_own_steps(monkeypatch):
@@ -195,9 +192,10 @@ def test_per_row_decode_time_counts_its_own_steps(monkeypatch):
     model = longgen_tiny(vocab_size=50)
     n = 30
     prompts, full, k = _early_stop_case(model, n)
-    steps = _count_decode_steps(monkeypatch)
-    monkeypatch.setattr(generation, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: float(steps[0]))}))
-    outs = generate(model, prompts, max_new_tokens=n, stop_tokens=[full[0][k]], cuda_graph=False)
+    engine = _CountingEngine(model)
+    monkeypatch.setattr(generation, "time",
+                        type("Clock", (), {"perf_counter": staticmethod(lambda: float(engine.steps))}))
+    outs = generate(engine, prompts, max_new_tokens=n, stop_tokens=[full[0][k]])
     assert outs[0].tokens == full[0][:k + 1] and outs[1].tokens == full[1]
     assert (outs[0].decode_s, outs[1].decode_s) == (k, n - 1)
     assert outs[0].tokens_per_s == outs[1].tokens_per_s == 1.0
@@ -227,41 +225,42 @@ def test_auto_prefill_chunk_from_the_memory_plan(monkeypatch):
     """prefill_chunk='auto' (the default): whole prompts when memory is ample; with little free memory left after the
     caches, the largest multiple of 128 whose activations fit -- and the same tokens as whole-prompt prefill; a
     MemoryError naming the numbers when not even 128 tokens fit, or when the caches alone do not."""
+    from flexgen_long import engine as engine_module
     model = longgen_tiny(vocab_size=259)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 259, (n,), generator=g).tolist() for n in (1000, 300)]
     new = 8
-    whole = generate(model, prompts, max_new_tokens=new, prefill_chunk=None)
+    whole = generate(model, prompts, max_new_tokens=new, policy=Policy(prefill_chunk=None))
     assert generate(model, prompts, max_new_tokens=new)[0].prefill_chunk is None  # ample memory: whole prompts
     plan = plan_cache(model, 2, 1000 + new, torch.float32)
     act = {c: prefill_activation_bytes(model, c, torch.float32, 1000, 1000 + new, "cpu") for c in (128, 256, 384)}
     assert act[128] < act[256] < act[384] < prefill_activation_bytes(model, 1000, torch.float32, 1000 + new)
-    monkeypatch.setattr(generation, "free_memory_bytes", lambda device: plan.total_bytes + (act[256] + act[384]) // 2)
+    monkeypatch.setattr(engine_module, "free_memory_bytes", lambda d: plan.total_bytes + (act[256] + act[384]) // 2)
     auto = generate(model, prompts, max_new_tokens=new)
     assert [o.prefill_chunk for o in auto] == [256, 256]
     assert [o.tokens for o in auto] == [o.tokens for o in whole]
-    monkeypatch.setattr(generation, "free_memory_bytes", lambda device: plan.total_bytes + act[128] - 1)
+    monkeypatch.setattr(engine_module, "free_memory_bytes", lambda device: plan.total_bytes + act[128] - 1)
     with pytest.raises(MemoryError, match=r"1000-token prompt does not fit: .* in chunks of 128 tokens, but only "
                                           rf"{act[128] - 1} bytes .* are free after the KV caches"):
         generate(model, prompts, max_new_tokens=new)
-    monkeypatch.setattr(generation, "free_memory_bytes", lambda device: plan.total_bytes - 1)
+    monkeypatch.setattr(engine_module, "free_memory_bytes", lambda device: plan.total_bytes - 1)
     with pytest.raises(MemoryError, match=rf"KV caches need {plan.total_bytes} bytes"):
         generate(model, prompts, max_new_tokens=new)
 
 
 def test_warmup_auto_resolves_the_chunk_generate_would_choose(monkeypatch):
-    """warmup(prefill_chunk='auto') warms the chunk that generate()'s default picks for one prompt of max_prompt_len
-    tokens (None with ample memory, the memory plan's chunk when tight) and says which; bad values name the field."""
-    from flexgen_long.generation import warmup
+    """warmup with prefill_chunk='auto' warms the chunk that generate()'s default picks for one prompt of
+    max_prompt_len tokens (None with ample memory, the memory plan's chunk when tight) and says which."""
+    from flexgen_long import engine as engine_module
     model = longgen_tiny(vocab_size=259)
-    assert warmup(model, 1000, "auto")["prefill_chunk"] is None
+    assert Engine(model).warmup(1000)["prefill_chunk"] is None
     plan = plan_cache(model, 1, 1000, torch.float32)
     act = {c: prefill_activation_bytes(model, c, torch.float32, 1000, 1000, "cpu") for c in (256, 384)}
-    monkeypatch.setattr(generation, "free_memory_bytes", lambda device: plan.total_bytes + (act[256] + act[384]) // 2)
-    w = warmup(model, 1000, "auto")
+    monkeypatch.setattr(engine_module, "free_memory_bytes", lambda d: plan.total_bytes + (act[256] + act[384]) // 2)
+    w = Engine(model).warmup(1000)
     assert w["prefill_chunk"] == 256 and w["seconds"] > 0
-    with pytest.raises(ValueError, match="prefill_chunk must be 'auto'"):
-        warmup(model, 1000, "whole")
+    with pytest.raises(ValueError, match="max_prompt_len must be an int"):
+        Engine(model).warmup(0)
 
 
 def test_sample_filters():
@@ -274,15 +273,40 @@ def test_sample_filters():
 
 @pytest.mark.parametrize("kw, msg", [(dict(max_new_tokens=0), "max_new_tokens"), (dict(temperature=-1), "temperature"),
                                      (dict(top_k=0), "top_k"), (dict(top_p=1.5), "top_p"),
-                                     (dict(prefill_chunk=0), "prefill_chunk"), (dict(prompts=[[]]), r"prompts\[0\]"),
-                                     (dict(prefill_chunk="whole"), r"prefill_chunk must be 'auto' .*None .*int >= 1"),
-                                     (dict(prefill_chunk=True), "prefill_chunk"),
-                                     (dict(prompts=[[1, 999]]), "vocab_size"), (dict(max_new_tokens=5000), "max_seq_len")])
+                                     (dict(prompts=[[]]), r"prompts\[0\]"), (dict(prompts=[[1, 999]]), "vocab_size"),
+                                     (dict(max_new_tokens=5000), "max_seq_len"), (dict(policy="fast"), "policy must be")])
 def test_bad_arguments(kw, msg):
     model = longgen_tiny(vocab_size=50)
     args = dict(prompts=[[1, 2]], max_new_tokens=4) | kw
     with pytest.raises(ValueError, match=msg):
         generate(model, args.pop("prompts"), **args)
+    with pytest.raises(ValueError, match="not both"):
+        generate(Engine(model), [[1, 2]], max_new_tokens=4, policy=Policy())
+
+
+@pytest.mark.parametrize("kw, msg", [(dict(prefill_chunk=0), "prefill_chunk"), (dict(prefill_chunk=True), "prefill_chunk"),
+                                     (dict(prefill_chunk="whole"), r"prefill_chunk must be 'auto' .*None .*int >= 1"),
+                                     (dict(compile_decode="yes"), "compile_decode must be True, False or None"),
+                                     (dict(cuda_graphs=1), "cuda_graphs must be True, False or None"),
+                                     (dict(dense_mask_max_len=-1), "dense_mask_max_len"),
+                                     (dict(compile_backend=3), "compile_backend"),
+                                     (dict(compile_options=[1]), "compile_options")])
+def test_policy_refuses_bad_fields_naming_them(kw, msg):
+    with pytest.raises(ValueError, match=f"Policy.{msg}"):
+        Policy(**kw)
+
+
+def test_policy_defaults_follow_the_device():
+    """None fields resolve per device: compiled layers, CUDA graphs, look-ahead and flex later chunks on CUDA, none of
+    them on a CPU, where short sequences use dense masks; CUDA graphs are refused off CUDA; set fields are kept."""
+    cuda, cpu = Policy().on("cuda"), Policy().on("cpu")
+    for f in ("compile_prefill", "compile_decode", "cuda_graphs", "lookahead", "chunk_flex"):
+        assert getattr(cuda, f) is True and getattr(cpu, f) is False
+    assert (cuda.dense_mask_max_len, cpu.dense_mask_max_len) == (0, 2048)
+    assert Policy(compile_decode=True, prefill_chunk=64).on("cpu").compile_decode is True
+    assert Policy(compile_options={"b": 1, "a": 2}).compile_options == (("a", 2), ("b", 1))
+    with pytest.raises(ValueError, match="cuda_graphs=True needs a CUDA device"):
+        Engine(longgen_tiny(vocab_size=50), Policy(cuda_graphs=True))
 
 
 def test_generate_recipe_runs_as_typed_and_loads_a_checkpoint(tmp_path):
@@ -342,37 +366,6 @@ def test_generate_recipe_refuses_bad_config_naming_the_field(overrides, message)
         validate_config(OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides)))
 
 
-def test_graph_capture_is_reported_apart_from_decode_time(monkeypatch):
-    """generate() subtracts the decode-step object's capture time (CUDA-graph capture on a GPU) from each row's
-    decode_s and reports it as capture_s: simulated on CPU by a step that spends 0.3 s 'capturing' on its first call,
-    outside the step's own work."""
-    import time as _time
-    from flexgen_long.generation import decode_step
-
-    class FakeGraphed:
-        def __init__(self, model, cache, batch_size, device, compile=False):
-            self.model, self.cache, self.capture_s, self.kinds = model, cache, 0.0, set()
-            self.compile_s = 0.0
-
-        def __call__(self, tok, pos, exact):
-            out = decode_step(self.model, self.cache, tok, pos, exact)
-            if exact not in self.kinds:
-                self.kinds.add(exact)
-                _time.sleep(0.3)
-                self.capture_s += 0.3
-            return out
-
-    monkeypatch.setattr(generation, "_GraphedStep", FakeGraphed)
-    model = _model(AttnSink(4, 12), 2)
-    prompt = torch.randint(0, 97, (40,), generator=torch.Generator().manual_seed(5)).tolist()
-    t = _time.perf_counter()
-    graphed = generate(model, [prompt], max_new_tokens=6, cuda_graph=True)[0]
-    wall = _time.perf_counter() - t
-    plain = generate(model, [prompt], max_new_tokens=6, cuda_graph=False)[0]
-    assert graphed.tokens == plain.tokens and plain.capture_s == 0.0
-    assert graphed.capture_s >= 0.3 and 0 < graphed.decode_s < wall - graphed.prefill_s - 0.29
-
-
 class _GraphCounter:
     """A torch.compile backend that counts the graphs dynamo hands it and runs them as traced (no code generation:
     Inductor takes minutes on a 2-core CPU; the GPU suite runs the Inductor-compiled step)."""
@@ -380,183 +373,153 @@ class _GraphCounter:
     def __init__(self):
         self.graphs = []
 
-    def __call__(self, gm, example_inputs):
+    def __call__(self, gm, example_inputs, **kwargs):
         self.graphs.append([n.target for n in gm.graph.nodes if n.op == "call_function"])
+        self.options = kwargs.get("options")
         return gm.forward
 
 
 @pytest.mark.parametrize("pattern, kv_heads", [(AttnSink(3, 10), 2), (BlockSparse(16, 2, 3, per_head=True), 2)],
                          ids=["attnsink-gqa", "blocksparse-perhead"])
-def test_fused_decode_same_logits_tokens_and_bounded_graphs(pattern, kv_heads, monkeypatch):
-    """fused_decode_step (each layer's work around attention compiled, attention eager between the graphs) against
-    decode_step on twin caches: the same logits at every step of a mixed-length batch (rings filling, wrapping and
-    full, exact and masked steps), the same greedy tokens through generate(compile_decode=True), and the graph count
-    of its docstring: 4 graphs per set, whatever the depth -- one set for the first batch size, one for batch 1 (always
-    specialised), one with the batch dimension dynamic at the next size, none after, nor for other cache sizes or
-    prompt lengths."""
+def test_compiled_decode_same_logits_tokens_and_bounded_graphs(pattern, kv_heads):
+    """Policy(compile_decode=True) (each layer's work around attention compiled, attention eager between the graphs)
+    against the eager step on twin engines: the same logits at every step of a mixed-length batch (rings filling,
+    wrapping and full, exact and masked steps), the same greedy tokens through generate(), and 4 graphs per set
+    whatever the depth -- one set for the first batch size, one for batch 1 (always specialised), one with the batch
+    dimension dynamic at the next size, none after, nor for other cache sizes or prompt lengths."""
     torch._dynamo.reset()  # graphs compiled by other tests for other model shapes must not count here
     counter = _GraphCounter()
-    monkeypatch.setattr(generation, "COMPILE_BACKEND", counter)
+    compiled = Policy(compile_decode=True, compile_backend=counter)
     model = _model(pattern, kv_heads).eval()
     prompts = [torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (1, 23, 61)]
-    caches = [ModelCache(model, 3, 140, torch.float32, "cpu") for _ in range(2)]
-    worst = 0.0
-    with torch.inference_mode():  # as generate() runs (dynamo guards on the grad mode)
-        for cache in caches:
-            for row, p in enumerate(prompts):
-                prefill(model, cache, torch.tensor(p), row)
-        tok = torch.tensor([p[-1] for p in prompts])
-        pos = torch.tensor([len(p) for p in prompts])
-        for t in range(70):
-            lo, hi = int(pos.min()), int(pos.max())
-            exact = exact_layers(model, caches[0], lo, hi)
-            want = decode_step(model, caches[0], tok, pos, exact)
-            got = generation.fused_decode_step(model, caches[1], tok, pos, exact)
-            worst = max(worst, float((got - want).abs().max() / want.abs().max()))
-            tok, pos = want.argmax(-1), pos + 1
-    assert worst < 1e-6, f"fused vs eager decode logits: relative difference {worst:.2e}"
-    for c0, c1 in zip(caches[0].layers.values(), caches[1].layers.values()):  # the eager attention wrote the caches
+    engines = [Engine(model), Engine(model, compiled)]
+    for e in engines:
+        e.reserve(3, 140)
+        for row, p in enumerate(prompts):
+            e.prefill(torch.tensor(p), row)
+    tok, worst = torch.tensor([p[-1] for p in prompts]), 0.0
+    for t in range(70):
+        want, got = engines[0].step(tok), engines[1].step(tok)
+        worst = max(worst, float((got - want).abs().max() / want.abs().max()))
+        tok = want.argmax(-1)
+    assert worst < 1e-6, f"compiled vs eager decode logits: relative difference {worst:.2e}"
+    for c0, c1 in zip(engines[0].cache.layers.values(), engines[1].cache.layers.values()):  # eager attention wrote
         assert torch.equal(c0.pos, c1.pos) and torch.allclose(c0.k, c1.k, atol=1e-6)
     assert len(counter.graphs) == 4, counter.graphs  # RMSNorm | q/k/v + RoPE | output projection | residual + MLP
     assert not any("scaled_dot_product_attention" in str(g) for g in counter.graphs)  # attention stays eager
 
     plain = generate(model, prompts, max_new_tokens=12)
-    fused = generate(model, prompts, max_new_tokens=12, compile_decode=True)  # same batch size: nothing new
+    fused = generate(model, prompts, max_new_tokens=12, policy=compiled)  # same batch size: nothing new
     assert [r.tokens for r in fused] == [r.tokens for r in plain]
     assert len(counter.graphs) == 4 and fused[0].compile_s >= 0
     seen = []
     for batch in ([prompts[0]], prompts[:2], [prompts[2]] * 4, [prompts[1]] * 5):
-        out = generate(model, batch, max_new_tokens=5, compile_decode=True)
+        out = generate(model, batch, max_new_tokens=5, policy=compiled)
         assert [r.tokens for r in out] == [r.tokens for r in generate(model, batch, max_new_tokens=5)]
         seen.append(len(counter.graphs))
     assert seen == [8, 12, 12, 12], seen  # batch 1: static; batch 2: the batch dimension dynamic; 4 and 5: nothing
 
 
-def test_warmup_compiles_the_fused_decode_for_every_batch_size(monkeypatch):
-    """warmup(compile_decode=True) leaves nothing for generate(compile_decode=True) to compile at any batch size."""
+def test_warmup_compiles_the_decode_step_for_every_batch_size():
+    """Engine.warmup with compile_decode leaves nothing for generate() with the same policy to compile at any batch
+    size; the decode step's Inductor options reach the backend."""
     torch._dynamo.reset()
     counter = _GraphCounter()
-    monkeypatch.setattr(generation, "COMPILE_BACKEND", counter)
+    policy = Policy(compile_decode=True, compile_backend=counter, compile_options={"coordinate_descent_tuning": True})
     model = _model(AttnSink(3, 10), 2).eval()
-    w = warmup(model, 64, compile_decode=True)
+    w = Engine(model, policy).warmup(64)
     assert len(counter.graphs) == 8 and w["decode_compile_s"] > 0  # batch 1 (static), then 2 (the batch dynamic)
+    assert counter.options == {"coordinate_descent_tuning": True}
     for b in (1, 4, 2, 7):
         prompts = [torch.randint(0, 97, (5 + 9 * r,), generator=torch.Generator().manual_seed(r)).tolist()
                    for r in range(b)]
-        generate(model, prompts, max_new_tokens=3, compile_decode=True)
+        generate(model, prompts, max_new_tokens=3, policy=policy)
     assert len(counter.graphs) == 8
 
 
-def test_fused_decode_passes_its_inductor_options_and_keys_graphs_by_them(monkeypatch):
-    """DECODE_COMPILE_OPTIONS reaches torch.compile's backend as ``options``; changing it compiles a new graph set
-    (the options are part of the compiled step's key) and the logits stay the same."""
-    from flexgen_long.generation import fused_decode_step
-
-    seen = []
-
-    def backend(gm, example_inputs, **kwargs):
-        seen.append(kwargs.get("options"))
-        return gm.forward
-
-    torch._dynamo.reset()
-    monkeypatch.setattr(generation, "COMPILE_BACKEND", backend)
-    model = _model(AttnSink(3, 10), 2).eval()
-    tok, pos = torch.tensor([5]), torch.tensor([0])
-    outs = []
-    with torch.inference_mode():
-        for opts in (None, {"coordinate_descent_tuning": True}):
-            monkeypatch.setattr(generation, "DECODE_COMPILE_OPTIONS", opts)
-            n = len(seen)
-            cache = ModelCache(model, 1, 16, torch.float32, "cpu")
-            outs.append(fused_decode_step(model, cache, tok, pos))
-            assert len(seen) > n and all(o == opts for o in seen[n:])
-    assert torch.equal(outs[0], outs[1])
-
-
-def test_compiled_prefill_same_logits_one_graph_set_for_every_length(monkeypatch):
-    """prefill(compile=True) -- each layer's work around attention through torch.compile with dynamic shapes --
+def test_compiled_prefill_same_logits_one_graph_set_for_every_length():
+    """Policy(compile_prefill=True) -- each layer's work around attention through torch.compile with dynamic shapes --
     gives the eager prefill's logits and caches for prompts of any length, whole or chunked with ragged tails, and
-    compiles 4 graphs for every length >= 2 (RMSNorm | q/k/v + RoPE | output projection | residual + MLP) plus the
-    same 4 once for 1-token chunks (torch.compile specialises size 1), none holding attention. generate() and
-    warmup() take it as ``compile_prefill``: same greedy tokens; after warmup nothing is compiled for any length."""
+    compiles 4 graphs for every length >= 2 plus the same 4 once for 1-token chunks (torch.compile specialises size
+    1), none holding attention. Through generate(): same greedy tokens; after warmup nothing is compiled."""
     torch._dynamo.reset()
     counter = _GraphCounter()
-    monkeypatch.setattr(generation, "COMPILE_BACKEND", counter)
     model = _model(AttnSink(3, 10), 2).eval()
     seen = []
-    with torch.inference_mode():
-        for n, chunk in [(37, None), (140, 11), (64, 7), (1, None), (23, 22), (5, None)]:
-            prompt = torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(n))
-            caches = [ModelCache(model, 1, n, torch.float32, "cpu") for _ in range(2)]
-            want = prefill(model, caches[0], prompt, 0, chunk, all_logits=True)
-            got = prefill(model, caches[1], prompt, 0, chunk, all_logits=True, compile=True)
-            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
-            for c0, c1 in zip(caches[0].layers.values(), caches[1].layers.values()):
-                assert torch.equal(c0.pos, c1.pos) and torch.allclose(c0.k, c1.k, atol=1e-6)
-            seen.append(len(counter.graphs))
+    for n, chunk in [(37, None), (140, 11), (64, 7), (1, None), (23, 22), (5, None)]:
+        prompt = torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(n))
+        engines = [Engine(model, Policy(prefill_chunk=chunk, compile_prefill=c, compile_backend=counter))
+                   for c in (False, True)]
+        want, got = (e.reserve(1, n) and None or e.prefill(prompt, 0, all_logits=True) for e in engines)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+        for c0, c1 in zip(engines[0].cache.layers.values(), engines[1].cache.layers.values()):
+            assert torch.equal(c0.pos, c1.pos) and torch.allclose(c0.k, c1.k, atol=1e-6)
+        seen.append(len(counter.graphs))
     # 140 = 12 x 11 + 8: ragged tail; 64 = 9 x 7 + 1: the first 1-token chunk (the second set); 23 = 22 + 1 likewise
     assert seen == [4, 4, 8, 8, 8, 8], seen
     assert not any("attention" in str(g) for g in counter.graphs)
     prompts = [torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (30, 3)]
-    plain = generate(model, prompts, max_new_tokens=8, prefill_chunk=16)
-    assert [r.tokens for r in generate(model, prompts, max_new_tokens=8, prefill_chunk=16, compile_prefill=True)] \
-        == [r.tokens for r in plain]
+    compiled = Policy(prefill_chunk=16, compile_prefill=True, compile_backend=counter)
+    plain = generate(model, prompts, max_new_tokens=8, policy=Policy(prefill_chunk=16))
+    assert [r.tokens for r in generate(model, prompts, max_new_tokens=8, policy=compiled)] == \
+        [r.tokens for r in plain]
     assert len(counter.graphs) == 8
 
     torch._dynamo.reset()
     counter.graphs.clear()
-    warmup(model, 300, prefill_chunk=100, compile_prefill=True)
+    compiled = compiled.replace(prefill_chunk=100)
+    Engine(model, compiled).warmup(300)
     assert len(counter.graphs) == 8
     for n in (1, 2, 99, 101, 257, 300):
-        generate(model, [[i % 97 for i in range(n)]], max_new_tokens=2, prefill_chunk=100, compile_prefill=True)
+        generate(model, [[i % 97 for i in range(n)]], max_new_tokens=2, policy=compiled)
     assert len(counter.graphs) == 8
 
 
-def test_lookahead_decode_loop_gives_the_lockstep_results(monkeypatch):
-    """The CUDA decode loop launches step t+1 before it waits for token t (generation._LOOKAHEAD_DEVICES). Run here
+def test_lookahead_decode_loop_gives_the_lockstep_results():
+    """With Policy(lookahead=True) (CUDA's default) the loop launches step t+1 before it waits for token t. Run here
     on the CPU, it gives exactly the lockstep loop's results: greedy batches whose rows stop at different tokens,
     the streamed (row, token) order, seeded sampling, max_new_tokens=1 -- and it launches one step more than lockstep
     only when every row stops before max_new_tokens (that step is discarded)."""
     model = longgen_tiny(vocab_size=50)
     prompts, full, k = _early_stop_case(model)
-    steps = _count_decode_steps(monkeypatch)
 
-    def run():
+    def run(lookahead):
         out = []
         for kw in ({"prompts": prompts, "max_new_tokens": 30, "stop_tokens": [full[0][k]]},
                    {"prompts": prompts[:1], "max_new_tokens": 30, "stop_tokens": [full[0][k]]},
                    {"prompts": prompts, "max_new_tokens": 1},
                    {"prompts": [[1, 2], [3], [4, 5, 6]], "max_new_tokens": 9, "temperature": 0.8, "top_k": 10,
                     "top_p": 0.9, "generator": torch.Generator().manual_seed(5)}):
-            streamed, steps[0] = [], 0
-            kw = dict(kw)
-            res = generate(model, kw.pop("prompts"), **kw, on_token=lambda b, t: streamed.append((b, t)))
-            out.append(([r.tokens for r in res], streamed, steps[0]))
+            streamed, kw = [], dict(kw)
+            engine = _CountingEngine(model, Policy(lookahead=lookahead))
+            res = generate(engine, kw.pop("prompts"), **kw, on_token=lambda b, t: streamed.append((b, t)))
+            out.append(([r.tokens for r in res], streamed, engine.steps))
         return out
 
-    lockstep = run()
-    monkeypatch.setattr(generation, "_LOOKAHEAD_DEVICES", frozenset({"cuda", "cpu"}))
-    ahead = run()
+    lockstep, ahead = run(False), run(True)
     assert [(t, s) for t, s, _ in ahead] == [(t, s) for t, s, _ in lockstep]
     assert lockstep[0][0][0] == full[0][:k + 1] and lockstep[0][0][1] == full[1]
     assert [a[2] - b[2] for a, b in zip(ahead, lockstep)] == [0, 1, 0, 0]  # only the all-stopped call runs one more
     assert lockstep[1][2] == k
 
 
-def test_compile_flags_default_to_the_device_and_are_checked(monkeypatch):
-    """generate()/warmup()'s compile_decode and compile_prefill default to None: on for CUDA, off on the CPU (nothing
-    is compiled here by default); anything but True / False / None is refused before any work, naming the field."""
-    torch._dynamo.reset()
-    counter = _GraphCounter()
-    monkeypatch.setattr(generation, "COMPILE_BACKEND", counter)
-    model = _model(AttnSink(3, 10), 2).eval()
-    generate(model, [[1, 2, 3]], max_new_tokens=3)
-    warmup(model, 40)
-    assert counter.graphs == []
-    assert generation._compile_flags("cuda", a=None, b=False) == (True, False)
-    assert generation._compile_flags("cpu", a=None, b=True) == (False, True)
-    for kw in ({"compile_decode": "yes"}, {"compile_prefill": 1}):
-        with pytest.raises(ValueError, match=f"{next(iter(kw))} must be True, False or None"):
-            generate(model, [[1, 2, 3]], max_new_tokens=3, **kw)
-        with pytest.raises(ValueError, match=f"{next(iter(kw))} must be True, False or None"):
-            warmup(model, 40, **kw)
+def test_graph_capture_is_reported_apart_from_decode_time():
+    """generate() subtracts the engine's capture time (CUDA-graph capture on a GPU) from each row's decode_s and
+    reports it as capture_s: simulated on CPU by an engine that spends 0.3 s 'capturing' on its first step."""
+
+    class Capturing(Engine):
+        def step(self, tokens):
+            out = super().step(tokens)
+            if self.capture_s == 0:
+                time.sleep(0.3)
+                self.capture_s += 0.3
+            return out
+
+    model = _model(AttnSink(4, 12), 2)
+    prompt = torch.randint(0, 97, (40,), generator=torch.Generator().manual_seed(5)).tolist()
+    t = time.perf_counter()
+    graphed = generate(Capturing(model), [prompt], max_new_tokens=6)[0]
+    wall = time.perf_counter() - t
+    plain = generate(model, [prompt], max_new_tokens=6)[0]
+    assert graphed.tokens == plain.tokens and plain.capture_s == 0.0
+    assert graphed.capture_s >= 0.3 and 0 < graphed.decode_s < wall - graphed.prefill_s - 0.29

@@ -229,7 +229,7 @@ def test_bad_forward_arguments():
         model.setup_caches(1, torch.float32)
 
 
-def test_fused_projections_same_outputs_same_state_dict_and_training_still_reaches_every_weight(monkeypatch):
+def test_fused_projections_same_outputs_same_state_dict_and_training_still_reaches_every_weight():
     """fuse_projections: q/k/v and gate/up as row blocks of one matrix. The forward and generate() give the same
     results as the separate projections (CPU, fp32), the state dict keeps its keys and values, training after fusing
     still gets a gradient for every weight (the separate path runs under autograd), and unfusing restores torchtune's
@@ -257,10 +257,10 @@ def test_fused_projections_same_outputs_same_state_dict_and_training_still_reach
     sd = model.state_dict()
     assert sd.keys() == before.keys() and all(torch.equal(sd[k], before[k]) for k in before)
     assert [r.tokens for r in generate(model, prompts, max_new_tokens=16)] == tokens
-    from flexgen_long import generation
+    from flexgen_long.policy import Policy
     torch._dynamo.reset()
-    monkeypatch.setattr(generation, "COMPILE_BACKEND", "eager")  # dynamo's tracing, no Inductor code (CPU)
-    assert [r.tokens for r in generate(model, prompts, max_new_tokens=16, compile_decode=True)] == tokens
+    traced = Policy(compile_decode=True, compile_backend="eager")  # dynamo's tracing, no Inductor code (CPU)
+    assert [r.tokens for r in generate(model, prompts, max_new_tokens=16, policy=traced)] == tokens
 
     model.train()
     model(x[:, :64]).float().mean().backward()

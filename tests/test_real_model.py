@@ -25,7 +25,8 @@ import torch
 
 from flexgen_long import generation, hf
 from flexgen_long.models import relayout
-from flexgen_long.patterns import AttnSink, BlockSparse, Full
+from flexgen_long.patterns import AttnSink, BlockSparse
+from flexgen_long.policy import Policy
 from flexgen_long.tokenizers import hf_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +71,7 @@ def test_full_layers_all_matches_transformers(smollm2_dir, tokenizer, model):
     from transformers import LlamaForCausalLM
 
     ours = model
-    assert all(isinstance(layer.attn.pattern, Full) for layer in ours.layers) and len(ours.layers) == 30
+    assert all(layer.attn.pattern.is_full for layer in ours.layers) and len(ours.layers) == 30
     theirs = LlamaForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     ids = tokenizer.encode(english(), add_bos=True, add_eos=False)
     for n in (16, 128, 384):
@@ -94,7 +95,7 @@ def test_hybrid_cached_decode_logits_equal_no_cache_forward(tokenizer, model, pa
 
 
 def _check_cached_decode(tokenizer, model, monkeypatch):
-    assert sum(isinstance(layer.attn.pattern, Full) for layer in model.layers) == 10
+    assert sum(layer.attn.pattern.is_full for layer in model.layers) == 10
     ids = tokenizer.encode(english(), add_bos=True, add_eos=False)
     prompts = [ids[:70], ids[200:295]]  # two rows of different lengths, decoded as one batch
     seen = []  # the logits generate() sampled from: the prefill's last token, then every decode step
@@ -102,7 +103,7 @@ def _check_cached_decode(tokenizer, model, monkeypatch):
     monkeypatch.setattr(generation, "sample", lambda logits, *a, **k: (seen.append(logits.clone()),
                                                                          real_sample(logits, *a, **k))[1])
     new = 24
-    outs = generation.generate(model, prompts, max_new_tokens=new, prefill_chunk=32)  # greedy, chunked prefill
+    outs = generation.generate(model, prompts, max_new_tokens=new, policy=Policy(prefill_chunk=32))  # greedy, chunked prefill
     assert len(seen) == new and all(len(o.tokens) == new for o in outs)
     for row, (p, o) in enumerate(zip(prompts, outs)):
         full = torch.tensor([p + o.tokens])
@@ -175,7 +176,7 @@ def test_finetune_recipe_as_typed_from_the_real_model(smollm2_dir, tmp_path):
     saved = json.loads((step / "config.json").read_text())["flexgen_long"]["model"]
     assert saved["_component_"] == "flexgen_long.models.longgen_llama" and saved["num_layers"] == 30
     model = hf.load_model(step)  # rebuilt from the written-out config: needs nothing of the base directory
-    assert [i for i, layer in enumerate(model.layers) if isinstance(layer.attn.pattern, Full)] == list(range(10, 20))
+    assert [i for i, layer in enumerate(model.layers) if layer.attn.pattern.is_full] == list(range(10, 20))
     assert model.layers[0].attn.pattern == AttnSink(sink=64, window=128)
 
 

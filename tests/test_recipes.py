@@ -430,9 +430,9 @@ def test_cli_prints_the_error_not_a_traceback(tmp_path):
 
 
 @pytest.mark.parametrize("pattern,message", [
-    ({"block": 128, "local_blocks": 1, "vertical_stride": 2}, r"BlockSparse.block=128 of layer 0 must divide "
-                                                              r"seq_len=192"),
-    ({"block": 64, "local_blocks": 3, "vertical_stride": 2}, r"local_blocks \* block < seq_len"),
+    ({"block": 128, "local_blocks": 1, "vertical_stride": 2}, r"BlockSparse\(block=128.* of layer 0: its block=128 "
+                                                              r"must divide seq_len=192"),
+    ({"block": 64, "local_blocks": 3, "vertical_stride": 2}, r"of layer 0 sees every key of a seq_len=192 sequence"),
 ])
 def test_block_sparse_that_does_not_fit_is_refused(tmp_path, pattern, message):
     cfg = _cfg(tmp_path, "seq_len=192", "dataset.synthetic_length=128")

@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from flexgen_long import AttnSink, BlockSparse, longgen_tiny
-from flexgen_long.attention import CPU_DENSE_MAX_LEN, MaskSet, flex_attend
-from flexgen_long.cache import ModelCache
-from flexgen_long.generation import generate, prefill
+from flexgen_long.attention import MaskSet, flex_attend
+from flexgen_long.engine import Engine
+from flexgen_long.generation import generate
+from flexgen_long.policy import Policy
 from flexgen_long.masks import build_block_mask, dense_mask
 from flexgen_long.shapes import bucket_count, buckets, compiled, compiled_graphs, padded_len
 
@@ -109,8 +110,8 @@ def tiny():
 
 def test_no_grad_forward_50_lengths(tiny):
     """Compiled flex (forced, as on a GPU) at 50 lengths: equal to the dense-mask path, and at most one graph per
-    bucket for the one sparse pattern; the CPU default (dense below CPU_DENSE_MAX_LEN) compiles nothing."""
-    assert max(LENGTHS) <= CPU_DENSE_MAX_LEN and len(set(LENGTHS)) == 50
+    bucket for the one sparse pattern; the CPU default (dense up to Policy.dense_mask_max_len) compiles nothing."""
+    assert max(LENGTHS) <= Policy().on("cpu").dense_mask_max_len and len(set(LENGTHS)) == 50
     attn = [layer.attn for layer in tiny.layers]
     before = flex_graphs()
     for S in LENGTHS:
@@ -162,10 +163,11 @@ def test_generate_50_lengths_and_every_tail(tiny):
         tails.add(S % 64 if chunk else None)
         with torch.no_grad():
             full = tiny(torch.tensor([prompt]))[0, -1]
-            cache = ModelCache(tiny, 1, S + 2, torch.float32, "cpu")
-            last = prefill(tiny, cache, torch.tensor(prompt), 0, chunk)
+        engine = Engine(tiny, Policy(prefill_chunk=chunk))
+        engine.reserve(1, S + 2)
+        last = engine.prefill(torch.tensor(prompt), 0)
         torch.testing.assert_close(last, full, atol=2e-5, rtol=1e-5, msg=f"S={S} chunk={chunk}")
-        out = generate(tiny, [prompt], max_new_tokens=2, prefill_chunk=chunk)[0].tokens
+        out = generate(engine, [prompt], max_new_tokens=2)[0].tokens
         t0 = int(full.argmax())
         with torch.no_grad():
             t1 = int(tiny(torch.tensor([prompt + [t0]]))[0, -1].argmax())
@@ -176,6 +178,6 @@ def test_generate_50_lengths_and_every_tail(tiny):
 
 def test_generate_mixed_batch_equals_each_alone(tiny):
     prompts = [list(range(1, 1 + n)) for n in (1, 77, 129, 200)]
-    together = generate(tiny, prompts, max_new_tokens=4, prefill_chunk=50)
+    together = generate(tiny, prompts, max_new_tokens=4, policy=Policy(prefill_chunk=50))
     for p, got in zip(prompts, together):
         assert generate(tiny, [p], max_new_tokens=4)[0].tokens == got.tokens

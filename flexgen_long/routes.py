@@ -1,0 +1,99 @@
+"""The route table: which attention kernel a layer runs, at which compiled shape, and what it costs in memory.
+
+``route()`` is a pure function of the layer's pattern, the phase, the device, the lengths and the policy. Attention
+executes what it returns (``flexgen_long.attention.KERNELS``), the memory plan adds up its ``bytes``
+(``flexgen_long.cache``) and ``Engine.warmup`` compiles its ``shape``s ahead of traffic, so changing a route here
+changes all three together.
+
+=========  =========================================================  ==============================================
+phase      route                                                      kernel
+=========  =========================================================  ==============================================
+train /    full layer, unpacked                                       ``sdpa_causal``: SDPA is_causal (cuDNN/flash)
+first      sparse or packed, CPU with a gradient, or at most          ``sdpa_dense_mask``: SDPA with the token rule's
+           ``policy.dense_mask_max_len`` tokens                       bool mask
+           otherwise                                                  ``flex``: compiled, the pattern's BlockMask,
+                                                                      lengths padded to their bucket
+later      full layer, ``policy.chunk_flex``                          ``flex_full_chunk``: over the buffer so far
+           full layer, otherwise                                      ``sdpa_lower_right``: causal SDPA, exact
+           sparse layer, ``policy.chunk_flex``                        ``flex_over_slots``: over [cached slots ; chunk]
+           sparse layer, otherwise                                    ``sdpa_over_slots``: SDPA, dense mask, exact
+decode     the cache holds exactly the visible keys                   ``sdpa_exact``: SDPA over the slots, no mask
+           otherwise                                                  ``sdpa_masked``: SDPA, mask from positions
+=========  =========================================================  ==============================================
+
+"first" is a prompt's first prefill chunk and the no-cache inference forward; "train" the same with a gradient;
+"later" a prefill chunk at an offset; "decode" one token per row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .patterns import Pattern
+from .policy import Policy
+from .shapes import BLOCK, padded_len
+
+__all__ = ["Route", "route", "PHASES", "MASK_BUILD_BYTES", "BUFFER_KERNELS"]
+
+PHASES = ("train", "first", "later", "decode")
+#: Bytes per element of a mask built from positions: an int64 difference and three bools (rule, comparisons, mask).
+MASK_BUILD_BYTES = 8 + 3
+#: Kernels that, over a cache, read the layer's buffer including the chunk's own keys: the chunk is written first.
+BUFFER_KERNELS = frozenset({"sdpa_causal", "sdpa_lower_right", "flex_full_chunk"})
+
+
+@dataclass(frozen=True)
+class Route:
+    """``kernel``: a name in ``attention.KERNELS``; ``shape``: the (query, key) lengths a compiled flex kernel runs at
+    (None: nothing compiled); ``bytes``: the kernel path's transient memory beyond q, k, v and the output."""
+
+    kernel: str
+    shape: tuple[int, int] | None
+    bytes: int
+
+
+def route(pattern: Pattern, phase: str, *, device, policy: Policy, q_len: int, offset: int = 0,
+          chunk: int | None = None, slots: int = 0, lo: int = 0, batch: int = 1, packed: bool = False,
+          heads: tuple[int, int, int] = (1, 1, 1), itemsize: int = 2) -> Route:
+    """The route of one layer. ``pattern`` bound to its KV heads; ``q_len`` queries (a chunk, or the sequence) at
+    ``offset``; ``chunk``: the prefill's nominal chunk (sizes the compiled shape of every later chunk, the last too);
+    ``slots``: the layer cache's size; ``lo``: the lowest row position of a decode step; ``heads``: (query heads, KV
+    heads, head dim); ``policy`` resolved for ``device`` (``Policy.on``)."""
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+    H, Hkv, D = heads
+    a, C = itemsize, q_len
+    cpu = torch.device(device).type == "cpu"
+    Hm = H if pattern.head_dependent else 1  # a mask's heads: broadcast over heads unless the rule is per KV head
+    Hp = Hkv if pattern.head_dependent else 1  # a position index's heads
+    lse = H * padded_len(C) * 4  # flash / cuDNN / flex log-sum-exp rows
+
+    def flex(kernel, pq, pk, extra=0):  # padded q, k, v and output copies
+        return Route(kernel, (pq, pk), (2 * H * pq + 2 * Hkv * pk) * D * a + lse + extra)
+
+    if phase == "decode":
+        if pattern.holds_exactly(lo, slots):
+            return Route("sdpa_exact", None, 0)
+        return Route("sdpa_masked", None, batch * H * slots * MASK_BUILD_BYTES)  # the mask, per query head
+    if phase in ("train", "first"):
+        if pattern.is_full and not packed:
+            return Route("sdpa_causal", None, lse)
+        if (phase == "train" and cpu) or C <= policy.dense_mask_max_len:
+            return Route("sdpa_dense_mask", None, Hm * C * C * (MASK_BUILD_BYTES + a))
+        return flex("flex", padded_len(C), padded_len(C))
+    T, pc = offset + C, padded_len(max(C, chunk or C))
+    if pattern.is_full:
+        if policy.chunk_flex:
+            return flex("flex_full_chunk", pc, padded_len(T))
+        return Route("sdpa_lower_right", None, 2 * H * T * D * a + C * T * (2 + 2 * a))  # K/V expanded, [C, T] mask
+    if policy.chunk_flex:
+        # the slots that positions < offset can occupy, padded: a bounded cache (a ring) always to its most, so one
+        # graph serves every offset; a growing one to the bucket of the slots in use
+        bound = pattern.max_slots
+        ps = -(-bound // BLOCK) * BLOCK if bound is not None else padded_len(pattern.cache_slots(offset))
+        return flex("flex_over_slots", pc, ps + pc, Hp * (ps + pc) * 4)
+    K = slots + C  # every cached slot, then the chunk's own keys; K/V expanded per query head; a dense mask
+    return Route("sdpa_over_slots", None, (2 * Hkv + (2 * H if H > Hkv else 0)) * K * D * a + K * 12
+                 + Hm * C * K * (MASK_BUILD_BYTES + a) + lse)
