@@ -125,6 +125,12 @@ class Engine:
         self.lengths[row], self._pos_stale = n, True
         return torch.cat(outs) if all_logits else outs[-1][-1]
 
+    def copy_row(self, src: int, dst: int) -> None:
+        """Make row ``dst`` a copy of row ``src``: its cache and its length (a prompt prefilled once, decoded as many
+        rows -- several samples of one prompt)."""
+        self.cache.copy_row(src, dst)
+        self.lengths[dst], self._pos_stale = self.lengths[src], True
+
     # -- decode ----------------------------------------------------------------------------------------------------------
     def _forward_decode(self, cache: ModelCache, tokens: Tensor, pos: Tensor, lo: int) -> Tensor:
         step = KVStep(cache, "decode", self.policy, pos=pos, lo=lo, layer_fn=self._layer_fn("decode"))

@@ -13,15 +13,25 @@ import torch
 import torch.nn.functional as F
 
 from flexgen_long import AttnSink, BlockSparse, longgen_llama, longgen_tiny
-from flexgen_long.attention import HybridAttention, MaskSet, slot_part_len
-from flexgen_long.cache import ModelCache, cache_slots, check_fits, free_memory_bytes, plan_cache
-from flexgen_long.generation import generate, prefill, warmup
+from flexgen_long.attention import MaskSet, attention_layers
+from flexgen_long.cache import check_fits, free_memory_bytes, plan_cache
+from flexgen_long.engine import Engine
+from flexgen_long.policy import Policy
+from flexgen_long.routes import route
+from flexgen_long.generation import generate
 from reference import rel_err
 from flexgen_long.shapes import bucket_count, compiled_graphs, padded_len
 
 DEV = "cuda"
-#: generate()'s eager layers (its defaults compile the prefill's and the decode step's layers on CUDA)
-EAGER = {"compile_decode": False, "compile_prefill": False}
+#: eager layers (the CUDA defaults compile the prefill's and the decode step's layers)
+EAGER = Policy(compile_decode=False, compile_prefill=False)
+
+
+def prefilled(model, prompt, chunk=None, max_len=None, all_logits=False, policy=EAGER):
+    """An engine whose row 0 holds ``prompt`` (a device tensor), and the prefill's logits."""
+    engine = Engine(model, policy.replace(prefill_chunk=chunk))
+    engine.reserve(1, max_len or prompt.shape[0])
+    return engine, engine.prefill(prompt, 0, all_logits=all_logits)
 
 
 
@@ -37,7 +47,7 @@ def sparse_chunk_graphs() -> int:
 
 
 def masks_of(model, S, kind, doc_ids=None):
-    attn = [m for m in model.modules() if isinstance(m, HybridAttention)]
+    attn = attention_layers(model)
     return MaskSet([a.pattern for a in attn], S, num_heads=attn[0].num_heads, num_kv_heads=attn[0].num_kv_heads,
                    device=DEV, doc_ids=doc_ids, kind=kind)
 
@@ -67,8 +77,7 @@ def test_short_prompts_generate(small_bf16, n, record_property):
     prompt = torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist()
     with torch.no_grad():
         want = small_bf16(torch.tensor([prompt], device=DEV))[0, -1]
-        cache = ModelCache(small_bf16, 1, n + 2, torch.bfloat16, DEV)
-        got = prefill(small_bf16, cache, torch.tensor(prompt, device=DEV), 0)
+        _, got = prefilled(small_bf16, torch.tensor(prompt, device=DEV), max_len=n + 2)
     err = rel_err(got, want)
     record_property("prefill_vs_forward_rel_err", err)
     assert err < 1e-2
@@ -106,8 +115,7 @@ def test_ragged_last_prefill_chunk(dtype, tail, chunk, record_property):
     prompt = torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(n), device="cpu").to(DEV)
     with torch.no_grad():
         want = model(prompt[None])[0, -1]
-        cache = ModelCache(model, 1, n + 1, dtype, DEV)
-        got = prefill(model, cache, prompt, 0, chunk)
+        _, got = prefilled(model, prompt, chunk, n + 1)
     err = rel_err(got, want)
     record_property("prefill_vs_forward_rel_err", err)
     assert err < (2e-2 if dtype == torch.bfloat16 else 1e-4)
@@ -126,9 +134,8 @@ def test_served_workload_many_lengths(record_property):
         prompt = torch.randint(0, 32000, (n,), generator=torch.Generator().manual_seed(n)).to(DEV)
         with torch.no_grad():
             want = model(prompt[None])[0, -1]
-            cache = ModelCache(model, 1, n + 4, torch.bfloat16, DEV)
-            got = prefill(model, cache, prompt, 0)
-            del cache
+            engine, got = prefilled(model, prompt, max_len=n + 4)
+            del engine
         worst = max(worst, rel_err(got, want))
         out = generate(model, [prompt.tolist()], max_new_tokens=4)[0]
         assert out.tokens[0] == int(got.argmax()) and len(out.tokens) == 4
@@ -201,29 +208,30 @@ def test_generate_55_lengths_and_every_tail(tiny, record_property):
         tails.add(n % 128 if chunk else None)
         with torch.no_grad():
             want = tiny(torch.tensor([prompt], device=DEV))[0, -1]
-            cache = ModelCache(tiny, 1, n + 3, torch.float32, DEV)
-            got = prefill(tiny, cache, torch.tensor(prompt, device=DEV), 0, chunk)
+            _, got = prefilled(tiny, torch.tensor(prompt, device=DEV), chunk, n + 3)
         worst = max(worst, rel_err(got, want))
-        out = generate(tiny, [prompt], max_new_tokens=3, prefill_chunk=chunk)[0].tokens
+        out = generate(tiny, [prompt], max_new_tokens=3, policy=Policy(prefill_chunk=chunk))[0].tokens
         assert out == greedy_by_forward(tiny, prompt, 3), f"n={n} chunk={chunk}"
     record_property("prefill_vs_forward_max_rel_err", worst)
     assert worst < 1e-4 and len(tails) > 20
 
 
 def test_warmup_compiles_everything_generate_needs(tiny, record_property):
-    """After warmup(max_prompt_len, chunk) for each prefill_chunk the traffic uses, prompts of any length up to it
-    (whole or chunked) compile nothing more -- no flex graph and no dynamo graph at all (generate()'s defaults compile
-    the prefill's and the decode step's layers on CUDA, and warmup's defaults follow them). Whole prompts need one flex
+    """After Engine.warmup(max_prompt_len) for each prefill_chunk the traffic uses, prompts of any length up to it
+    (whole or chunked) compile nothing more through generate() with the same policies -- no flex graph and no dynamo
+    graph at all (the CUDA defaults compile the prefill's and the decode step's layers). Whole prompts need one flex
     graph per first-chunk bucket (7 up to 1500); chunking by 256 adds the full layers' later-chunk graphs, one per key
     bucket past 256 (5), and the sparse layers' one (chunk bucket 256; the AttnSink ring is padded to sink + window,
-    one length): 6 more."""
-    w = {"whole": warmup(tiny, 1500), "chunk_256": warmup(tiny, 1500, 256)}
+    one length): 6 more -- the route table's list."""
+    policies = {"whole": Policy(prefill_chunk=None), "chunk_256": Policy(prefill_chunk=256)}
+    w = {name: Engine(tiny, p).warmup(1500) for name, p in policies.items()}
+    assert len(w["whole"]["graphs"]) == 7 and len(w["chunk_256"]["graphs"]) == 2 + 5 + 1
     stats = torch._dynamo.utils.counters["stats"]
     before, dynamo_before = flex_graphs(), stats["unique_graphs"]
     for i, n in enumerate(sorted(random.Random(4).sample(range(1, 1501), 30))):
         prompt = torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist()
-        generate(tiny, [prompt], max_new_tokens=2, prefill_chunk=(256 if i % 2 else None))
-    record_property("warmup", w)
+        generate(tiny, [prompt], max_new_tokens=2, policy=policies["chunk_256" if i % 2 else "whole"])
+    record_property("warmup", {k: {**v, "graphs": [list(map(str, g)) for g in v["graphs"]]} for k, v in w.items()})
     assert flex_graphs() == before
     assert stats["unique_graphs"] == dynamo_before
 
@@ -231,7 +239,7 @@ def test_warmup_compiles_everything_generate_needs(tiny, record_property):
 def test_mixed_batch_equals_each_alone(tiny):
     prompts = [torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist()
                for n in (1, 77, 129, 300, 1000, 64)]
-    together = generate(tiny, prompts, max_new_tokens=6, prefill_chunk=200)
+    together = generate(tiny, prompts, max_new_tokens=6, policy=Policy(prefill_chunk=200))
     for p, got in zip(prompts, together):
         assert got.tokens == generate(tiny, [p], max_new_tokens=6)[0].tokens == greedy_by_forward(tiny, p, 6)
 
@@ -257,12 +265,11 @@ def test_sparse_later_chunks_many_lengths_and_offsets(pattern, dtype, record_pro
         prompt = torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)).to(DEV)
         with torch.no_grad():
             want = model(prompt[None])[0]
-            cache = ModelCache(model, 1, n + 1 + 37 * i, dtype, DEV)  # the cache's size varies too
-            got = prefill(model, cache, prompt, 0, chunk, all_logits=True)
-            del cache
+            engine, got = prefilled(model, prompt, chunk, n + 1 + 37 * i, all_logits=True)  # cache sizes vary too
+            del engine
         worst = max(worst, rel_err(got, want))
-        keys |= {(padded_len(chunk), slot_part_len(pattern, cache_slots(pattern.bind_heads(2), o)))
-                 for o in range(chunk, n, chunk)}
+        keys |= {route(pattern.bind_heads(2), "later", device=DEV, policy=Policy().on(DEV), q_len=chunk, offset=o,
+                       chunk=chunk).shape for o in range(chunk, n, chunk)}
     graphs = sparse_chunk_graphs() - before
     record_property("prefill_vs_forward_max_rel_err", worst)
     record_property("sparse_chunk_graphs", graphs)
@@ -294,88 +301,51 @@ def test_free_memory_counts_the_allocators_cache():
 
 # ---- fused decode (each layer's work around attention compiled by Inductor) ------------------------------------------------
 
-def twin_decode_max_err(model, dtype, lengths, max_len, steps, reference, candidate):
-    """Prefill the same prompts of ``lengths`` into two caches, then decode ``steps`` greedy steps (the reference's
-    tokens fed to both), ``reference(cache, tok, pos, exact)`` on one and ``candidate(...)`` on the other: the largest
+def twin_decode_max_err(model, dtype, lengths, max_len, steps, reference: Policy, candidate: Policy):
+    """Prefill the same prompts of ``lengths`` into two engines (``reference`` and ``candidate`` policies, CUDA graphs
+    off: every step runs), then decode ``steps`` greedy steps (the reference's tokens fed to both): the largest
     relative error of the candidate's logits."""
-    from flexgen_long.generation import exact_layers
     prompts = [torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in lengths]
-    caches = [ModelCache(model, len(prompts), max_len, dtype, DEV) for _ in range(2)]
-    worst = 0.0
-    with torch.inference_mode():  # as generate() runs
-        for cache in caches:
-            for row, p in enumerate(prompts):
-                prefill(model, cache, torch.tensor(p, device=DEV), row)
-        tok = torch.tensor([p[-1] for p in prompts], device=DEV)
-        pos = torch.tensor([len(p) for p in prompts], device=DEV)
-        for _ in range(steps):
-            exact = exact_layers(model, caches[0], int(pos.min()), int(pos.max()))
-            want = reference(caches[0], tok, pos, exact).float()
-            got = candidate(caches[1], tok, pos, exact).float()
-            worst = max(worst, rel_err(got, want))
-            tok, pos = want.argmax(-1), pos + 1
+    engines = [Engine(model, p.replace(cuda_graphs=False)) for p in (reference, candidate)]
+    for e in engines:
+        e.reserve(len(prompts), max_len)
+        for row, p in enumerate(prompts):
+            e.prefill(torch.tensor(p, device=DEV), row)
+    tok, worst = torch.tensor([p[-1] for p in prompts], device=DEV), 0.0
+    for _ in range(steps):
+        want, got = engines[0].step(tok).float(), engines[1].step(tok).float()
+        worst = max(worst, rel_err(got, want))
+        tok = want.argmax(-1)
     return worst
 
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_fused_decode_matches_eager_at_many_lengths(dtype, record_property):
-    """fused_decode_step (Inductor) against decode_step on twin caches -- a mixed-length batch whose AttnSink rings
-    fill, wrap and run full: logits agree at every step (fp32 to rounding, bf16 within bf16 noise); then
-    generate(compile_decode=True) with CUDA graphs gives the eager step's greedy tokens (fp32) for 12 prompt lengths
-    and batch sizes 1-4, compiling no graph after the first two batch sizes (counted by dynamo)."""
-    from flexgen_long.generation import decode_step, fused_decode_step
+def test_compiled_decode_matches_eager_at_many_lengths(dtype, record_property):
+    """The compiled decode step (Inductor) against the eager one on twin engines -- a mixed-length batch whose AttnSink
+    rings fill, wrap and run full: logits agree at every step (fp32 to rounding, bf16 within bf16 noise); then
+    generate() with CUDA graphs (the defaults) gives the eager step's greedy tokens (fp32) for 12 prompt lengths and
+    batch sizes 1-4, compiling no graph after the first two batch sizes (counted by dynamo)."""
     torch.manual_seed(0)
     model = longgen_llama(1000, 4, 8, 2, 512, 1024, 4096, sparse_pattern=AttnSink(4, 60)).to(DEV, dtype).eval()
-    worst = twin_decode_max_err(model, dtype, (1, 70, 333), 500, 100,
-                                lambda c, t, p, e: decode_step(model, c, t, p, e),
-                                lambda c, t, p, e: fused_decode_step(model, c, t, p, e))
+    worst = twin_decode_max_err(model, dtype, (1, 70, 333), 500, 100, EAGER, Policy(compile_decode=True))
     record_property("fused_vs_eager_logits_max_rel_err", worst)
     assert worst < (2e-2 if dtype == torch.bfloat16 else 1e-4)
     if dtype == torch.bfloat16:
         return  # greedy tokens of random bf16 weights can flip on near-ties; fp32 checks them below
     stats = torch._dynamo.utils.counters["stats"]
-    warmup(model, 1210)  # every prefill graph these prompts need: the count below is the decode step's alone
+    Engine(model).warmup(1210)  # every graph these prompts need: the count below is the decode step's alone
     lengths = sorted(random.Random(11).sample(range(1, 1200), 12))
     before = None
     for i, n in enumerate(lengths):
         batch = [torch.randint(0, 1000, (m,), generator=torch.Generator().manual_seed(m)).tolist()
                  for m in (n, max(1, n // 3), n + 5, 7)[:1 + i % 4]]
-        fused = generate(model, batch, max_new_tokens=8, compile_decode=True)
-        plain = generate(model, batch, max_new_tokens=8, **EAGER)
+        fused = generate(model, batch, max_new_tokens=8)
+        plain = generate(model, batch, max_new_tokens=8, policy=EAGER)
         assert [r.tokens for r in fused] == [r.tokens for r in plain], f"n={n} batch={len(batch)}"
         if i == 2:  # batch sizes 1, 2, 3 seen: the dynamic-batch graphs exist
             before = stats["unique_graphs"]
     record_property("graphs_after_first_three_calls", stats["unique_graphs"] - before)
     assert stats["unique_graphs"] == before
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_split_k_full_layer_decode_matches_sdpa(dtype, monkeypatch, record_property):
-    """The full layers' decode through the split-K kernel (attention.FULL_DECODE_KERNEL = "split_k") against masked
-    SDPA, on twin caches of a GQA model (rows of different lengths, CUDA-graph-free steps), then generate() with CUDA
-    graphs (the kernel captured once, replayed for every length): fp32 gives the same greedy tokens."""
-    import flexgen_long.attention as attention
-    from flexgen_long.generation import decode_step
-    torch.manual_seed(0)
-    model = longgen_llama(1000, 4, 8, 2, 512, 1024, 4096, sparse_pattern=AttnSink(4, 60)).to(DEV, dtype).eval()
-    prompt70 = torch.randint(0, 1000, (70,), generator=torch.Generator().manual_seed(70)).tolist()
-
-    def step_with(kernel):
-        def run(cache, tok, pos, exact):
-            monkeypatch.setattr(attention, "FULL_DECODE_KERNEL", kernel)
-            return decode_step(model, cache, tok, pos, exact)
-        return run
-
-    worst = twin_decode_max_err(model, dtype, (1, 70, 999), 1100, 40, step_with("sdpa"), step_with("split_k"))
-    record_property("split_k_vs_sdpa_logits_max_rel_err", worst)
-    assert worst < (2e-2 if dtype == torch.bfloat16 else 1e-4)
-    if dtype == torch.float32:
-        for n in (1, 129, 1000, 3000):
-            batch = [prompt70, torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(n)).tolist()]
-            monkeypatch.setattr(attention, "FULL_DECODE_KERNEL", "split_k")
-            got = generate(model, batch, max_new_tokens=8)
-            monkeypatch.setattr(attention, "FULL_DECODE_KERNEL", "sdpa")
-            want = generate(model, batch, max_new_tokens=8)
-            assert [r.tokens for r in got] == [r.tokens for r in want], f"n={n}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -391,7 +361,7 @@ def test_fused_projections_match_separate_ones(dtype, record_property):
     prompts = [torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (1, 70, 333)]
     with torch.no_grad():
         want = model(x).float()
-    plain = [r.tokens for r in generate(model, prompts, max_new_tokens=12, **EAGER)]
+    plain = [r.tokens for r in generate(model, prompts, max_new_tokens=12, policy=EAGER)]
     fuse_projections(model)
     with torch.no_grad():
         got = model(x).float()
@@ -399,7 +369,7 @@ def test_fused_projections_match_separate_ones(dtype, record_property):
     record_property("forward_max_rel_err", err)
     assert err < (2e-2 if dtype == torch.bfloat16 else 1e-5)
     if dtype == torch.float32:
-        assert [r.tokens for r in generate(model, prompts, max_new_tokens=12, **EAGER)] == plain
+        assert [r.tokens for r in generate(model, prompts, max_new_tokens=12, policy=EAGER)] == plain
         assert [r.tokens for r in generate(model, prompts, max_new_tokens=12)] == plain  # compiled: the default
     unfuse_projections(model)
     with torch.no_grad():
@@ -408,10 +378,10 @@ def test_fused_projections_match_separate_ones(dtype, record_property):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_compiled_prefill_matches_eager_at_many_lengths(dtype, record_property):
-    """prefill(compile=True) (Inductor, dynamic shapes: each layer's work around attention compiled) against the eager
-    prefill, every token's logits, for prompts users send: 1, 65, 127 and 129 tokens, odd lengths, chunked with a
-    ragged or 1-token tail (fp32 to rounding, bf16 within bf16 noise). Then, after warmup(compile_prefill=True), 14
-    distinct prompt lengths through generate(compile_prefill=True, compile_decode=True) compile nothing, and (fp32)
+    """The compiled prefill (Policy(compile_prefill=True): Inductor, dynamic shapes, each layer's work around attention
+    compiled) against the eager prefill, every token's logits, for prompts users send: 1, 65, 127 and 129 tokens, odd
+    lengths, chunked with a ragged or 1-token tail (fp32 to rounding, bf16 within bf16 noise). Then, after
+    Engine.warmup with the CUDA defaults, 14 distinct prompt lengths through generate() compile nothing, and (fp32)
     give the eager path's greedy tokens."""
     torch.manual_seed(0)
     model = longgen_llama(1000, 4, 8, 2, 512, 1024, 4096, sparse_pattern=AttnSink(4, 60)).to(DEV, dtype).eval()
@@ -420,23 +390,22 @@ def test_compiled_prefill_matches_eager_at_many_lengths(dtype, record_property):
         for n, chunk in [(1, None), (65, None), (127, None), (129, None), (333, None), (1000, 256), (769, 256),
                          (1210, 300)]:
             prompt = torch.randint(0, 1000, (n,), device=DEV)
-            caches = [ModelCache(model, 1, n, dtype, DEV) for _ in range(2)]
-            want = prefill(model, caches[0], prompt, 0, chunk, all_logits=True).float()
-            got = prefill(model, caches[1], prompt, 0, chunk, all_logits=True, compile=True).float()
+            want = prefilled(model, prompt, chunk, all_logits=True)[1].float()
+            got = prefilled(model, prompt, chunk, all_logits=True, policy=Policy(compile_prefill=True))[1].float()
             worst = max(worst, rel_err(got, want))
     record_property("compiled_vs_eager_prefill_max_rel_err", worst)
     assert worst < (2e-2 if dtype == torch.bfloat16 else 1e-4)
     if dtype == torch.bfloat16:
         return  # greedy tokens of random bf16 weights can flip on near-ties; fp32 checks them below
     stats = torch._dynamo.utils.counters["stats"]
-    warmup(model, 1210, prefill_chunk=300, compile_decode=True, compile_prefill=True)
+    Engine(model, Policy(prefill_chunk=300)).warmup(1210)
     before = stats["unique_graphs"]
     lengths = [1, 2, 64, 128] + sorted(random.Random(5).sample(range(3, 1210), 10))
     for i, n in enumerate(lengths):
         batch = [torch.randint(0, 1000, (m,), generator=torch.Generator().manual_seed(m)).tolist()
                  for m in (n, max(1, n // 3), n + 1)[:1 + i % 3]]
-        got = generate(model, batch, max_new_tokens=6, prefill_chunk=300, compile_prefill=True, compile_decode=True)
-        want = generate(model, batch, max_new_tokens=6, prefill_chunk=300, **EAGER)
+        got = generate(model, batch, max_new_tokens=6, policy=Policy(prefill_chunk=300))
+        want = generate(model, batch, max_new_tokens=6, policy=EAGER.replace(prefill_chunk=300))
         assert [r.tokens for r in got] == [r.tokens for r in want], f"n={n} batch={len(batch)}"
     record_property("graphs_after_warmup", stats["unique_graphs"] - before)
     assert stats["unique_graphs"] == before
