@@ -5,21 +5,19 @@ does not depend on values), plus a correctness check of the GPU prefill/decode p
     python analysis/bench_generation.py --out results.json [--contexts 8192 32768 65536 131072] [--shapes llama2_7b]
     python analysis/bench_generation.py --one-million --out results_1m.json   # Llama-3.1-8B hybrid, 1M-token prompt
 
-Decode step: one token at position ``ctx`` over caches holding ``ctx`` tokens (so every full buffer and every ring is
-exactly full: the mask-free SDPA path), captured in a CUDA graph and replayed; also the masked path (as for rows of
-different lengths). Bytes per step = every weight read once (the embedding table excepted: one row) + every cached
-K/V byte; bandwidth = bytes / step time. Prefill is chunked (8K) through the same code as ``generate``.
+Harness rows (an ``Engine``, no sampling loop): the prefill of a ``ctx``-token prompt (chunked by ``--chunk``) after a
+warm-up prefill, then decode steps at positions ``ctx``, ``ctx + 1``, ... (``Engine.step``: CUDA graphs; eager and,
+with ``--compile-decode``, compiled layers): median ms per step. Bytes per step = every weight read once (the
+embedding table excepted: one row) + every cached K/V byte; bandwidth = bytes / step time.
 
-The user's path (``--generate``): ``generate(model, [prompt], max_new_tokens=N, prefill_chunk=C)`` itself, called twice
-per row (the first call compiles and captures; the second is reported), with its own timings: ``Generation.prefill_s``
-and the decode time per token from ``Generation.decode_s`` (the Python loop, sampling, one host sync per token and the
-CUDA-graph replays all included; CUDA-graph capture and the fused step's compilation are recorded apart, as
-``generate()`` reports them), and peak memory. ``--chunks 0 8192``: 0 = the whole prompt in one chunk.
-``--compile-decode``: each row also with ``generate(compile_decode=True)`` (the fused decode step).
-``--fuse-projections``: each row also after ``models.fuse_projections`` (q/k/v and gate/up as one matrix product each).
-``--compile-prefill``: each row also with ``generate(compile_prefill=True)``. ``--modes``: exactly these rows instead,
-each a ``+``-joined set of compile_decode, fuse_projections, compile_prefill, split_k (or ``plain``), e.g.
-``--modes plain compile_decode+fuse_projections+compile_prefill``.
+The user's path (``--generate``): ``generate(model, [prompt], max_new_tokens=N, policy=...)`` itself, called twice per
+row (the first call compiles and captures; the second is reported), with its own timings: ``Generation.prefill_s``
+and the decode time per token from ``Generation.decode_s`` (the Python loop, sampling, one host wait per token and the
+CUDA-graph replays included; capture and the decode step's compilation recorded apart), and peak memory. ``--chunks
+0 8192``: the policy's ``prefill_chunk``, 0 = the whole prompt. ``--modes``: the rows per layout, each ``plain`` (eager
+layers) or a ``+``-joined set of ``compile_decode``, ``fuse_projections`` (``models.fuse_projections``),
+``compile_prefill``; without it, the products of ``--compile-decode`` / ``--fuse-projections`` /
+``--compile-prefill``. ``--layouts``: hybrid and/or dense.
 
     python analysis/bench_generation.py --generate --out gen.json --contexts 131072 --shapes llama2_7b --chunks 0 8192
 """
@@ -32,12 +30,14 @@ import time
 
 import torch
 
-from flexgen_long.cache import ModelCache, plan_cache, free_memory_bytes
-from flexgen_long.generation import _GraphedStep, decode_step, exact_layers, generate, prefill
+from flexgen_long.cache import free_memory_bytes, plan_cache
+from flexgen_long.engine import Engine
+from flexgen_long.generation import generate
 from flexgen_long.models import (fuse_projections, longgen_llama, longgen_llama2_7b, longgen_llama3_1_8b, relayout,
                                  unfuse_projections)
-from flexgen_long.patterns import AttnSink, Full
-from flexgen_long import attention, generation, timing
+from flexgen_long.patterns import AttnSink
+from flexgen_long.policy import Policy
+from flexgen_long import timing
 
 SPARSE = AttnSink(sink=64, window=1984)  # 2048 keys per query (the paper's ~1/64 of 128K), the records' pattern; the
 # library default is now the block-aligned AttnSink(128, 1920) (flexgen_long.layout), timed through generate() by
@@ -67,72 +67,59 @@ def bytes_per_step(model, cache) -> int:
 
 def measure(model, ctx: int, chunk: int, decode_reps: int = 30, compile_decode: bool = False) -> dict:
     dev = torch.device("cuda")
-    plan = plan_cache(model, 1, ctx + 1, torch.bfloat16)
+    steps = 2 * (decode_reps + 2) + 2  # warm-up and timed steps of each step kind, at successive positions
+    plan = plan_cache(model, 1, ctx + steps, torch.bfloat16)
     kv_bytes = sum(lp.bytes for lp in plan.layers)
     row = {"ctx": ctx, "kv_bytes": kv_bytes}
     free = free_memory_bytes(dev)
     if kv_bytes + 6 * 2**30 > free:  # activations of an 8K chunk: a few GiB
         row["skipped"] = f"KV {kv_bytes / 2**30:.1f} GiB + ~6 GiB activations > {free / 2**30:.1f} GiB free"
         return row
-    cache = ModelCache(model, 1, ctx + 1, torch.bfloat16, dev)
     prompt = torch.randint(0, model.tok_embeddings.num_embeddings, (ctx,), device=dev)
-    with torch.inference_mode():
-        if ctx <= 131072:  # warm-up (compiles flex for these shapes); at 1M the one prefill includes compilation
-            prefill(model, cache, prompt, 0, chunk)
-            torch.cuda.synchronize()
-            cache.reset()
-        row["prefill_includes_compile"] = ctx > 131072
+    kinds = [("decode_ms", Policy(prefill_chunk=chunk, compile_decode=False, compile_prefill=False))]
+    if compile_decode:
+        kinds.append(("decode_compiled_ms", Policy(prefill_chunk=chunk, compile_decode=True, compile_prefill=False)))
+    tok = prompt[-1:].clone()
+    for key, policy in kinds:
+        engine = Engine(model, policy)
         t = time.perf_counter()
-        prefill(model, cache, prompt, 0, chunk)
-        torch.cuda.synchronize()
-        row["prefill_s"] = time.perf_counter() - t
-        tok, pos = prompt[-1:].clone(), torch.tensor([ctx], device=dev)
-        exact = exact_layers(model, cache, ctx, ctx)
-        row["exact_layers"] = len(exact)
-        g = _GraphedStep(model, cache, 1, dev)
-        g(tok, pos, exact)
-        g(tok, pos, exact)
-        row["decode_ms"] = _cuda_time(lambda: g(tok, pos, exact), decode_reps)
-        g(tok, pos, frozenset())
-        g(tok, pos, frozenset())
-        row["decode_masked_ms"] = _cuda_time(lambda: g(tok, pos, frozenset()), decode_reps)
-        row["decode_eager_ms"] = _cuda_time(lambda: decode_step(model, cache, tok, pos, exact), 5)
-        if compile_decode:  # the same step through torch.compile, then captured (compiles on the warm-up call)
+        engine.reserve(1, ctx + steps)
+        row[key.replace("_ms", "_compile_s")] = time.perf_counter() - t if policy.compile_decode else 0.0
+        if key == "decode_ms":
+            row["prefill_includes_compile"] = ctx > 131072
+            if ctx <= 131072:  # warm-up (compiles flex for these shapes); at 1M the one prefill includes compilation
+                engine.prefill(prompt, 0)
+                engine.reserve(1, ctx + steps)
+            torch.cuda.synchronize()
             t = time.perf_counter()
-            gc_ = _GraphedStep(model, cache, 1, dev, compile=True)
-            gc_(tok, pos, exact)
-            row["decode_compile_s"] = time.perf_counter() - t
-            gc_(tok, pos, exact)
-            row["decode_compiled_ms"] = _cuda_time(lambda: gc_(tok, pos, exact), decode_reps)
-            ref_logits = g(tok, pos, exact).float()
-            row["decode_compiled_max_rel_diff"] = float((gc_(tok, pos, exact).float() - ref_logits).abs().max()
-                                                        / ref_logits.abs().max())
-            del gc_
-    row["bytes_per_step"] = bytes_per_step(model, cache)
+            engine.prefill(prompt, 0)
+            torch.cuda.synchronize()
+            row["prefill_s"] = time.perf_counter() - t
+        else:
+            engine.prefill(prompt, 0)
+        row[key] = _cuda_time(lambda: engine.step(tok), decode_reps)
+        if key == "decode_ms":
+            row["bytes_per_step"] = bytes_per_step(model, engine.cache)
+        engine.cache = None  # free the caches before the next kind's
     row["decode_GBps"] = row["bytes_per_step"] / (row["decode_ms"] * 1e-3) / 1e9
     row["peak_alloc_GiB"] = torch.cuda.max_memory_allocated() / 2**30
-    del cache, g
     torch.cuda.empty_cache()
     return row
 
 
-def user_path(model, ctx: int, chunk: int | None, new_tokens: int, compile_decode: bool = False,
-              compile_prefill: bool = False) -> dict:
+def user_path(model, ctx: int, policy: Policy, new_tokens: int) -> dict:
     """``generate()`` as users call it, second of two calls (module docstring)."""
-    dev = torch.device("cuda")
     prompt = torch.randint(0, model.tok_embeddings.num_embeddings, (ctx,)).tolist()
-    row = {"ctx": ctx, "prefill_chunk": chunk or "whole", "new_tokens": new_tokens, "compile_decode": compile_decode,
-           "compile_prefill": compile_prefill}
-    kw = {"max_new_tokens": new_tokens, "prefill_chunk": chunk, "compile_decode": compile_decode,
-          "compile_prefill": compile_prefill}
+    row = {"ctx": ctx, "prefill_chunk": policy.prefill_chunk or "whole", "new_tokens": new_tokens,
+           "compile_decode": policy.compile_decode, "compile_prefill": policy.compile_prefill}
     t = time.perf_counter()
-    first = generate(model, [prompt], **kw)[0]
+    first = generate(model, [prompt], max_new_tokens=new_tokens, policy=policy)[0]
     row["first_call_s"] = time.perf_counter() - t
     row["first_call_prefill_s"] = first.prefill_s
     row["first_call_compile_s"] = first.compile_s
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    g = generate(model, [prompt], **kw)[0]
+    g = generate(model, [prompt], max_new_tokens=new_tokens, policy=policy)[0]
     row["capture_s"] = g.capture_s
     row["prefill_s"] = g.prefill_s
     row["decode_ms_per_token"] = g.decode_s / max(len(g.tokens) - 1, 1) * 1e3
@@ -145,42 +132,40 @@ def user_path(model, ctx: int, chunk: int | None, new_tokens: int, compile_decod
 
 
 #: What a hybrid row shares with the dense row its ratios are taken against: shape, prompt and every mode.
-PAIRED_BY = ("shape", "ctx", "prefill_chunk", "compile_decode", "compile_prefill", "full_decode_kernel",
-             "fused_projections")
+PAIRED_BY = ("shape", "ctx", "prefill_chunk", "compile_decode", "compile_prefill", "fused_projections")
 
 
 def run_user_path(args) -> None:
     sparse = [AttnSink(*map(int, p.split(","))) for p in args.sparse]
     if args.modes:
-        decode_modes = [("compile_decode" in m, "split_k" if "split_k" in m else "sdpa", "fuse_projections" in m,
-                         "compile_prefill" in m) for m in args.modes]
-    else:  # eager step, then the fused one; each with every full-layer decode kernel asked for
-        decode_modes = [(cd, kern, fp, cp) for cp in ([False, True] if args.compile_prefill else [False])
-                        for fp in ([False, True] if args.fuse_projections else [False])
-                        for cd in ([False, True] if args.compile_decode else [False])
-                        for kern in args.full_decode_kernels]
+        modes = [("compile_decode" in m, "fuse_projections" in m, "compile_prefill" in m) for m in args.modes]
+    else:  # every product of the flags asked for
+        modes = [(cd, fp, cp) for cp in ([False, True] if args.compile_prefill else [False])
+                 for fp in ([False, True] if args.fuse_projections else [False])
+                 for cd in ([False, True] if args.compile_decode else [False])]
     res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "path": "generate()",
-           "decode_compile_options": args.decode_compile_options,
+           "compile_options": args.compile_options, "commit": args.commit,
            "full_layers": "middle third", "dtype": "bf16", "batch": 1, "rows": []}
     torch.set_default_dtype(torch.bfloat16)
     for shape in args.shapes:
         with torch.device("cuda"):
             model = SHAPES[shape](max_seq_len=max(args.contexts) + args.new_tokens).eval()
-        full_idx = {i for i, l in enumerate(model.layers) if isinstance(l.attn.pattern, Full)}
+        full_idx = [i for i, l in enumerate(model.layers) if l.attn.pattern.is_full]
         for ctx in args.contexts:
             for chunk in args.chunks:
-                layouts = [("hybrid", p, cd) for p in sparse for cd in decode_modes] + \
-                    [("dense", None, cd) for cd in decode_modes]
-                for layout, pat, (cd, kern, fp, cp) in layouts:
-                    relayout(model, sorted(full_idx) if pat is not None else "all", pat or SPARSE)
-                    attention.FULL_DECODE_KERNEL = kern
+                layouts = [("hybrid", p, m) for p in sparse for m in modes if "hybrid" in args.layouts] + \
+                    [("dense", None, m) for m in modes if "dense" in args.layouts]
+                for layout, pat, (cd, fp, cp) in layouts:
+                    relayout(model, full_idx if pat is not None else "all", pat or SPARSE)
                     (fuse_projections if fp else unfuse_projections)(model)
+                    policy = Policy(prefill_chunk=chunk or None, compile_decode=cd, compile_prefill=cp,
+                                    compile_options=args.compile_options)
                     r = {"shape": shape, "layout": layout, "sparse_pattern": repr(pat) if pat else None,
-                         "full_decode_kernel": kern, "fused_projections": fp}
+                         "fused_projections": fp}
                     try:
-                        r.update(user_path(model, ctx, chunk or None, args.new_tokens, cd, cp))
-                    except torch.OutOfMemoryError as e:
-                        r["error"] = f"OutOfMemoryError: {str(e).splitlines()[0][:200]}"
+                        r.update(user_path(model, ctx, policy, args.new_tokens))
+                    except (torch.OutOfMemoryError, MemoryError) as e:
+                        r["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                         torch.cuda.empty_cache()
                     res["rows"].append(r)
                     print(json.dumps(r), flush=True)
@@ -197,6 +182,13 @@ def run_user_path(args) -> None:
                 r["decode_speedup"] = d["decode_ms_per_token"] / r["decode_ms_per_token"]
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
+    print(f"{'shape':12s} {'layout':7s} {'ctx':>7s} {'chunk':>6s} {'mode':28s} {'prefill s':>9s} {'ms/token':>8s} "
+          f"{'peak GiB':>8s}")
+    for r in res["rows"]:
+        mode = "+".join(k for k in ("compile_decode", "fused_projections", "compile_prefill") if r.get(k)) or "plain"
+        print(f"{r['shape']:12s} {r['layout']:7s} {r.get('ctx', 0):7d} {str(r.get('prefill_chunk', '')):>6s} "
+              f"{mode:28s} {r.get('prefill_s', float('nan')):9.3f} {r.get('decode_ms_per_token', float('nan')):8.3f} "
+              f"{r.get('peak_alloc_GiB', float('nan')):8.2f}" + (f"  {r['error']}" if "error" in r else ""))
 
 
 def gpu_correctness() -> dict:
@@ -211,12 +203,11 @@ def gpu_correctness() -> dict:
         toks = torch.randint(0, 300, (1, S), device=dev)
         with torch.inference_mode():
             ref = m(toks)[0]
-            cache = ModelCache(m, 1, S, torch.float32, dev)
-            outs = [prefill(m, cache, toks[0, :P], 0, chunk=256, all_logits=True)]
-            for t in range(P, S):
-                outs.append(decode_step(m, cache, toks[:, t], torch.tensor([t], device=dev),
-                                        exact_layers(m, cache, t, t)))
-            got = torch.cat(outs)
+        engine = Engine(m, Policy(prefill_chunk=256))
+        engine.reserve(1, S)
+        outs = [engine.prefill(toks[0, :P], 0, all_logits=True)]
+        outs += [engine.step(toks[:, t]) for t in range(P, S)]
+        got = torch.cat(outs)
         out[repr(pat)] = float((got - ref).abs().max() / ref.abs().max())
     return out
 
@@ -228,39 +219,40 @@ def main():
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
     ap.add_argument("--chunk", type=int, default=8192)
     ap.add_argument("--one-million", action="store_true")
+    ap.add_argument("--commit", default=None)
     ap.add_argument("--compile-decode", action="store_true",
-                    help="also time the fused decode step (generation.fused_decode_step; with --generate: "
-                         "generate(compile_decode=True) rows beside the eager ones)")
+                    help="also time the decode step with compiled layers (Policy(compile_decode=True); with "
+                         "--generate: such rows beside the eager ones)")
     ap.add_argument("--generate", action="store_true", help="time generate() itself (the user's path)")
-    ap.add_argument("--decode-compile-options", type=json.loads, default=None, metavar="JSON",
-                    help="with --compile-decode: Inductor options of the fused step (generation."
-                         "DECODE_COMPILE_OPTIONS), e.g. '{\"coordinate_descent_tuning\": true}'")
+    ap.add_argument("--compile-options", type=json.loads, default=None, metavar="JSON",
+                    help="with --generate: Inductor options of the compiled decode step (Policy.compile_options), "
+                         "e.g. '{\"coordinate_descent_tuning\": true}'")
     ap.add_argument("--fuse-projections", action="store_true",
                     help="with --generate: each row also with models.fuse_projections (one q/k/v and one gate/up "
                          "matrix product per layer)")
     ap.add_argument("--compile-prefill", action="store_true",
-                    help="with --generate: each row also with generate(compile_prefill=True)")
+                    help="with --generate: each row also with Policy(compile_prefill=True)")
     ap.add_argument("--modes", nargs="+", default=None, metavar="MODE",
                     help="with --generate: exactly these rows per layout (instead of the flags' products): each "
-                         "'plain' or a '+'-joined set of compile_decode, fuse_projections, compile_prefill, split_k")
-    ap.add_argument("--full-decode-kernels", nargs="+", default=["sdpa"], choices=["sdpa", "split_k"],
-                    help="with --generate: rows for each full-layer decode kernel (attention.FULL_DECODE_KERNEL)")
+                         "'plain' or a '+'-joined set of compile_decode, fuse_projections, compile_prefill")
+    ap.add_argument("--layouts", nargs="+", default=["hybrid", "dense"], choices=["hybrid", "dense"],
+                    help="with --generate: the layouts to time")
     ap.add_argument("--chunks", type=int, nargs="+", default=[0, 8192],
-                    help="with --generate: prefill_chunk values, 0 = whole prompt")
+                    help="with --generate: the policy's prefill_chunk values, 0 = whole prompt")
     ap.add_argument("--new-tokens", type=int, default=128, help="with --generate: tokens generated per call")
     ap.add_argument("--sparse", nargs="+", default=["64,1984", "128,1920"],
                     help="with --generate: the hybrid rows' AttnSink patterns, as sink,window")
     args = ap.parse_args()
-    known = {"plain", "compile_decode", "fuse_projections", "compile_prefill", "split_k"}
+    known = {"plain", "compile_decode", "fuse_projections", "compile_prefill"}
     for m in args.modes or ():
         if not set(m.split("+")) <= known:
             ap.error(f"--modes: {m!r} is not 'plain' or a '+'-joined set of {sorted(known - {'plain'})}")
     args.modes = [set(m.split("+")) for m in args.modes] if args.modes else None
-    generation.DECODE_COMPILE_OPTIONS = args.decode_compile_options  # the fused step of both paths
     if args.generate:
         return run_user_path(args)
     res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "sparse_pattern": repr(SPARSE),
-           "full_layers": "middle (10..20 of 32)", "prefill_chunk": args.chunk, "dtype": "bf16", "batch": 1}
+           "full_layers": "middle (10..20 of 32)", "prefill_chunk": args.chunk, "dtype": "bf16", "batch": 1,
+           "commit": args.commit, "decode": "Engine.step at successive positions from ctx, CUDA graphs"}
     if not args.one_million:
         res["gpu_correctness_max_rel_err"] = gpu_correctness()
         print("correctness", res["gpu_correctness_max_rel_err"], flush=True)
@@ -269,7 +261,7 @@ def main():
         contexts = [1 << 20] if args.one_million else args.contexts
         with torch.device("cuda"):
             model = SHAPES[shape](max_seq_len=max(contexts) + 1).eval()
-        full_idx = {i for i, l in enumerate(model.layers) if isinstance(l.attn.pattern, Full)}
+        full_idx = {i for i, l in enumerate(model.layers) if l.attn.pattern.is_full}
         rows = []
         for ctx in contexts:
             for layout in (("hybrid",) if args.one_million else ("hybrid", "dense")):
@@ -306,11 +298,11 @@ def main():
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
     print(f"{'shape':12s} {'ctx':>7s} {'layout':7s} {'KV GiB':>8s} {'prefill s':>9s} {'decode ms':>9s} "
-          f"{'masked ms':>9s} {'GB/s':>7s}")
+          f"{'compiled ms':>11s} {'GB/s':>7s}")
     for r in res["rows"]:
         print(f"{r['shape']:12s} {r['ctx']:7d} {r['layout']:7s} {r['kv_bytes'] / 2**30:8.2f} "
               f"{r.get('prefill_s', float('nan')):9.2f} {r.get('decode_ms', float('nan')):9.3f} "
-              f"{r.get('decode_masked_ms', float('nan')):9.3f} {r.get('decode_GBps', float('nan')):7.0f}"
+              f"{r.get('decode_compiled_ms', float('nan')):11.3f} {r.get('decode_GBps', float('nan')):7.0f}"
               + (f"  ({r['skipped']})" if "skipped" in r else ""))
     print(json.dumps(summ, indent=1))
 

@@ -5,7 +5,7 @@ and the compilation time they cost, time-to-first-token p50/p99 and decode token
 
 Passes, in one process, over the same calls:
 1. ``cold``: the library as a user first meets it -- graphs compile when a new bucket first appears;
-2. ``warmup``: ``flexgen_long.generation.warmup(model, max_len)`` compiles every bucket ahead of traffic;
+2. ``warmup``: ``Engine(model, policy).warmup(max_len)`` compiles every bucket ahead of traffic;
 3. ``warm``: the same calls again; compilation adds nothing now, and p99 TTFT cold vs warm is the cost of compiling on
    the request path.
 Then the peer, transformers' MinistralForCausalLM with the same layout (per-layer ``layer_types``, sliding window =
@@ -37,10 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import environment, free, hf_peer  # noqa: E402
-from flexgen_long.generation import batch_decode_s, generate, warmup  # noqa: E402
+from flexgen_long.engine import Engine  # noqa: E402
+from flexgen_long.generation import batch_decode_s, generate  # noqa: E402
 from flexgen_long.layout import full_layer_indices  # noqa: E402
 from flexgen_long.models import LLAMA3_1_ROPE_SCALING, longgen_llama  # noqa: E402
 from flexgen_long.layout import DEFAULT_SPARSE_PATTERN  # noqa: E402
+from flexgen_long.policy import Policy  # noqa: E402
 from flexgen_long.shapes import compiled_graphs  # noqa: E402
 
 #: Llama-3.1-8B's layer shape (dim 4096, 32 q / 8 kv heads, FFN 14336, vocab 128256), fewer layers
@@ -80,19 +82,20 @@ def summary(calls: list[dict]) -> dict:
             "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99), "ttft_max_s": max(ttft) if ttft else None,
             "decode_tokens_per_s": dec_tok / dec_s if dec_s else None,
             "compiled_graphs": sum(c.get("new_graphs", 0) for c in calls),
+            "dynamo_graphs": sum(c.get("new_dynamo_graphs", 0) for c in calls),
             "compile_s": sum(c.get("compile_s", 0.0) for c in calls),
             "wall_s": sum(c.get("wall_s", 0.0) for c in calls)}
 
 
-def run_ours(model, calls, vocab, new_tokens, label, save, compile_decode: bool = False) -> list[dict]:
-    out = []
+def run_ours(engine, calls, vocab, new_tokens, label, save) -> list[dict]:
+    """Every call through ``generate(engine, ...)``: one engine (model + policy) serves them all."""
+    out, stats = [], torch._dynamo.utils.counters["stats"]
     for i, lengths in enumerate(calls):
-        g0 = {id(g) for g in compiled_graphs()}
+        g0, d0 = {id(g) for g in compiled_graphs()}, stats["unique_graphs"]
         rec = {"call": i, "batch": len(lengths), "lengths": lengths}
         t0 = time.perf_counter()
         try:
-            gens = generate(model, prompts_for(lengths, vocab, i), max_new_tokens=new_tokens,
-                            compile_decode=compile_decode)
+            gens = generate(engine, prompts_for(lengths, vocab, i), max_new_tokens=new_tokens)
             rec.update(ttft_s=gens[0].prefill_s, decode_s=batch_decode_s(gens),
                        decode_tokens=sum(g.decode_tokens for g in gens), prefill_chunk=gens[0].prefill_chunk,
                        capture_s=max(g.capture_s for g in gens))  # CUDA-graph capture, not in decode_s
@@ -102,6 +105,7 @@ def run_ours(model, calls, vocab, new_tokens, label, save, compile_decode: bool 
         rec["wall_s"] = time.perf_counter() - t0
         new = [g for g in compiled_graphs() if id(g) not in g0]
         rec["new_graphs"], rec["compile_s"] = len(new), sum(g.first_call_s for g in new)
+        rec["new_dynamo_graphs"] = stats["unique_graphs"] - d0  # every graph dynamo made, the compiled layers' too
         out.append(rec)
         if i % 20 == 0 or "error" in rec:
             print(f"{label} call {i:3d} batch {len(lengths)} max {max(lengths):6d}: "
@@ -184,8 +188,9 @@ def main(argv=None):
     ap.add_argument("--passes", nargs="+", default=["cold", "warmup", "warm"], choices=["cold", "warmup", "warm"],
                     help="which passes of our generate() to run, in order")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--compile-decode", action="store_true",
-                    help="our calls through generate(compile_decode=True) (the fused decode step)")
+    ap.add_argument("--eager", action="store_true",
+                    help="our calls with eager layers (Policy(compile_prefill=False, compile_decode=False)) instead "
+                         "of the device's default policy")
     ap.add_argument("--tiny", action="store_true", help="a small model for a CPU smoke test of the script")
     a = ap.parse_args(argv)
     dev = torch.device(a.device)
@@ -193,7 +198,7 @@ def main(argv=None):
         if a.tiny else SHAPE
     calls = workload(a.calls, a.max_len, a.max_batch, a.new_tokens, a.seed)
     res = {"benchmark": "served workload", **environment(dev, a.commit),
-           "compile_decode": a.compile_decode,
+           "policy": "eager layers" if a.eager else "the device's default",
            "model": {**shape, "num_layers": a.layers, "full_layers": list(full_layer_indices(a.layers, "middle")),
                      "sparse": repr(SPARSE), "dtype": "bf16", "weights": "random"},
            "workload": {"calls": a.calls, "max_len": a.max_len, "max_batch": a.max_batch, "new_tokens": a.new_tokens,
@@ -212,19 +217,21 @@ def main(argv=None):
                                  sparse_pattern=SPARSE, rope_scaling=LLAMA3_1_ROPE_SCALING).to(torch.bfloat16).eval()
 
     model = ours(dev)
+    engine = Engine(model, Policy(compile_prefill=False, compile_decode=False) if a.eager else Policy())
     for label in a.passes:
         if label == "warmup":
-            res["passes"]["warmup"] = warmup(model, a.max_len - a.new_tokens, compile_decode=a.compile_decode)
+            w = engine.warmup(a.max_len - a.new_tokens)
+            res["passes"]["warmup"] = {**w, "graphs": [list(map(str, g)) for g in w["graphs"]]}
             print("warmup", res["passes"]["warmup"], flush=True)
             continue
-        rows = run_ours(model, calls, shape["vocab_size"], a.new_tokens, label, save, a.compile_decode)
+        rows = run_ours(engine, calls, shape["vocab_size"], a.new_tokens, label, save)
         res["passes"][label] = {"summary": summary(rows), "calls": rows}
         print(label, res["passes"][label]["summary"], flush=True)
         save()
     if "cold" in res["passes"] and "warm" in res["passes"]:
         cold, warm = res["passes"]["cold"]["summary"], res["passes"]["warm"]["summary"]
         res["compile_share_of_cold_p99_ttft"] = cold["ttft_p99_s"] / warm["ttft_p99_s"] - 1
-    del model
+    del model, engine
     free()
     for impl in a.hf_impls:
         rows = run_hf(ours("meta"), shape["vocab_size"], calls, a.new_tokens, impl, a.hf_seconds, a.max_len, dev,

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Callable, Hashable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["BLOCK", "padded_len", "bucket_count", "buckets", "compiled", "compiled_graphs", "GraphInfo",

@@ -72,8 +72,7 @@ from torch import nn
 from torchtune.modules import TransformerSelfAttentionLayer
 
 from . import recipe_config as rc
-from .attention import HybridAttention
-from .patterns import Full
+from .attention import attention_layers
 from .shapes import padded_len
 
 __all__ = ["ModelShape", "Unit", "TrainPlan", "plan_training", "plan_from_config", "check_fits", "headline",
@@ -121,7 +120,7 @@ class ModelShape:
     @classmethod
     def of(cls, model: nn.Module) -> "ModelShape":
         layers = [m for m in model.modules() if isinstance(m, TransformerSelfAttentionLayer)]
-        attn = [m for m in model.modules() if isinstance(m, HybridAttention)]
+        attn = attention_layers(model)
         if not layers or len(attn) != len(layers):
             raise ValueError("the training plan needs a model built by flexgen_long.models (one HybridAttention per "
                              f"TransformerSelfAttentionLayer), got {type(model).__name__}")
