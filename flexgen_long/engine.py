@@ -33,8 +33,8 @@ class Engine:
     """A model with its caches and policy. ``reserve`` allocates the caches for a batch; ``prefill`` fills one row;
     ``step`` decodes one token per row; ``warmup`` compiles what prompts up to a length will need.
 
-    ``compile_s``: compiling the decode step ahead of the first step (``reserve``); ``capture_s``: CUDA-graph capture
-    so far -- setup, reported apart from decoding. Positions are tracked on the host (``lengths``: each row's tokens so
+    ``compile_s``: compiling the decode step ahead of the first step; ``capture_s``: CUDA-graph capture since the last
+    ``reserve`` -- setup, reported apart from decoding. Positions are tracked on the host (``lengths``: each row's tokens so
     far) and on the device, so a step never waits for the GPU."""
 
     def __init__(self, model: nn.Module, policy: Policy | None = None):
@@ -85,8 +85,8 @@ class Engine:
         self.lengths = [0] * batch_size
         self._pos = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # static buffers (CUDA graphs)
         self._tokens = torch.zeros(batch_size, dtype=torch.long, device=self.device)
-        self._graphs: dict = {}
-        self._pos_stale = True
+        self._graphs: dict = {}  # new caches: new captures, counted afresh
+        self._pos_stale, self.capture_s, self.compile_s = True, 0.0, 0.0
         if self.policy.compile_decode:
             self.compile_s = self._compile_decode(batch_size)
         return self.chunk
