@@ -19,7 +19,12 @@ Per length it measures:
 * prefill: a no-grad forward of the whole prompt through every layer, keeping each layer's K/V as a cache would (full
   layers: every token; sparse layers: the tokens the next query may still see, gathered per KV head) and computing
   logits for the last position only (what a prefill needs to sample the first token);
-* decode: one step through ``flexgen_long.generation`` when that module exists, else recorded as not measured;
+* decode: steps through ``flexgen_long.engine.Engine`` (eager layers, CUDA graphs on a GPU), after its own untimed
+  prefill of the prompt. Every call decodes at the next position (S, S + 1, ...: a step advances the rows), over caches
+  sized for S + ``DECODE_STEPS`` tokens -- the route ``generate()`` runs before its last token (full layers mask the
+  buffer's empty slots; a full ring needs no mask); ``decode_routes`` counts the layers per route. (Records made before
+  the engine timed one step at position S over caches of S + 1 tokens, every buffer and ring exactly full: the
+  mask-free route in every layer, counted as ``exact_layers``.);
 * train: forward + backward of ``--train-layers`` layers of the same shape with the same full/sparse ratio (the whole
   model does not fit with activations at long context); the LM head is left out because it costs the same in every
   variant and would only dilute the attention difference at reduced depth -- stated in the JSON;
@@ -41,7 +46,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import importlib.util
 import json
 import platform
 import statistics
@@ -55,13 +59,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from flexgen_long import models  # noqa: E402
-from flexgen_long.attention import HybridAttention, MaskSet  # noqa: E402
+from flexgen_long.attention import MaskSet, attention_layers  # noqa: E402
 from flexgen_long.cache import plan_cache  # noqa: E402
+from flexgen_long.engine import Engine  # noqa: E402
 from flexgen_long.hf import model_sizes  # noqa: E402
 from flexgen_long.layout import full_layer_indices  # noqa: E402
 from flexgen_long.models import relayout  # noqa: E402
+from flexgen_long.patterns import AttnSink, BlockSparse  # noqa: E402
+from flexgen_long.policy import Policy  # noqa: E402
+from flexgen_long.routes import route  # noqa: E402
 from flexgen_long.timing import measure, time_call  # noqa: E402
-from flexgen_long.patterns import AttnSink, BlockSparse, Full  # noqa: E402
 
 
 #: model shapes (flexgen_long.models presets) -> builder, and the shape recorded in the JSON
@@ -125,7 +132,7 @@ def kept_positions(pattern, seq_len: int, num_kv_heads: int, device) -> torch.Te
     """[Hkv, n] positions that a compact cache keeps after a prompt of ``seq_len`` tokens: the keys the last prompt
     token sees (per KV head; padded to the longest head by repeating its last position). None for Full. (prefill_fn
     gathers these so that its peak memory includes a cache's bytes.)"""
-    if isinstance(pattern, Full):
+    if pattern.is_full:
         return None
     pattern = pattern.bind_heads(num_kv_heads)
     k = torch.arange(seq_len, device=device)
@@ -138,7 +145,7 @@ def kv_record(model, seq_len: int, dtype) -> dict:
     """KV cache of a prompt of ``seq_len`` tokens as ``generate`` allocates it (``flexgen_long.cache.plan_cache``:
     K, V and slot positions per layer), and the slots per distinct sparse pattern."""
     plan = plan_cache(model, 1, seq_len, dtype)
-    slots = {repr(lp.pattern): lp.slots for lp in plan.layers if not isinstance(lp.pattern, Full)}
+    slots = {repr(lp.pattern): lp.slots for lp in plan.layers if not lp.pattern.is_full}
     return {"kv_gib": plan.total_bytes / 2**30, "kv_bytes": plan.total_bytes, "slots_sparse_layer": slots,
             "source": "flexgen_long.cache.plan_cache"}
 
@@ -149,7 +156,7 @@ def set_layout(model, full_layers, sparse) -> list:
     """Switch every layer's pattern in place (``flexgen_long.models.relayout``: same weights across variants); the
     per-layer patterns."""
     relayout(model, full_layers, sparse if sparse is not None else AttnSink(0, 1))  # no sparse layer with "all"
-    return [m.pattern for m in model.modules() if isinstance(m, HybridAttention)]
+    return [a.pattern for a in attention_layers(model)]
 
 
 def build(name: str, num_layers: int | None, max_seq_len: int, device, dtype):
@@ -191,11 +198,11 @@ def hf_peer(model, max_len: int, impl: str, device, dtype):
 
     shp = model_sizes(model)
     patterns = [layer.attn.pattern for layer in model.layers]
-    sparse = {p for p in patterns if not isinstance(p, Full)}
-    if len(sparse) != 1 or not isinstance(next(iter(sparse)), AttnSink):
+    sparse = {p for p in patterns if not p.is_full}
+    sp = next(iter(sparse), None)
+    if len(sparse) != 1 or not hasattr(sp, "window"):  # a sink + sliding window (AttnSink) is what HF can express
         raise ValueError(f"the HF peer runs one AttnSink pattern beside full layers, got {sorted(map(repr, sparse))}")
-    sp = next(iter(sparse))
-    layer_types = ["full_attention" if isinstance(p, Full) else "sliding_attention" for p in patterns]
+    layer_types = ["full_attention" if p.is_full else "sliding_attention" for p in patterns]
     cfg = MinistralConfig(
         vocab_size=shp["vocab_size"], hidden_size=shp["embed_dim"], intermediate_size=shp["intermediate_dim"],
         num_hidden_layers=shp["num_layers"], num_attention_heads=shp["num_heads"],
@@ -217,10 +224,9 @@ def hf_peer(model, max_len: int, impl: str, device, dtype):
 
 def run_layers(model, tokens, needs_grad: bool, kv_hooks: list | None = None):
     """Embedding and every layer with one MaskSet (as HybridDecoder.forward), then the final norm; no LM head."""
-    attn = [m for m in model.modules() if isinstance(m, HybridAttention)]
+    attn = attention_layers(model)
     mask = MaskSet([a.pattern for a in attn], tokens.shape[1], num_heads=attn[0].num_heads,
-                   num_kv_heads=attn[0].num_kv_heads, device=tokens.device,
-                   kind=MaskSet.kind_for(tokens.device, needs_grad))
+                   num_kv_heads=attn[0].num_kv_heads, device=tokens.device, grad=needs_grad)
     h = model.tok_embeddings(tokens)
     for layer in model.layers:
         h = layer(h, mask=mask)
@@ -271,32 +277,41 @@ def train_fn(model, tokens):
     return fn
 
 
+def decode_routes(engine: Engine, first: int, last: int) -> dict:
+    """Layers per decode route (flexgen_long.routes: {kernel: layers}) of ``engine``'s caches for steps whose lowest row
+    position runs from ``first`` to ``last``; ValueError when the routes change in between (a timed window would mix
+    kernels, and under CUDA graphs capture a new graph inside it)."""
+    def at(lo: int) -> dict:
+        kinds = [route(c.pattern, "decode", device=engine.device, policy=engine.policy, q_len=1, slots=c.slots,
+                       lo=lo, batch=engine.cache.batch_size).kernel for c in engine.cache.layers.values()]
+        return {k: kinds.count(k) for k in sorted(set(kinds))}
+    routes = at(first)
+    if at(last) != routes:
+        raise ValueError(f"decode routes change between positions {first} and {last}: {routes} -> {at(last)}")
+    return routes
+
+
+#: Decode steps a record may time (timing.measure's max_reps), and the positions its caches hold beyond the prompt:
+#: the warm-up call, the timed calls and one more, so that every timed step runs the same routes.
+DECODE_REPS_MAX = 200
+DECODE_STEPS = DECODE_REPS_MAX + 2
+
+
 def decode_record(model, tokens, budget_ms: float) -> dict:
-    """Decode step time through flexgen_long.generation (imported lazily: it may be absent in a checkout): fill its
-    compact caches with the prompt (its own prefill, untimed here), then time one step at position S over caches
-    holding S tokens -- full buffers and rings exactly full, the mask-free SDPA path that generate() takes --
-    replayed from a CUDA graph as generate() does on GPU. The step rewrites the same slot each time."""
-    if importlib.util.find_spec("flexgen_long.generation") is None:
-        return {"not_measured": "generation module absent"}
-    gen = importlib.import_module("flexgen_long.generation")
-    from flexgen_long.cache import ModelCache
+    """Decode steps of one row through ``Engine.step`` (eager layers; CUDA-graph replay on a GPU, as generate() runs):
+    the prompt prefilled by the engine (untimed), then one step per call at positions S, S + 1, ... over caches sized
+    for S + DECODE_STEPS tokens (module docstring)."""
     S, dev = tokens.shape[1], tokens.device
-    dtype = next(model.parameters()).dtype
-    with torch.inference_mode():
-        cache = ModelCache(model, 1, S + 1, dtype, dev)
-        gen.prefill(model, cache, tokens[0], 0)
-        tok, pos = torch.zeros(1, dtype=torch.long, device=dev), torch.full((1,), S, dtype=torch.long, device=dev)
-        exact = gen.exact_layers(model, cache, S, S)
-        if dev.type == "cuda":
-            step = gen._GraphedStep(model, cache, 1, dev)  # first call captures the graph; later calls replay it
-            fn = lambda: step(tok, pos, exact)  # noqa: E731
-        else:
-            fn = lambda: gen.decode_step(model, cache, tok, pos, exact)  # noqa: E731
-        r = measure(fn, dev, budget_ms=budget_ms, min_reps=10, max_reps=200)
-    r.update({"cache_gib": cache.nbytes / 2**30 if not callable(cache.nbytes) else cache.nbytes() / 2**30,
-              "exact_layers": len(exact), "method": "generation.decode_step at position S over S cached tokens"
-              + (", CUDA graph replay" if dev.type == "cuda" else "")})
-    del cache
+    engine = Engine(model, Policy(compile_prefill=False, compile_decode=False))
+    engine.reserve(1, S + DECODE_STEPS, S)
+    engine.prefill(tokens[0], 0)
+    routes = decode_routes(engine, S, S + DECODE_STEPS - 2)
+    tok = torch.zeros(1, dtype=torch.long, device=dev)
+    r = measure(lambda: engine.step(tok), dev, budget_ms=budget_ms, min_reps=10, max_reps=DECODE_REPS_MAX)
+    r.update({"cache_gib": engine.cache.nbytes / 2**30, "decode_routes": routes, "capture_s": engine.capture_s,
+              "method": f"Engine.step at positions S, S + 1, ... over caches of S + {DECODE_STEPS} tokens"
+              + (", CUDA graph replay" if engine.policy.cuda_graphs else "")})
+    del engine
     return r
 
 
@@ -307,7 +322,7 @@ def bench_ours(a, device, dtype, res: dict) -> dict:
     max_len = max(a.lengths)
     res.update({"variants": {k: {"full_layers": fl, "sparse_pattern": repr(sp)} for k, (fl, sp) in variants.items()},
                 "sdpa_backend": backend, "prefill": {}, "decode": {}, "train": {}, "kv": {}})
-    model = build(name, None, max_len + 1, device, dtype)  # +1: the decode step at position S
+    model = build(name, None, max_len + DECODE_STEPS, device, dtype)  # the decode steps after S
     model.requires_grad_(False)
     res["shape"] = model_sizes(model)
     L = res["shape"]["num_layers"]

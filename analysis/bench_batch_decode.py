@@ -8,32 +8,43 @@ then the largest batch of 128K-token prompts that fits an 80 GB card for each la
     python analysis/plot_speedups.py --batch-decode '$OUT/batch_decode_*.json' --out analysis/figures
     python analysis/bench_batch_decode.py --tiny --out /tmp/batch_decode_tiny.json     # CPU smoke test, ~1 min
 
-Method (harness-level: the decode step itself, not ``generate()``'s loop with its sampling and one host sync per
-token). For each (shape, context, layout, batch B):
+Method (harness-level: ``flexgen_long.engine.Engine.step`` itself, not ``generate()``'s loop with its sampling and
+one host sync per token). For each (shape, context, layout, batch B):
 
 1. Budget: the step must fit a card of ``--budget-gib`` (79.1 GiB: an 80 GB card as torch reports its total memory,
    as analysis/capacity.py assumes): weights + ``plan_cache(model, B, ctx + new_tokens)`` + a decode step's
-   activations (``decode_activation_bytes``). A batch over budget, or over the device's real free memory, is recorded
-   as ``"skipped": "<why, with the numbers>"`` and the run goes on (it never runs out of memory on purpose; an
-   out-of-memory error that happens anyway is recorded as ``"error"``). Each row also says whether ``generate()``
-   itself fits the budget at that batch (``fits_generate``: ``serving_capacity``, which adds the 8K-chunk prefill's
-   activations): 7B dense at 128K decodes in 80 GB (76.8 GiB) but its 8K-chunk prefill is estimated not to fit.
-2. Caches: row 0 is prefilled once per (shape, context, layout) into a batch-1 ``ModelCache(model, 1, ctx + 1)`` with a
-   random prompt of ctx tokens through the library's ``prefill`` (8K chunks; its time includes flex compilation and is
-   recorded as such). For B > 1 a ``ModelCache(model, B, ctx + 1)`` is allocated and row 0's k, v and pos are copied
-   into every row of every layer (the batch-1 cache is freed after the group's last batch). A decode step's time
-   does not depend on the cached values -- every row reads the same number of slots either way -- so B copies of one
-   prompt time the same as B different prompts; the values are real prefill output, not zeros.
-3. Step: one token per row at position ctx (every full buffer and every ring exactly full: the mask-free path,
-   ``exact_layers(model, cache, ctx, ctx)``), captured with ``_GraphedStep`` (CUDA-graph replay) in two modes:
-   ``eager`` (``decode_step``) and ``fused`` (``compile=True``: ``fused_decode_step``, each layer's work around
-   attention compiled; ``compile_s`` is its ahead-of-time compilation, recorded apart -- ~1 min the first time in a
-   process, milliseconds after). Warm-up (the capture step and one more), then ``--reps`` (30) timed replays with CUDA
-   events (``flexgen_long.timing``): median, min, max. The fused step's logits are compared with the eager step's.
+   activations (``decode_activation_bytes``). A batch over budget, or over the device's real free memory (its caches
+   plus the larger of the prefill's and a step's activations), is recorded as ``"skipped": "<why, with the
+   numbers>"`` and the run goes on (it never runs out of memory on purpose; an out-of-memory error that happens anyway
+   is recorded as ``"error"``). Each row also says whether ``generate()`` itself fits the budget at that batch
+   (``fits_generate``: ``serving_capacity``, which adds the 8K-chunk prefill's activations).
+2. Per decode mode, one engine (``MODES``: ``eager``, ``Policy(compile_decode=False)``; ``fused``,
+   ``Policy(compile_decode=True)``: each layer's work around attention compiled, its compilation done by
+   ``Engine.reserve`` and recorded apart as ``compile_s``; both with CUDA graphs on a GPU, the device default, and
+   the prefill in ``--chunk``-token chunks through eager layers): ``reserve(B, ctx + new_tokens)`` allocates the
+   caches the plan counted; row 0 is prefilled with the group's random ctx-token prompt (``prefill_s``, wall time to a
+   device sync; ``prefill_new_graphs``: graphs it compiled, non-zero for the first prefill of a shape) and
+   ``copy_row`` copies it into every other row. A step's time does not depend on the cached values -- every row reads
+   the same slots either way -- so B copies of one prompt time the same as B different prompts; the values are real
+   prefill output, not zeros.
+3. Steps: one token per row (one random id per row, fed at every step) through ``Engine.step``, which advances every
+   row: the first two steps are the warm-up (``first_calls_s``; on a GPU the first captures the CUDA graph,
+   ``capture_s``), then ``--reps`` (30) timed steps after ``timing.measure``'s own warm-up call, with CUDA events
+   (``flexgen_long.timing``): median, min, max. The steps run at positions ctx, ctx + 1, ..., ctx + reps + 2, every one
+   on the same routes (``decode_routes``: layers per route kernel of flexgen_long.routes; a change within the window
+   is an error): the full layers' buffers, sized for ctx + new_tokens, are not yet full, so they take the masked route
+   ``generate()`` runs until its last token; a filled AttnSink ring takes the mask-free one. The fused step's first
+   logits are compared with the eager step's (same prompt, same position).
 4. Per row: ms per step, tokens/s = B / step time, bytes per step = every weight once (the embedding table: one row)
    + every cached K/V byte of the batch (``bench_generation.bytes_per_step``), effective TB/s = bytes / step
    time and its fraction of this card's copy bandwidth (one large device-to-device copy, measured at the start), peak
-   memory allocated (the batch-1 source cache included when B > 1: ``source_cache_GiB``).
+   memory allocated over the warm-up and the timed steps.
+
+Records made before the engine (the committed H200 results) differ in three places: each step ran at the one position
+ctx over caches of ctx + 1 tokens (every buffer and ring exactly full: the mask-free route in every layer, counted as
+``exact_layers``); row 0 was prefilled once per (shape, context, layout) into a batch-1 cache, copied into each
+batch's cache, with the prefill recorded in ``prefills``; and the peak included that batch-1 source cache
+(``source_cache_GiB``).
 
 Then per (shape, context, batch) the hybrid / dense ratio of tokens/s, and capacity: per shape and layout at each
 ``--capacity-contexts`` (128K), ``flexgen_long.cache.serving_capacity`` (128 new tokens, 8K prefill chunks, the
@@ -41,19 +52,19 @@ budget) gives the largest batch; when it is > 0 that batch is timed too (``kind:
 the hybrid / dense capacity ratio and tokens/s at each one's largest batch. Hybrid and dense run in the same process
 on the same weights (the baseline in the same run).
 
-GPU time (one H200, estimated, not yet run): per shape, process start and model build ~30 s; flex compilation for the
-8K-chunk prefills' shapes ~1 min (``warmup()`` compiled 20 such graphs up to 128K in 46 s on an H200:
-analysis/results/served_NVIDIA_H200.json); the prefills, one per layout and context (a layout with no batch in budget
-is not prefilled): 32K ~2 s, 128K ~9-15 s; fused-decode compilation ~1 min per set, two sets per shape (batch 1, then
-the dynamic batch); ~10 timed rows at a few seconds each (capture, warm-up, 2 x 30 replays of 10-30 ms). About 4-6
-minutes per shape: one shape per command keeps each process under 10 minutes (a JSON per shape; the figure joins them)
--- ~10-12 minutes of GPU time for both.
+GPU time (one H200, estimated, not yet run this way): per shape, process start and model build ~30 s; flex
+compilation for the 8K-chunk prefills' shapes ~1 min (``warmup()`` compiled 20 such graphs up to 128K in 46 s on an
+H200: analysis/results/served_NVIDIA_H200.json); one prefill per timed row and mode: 32K ~2 s, 128K ~6-11 s (~10 of
+each per shape: ~2 minutes); fused-decode compilation ~1 min per set, two sets per shape (the first batch size, then
+the dynamic batch); ~10 timed rows at a few seconds each (capture, warm-up, 2 x 30 steps of 10-30 ms). About 5-7
+minutes per shape: one shape per command keeps each process under 10 minutes (a JSON per shape; the figure joins
+them); ``--modes`` splits a shape further if needed.
 
 ``--tiny``: a CPU smoke test of the script's logic (two 6-layer toy shapes, MHA and GQA, AttnSink(4, 60), fp32,
 contexts 256 and 512, batches 1 2 4, a 0.07 GiB budget so that some batches are skipped and the largest batches are a
-few rows): the same plan, prefill, copy, capacity and summary, but no CUDA graphs -- ``decode_step`` and
-``fused_decode_step`` called directly and timed with ``flexgen_long.timing``, the fused step through torch.compile's
-``eager`` backend (dynamo's graph split without Inductor's code generation, which takes minutes on a 2-core CPU).
+few rows): the same plan, engines, prefill, copies, capacity and summary, but no CUDA graphs (a CPU has none), the
+fused step through torch.compile's ``eager`` backend (dynamo's graph split without Inductor's code generation, which
+takes minutes on a 2-core CPU).
 """
 
 from __future__ import annotations
@@ -70,19 +81,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_generation, bench
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from bench import environment, free  # noqa: E402
+from bench import decode_routes, environment, free  # noqa: E402
 from bench_generation import SHAPES, bytes_per_step  # noqa: E402
-from flexgen_long import generation, timing  # noqa: E402
-from flexgen_long.cache import (ModelCache, decode_activation_bytes, free_memory_bytes, plan_cache,  # noqa: E402
+from flexgen_long import timing  # noqa: E402
+from flexgen_long.cache import (decode_activation_bytes, free_memory_bytes, plan_cache,  # noqa: E402
                                 prefill_activation_bytes, serving_capacity)
-from flexgen_long.generation import _GraphedStep, compile_decode_ahead, decode_step, exact_layers, \
-    fused_decode_step, prefill  # noqa: E402
+from flexgen_long.engine import Engine  # noqa: E402
 from flexgen_long.layout import DEFAULT_SPARSE_PATTERN  # noqa: E402
 from flexgen_long.models import TINY_SPARSE_PATTERN, fuse_projections, longgen_llama, relayout  # noqa: E402
-from flexgen_long.patterns import Full  # noqa: E402
+from flexgen_long.policy import Policy  # noqa: E402
+from flexgen_long.shapes import compiled_graphs  # noqa: E402
 
 GiB = 2**30
-MODES = ("eager", "fused")
+#: decode modes: whether the engine compiles the decode step (CUDA graphs on a GPU in both)
+MODES = {"eager": False, "fused": True}
+#: untimed steps before the timed ones: two warm-up steps (the first captures the CUDA graph) and timing.measure's own
+WARMUP_STEPS = 3
 #: --tiny: two toy shapes that keep the big ones' difference (MHA vs GQA), 6 layers so the middle third (2, 3) is full
 TINY_SHAPES = {"tiny_mha": dict(vocab_size=256, num_kv_heads=4), "tiny_gqa": dict(vocab_size=512, num_kv_heads=2)}
 #: --tiny's default budget: the memory estimate's fixed terms (64 MiB of slack on top of the activations) dominate at
@@ -140,108 +154,100 @@ def budget_check(model, B: int, ctx: int, new_tokens: int, budget: int, dtype, c
                     f"{budget / GiB:.4g} GiB")
 
 
-def prefill_row0(model, ctx: int, chunk: int, dtype, device) -> tuple[ModelCache | None, dict]:
-    """A batch-1 cache of max_len ctx + 1 holding a random ctx-token prompt, prefilled through the library's
-    ``prefill``; (None, {"skipped": why}) when it and the prefill's activations do not fit in free memory."""
-    kv = plan_cache(model, 1, ctx + 1, dtype).total_bytes
-    act = prefill_activation_bytes(model, min(chunk, ctx), dtype, ctx, ctx + 1, device)
+def policies(modes, chunk: int, backend: str) -> dict:
+    """The engine policy of each decode mode (module docstring, step 2)."""
+    return {m: Policy(prefill_chunk=chunk, compile_prefill=False, compile_decode=MODES[m], compile_backend=backend)
+            for m in modes}
+
+
+def check_free(model, B: int, ctx: int, new_tokens: int, chunk: int, dtype, device) -> None:
+    """MemoryError, with the numbers, when a batch's caches and the larger of the prefill's and a step's activations
+    exceed the device's free memory."""
+    max_len = ctx + new_tokens
+    kv = plan_cache(model, B, max_len, dtype).total_bytes
+    pre = prefill_activation_bytes(model, min(chunk, ctx), dtype, ctx, max_len, device)
+    dec = decode_activation_bytes(model, B, max_len, dtype)
     avail = free_memory_bytes(device)
-    if kv + act > avail:
-        return None, {"skipped": f"prefill of row 0 does not fit: KV {kv / GiB:.4g} + prefill activations "
-                                 f"{act / GiB:.4g} GiB > {avail / GiB:.4g} GiB free"}
-    cache = ModelCache(model, 1, ctx + 1, dtype, device)
-    prompt = torch.randint(0, model.tok_embeddings.num_embeddings, (ctx,), device=device)
-    t = time.perf_counter()
-    prefill(model, cache, prompt, 0, chunk)
+    if kv + max(pre, dec) > avail:
+        raise MemoryError(f"not enough free memory: batch cache {kv / GiB:.4g} + the larger of prefill "
+                          f"{pre / GiB:.4g} and decode {dec / GiB:.4g} GiB of activations > {avail / GiB:.4g} GiB "
+                          f"free on {device}")
+
+
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return cache, {"prefill_s": time.perf_counter() - t, "prefill_includes_compile": True,
-                   "kv_per_row_GiB": kv / GiB}
 
 
-def batch_cache(model, src: ModelCache, B: int, ctx: int, dtype, device) -> ModelCache:
-    """``src`` (batch 1) itself for B = 1, else a batch-B cache with row 0's k, v and pos in every row."""
-    if B == 1:
-        return src
-    cache = ModelCache(model, B, ctx + 1, dtype, device)
-    for a, c in cache.layers.items():
-        s = src.layers[a]
-        c.k.copy_(s.k.expand_as(c.k))
-        c.v.copy_(s.v.expand_as(c.v))
-        c.pos.copy_(s.pos.expand_as(c.pos))
-    return cache
-
-
-def time_batch(model, src: ModelCache, B: int, ctx: int, dtype, device, modes, reps: int,
-               copy_TBps: float | None) -> dict:
-    """Decode-step timings of one batch (module docstring, steps 2-4); raises MemoryError when the batch's cache and
-    its steps' activations exceed the device's free memory."""
-    row: dict = {}
-    kv_now = plan_cache(model, B, ctx + 1, dtype).total_bytes if B > 1 else 0
-    act = 2 * decode_activation_bytes(model, B, ctx + 1, dtype)  # each captured graph keeps its own activations
-    avail = free_memory_bytes(device)
-    if kv_now + act > avail:
-        raise MemoryError(f"not enough free memory: batch cache {kv_now / GiB:.4g} + decode activations "
-                          f"{act / GiB:.4g} GiB (x2 graphs) > {avail / GiB:.4g} GiB free on {device}")
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.empty_cache()
+def time_mode(model, policy: Policy, prompt, tok, B: int, new_tokens: int, reps: int, device) -> tuple[dict, Engine]:
+    """One mode of one batch (module docstring, steps 2-3): the engine, row 0 prefilled and copied, the warm-up and
+    timed steps. Returns the mode's record (its first step's logits under "logits") and the engine."""
+    ctx, m = prompt.shape[0], {}
+    engine = Engine(model, policy)
+    engine.reserve(B, ctx + new_tokens, ctx)
+    m["compile_s"] = engine.compile_s
+    g0, t = len(compiled_graphs()), time.perf_counter()
+    try:
+        engine.prefill(prompt, 0)
+        _sync(device)
+    except torch.OutOfMemoryError as e:  # a skip, as the free-memory check's: the real allocator disagreed with it
+        raise MemoryError(f"prefill of row 0 failed: OutOfMemoryError: {str(e).splitlines()[0][:200]}") from None
+    m["prefill_s"], m["prefill_new_graphs"] = time.perf_counter() - t, len(compiled_graphs()) - g0
+    for row in range(1, B):
+        engine.copy_row(0, row)
+    m["decode_routes"] = decode_routes(engine, ctx, ctx + WARMUP_STEPS + reps - 1)
+    if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    cache = batch_cache(model, src, B, ctx, dtype, device)
+    t = time.perf_counter()
+    m["logits"] = engine.step(tok).float()  # a copy: a graph's output buffer is rewritten by the next replay
+    engine.step(tok)
+    _sync(device)
+    m["first_calls_s"], m["capture_s"] = time.perf_counter() - t, engine.capture_s
+    if device.type == "cuda":
+        m["warmup_peak_alloc_GiB"] = torch.cuda.max_memory_allocated(device) / GiB
+    m.update(_time(lambda: engine.step(tok), device, reps))
+    return m, engine
+
+
+def time_batch(model, prompt, B: int, new_tokens: int, chunk: int, modes: dict, reps: int,
+               copy_TBps: float | None) -> dict:
+    """Decode-step timings of one batch in every mode (module docstring, steps 2-4); raises MemoryError when the
+    batch does not fit the device's free memory."""
+    device, dtype = prompt.device, next(model.parameters()).dtype
+    ctx = prompt.shape[0]
+    check_free(model, B, ctx, new_tokens, chunk, dtype, device)
     tok = torch.randint(0, model.tok_embeddings.num_embeddings, (B,), device=device)
-    pos = torch.full((B,), ctx, dtype=torch.long, device=device)
-    exact = exact_layers(model, cache, ctx, ctx)
-    row["exact_layers"] = len(exact)
-    row["kv_GiB"] = cache.nbytes / GiB
-    row["bytes_per_step"] = bytes_per_step(model, cache)
-    row["source_cache_GiB"] = src.nbytes / GiB if B > 1 else 0.0
-    row["modes"] = {}
+    row: dict = {"modes": {}}
     ref, peaks = None, []
-    for mode in modes:
-        m: dict = {}
-        if cuda:
-            t = time.perf_counter()
-            step = _GraphedStep(model, cache, B, device, compile=mode == "fused")
-            m["compile_s"] = step.compile_s if mode == "fused" else 0.0
-            out = step(tok, pos, exact).clone()  # real step + capture (the warm-up CUDA graphs need)
-            step(tok, pos, exact)
-            m["first_calls_s"] = time.perf_counter() - t
-            peaks.append(torch.cuda.max_memory_allocated(device) / GiB)  # the capture's, before timing resets it
-            m.update(_time(lambda: step(tok, pos, exact), device, reps))
-            peaks.append(m["peak_alloc_GiB"])
-        else:  # --tiny: no CUDA graphs, the step functions themselves
-            m["compile_s"] = compile_decode_ahead(model, B, dtype, device) if mode == "fused" else 0.0
-            fn = fused_decode_step if mode == "fused" else decode_step
-            t = time.perf_counter()
-            out = fn(model, cache, tok, pos, exact).clone()
-            m["first_calls_s"] = time.perf_counter() - t
-            m.update(_time(lambda: fn(model, cache, tok, pos, exact), device, reps))
-            step = None
-        out = out.float()
+    for mode, policy in modes.items():
+        m, engine = time_mode(model, policy, prompt, tok, B, new_tokens, reps, device)
+        if ref is None:
+            row["decode_routes"] = m["decode_routes"]
+            row["kv_GiB"] = engine.cache.nbytes / GiB
+            row["bytes_per_step"] = bytes_per_step(model, engine.cache)
+        del engine
+        out = m.pop("logits")
         if ref is None:
             ref = out
         else:
             m["max_rel_diff_vs_first_mode"] = float((out - ref).abs().max() / ref.abs().max())
+        peaks += [m.pop("warmup_peak_alloc_GiB", None), m.get("peak_alloc_GiB")]
         m["tokens_per_s"] = B / (m["step_ms"] * 1e-3)
         m["TBps"] = row["bytes_per_step"] / (m["step_ms"] * 1e-3) / 1e12
         if copy_TBps:
             m["fraction_of_copy_bandwidth"] = m["TBps"] / copy_TBps
+        del m["decode_routes"]  # the same in every mode (the policy changes no decode route)
         row["modes"][mode] = m
-        del step, out
-        if cuda:
-            torch.cuda.synchronize(device)
-            torch.cuda.empty_cache()
-    if cuda:  # over the batch cache's allocation, each mode's capture and its timed replays
-        row["peak_alloc_GiB"] = max(peaks)
-    if cache is not src:
-        del cache
+        free()
+    if device.type == "cuda":  # over each mode's caches, its capture and its timed steps
+        row["peak_alloc_GiB"] = max(p for p in peaks if p is not None)
     return row
 
 
-@torch.inference_mode()  # as generate() runs: caches made outside it would fail the compiled step's guards
-def run_group(res, model, shape, ctx, layout, batches, capacity_ctx, args, dtype, device, save) -> None:
-    """Every batch of one (shape, ctx, layout): capacity, budget checks, one prefill of row 0, the timed rows."""
-    budget = int(args.budget_gib * GiB)
+@torch.inference_mode()  # as generate() runs
+def run_group(res, model, shape, ctx, layout, batches, capacity_ctx, args, modes, device, save) -> None:
+    """Every batch of one (shape, ctx, layout): capacity, budget checks, the timed rows."""
+    budget, dtype = int(args.budget_gib * GiB), next(model.parameters()).dtype
     cap = serving_capacity(model, ctx, args.new_tokens, budget, dtype, prefill_chunk=args.chunk,
                            device=device.type)
     if capacity_ctx:
@@ -250,7 +256,7 @@ def run_group(res, model, shape, ctx, layout, batches, capacity_ctx, args, dtype
     plan = [(B, "sweep") for B in batches]
     if capacity_ctx and cap["batch"] > 0:
         plan.append((cap["batch"], "largest"))
-    rows = []
+    prompt = torch.randint(0, model.tok_embeddings.num_embeddings, (ctx,), device=device)
     for B, kind in plan:
         fields, why = budget_check(model, B, ctx, args.new_tokens, budget, dtype, cap)
         row = {"shape": shape, "ctx": ctx, "layout": layout, "batch": B, "kind": kind, **fields}
@@ -258,34 +264,18 @@ def run_group(res, model, shape, ctx, layout, batches, capacity_ctx, args, dtype
             row["same_as_sweep_row"] = True  # timed once, in the sweep row of the same batch
         if why:
             row["skipped"] = why
-        rows.append(row)
-    todo = [r for r in rows if "skipped" not in r and not r.get("same_as_sweep_row")]
-    src, pre = (None, {"skipped": "no batch in budget: row 0 not prefilled"}) if not todo else (None, {})
-    if todo:
-        try:
-            src, pre = prefill_row0(model, ctx, args.chunk, dtype, device)
-        except (torch.OutOfMemoryError, MemoryError) as e:
-            pre = {"skipped": f"prefill of row 0 failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"}
-    res["prefills"].append({"shape": shape, "ctx": ctx, "layout": layout, **pre})
-    print(json.dumps(res["prefills"][-1]), flush=True)
-    for row in rows:
-        if any(row is t for t in todo):
-            if src is None:
-                row["skipped"] = pre["skipped"]
-            else:
-                try:
-                    row.update(time_batch(model, src, row["batch"], ctx, dtype, device, args.modes, args.reps,
-                                          res.get("copy_TBps")))
-                except MemoryError as e:  # the device's real free memory: a skip, with its numbers
-                    row["skipped"] = str(e)
-                except Exception as e:  # noqa: BLE001 -- recorded, never a crash of the whole run
-                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-                free()
+        elif not row.get("same_as_sweep_row"):
+            try:
+                row.update(time_batch(model, prompt, B, args.new_tokens, args.chunk, modes, args.reps,
+                                      res.get("copy_TBps")))
+            except MemoryError as e:  # the device's real free memory: a skip, with its numbers
+                row["skipped"] = str(e)
+            except Exception as e:  # noqa: BLE001 -- recorded, never a crash of the whole run
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            free()
         res["rows"].append(row)
         print(json.dumps(row), flush=True)
         save()
-    del src
-    free()
 
 
 def _tps(row, mode):
@@ -373,7 +363,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--new-tokens", type=int, default=128, help="new tokens per prompt in the memory plan")
     ap.add_argument("--chunk", type=int, default=None, help="prefill chunk, default 8192 (--tiny: 128)")
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    ap.add_argument("--reps", type=int, default=None, help="timed replays per mode, default 30 (--tiny: 5)")
+    ap.add_argument("--reps", type=int, default=None, help="timed steps per mode, default 30 (--tiny: 5)")
     ap.add_argument("--commit", default=None, help="git commit of the benchmarked tree (the device copy has no .git)")
     ap.add_argument("--fuse-projections", action="store_true", help="time the model after models.fuse_projections "
                     "(one q/k/v and one gate/up matrix product per layer)")
@@ -393,16 +383,20 @@ def main(argv=None) -> dict:
         ap.error(f"--shapes: {bad} not among {sorted(shapes_ok)}" + ("" if tiny else " (toy shapes need --tiny)"))
     if min(a.contexts + a.batches) < 1 or a.new_tokens < 1 or a.chunk < 1 or a.reps < 1 or a.budget_gib <= 0:
         ap.error("--contexts, --batches, --new-tokens, --chunk and --reps must be >= 1, --budget-gib > 0")
+    if a.reps + WARMUP_STEPS >= a.new_tokens:  # the last timed step must stay before the full buffers' last slot
+        ap.error(f"--new-tokens must exceed --reps + {WARMUP_STEPS} (the steps run at successive positions within the "
+                 f"caches), got --new-tokens {a.new_tokens}, --reps {a.reps}")
     if set(a.capacity_contexts) - set(a.contexts):
         ap.error(f"--capacity-contexts must be among --contexts {a.contexts}, got {a.capacity_contexts}")
     a.batches = sorted(set(a.batches))
     if tiny:
         device, dtype = torch.device("cpu"), torch.float32  # bf16 matmuls are slow on CPUs
-        generation.COMPILE_BACKEND = "eager"  # Inductor would take minutes on a small CPU
+        backend = "eager"  # Inductor would take minutes on a small CPU
     else:
         if not torch.cuda.is_available():
             ap.error("needs a CUDA GPU (or --tiny for the CPU smoke test)")
-        device, dtype = torch.device("cuda"), torch.bfloat16
+        device, dtype, backend = torch.device("cuda"), torch.bfloat16, "inductor"
+    modes = policies(a.modes, a.chunk, backend)
     commit = a.commit
     if commit is None:
         try:
@@ -410,17 +404,17 @@ def main(argv=None) -> dict:
                                              stderr=subprocess.DEVNULL).strip()
         except (OSError, subprocess.CalledProcessError):
             commit = "unknown"
-    res = {"benchmark": "batch decode", "method": "harness-level decode step (CUDA-graph replay on GPU; decode_step / "
-           "fused_decode_step called directly on CPU), not generate()'s loop; batch rows are copies of one prefilled "
-           "row (decode time does not depend on values)", **environment(device, commit),
+    res = {"benchmark": "batch decode", "method": "harness-level decode steps through Engine.step at successive "
+           "positions from ctx (CUDA-graph replay on GPU), not generate()'s loop; batch rows are copies of one "
+           "prefilled row (copy_row: decode time does not depend on values)", **environment(device, commit),
            "tiny": tiny, "dtype": str(dtype).replace("torch.", ""), "weights": "random",
            "sparse_pattern": repr(TINY_SPARSE_PATTERN if tiny else DEFAULT_SPARSE_PATTERN),
            "full_layers": "middle third",
            "budget_gib": a.budget_gib, "new_tokens": a.new_tokens, "prefill_chunk": a.chunk, "reps": a.reps,
            "modes": a.modes, "shapes": a.shapes, "contexts": a.contexts, "batches": a.batches,
-           "capacity_contexts": a.capacity_contexts, "decode_compile_backend": generation.COMPILE_BACKEND,
-           "fused_projections": a.fuse_projections,
-           "copy_TBps": copy_bandwidth_TBps(device), "prefills": [], "rows": [], "capacity": [], "complete": False}
+           "capacity_contexts": a.capacity_contexts, "decode_compile_backend": backend,
+           "policies": {m: repr(p) for m, p in modes.items()}, "fused_projections": a.fuse_projections,
+           "copy_TBps": copy_bandwidth_TBps(device), "rows": [], "capacity": [], "complete": False}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -442,12 +436,12 @@ def main(argv=None) -> dict:
             model = build(shape, max(a.contexts) + a.new_tokens, device)
             if a.fuse_projections:
                 fuse_projections(model)
-            full_idx = sorted(i for i, l in enumerate(model.layers) if isinstance(l.attn.pattern, Full))
+            full_idx = sorted(i for i, l in enumerate(model.layers) if l.attn.pattern.is_full)
             pattern = model.layers[next(i for i in range(len(model.layers)) if i not in full_idx)].attn.pattern
             for ctx in a.contexts:
                 for layout in ("hybrid", "dense"):
                     relayout(model, full_idx if layout == "hybrid" else "all", pattern)
-                    run_group(res, model, shape, ctx, layout, a.batches, ctx in a.capacity_contexts, a, dtype,
+                    run_group(res, model, shape, ctx, layout, a.batches, ctx in a.capacity_contexts, a, modes,
                               device, save)
             del model
             free()

@@ -428,7 +428,8 @@ def plot_generate(results: list[dict], out_dir: Path) -> dict:
     """The user path: one figure per (card, shape, context) from ``bench_generation.py --generate`` records (rows
     timed through ``generate()`` itself, second of two calls): prefill seconds and peak memory per prefill mode (chunk,
     eager / compiled layers, fused projections), decode milliseconds per token per decode mode (eager / fused step x
-    full-layer decode kernel), hybrid beside dense, the panel's best dense over each hybrid bar written on it. Rows that failed (out of memory) are listed in the footnote.
+    the full-layer decode kernel: SDPA unless a record names another, as older ones did the removed split-K kernel),
+    hybrid beside dense, the panel's best dense over each hybrid bar written on it. Rows that failed (out of memory) are listed in the footnote.
     Returns {(card, shape, ctx): (figure, path, {panel: [bar labels]})} for the tests."""
     groups: dict = {}
     for res in results:

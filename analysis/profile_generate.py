@@ -10,15 +10,23 @@ Method. The model (random bf16 weights: speed does not depend on values; ``--tin
 built once; for each layout (hybrid: the middle third full and the library's default AttnSink elsewhere; dense: every
 layer full, through ``relayout``, same weights):
 
-1. Prefill: a random ``ctx``-token prompt through ``generation.prefill`` into a batch-1 cache (``--chunk``: whole by
-   default, as ``generate()`` does when the activations fit), once to compile, then once under the profiler and once
-   more timed on the host clock up to a device sync (the wall time the profile is compared with).
-2. Decode: one step at position ``ctx`` over the filled cache (``exact_layers``: the mask-free path when every buffer
-   and ring is exactly full), eager ``decode_step`` or, with ``--compile-decode``, ``fused_decode_step``. The profiled
-   steps run *outside* a CUDA graph, so that every kernel is seen; their kernel times are what the graph replays,
-   whose own time (``graphed_step_ms``: ``_GraphedStep``, median of ``--reps`` replays) is measured beside them. The
+1. Prefill: a random ``ctx``-token prompt through ``Engine.prefill`` into row 0 of a batch-1 engine's caches
+   (``--chunk``: whole by default, as ``generate()`` does when the activations fit; eager layers, or compiled ones with
+   ``--compile-prefill``), once to compile, then once under the profiler and once more timed on the host clock up to a
+   device sync (the wall time the profile is compared with). The engine's policy has ``cuda_graphs=False``.
+2. Decode: ``Engine.step`` over the filled caches, eager layers or, with ``--compile-decode``, compiled ones
+   (``Policy.compile_decode``). Each step advances the row, so the steps run at positions ``ctx``, ``ctx + 1``, ...
+   (two warm-up steps, ``--steps`` profiled, then ``--reps`` timed) over caches sized for all of them: the full
+   layers' buffers are not yet full and take the masked route, a filled ring the mask-free one, as in ``generate()``
+   before its last token (``decode_routes``: layers per route kernel, the same at every profiled and timed position).
+   The profiled steps run *outside* a CUDA graph, so that every kernel is seen; their kernel times are what the graph
+   replays, whose own time (``graphed_step_ms``: a second engine with the same policy but the device's default CUDA
+   graphs, the prompt prefilled again, median of ``--reps`` steps after the capturing one) is measured beside them. The
    gap between the graphed step and the sum of its kernels is time with no kernel running (launch boundaries inside
-   the graph, synchronisation); the gap to the unprofiled eager step is host launch overhead that the graph removes.
+   the graph, synchronisation); the gap to the unprofiled step (``eager_step_ms``, outside graphs, eager or compiled
+   layers) is host launch overhead that the graph removes. Records made before the engine profiled one step at the
+   position ``ctx`` over caches of ``ctx + 1`` tokens (every buffer and ring exactly full: the mask-free route in
+   every layer, counted as ``exact_layers``).
 
 Per phase and layout: the sum of kernel times, that sum per category (matmul: cuBLAS/CUTLASS GEMM and GEMV kernels;
 attention: flash, cuDNN, memory-efficient SDPA and Triton flex kernels; fused: other Inductor-generated Triton kernels;
@@ -46,12 +54,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import environment  # noqa: E402  (analysis/bench.py: card, versions)
 from bench_generation import SHAPES, bytes_per_step  # noqa: E402
 
-from flexgen_long.cache import ModelCache  # noqa: E402
-from flexgen_long.generation import (_GraphedStep, decode_step, exact_layers, fused_decode_step,  # noqa: E402
-                                     prefill)
+from bench import decode_routes  # noqa: E402
+
+from flexgen_long.engine import Engine  # noqa: E402
 from flexgen_long.layout import DEFAULT_SPARSE_PATTERN  # noqa: E402
 from flexgen_long.models import fuse_projections, longgen_tiny, relayout  # noqa: E402
-from flexgen_long.patterns import Full  # noqa: E402
+from flexgen_long.policy import Policy  # noqa: E402
 from flexgen_long import timing  # noqa: E402
 
 #: Kernel name -> category, first match wins (names as CUPTI reports them on Hopper; aten operator names on the CPU).
@@ -105,13 +113,24 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def profile_layout(model, ctx: int, chunk, compile_decode: bool, steps: int, reps: int, device, dtype,
-                   compile_prefill: bool = False) -> dict:
+def decode_steps(steps: int, reps: int) -> int:
+    """Decode steps of a layout's profile: two warm-up steps, the profiled ones, timing.measure's warm-up and timed
+    ones (the caches hold one position more, so that a full buffer stays on the masked route throughout)."""
+    return 2 + steps + 1 + reps
+
+
+def profile_layout(model, ctx: int, policy: Policy, steps: int, reps: int, device) -> dict:
+    """Both phases of one layout (module docstring): an engine with ``policy`` outside CUDA graphs for the profiles and
+    the unprofiled step, then on a GPU a second one with the device's default (CUDA graphs) for the graphed step."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    cache = ModelCache(model, 1, ctx + 1, dtype, device)
+    n_steps = decode_steps(steps, reps)
     prompt = torch.randint(0, model.tok_embeddings.num_embeddings, (ctx,), device=device)
+    tok = torch.zeros(1, dtype=torch.long, device=device)
+    engine = Engine(model, policy.replace(cuda_graphs=False))
+    engine.reserve(1, ctx + n_steps + 1, ctx)
+
     def run_prefill():
-        prefill(model, cache, prompt, 0, chunk, compile=compile_prefill)
+        engine.prefill(prompt, 0)  # rewrites row 0: every run starts from the same prompt
         _sync(device)
 
     run_prefill()  # compiles (flex for these shapes; the layers with --compile-prefill)
@@ -122,35 +141,34 @@ def profile_layout(model, ctx: int, chunk, compile_decode: bool, steps: int, rep
     run_prefill()
     out["prefill"]["wall_s"] = time.perf_counter() - t
 
-    tok = torch.zeros(1, dtype=torch.long, device=device)
-    pos = torch.full((1,), ctx, dtype=torch.long, device=device)
-    exact = exact_layers(model, cache, ctx, ctx)
-    step_fn = fused_decode_step if compile_decode else decode_step
+    routes = decode_routes(engine, ctx, ctx + n_steps - 1)
     for _ in range(2):  # compile / warm up
-        step_fn(model, cache, tok, pos, exact)
+        engine.step(tok)
     _sync(device)
     with profile(activities=activities) as prof:
         for _ in range(steps):
-            step_fn(model, cache, tok, pos, exact)
+            engine.step(tok)
         _sync(device)
     dec = kernel_table(prof, device.type, steps)
-    dec["mode"] = "fused" if compile_decode else "eager"
-    dec["exact_layers"] = len(exact)
-    dec["eager_step_ms"] = timing.measure(lambda: step_fn(model, cache, tok, pos, exact), device.type, budget_ms=0,
-                                          min_reps=reps, max_reps=reps)["median_ms"]
-    if device.type == "cuda":
-        g = _GraphedStep(model, cache, 1, device, compile=compile_decode)
-        g(tok, pos, exact)  # capture
-        dec["graphed_step_ms"] = timing.measure(lambda: g(tok, pos, exact), "cuda", budget_ms=0, min_reps=reps,
-                                                max_reps=reps)["median_ms"]
-        dec["idle_in_graph_ms"] = dec["graphed_step_ms"] - dec["kernel_ms"]
-        dec["bytes_per_step"] = bytes_per_step(model, cache)
-        dec["TBps"] = dec["bytes_per_step"] / (dec["graphed_step_ms"] * 1e-3) / 1e12
-        del g
-    out["decode"] = dec
-    del cache
+    dec["mode"] = "fused" if policy.compile_decode else "eager"
+    dec["decode_routes"] = routes
+    dec["eager_step_ms"] = timing.measure(lambda: engine.step(tok), device.type, budget_ms=0, min_reps=reps,
+                                          max_reps=reps)["median_ms"]
+    engine.cache = None  # before the graphed engine's caches
     if device.type == "cuda":
         torch.cuda.empty_cache()
+        g = Engine(model, policy)
+        g.reserve(1, ctx + n_steps + 1, ctx)  # the same caches as the profiled steps
+        g.prefill(prompt, 0)
+        decode_routes(g, ctx, ctx + reps)  # the graphed steps run the profiled steps' routes
+        dec["graphed_step_ms"] = timing.measure(lambda: g.step(tok), "cuda", budget_ms=0, min_reps=reps,
+                                                max_reps=reps)["median_ms"]  # its warm-up call captures
+        dec["idle_in_graph_ms"] = dec["graphed_step_ms"] - dec["kernel_ms"]
+        dec["bytes_per_step"] = bytes_per_step(model, g.cache)
+        dec["TBps"] = dec["bytes_per_step"] / (dec["graphed_step_ms"] * 1e-3) / 1e12
+        del g
+        torch.cuda.empty_cache()
+    out["decode"] = dec
     return out
 
 
@@ -173,9 +191,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--shape", default="llama2_7b", choices=sorted(SHAPES))
     ap.add_argument("--ctx", type=int, default=131072)
     ap.add_argument("--chunk", type=int, default=None, help="prefill chunk (default: the whole prompt)")
-    ap.add_argument("--compile-decode", action="store_true", help="profile fused_decode_step, not decode_step")
-    ap.add_argument("--compile-prefill", action="store_true", help="profile prefill(compile=True) (each layer's "
-                    "work around attention compiled), not the eager prefill")
+    ap.add_argument("--compile-decode", action="store_true", help="profile the compiled decode step "
+                    "(Policy.compile_decode), not the eager one")
+    ap.add_argument("--compile-prefill", action="store_true", help="profile the compiled prefill (Policy."
+                    "compile_prefill: each layer's work around attention compiled), not the eager prefill")
     ap.add_argument("--fuse-projections", action="store_true", help="profile after models.fuse_projections (one "
                     "q/k/v and one gate/up matrix product per layer)")
     ap.add_argument("--steps", type=int, default=5, help="decode steps under the profiler")
@@ -184,11 +203,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--commit", default=None)
     ap.add_argument("--tiny", action="store_true", help="toy fp32 model on the CPU, ctx 256: a smoke test")
     a = ap.parse_args(argv)
-    if a.ctx < 1 or (a.chunk is not None and a.chunk < 1):
-        ap.error(f"--ctx and --chunk must be >= 1, got {a.ctx} and {a.chunk}")
+    if a.ctx < 1 or (a.chunk is not None and a.chunk < 1) or a.steps < 1 or a.reps < 1:
+        ap.error(f"--ctx, --chunk, --steps and --reps must be >= 1, got {a.ctx}, {a.chunk}, {a.steps} and {a.reps}")
     if a.tiny:
         device, dtype, ctx = torch.device("cpu"), torch.float32, min(a.ctx, 256)
-        model = longgen_tiny(max_seq_len=ctx + 8).eval()
+        model = longgen_tiny(max_seq_len=ctx + decode_steps(a.steps, a.reps) + 1).eval()
         shape = "tiny"
     else:
         if not torch.cuda.is_available():
@@ -196,18 +215,18 @@ def main(argv=None) -> dict:
         device, dtype, ctx, shape = torch.device("cuda"), torch.bfloat16, a.ctx, a.shape
         torch.set_default_dtype(dtype)
         with device:
-            model = SHAPES[shape](max_seq_len=ctx + 8).eval()
+            model = SHAPES[shape](max_seq_len=ctx + decode_steps(a.steps, a.reps) + 1).eval()
     if a.fuse_projections:
         fuse_projections(model)
-    full_idx = sorted(i for i, l in enumerate(model.layers) if isinstance(l.attn.pattern, Full))
-    sparse = next((l.attn.pattern for l in model.layers if not isinstance(l.attn.pattern, Full)), DEFAULT_SPARSE_PATTERN)
+    full_idx = sorted(i for i, l in enumerate(model.layers) if l.attn.pattern.is_full)
+    sparse = next((l.attn.pattern for l in model.layers if not l.attn.pattern.is_full), DEFAULT_SPARSE_PATTERN)
+    policy = Policy(prefill_chunk=a.chunk, compile_prefill=a.compile_prefill, compile_decode=a.compile_decode)
     res = {"benchmark": "profile of generate()'s phases", **environment(device, a.commit), "args": vars(a), "shape": shape, "ctx": ctx, "dtype": str(dtype).replace("torch.", ""),
            "full_layers": full_idx, "sparse_pattern": repr(sparse), "layouts": {}}
     with torch.inference_mode():
         for layout in a.layouts:
             relayout(model, full_idx if layout == "hybrid" else "all", sparse)
-            res["layouts"][layout] = profile_layout(model, ctx, a.chunk, a.compile_decode, a.steps, a.reps, device,
-                                                    dtype, a.compile_prefill)
+            res["layouts"][layout] = profile_layout(model, ctx, policy, a.steps, a.reps, device)
             Path(a.out).write_text(json.dumps(res, indent=1))
     print_table(res)
     return res

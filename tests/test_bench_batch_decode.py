@@ -1,6 +1,7 @@
 """analysis/bench_batch_decode.py's CPU smoke mode (--tiny) end to end, in-process: budget skips with their numbers,
-one prefill per (shape, context, layout), timed rows of both layouts and both decode modes, the largest batches from
-serving_capacity, the hybrid / dense summary, and the batch-decode figure of analysis/plot_speedups.py."""
+timed rows of both layouts and both decode modes (one engine each: row 0 prefilled, copied, stepped), the decode
+routes of the timed positions, the largest batches from serving_capacity, the hybrid / dense summary, and the
+batch-decode figure of analysis/plot_speedups.py."""
 
 import json
 
@@ -8,12 +9,8 @@ import matplotlib.pyplot as plt
 import pytest
 from scripts import load_script
 
-from flexgen_long import generation
 
-
-def test_tiny_smoke_run_and_figure(tmp_path, monkeypatch):
-    # the script sets the fused step's backend to "eager" for its CPU smoke mode; keep other tests' setting
-    monkeypatch.setattr(generation, "COMPILE_BACKEND", generation.COMPILE_BACKEND)
+def test_tiny_smoke_run_and_figure(tmp_path):
     bench = load_script("analysis/bench_batch_decode.py")
     out = tmp_path / "bd.json"
     # one shape and one context keep the test short (two sets of fused graphs compile: batch 1, then dynamic)
@@ -23,22 +20,27 @@ def test_tiny_smoke_run_and_figure(tmp_path, monkeypatch):
     assert saved["complete"] and saved["errors"] == 0 and saved["commit"] == "test"
     assert saved["summary"] == json.loads(json.dumps(res["summary"]))  # the file holds what main() returned
     assert "harness-level" in saved["method"] and saved["capacity_contexts"] == [512] and saved["fused_projections"]
-
-    # one prefill per layout that has a batch in budget
-    assert [(p["layout"], p["prefill_s"] > 0) for p in saved["prefills"]] == [("hybrid", True), ("dense", True)]
+    assert saved["decode_compile_backend"] == "eager" and "compile_decode=True" in saved["policies"]["fused"]
 
     timed = [r for r in saved["rows"] if r.get("modes")]
     for layout in ("hybrid", "dense"):
         assert {r["batch"] for r in timed if r["layout"] == layout and r["kind"] == "sweep"} >= {1, 2}, layout
     for r in timed:
         assert r["bytes_per_step"] > 0 and r["kv_GiB"] > 0 and r["plan_GiB"] <= saved["budget_gib"], r
-        assert r["exact_layers"] == 6  # every full buffer and every ring exactly full at position ctx
+        # the steps run at positions 512 .. 517 over caches of 512 + 128 tokens: the full buffers are not yet full
+        # (masked), the AttnSink(4, 60) rings are (mask-free) -- generate()'s route before its last token
+        assert r["decode_routes"] == ({"sdpa_exact": 4, "sdpa_masked": 2} if r["layout"] == "hybrid"
+                                      else {"sdpa_masked": 6}), r
         for mode in ("eager", "fused"):
             m = r["modes"][mode]
             assert 0 < m["min_ms"] <= m["step_ms"] <= m["max_ms"] and m["reps"] == 3, (r["batch"], mode, m)
+            assert m["prefill_s"] > 0 and m["prefill_new_graphs"] == 0  # a CPU prefill compiles nothing
+            assert m["first_calls_s"] > 0 and m["capture_s"] == 0  # no CUDA graphs on a CPU
             assert m["tokens_per_s"] == pytest.approx(r["batch"] / (m["step_ms"] * 1e-3))
             assert m["TBps"] > 0
         assert r["modes"]["fused"]["max_rel_diff_vs_first_mode"] < 1e-5  # the fused step computes the same logits
+        assert r["modes"]["eager"]["compile_s"] == 0
+    assert timed[0]["modes"]["fused"]["compile_s"] > 0  # the first fused engine compiled its decode step
 
     # the 0.07 GiB budget leaves no room for 4 dense rows: skipped with the plan's numbers, never run
     skipped = [r for r in saved["rows"] if "skipped" in r]
@@ -92,3 +94,6 @@ def test_bad_arguments_are_named(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--tiny", "--contexts", "256", "--capacity-contexts", "512", "--out", "/dev/null"])
     assert "--capacity-contexts must be among --contexts [256], got [512]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--tiny", "--reps", "5", "--new-tokens", "8", "--out", "/dev/null"])
+    assert "--new-tokens must exceed --reps + 3" in capsys.readouterr().err

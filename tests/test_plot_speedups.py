@@ -71,6 +71,11 @@ def test_bench_cpu_smoke(tmp_path):
             assert set(rec) >= {"median_ms", "min_ms", "max_ms", "reps"} and not {"error", "oom", "not_measured"} & \
                 set(rec), (phase, v, rec)
             assert 0 < rec["min_ms"] <= rec["median_ms"] <= rec["max_ms"] and rec["reps"] >= 3, (phase, v, rec)
+    # decode steps at positions 128, 129, ... over caches sized for all of them: the full buffers not yet full
+    # (masked), the AttnSink(4, 60) rings full (mask-free), BlockSparse stores keeping stale slots (masked)
+    assert r["decode"]["attnsink"]["128"]["decode_routes"] == {"sdpa_exact": 3, "sdpa_masked": 1}
+    assert r["decode"]["dense"]["128"]["decode_routes"] == r["decode"]["blocksparse"]["128"]["decode_routes"] == \
+        {"sdpa_masked": 4}
     # KV memory: what generate() allocates for a 128-token prompt, by layout -- the plan, worked out here by hand too
     model = longgen_tiny(max_seq_len=129)  # 4 layers, layer 1 full; 2 KV heads, head_dim 16; fp32 on CPU
     for v, (full_layers, sparse) in bench.TINY_VARIANTS.items():

@@ -40,7 +40,10 @@ def test_cpu_smoke_profiles_both_phases_of_both_layouts(tmp_path):
         assert res["layouts"][layout]["prefill"]["wall_s"] > 0
         assert res["layouts"][layout]["decode"]["eager_step_ms"] > 0
         assert "graphed_step_ms" not in res["layouts"][layout]["decode"]  # CUDA graphs only on a GPU
-    assert res["layouts"]["hybrid"]["decode"]["exact_layers"] >= 1
+    # the steps at positions 200, 201, ... over caches sized for them: the full layer's buffer not yet full (masked),
+    # the AttnSink(4, 60) rings full (mask-free)
+    assert res["layouts"]["hybrid"]["decode"]["decode_routes"] == {"sdpa_exact": 3, "sdpa_masked": 1}
+    assert res["layouts"]["dense"]["decode"]["decode_routes"] == {"sdpa_masked": 4}
 
 
 def test_bad_arguments_fail_before_building_anything(tmp_path):
