@@ -78,8 +78,8 @@ def retrieval_budget(full_layers: str, num_layers: int | None) -> int | None:
     if budget.isdigit():
         n = int(budget)
         if n < 1 or (num_layers is not None and n > num_layers):
-            bound = f"[1, {num_layers}]" if num_layers is not None else ">= 1"
-            raise ValueError(f"full_layers {full_layers!r}: the layer count must be an int in {bound}; expected "
+            bound = f"in [1, {num_layers}]" if num_layers is not None else ">= 1"
+            raise ValueError(f"full_layers {full_layers!r}: the layer count must be an int {bound}; expected "
                              f"{_RETRIEVAL_FORMS}")
         return None if num_layers is None else n
     try:
