@@ -53,8 +53,8 @@ from .layout import is_retrieval, retrieval_budget
 
 __all__ = ["HeadScores", "FullLayerChoice", "RecomputeMismatch", "retrieval_scores", "choose_full_layers",
            "rank_layers", "needle_positions", "copy_and_mass", "layer_probs", "passkey_prompts", "score_model_dir",
-           "default_length", "provisional_model_cfg", "check_config", "choose_for_run", "DEFAULT_DEPTHS",
-           "CHOICE_FILE", "CHECKPOINT_KEY"]
+           "default_length", "provisional_model_cfg", "check_config", "scoring_args", "choose_for_run",
+           "DEFAULT_DEPTHS", "SCORING_DEFAULTS", "CHOICE_FILE", "CHECKPOINT_KEY"]
 
 #: Needle depths of the scoring prompts (fractions of the filler), 8 prompts each by default: 40 prompts.
 DEFAULT_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -439,11 +439,28 @@ def provisional_model_cfg(model_cfg):
     return OmegaConf.merge(model_cfg, {"full_layers": list(range(start, start + n))})
 
 
-def check_config(cfg) -> None:
-    """The recipe's check of ``model.full_layers: retrieval[...]`` before any work: its form, and a pretrained base
-    model to score (``checkpoint.base_dir``)."""
-    from .recipe_config import fail, get
+#: The recipe's optional ``retrieval_scoring`` section: its keys and defaults (``retrieval_scores``' arguments; length
+#: null = ``default_length``).
+SCORING_DEFAULTS = {"length": None, "samples_per_depth": 8, "batch_size": 8}
 
+
+def scoring_args(cfg) -> dict:
+    """``retrieval_scoring`` of a recipe config, its defaults filled in (checked by ``check_config``)."""
+    from .recipe_config import get
+
+    return {k: get(cfg, f"retrieval_scoring.{k}", v) for k, v in SCORING_DEFAULTS.items()}
+
+
+def check_config(cfg) -> None:
+    """The recipe's check of ``model.full_layers: retrieval[...]`` before any work: its form, a pretrained base model
+    to score (``checkpoint.base_dir``), and the optional ``retrieval_scoring`` section (``length``: null or an int >=
+    128; ``samples_per_depth``, ``batch_size``: ints >= 1)."""
+    from .recipe_config import check_keys, fail, get, integer
+
+    check_keys(get(cfg, "retrieval_scoring", None), SCORING_DEFAULTS, section="retrieval_scoring")
+    integer(cfg, "retrieval_scoring.length", None, minimum=128, nullable=True)
+    for key in ("samples_per_depth", "batch_size"):
+        integer(cfg, f"retrieval_scoring.{key}", SCORING_DEFAULTS[key], minimum=1)
     spec = get(cfg, "model.full_layers", None)
     if not is_retrieval(spec):
         return
@@ -458,15 +475,17 @@ def check_config(cfg) -> None:
 
 
 def choose_for_run(spec: str, *, base_dir, tokenizer, output_dir, resume: bool, resume_from, device, dtype,
-                   log: Callable[[str], None] = print) -> FullLayerChoice:
+                   log: Callable[[str], None] = print, length: int | None = None, samples_per_depth: int = 8,
+                   batch_size: int = 8) -> FullLayerChoice:
     """The layers of one finetuning run, chosen once:
 
     * resuming from a checkpoint: the choice recorded in its config.json (``CHECKPOINT_KEY`` under the recipe
       section), which must be for the same ``spec`` -- never a new scoring;
     * resuming before the first checkpoint: ``<output_dir>/full_layers.json`` when it was made for the same ``spec``
-      and ``base_dir``;
-    * else: ``base_dir``'s model scored (``score_model_dir``) on ``device`` in ``dtype``, the choice written to
-      ``<output_dir>/full_layers.json`` (with every head's scores).
+      and ``base_dir`` with the same scoring arguments;
+    * else: ``base_dir``'s model scored (``score_model_dir`` with ``length``, ``samples_per_depth``, ``batch_size``)
+      on ``device`` in ``dtype``, the choice written to ``<output_dir>/full_layers.json`` (with every head's scores
+      and the seconds it took, loading included).
 
     A checkpoint trained with other layers is refused, naming ``model.full_layers``."""
     from . import hf
@@ -491,15 +510,21 @@ def choose_for_run(spec: str, *, base_dir, tokenizer, output_dir, resume: bool, 
             choice = FullLayerChoice.from_dict(json.loads(path.read_text())["choice"])
         except (ValueError, KeyError, TypeError):
             choice = None  # unreadable (e.g. cut off mid-write by a kill): scored again and rewritten
-        if choice is not None and choice.spec == spec and choice.source == source:
+        same = choice is not None and (choice.spec, choice.source) == (spec, source) and \
+            choice.prompts == samples_per_depth * len(DEFAULT_DEPTHS) and length in (None, choice.length)
+        if same:
             log(f"Full layers from {path} (no new scoring): {choice.summary()}")
             return choice
-    scores = score_model_dir(base_dir, tokenizer, device=device, dtype=dtype)
+    t0 = time.perf_counter()
+    scores = score_model_dir(base_dir, tokenizer, device=device, dtype=dtype, length=length,
+                             samples_per_depth=samples_per_depth, batch_size=batch_size)
+    seconds = round(time.perf_counter() - t0, 2)
     choice = choose_full_layers(scores, spec, source=source)
-    log(f"Retrieval scores of {base_dir} in {scores.seconds:.1f} s (recompute check "
+    log(f"Retrieval scores of {base_dir}: {seconds:.1f} s with loading (recompute check "
         f"{scores.recompute_max_rel_error:.1e}):\n{choice.table()}")
     log(f"Full layers: {choice.summary()}")
     tmp = path.with_name(f".{CHOICE_FILE}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"choice": choice.to_dict(), "scores": scores.to_dict()}, indent=2) + "\n")
+    record = {"choice": choice.to_dict(), "scores": scores.to_dict(), "seconds_with_loading": seconds}
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, path)
     return choice

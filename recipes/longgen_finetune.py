@@ -64,7 +64,7 @@ RECIPE_KEYS = {
     "output_dir", "seq_len", "model", "tokenizer", "dataset", "seed", "batch_size", "gradient_accumulation_steps",
     "max_steps", "optimizer", "lr_scheduler", "clip_grad_norm", "loss", "checkpoint", "device", "dtype", "compile",
     "enable_activation_checkpointing", "fsdp_cpu_offload", "metric_logger", "log_every_n_steps",
-    "log_peak_memory_stats",
+    "log_peak_memory_stats", "retrieval_scoring",
 }
 CHECKPOINT_KEYS = {"base_dir", "resume", "overwrite", "save_every_n_steps", "keep_last_n", "save_final"}
 #: (section, leading arguments the recipe passes itself): every _component_ section, checked against its signature.
@@ -349,7 +349,7 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
                 choice[0] = retrieval.choose_for_run(spec, base_dir=self._base_dir, tokenizer=self._tokenizer,
                                                      output_dir=self._output_dir, resume=self._resume,
                                                      resume_from=resume_from, device=self._device, dtype=self._dtype,
-                                                     log=log.info)
+                                                     log=log.info, **retrieval.scoring_args(cfg))
             except Exception as e:  # every rank raises it (the others would wait for the choice forever)
                 choice[0] = e
         if self._world_size > 1:

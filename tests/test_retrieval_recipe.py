@@ -68,6 +68,7 @@ def test_retrieval_layers_are_chosen_once_and_survive_save_load_resume(planted_b
     assert record["choice"]["layers"] == [4] and record["choice"]["ranking"][0] == 4
     assert record["choice"]["source"] == str(planted_base.resolve())
     assert len(record["scores"]["copy_score"]) == 6 and record["scores"]["recompute_max_rel_error"] < 1e-3
+    assert record["scores"]["length"] == 1008 and record["seconds_with_loading"] > 0  # 1024 - 16: the base's RoPE
     for step in ("step_1", "step_2"):
         saved = hf.read_config(out / step)["flexgen_long"]
         assert saved["model"]["full_layers"] == [4]
@@ -91,6 +92,12 @@ def test_retrieval_layers_are_chosen_once_and_survive_save_load_resume(planted_b
     caplog.clear()
     again = _run(_cfg(early, planted_base, "max_steps=1", "checkpoint.resume=true"))
     assert f"Full layers from {early / rt.CHOICE_FILE} (no new scoring)" in caplog.text and _full(again._model) == [4]
+    # ... unless it was scored with other arguments: then it is scored again (here: refused by the stub)
+    (tmp_path / "early2").mkdir()
+    (tmp_path / "early2" / rt.CHOICE_FILE).write_text((out / rt.CHOICE_FILE).read_text())
+    with pytest.raises(AssertionError, match="scored again"):
+        _run(_cfg(tmp_path / "early2", planted_base, "max_steps=1", "checkpoint.resume=true",
+                  "retrieval_scoring.samples_per_depth=2"))
 
     # resuming with another budget, or with the layers given another way, is refused naming the field
     with pytest.raises(ValueError, match=r"config field 'model.full_layers': is 'retrieval:2' but .*step_3 was "
@@ -110,6 +117,8 @@ BAD = [
       "~model.max_seq_len"],
      r"config field 'model.full_layers': 'retrieval:1' places the full layers on a pretrained model's retrieval "
      r"heads, but checkpoint.base_dir is null \(random init has none\)"),
+    (["retrieval_scoring.length=64"], r"config field 'retrieval_scoring.length': must be null or an int >= 128, got 64"),
+    (["retrieval_scoring.batch=4"], r"unknown config key\(s\) \['retrieval_scoring.batch'\]"),
 ]
 
 
