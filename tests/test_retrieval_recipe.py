@@ -17,6 +17,7 @@ from flexgen_long.patterns import Full
 
 from reference import planted_copy_model
 from scripts import load_script
+from test_recipes import _run  # the recipe as recipe_main runs it
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "recipes/configs/tiny_longgen.yaml"
@@ -39,19 +40,6 @@ def _cfg(out: Path, base: Path | None, *overrides):
                  "sparse_pattern": {"_component_": "flexgen_long.patterns.AttnSink", "sink": 4, "window": 60}}
     return OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"output_dir={out}", f"checkpoint.base_dir={base}", *SMALL,
                                                         *overrides]))
-
-
-def _run(cfg):
-    from recipes.longgen_finetune import LongGenFinetuneRecipe
-
-    recipe = LongGenFinetuneRecipe(cfg)
-    try:
-        recipe.setup(cfg)
-        recipe.train()
-    finally:
-        recipe.release()
-    recipe.cleanup()
-    return recipe
 
 
 def _full(model) -> list[int]:
