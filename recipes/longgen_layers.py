@@ -62,7 +62,10 @@ def main(argv=None) -> retrieval.FullLayerChoice:
             retrieval_budget(a.full_layers, None)
         except ValueError as e:
             raise rc.ConfigError(f"--full-layers: {e}") from None
-        device = rc.device_field({"device": a.device}, "device")
+        try:
+            device = rc.device_field({"device": a.device}, "device")
+        except rc.ConfigError as e:
+            raise rc.ConfigError(str(e).replace("config field 'device'", "--device")) from None
         dtype = rc.DTYPES[a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
         d = Path(a.model_dir)
         hf.read_config(d)  # a directory without a readable config.json is named before anything loads

@@ -149,3 +149,7 @@ def test_layers_command_prints_the_ranking_and_the_config_line(planted_base, tmp
         cli.main([str(planted_base), "--device", "cpu"])
     with pytest.raises(SystemExit, match=r"^error: --full-layers: full_layers 'middle' is not a retrieval budget"):
         cli.main([str(planted_base), "--full-layers", "middle"])
+    with pytest.raises(SystemExit, match=r"^error: --device: must be 'cpu', 'cuda' or 'cuda:<index>', got 'tpu'"):
+        cli.main([str(planted_base), "--device", "tpu"])
+    with pytest.raises(SystemExit, match=r"^error: length must be >= 128"):
+        cli.main([str(planted_base), "--tokenizer", "bytes", "--device", "cpu", "--length", "100"])

@@ -23,12 +23,13 @@ Inference only, the unmodified weights (RoPE base 100K, table built to the train
 Stages, in order (each writes JSON under --out; a stage whose JSON exists is skipped):
   convert            the HF model directory (python -m flexgen_long.import_gguf) unless --model-dir gives one
   heads_base         retrieval heads of the unmodified model (analysis/repro/retrieval_heads.py) -> heads_base.json/png
+  V_sS               variant V with seed S, as one unit so that its checkpoint never has to outlive a machine:
+                     train (tune run recipes/longgen_finetune.py, resumable) -> train_V_sS.json; evaluate ->
+                     eval_V_sS.json; for the first seed also retrieval heads after extension -> heads_V_sS.json.
+                     Order: b, d, a with the first seed, then the other seeds
   eval_base, eval_e, eval_e_streaming
                      recipes/longgen_eval.py's evaluate() (recipes/configs/smollm2/eval_32k.yaml, lengths seq_len/8,
                      /4, /2, seq_len x 5 depths x --samples-per-cell prompts) -> eval_V.json
-  V_sS               variant V with seed S, as one unit so that its checkpoint never has to outlive a machine:
-                     train (tune run recipes/longgen_finetune.py, resumable) -> train_V_sS.json; evaluate ->
-                     eval_V_sS.json; for the first seed also retrieval heads after extension -> heads_V_sS.json
   summary            summary.json, summary.md (every accuracy with its Wilson interval; d - b and d - a with
                      Newcombe's interval, significant or not), summary.png (error bars), heads.png; rebuilt every run
 
@@ -143,7 +144,8 @@ def units(seeds: list[int], full_seeds: list[int]) -> list[str]:
 
 
 def all_stages(seeds, full_seeds) -> list[str]:
-    return ["convert", "heads_base", *[f"eval_{v}" for v in INFERENCE], *units(seeds, full_seeds), "summary"]
+    """Trained units before the inference-only rows: a run cut short holds the comparison first."""
+    return ["convert", "heads_base", *units(seeds, full_seeds), *[f"eval_{v}" for v in INFERENCE], "summary"]
 
 
 # -- stages ------------------------------------------------------------------------------------------------------------
@@ -638,8 +640,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--samples-per-cell", type=int, default=None,
                     help="eval prompts per length and depth (default 20: 100 per length; --smoke 1)")
     ap.add_argument("--stages", default=None, help="comma list of stages (default all, in order): convert, heads_base, "
-                                                   "eval_base, eval_e, eval_e_streaming, V_sS (V in a, b, d; S a "
-                                                   "seed), summary")
+                                                   "V_sS (V in a, b, d; S a seed), eval_base, eval_e, "
+                                                   "eval_e_streaming, summary")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra override of the finetuning config (repeatable)")
     ap.add_argument("--smoke", action="store_true", help="CPU smoke test: the real weights, tiny sizes")
