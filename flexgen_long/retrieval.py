@@ -10,8 +10,9 @@ pretrained model, measured here::
 
 **Scoring** (teacher forcing, no generation): passkey prompts (``flexgen_long.data.passkey_task``, the evaluation's
 prompts) followed by their answer go through the model in batches. A forward hook on every layer's attention module
-recomputes, from the module's own input and weights, the attention of the queries that produce the answer tokens in
-fp32 under the layer's own pattern (a sparse layer is scored on the keys it can see), then per query head:
+recomputes, from the module's own input with its own projections and RoPE, the attention of the queries that produce
+the answer tokens in fp32 under the layer's own pattern (a sparse layer is scored on the keys it can see), then per
+query head:
 
 * **copy score** (Wu et al.'s retrieval score): the fraction of answer tokens for which the head's most attended key
   lies in the needle and holds the very token being produced -- the head is copying it;
@@ -145,17 +146,17 @@ def copy_and_mass(probs: Tensor, tokens: Tensor, targets: Tensor, valid: Tensor,
 
 
 def _score_attention(attn: nn.Module, x: Tensor, out: Tensor, batch: dict) -> tuple[Tensor, Tensor, float]:
-    """Recompute one attention module's output at the answer rows from its input ``x`` [B, S, E] (fp32, under its
-    pattern), compare it with the real ``out`` [B, S, E], and score its heads. -> (copy [B, Hq], mass [B, Hq],
+    """Recompute one attention module's output at the answer rows from its input ``x`` [B, S, E] -- q, k, v and RoPE
+    by the module's own projections, in its dtype, as its forward computes them; the attention in fp32 under its
+    pattern -- compare it with the real ``out`` [B, S, E], and score its heads. -> (copy [B, Hq], mass [B, Hq],
     relative error)."""
     B, S, _ = x.shape
     hq, hkv, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
     rows, valid = batch["rows"], batch["valid"]
     b = torch.arange(B, device=x.device)[:, None]
-    xf = x.float()
-    q = F.linear(xf[b, rows], attn.q_proj.weight.float()).view(B, -1, hq, d)
-    k = F.linear(xf, attn.k_proj.weight.float()).view(B, S, hkv, d)
-    v = F.linear(xf, attn.v_proj.weight.float()).view(B, S, hkv, d)
+    q = attn.q_proj(x[b, rows]).view(B, -1, hq, d)
+    k = attn.k_proj(x).view(B, S, hkv, d)
+    v = attn.v_proj(x).view(B, S, hkv, d)
     q = attn.pos_embeddings(q, input_pos=rows).transpose(1, 2)  # the model's positions: 0..S-1 (no packing)
     k = attn.pos_embeddings(k).transpose(1, 2)
     probs = layer_probs(attn.pattern, q, k, rows)                                      # [B, Hq, A, S]
