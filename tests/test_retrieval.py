@@ -76,7 +76,7 @@ def test_recomputed_attention_is_the_layers_attention_for_every_pattern():
 
 def test_bf16_models_pass_the_check_with_room():
     """In bf16 (the GPU runs) q, k, v are rounded as the layer rounds them, so the recompute misses the real output
-    by bf16 rounding only -- far below the 0.1 a wrong mask or RoPE would exceed (measured here: 4.5e-3)."""
+    by bf16 rounding only -- far below the 0.1 that a wrong mask or RoPE exceeds."""
     res = rt.retrieval_scores(_hybrid().to(torch.bfloat16), ByteTokenizer(), 300, samples_per_depth=1,
                               depths=(0.2, 0.8), progress=False)
     assert 0 < res.recompute_max_rel_error < 0.02 and res.dtype == "bfloat16"
