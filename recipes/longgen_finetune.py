@@ -25,6 +25,11 @@ Pretrained weights come from ``checkpoint.base_dir``, any HF Llama-family direct
 flexgen_long.hf; the model section must have its sizes (``flexgen_long.models.from_hf_config`` reads them from the same
 directory) and the tokenizer must fit its vocabulary -- both checked before any weights or data are loaded.
 
+``model.full_layers: retrieval`` (``retrieval:<n>``, ``retrieval:<f>``) puts the full layers on the base model's
+strongest retrieval heads: after output_dir is claimed, ``checkpoint.base_dir`` is scored once (flexgen_long.retrieval;
+sized by the optional ``retrieval_scoring`` section), the ranking logged and written to ``output_dir/full_layers.json``,
+and the chosen list stored in every checkpoint, from which a resumed run takes it.
+
 On several GPUs (torchrun sets WORLD_SIZE > 1) the model is sharded with FSDP2 (torchtune.training.shard_model), one
 shard per transformer layer; each rank reads its own slice of every batch.
 """
