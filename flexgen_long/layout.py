@@ -15,6 +15,11 @@ a float f in (0,1] ``n(f)`` layers placed in the middle the same way (``1/3`` ==
 ``"all"``          every layer (the model is then the plain Llama)
 ``"none"``         no layer (all sparse)
 a list of ints     exactly these 0-based indices (no duplicates, each in [0, L))
+``"retrieval"``    the layers of a pretrained model's strongest retrieval heads, ``n(1/3)`` of them (as many as
+                   ``"middle"``); ``"retrieval:n"`` n of them (an int in [1, L]), ``"retrieval:f"`` ``n(f)`` of them (a
+                   fraction in (0, 1], written with a point). Chosen from the model's weights
+                   (``flexgen_long.retrieval``), so a builder cannot take it: the finetuning recipe resolves it into a
+                   list before it builds the model, and ``python recipes/longgen_layers.py MODEL_DIR`` prints that list
 =================  ====================================================================================================
 
 ``sparse_pattern`` is an ``AttnSink`` or ``BlockSparse`` instance, or -- as torchtune's ``config.instantiate`` passes
@@ -29,7 +34,8 @@ from collections.abc import Mapping, Sequence
 
 from .patterns import AttnSink, Full, Pattern
 
-__all__ = ["full_layer_indices", "layer_patterns", "as_sparse_pattern", "DEFAULT_SPARSE_PATTERN"]
+__all__ = ["full_layer_indices", "layer_patterns", "as_sparse_pattern", "is_retrieval", "retrieval_budget",
+           "DEFAULT_SPARSE_PATTERN", "RETRIEVAL"]
 
 #: 128 sink tokens + a 1920-token window: 2048 keys per query, the paper's budget of about 2K of 128K (1/64), with the
 #: sink and the window's far edge on 128-token block boundaries, so fewer key blocks are partial (masked per token).
@@ -38,11 +44,51 @@ __all__ = ["full_layer_indices", "layer_patterns", "as_sparse_pattern", "DEFAULT
 #: blocks instead of 4,047 (analysis/results/shapes_sinks_NVIDIA_H200.json; causal SDPA: 263 / 909 ms).
 DEFAULT_SPARSE_PATTERN = AttnSink(sink=128, window=1920)
 
-_NAMED = '"middle", "bottom", "top", "interleave:k", "all", "none", a float in (0, 1] or a list of layer indices'
+_NAMED = ('"middle", "bottom", "top", "interleave:k", "all", "none", a float in (0, 1], a list of layer indices, or '
+          '"retrieval[:n or :f]" (resolved by the finetuning recipe)')
+#: The ``full_layers`` name of the layers chosen from a pretrained model's retrieval heads.
+RETRIEVAL = "retrieval"
+_RETRIEVAL_FORMS = ("'retrieval' (as many full layers as 'middle'), 'retrieval:<n>' (an int in [1, num_layers]) or "
+                    "'retrieval:<f>' (a fraction in (0, 1] written with a point, e.g. 'retrieval:0.25')")
 
 
 def _count(fraction: float, num_layers: int) -> int:
     return max(1, math.floor(fraction * num_layers + 0.5))
+
+
+def is_retrieval(full_layers) -> bool:
+    """Whether ``full_layers`` asks for the layers of a model's retrieval heads (``"retrieval"``, ``"retrieval:..."``)."""
+    if not isinstance(full_layers, str):
+        return False
+    name = full_layers.strip().lower()
+    return name == RETRIEVAL or name.startswith(RETRIEVAL + ":")
+
+
+def retrieval_budget(full_layers: str, num_layers: int | None) -> int | None:
+    """How many full layers a ``"retrieval[:n or :f]"`` value asks for in a model of ``num_layers`` layers. With
+    ``num_layers=None`` only the value's form is checked (before the model's size is known) and None is returned.
+    Raises ``ValueError`` naming the allowed forms."""
+    if not is_retrieval(full_layers):
+        raise ValueError(f"full_layers {full_layers!r} is not a retrieval budget; expected {_RETRIEVAL_FORMS}")
+    _, colon, budget = full_layers.strip().lower().partition(":")
+    if num_layers is not None and (not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1):
+        raise ValueError(f"num_layers must be an int >= 1, got {num_layers!r}")
+    if not colon:
+        return None if num_layers is None else _count(1 / 3, num_layers)
+    if budget.isdigit():
+        n = int(budget)
+        if n < 1 or (num_layers is not None and n > num_layers):
+            bound = f"in [1, {num_layers}]" if num_layers is not None else ">= 1"
+            raise ValueError(f"full_layers {full_layers!r}: the layer count must be an int {bound}; expected "
+                             f"{_RETRIEVAL_FORMS}")
+        return None if num_layers is None else n
+    try:
+        f = float(budget) if "." in budget else None
+    except ValueError:
+        f = None
+    if f is None or not 0.0 < f <= 1.0:
+        raise ValueError(f"full_layers {full_layers!r}: expected {_RETRIEVAL_FORMS}")
+    return None if num_layers is None else _count(f, num_layers)
 
 
 def full_layer_indices(num_layers: int, full_layers="middle") -> tuple[int, ...]:
@@ -52,6 +98,12 @@ def full_layer_indices(num_layers: int, full_layers="middle") -> tuple[int, ...]
     L = num_layers
     if isinstance(full_layers, str):
         name = full_layers.strip().lower()
+        if is_retrieval(name):
+            retrieval_budget(name, L)  # a malformed budget is named as such
+            raise ValueError(f"full_layers {full_layers!r} names the layers of a pretrained model's retrieval heads, "
+                             "which only its weights can tell: the finetuning recipe chooses them from "
+                             "checkpoint.base_dir, and `python recipes/longgen_layers.py MODEL_DIR` prints the list to "
+                             "give here instead")
         n = _count(1 / 3, L)
         if name == "middle":
             return _middle(n, L)

@@ -60,6 +60,7 @@ from flexgen_long.generation import generate
 from flexgen_long.policy import Policy
 from flexgen_long.models import relayout
 from flexgen_long.patterns import AttnSink, Full
+from flexgen_long.stats import format_rate, wilson_interval
 
 log = utils.get_logger("INFO")
 
@@ -197,7 +198,9 @@ def greedy_answers(model: nn.Module, prefill_chunk: int | None = None) -> Answer
 def evaluate_retrieval(answer_fn: AnswerFn, tokenizer, tasks, lengths, depths, samples_per_cell: int, seed: int,
                        bar=None, examples_per_cell: int = 2) -> dict:
     """accuracy[task][depth index][length index] over the grid, each cell one batch of samples_per_cell prompts;
-    also token_accuracy (same indexing) and, per cell "L/depth", the first examples_per_cell [predicted, true]."""
+    also token_accuracy (same indexing) and, per cell "L/depth", the first examples_per_cell [predicted, true]. Per
+    length, over its depths: mean_by_length, correct_by_length (exact matches), prompts_by_length and
+    interval_by_length (the 95% Wilson interval, flexgen_long.stats)."""
     results = {}
     for task in tasks:
         acc = [[None] * len(lengths) for _ in depths]
@@ -215,9 +218,14 @@ def evaluate_retrieval(answer_fn: AnswerFn, tokenizer, tasks, lengths, depths, s
                 if bar is not None:
                     bar.set_description(f"{task} L={length} depth={depth}: {acc[i][j]:.2f}")
                     bar.update(1)
+        # every cell holds samples_per_cell prompts, so a cell's exact matches are its accuracy x samples_per_cell
+        correct = [sum(round(acc[i][j] * samples_per_cell) for i in range(len(depths))) for j in range(len(lengths))]
+        n = samples_per_cell * len(depths)
         results[task] = {"lengths": list(lengths), "depths": list(depths), "accuracy": acc,
                          "mean_by_length": [sum(acc[i][j] for i in range(len(depths))) / len(depths)
                                             for j in range(len(lengths))],
+                         "correct_by_length": correct, "prompts_by_length": n,
+                         "interval_by_length": [[round(x, 4) for x in wilson_interval(k, n)] for k in correct],
                          "samples_per_cell": samples_per_cell, "token_accuracy": tok_acc,
                          "examples": examples}
     return results
@@ -391,8 +399,9 @@ def evaluate(cfg: DictConfig) -> dict:
     if retrieval:
         plot_heatmaps(retrieval, f"{name}: retrieval accuracy", out_dir / f"{name}_retrieval.png")
     for task, r in retrieval.items():
-        log.info(f"{task}: mean accuracy by length " + ", ".join(f"{L}: {a:.2f}" for L, a in
-                                                                 zip(r["lengths"], r["mean_by_length"])))
+        log.info(f"{task}: exact match by length [95% Wilson interval] over {r['prompts_by_length']} prompts each: "
+                 + ", ".join(f"{L}: {format_rate(k, r['prompts_by_length'])}"
+                             for L, k in zip(r["lengths"], r["correct_by_length"])))
     if perplexity:
         log.info("perplexity by length " + ", ".join(f"{L}: {p:.3f}" for L, p in zip(lengths, perplexity["ppl"])))
     log.info(f"Wrote {json_path}")

@@ -25,6 +25,11 @@ Pretrained weights come from ``checkpoint.base_dir``, any HF Llama-family direct
 flexgen_long.hf; the model section must have its sizes (``flexgen_long.models.from_hf_config`` reads them from the same
 directory) and the tokenizer must fit its vocabulary -- both checked before any weights or data are loaded.
 
+``model.full_layers: retrieval`` (``retrieval:<n>``, ``retrieval:<f>``) puts the full layers on the base model's
+strongest retrieval heads: after output_dir is claimed, ``checkpoint.base_dir`` is scored once (flexgen_long.retrieval;
+sized by the optional ``retrieval_scoring`` section), the ranking logged and written to ``output_dir/full_layers.json``,
+and the chosen list stored in every checkpoint, from which a resumed run takes it.
+
 On several GPUs (torchrun sets WORLD_SIZE > 1) the model is sharded with FSDP2 (torchtune.training.shard_model), one
 shard per transformer layer; each rank reads its own slice of every batch.
 """
@@ -51,7 +56,7 @@ from torchtune.recipe_interfaces import FTRecipeInterface
 from flexgen_long import checkpoint_io as ckpt
 from flexgen_long import hf
 from flexgen_long import recipe_config as rc
-from flexgen_long import train_plan
+from flexgen_long import retrieval, train_plan
 from flexgen_long.data import CROSS_ENTROPY_IGNORE_INDEX
 from flexgen_long.losses import ChunkedLinearCrossEntropy
 from flexgen_long.models import builder_config
@@ -63,7 +68,7 @@ RECIPE_KEYS = {
     "output_dir", "seq_len", "model", "tokenizer", "dataset", "seed", "batch_size", "gradient_accumulation_steps",
     "max_steps", "optimizer", "lr_scheduler", "clip_grad_norm", "loss", "checkpoint", "device", "dtype", "compile",
     "enable_activation_checkpointing", "fsdp_cpu_offload", "metric_logger", "log_every_n_steps",
-    "log_peak_memory_stats",
+    "log_peak_memory_stats", "retrieval_scoring",
 }
 CHECKPOINT_KEYS = {"base_dir", "resume", "overwrite", "save_every_n_steps", "keep_last_n", "save_final"}
 #: (section, leading arguments the recipe passes itself): every _component_ section, checked against its signature.
@@ -117,6 +122,7 @@ def validate_config(cfg: DictConfig) -> None:
     if "path" in cfg.tokenizer:
         rc.existing_file("tokenizer.path", rc.get(cfg, "tokenizer.path"), "the tokenizer's model file")
     rc.check_hf_sections(cfg)  # from_hf_config's and hf_tokenizer's directories
+    retrieval.check_config(cfg)  # model.full_layers: retrieval needs a base model to score
     _check_dataset(cfg, seq_len)
     # Dry runs on one dummy CPU parameter: the components' own range checks (e.g. "Invalid learning rate: -1"), in
     # microseconds, instead of after the data and the model are ready. (CPU: a CUDA tensor here would open a context
@@ -251,8 +257,9 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
     # -- setup ----------------------------------------------------------------------------------------------------------
     def setup(self, cfg: DictConfig) -> None:
         # Validate the model shape and patterns on the meta device first: errors before any weights or data exist.
+        # (full_layers: retrieval is chosen after output_dir is claimed; until then as many full layers in the middle)
         with torch.device("meta"):
-            meta_model = rc.instantiate("model", cfg.model)
+            meta_model = rc.instantiate("model", retrieval.provisional_model_cfg(cfg.model))
         validate_model(meta_model, cfg)
         vocab_size = meta_model.tok_embeddings.num_embeddings
         if self._is_rank_zero:  # the estimate `python recipes/longgen_plan.py` prints whole, beside the logged peaks
@@ -262,10 +269,6 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
         # vocabulary (a real model's tokenizer is read from its directory; loading it takes a moment, not minutes).
         self._tokenizer = rc.instantiate("tokenizer", cfg.tokenizer)
         rc.tokenizer_fits(self._tokenizer, vocab_size)
-        # saved in every checkpoint's config.json and compared on resume; from_hf_config is written out in full, so
-        # that a checkpoint rebuilds without the base model's directory
-        self._model_cfg = builder_config(OmegaConf.to_container(cfg.model, resolve=True))
-        self._recipe_identity = recipe_identity(cfg, self._world_size)
 
         # Claim output_dir before anything is written: one job per directory (a lock), and a fresh run refuses a
         # directory that holds anything unless told to resume from it or to overwrite it (flexgen_long.checkpoint_io).
@@ -275,6 +278,13 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
         if self._world_size > 1:
             dist.barrier()
         resume_from = ckpt.latest_checkpoint(self._output_dir) if self._resume else None
+        choice = self._choose_full_layers(cfg, resume_from)
+        # saved in every checkpoint's config.json and compared on resume; from_hf_config is written out in full, so
+        # that a checkpoint rebuilds without the base model's directory
+        self._model_cfg = builder_config(OmegaConf.to_container(cfg.model, resolve=True))
+        self._recipe_identity = recipe_identity(cfg, self._world_size)
+        if choice is not None:
+            self._recipe_identity[retrieval.CHECKPOINT_KEY] = choice.to_dict()
         if resume_from is not None:  # before data and weights: a mismatch is refused in a second, not minutes
             saved = hf.read_config(resume_from).get("flexgen_long", {})
             check_resume_matches(saved, resume_from, self._model_cfg, self._recipe_identity)
@@ -327,6 +337,29 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
                 log.info(f"Data: skipped {s['skipped_files']} file(s) that are not UTF-8 text "
                          f"(dataset.on_invalid_utf8=skip): {', '.join(names[:5])}"
                          + (f", ... ({len(names) - 5} more)" if len(names) > 5 else ""))
+
+    def _choose_full_layers(self, cfg: DictConfig, resume_from: Path | None):
+        """``model.full_layers: retrieval[:n or :f]``: the layers of the base model's retrieval heads, chosen once
+        (flexgen_long.retrieval.choose_for_run: from the checkpoint resumed, else by scoring checkpoint.base_dir) on
+        rank 0 and shared with every rank; ``cfg.model.full_layers`` becomes that list. Other values: None."""
+        spec = cfg.model.get("full_layers")
+        if not retrieval.is_retrieval(spec):
+            return None
+        choice = [None]
+        if self._is_rank_zero:
+            try:
+                choice[0] = retrieval.choose_for_run(spec, base_dir=self._base_dir, tokenizer=self._tokenizer,
+                                                     output_dir=self._output_dir, resume=self._resume,
+                                                     resume_from=resume_from, device=self._device, dtype=self._dtype,
+                                                     log=log.info, **retrieval.scoring_args(cfg))
+            except Exception as e:  # every rank raises it (the others would wait for the choice forever)
+                choice[0] = e
+        if self._world_size > 1:
+            dist.broadcast_object_list(choice, src=0)
+        if isinstance(choice[0], Exception):
+            raise choice[0]
+        cfg.model.full_layers = list(choice[0].layers)
+        return choice[0]
 
     def _setup_model(self, cfg: DictConfig) -> nn.Module:
         base_sd = hf.load_hf_state_dict(self._base_dir)[0] if self._base_dir else None

@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from flexgen_long import recipe_config as rc
-from flexgen_long import train_plan
+from flexgen_long import retrieval, train_plan
 
 RECIPE = Path(__file__).resolve().parent / "longgen_finetune.py"
 
@@ -66,7 +66,8 @@ def validate(cfg: DictConfig) -> torch.nn.Module:
         checked = OmegaConf.merge(cfg, {"device": "cpu"})  # planned for a GPU machine: the rest is checked here
     recipe.validate_config(checked)
     with training.set_default_dtype(rc.dtype_field(cfg)), torch.device("meta"):
-        model = rc.instantiate("model", cfg.model)
+        # full_layers: retrieval is chosen when the run starts; the plan counts as many full layers (the same memory)
+        model = rc.instantiate("model", retrieval.provisional_model_cfg(cfg.model))
     recipe.validate_model(model, checked)
     return model
 

@@ -88,3 +88,58 @@ def rel_err(got, want) -> float:
     if scale < 1e-3 * want.numel() ** 0.5:
         scale = want.numel() ** 0.5
     return float((got - want).norm()) / scale
+
+
+def planted_copy_model(copy_layer: int = 4, prev_layer: int = 1, num_layers: int = 6, seed: int = 0):
+    """A byte-level Llama (``longgen_llama``: vocab 259, dim 72, one head of 64, every layer full, RoPE base 1e8) whose
+    weights are set by hand so that exactly one layer, ``copy_layer``, copies the passkey out of the needle: an
+    induction head. ``prev_layer`` (< copy_layer) is a previous-token head that writes each position's preceding token
+    into the residual stream; ``copy_layer``'s query is the current token and its key that preceding token, so a query
+    attends to the position after an earlier occurrence of its own token -- inside the needle for the passkey's
+    digits, which occur nowhere else -- and that position holds the next digit, the token being produced. Every other
+    attention and every MLP is zero (uniform attention, nothing written).
+
+    Residual stream: dims 0-31 a random unit vector per token, 32-63 the previous token's vector (written by
+    prev_layer), 64 a constant 1, 65-71 copy_layer's output. RoPE pairs are consecutive dims of a head; the
+    previous-token head uses the 8 fastest pairs (its key rotated by one position's angle, so q.k peaks one position
+    back: sum of cos(theta_i * (n - m + 1)) is 8 there, 7.31 at the query itself, lower elsewhere), the copy head the
+    16 slowest (rotation below 0.1 rad over 1K tokens: a match of token vectors, nearly position-free)."""
+    import math
+
+    from flexgen_long.models import longgen_llama
+
+    if not 0 <= prev_layer < copy_layer < num_layers:
+        raise ValueError("need 0 <= prev_layer < copy_layer < num_layers")
+    E, D, base = 72, 64, 1e8
+    model = longgen_llama(259, num_layers, 1, 1, E, 16, 1024, base, full_layers="all", head_dim=D)
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(259, 32, generator=g, dtype=torch.float64)
+    u = u / u.norm(dim=1, keepdim=True)
+    theta = base ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)  # RoPE angle per pair and position
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        for name, p in model.named_parameters():
+            if name.endswith("norm.scale"):
+                p.fill_(1.0)
+        model.tok_embeddings.weight[:, :32] = u.float()
+        model.tok_embeddings.weight[:, 64] = 1.0
+        a = model.layers[prev_layer].attn
+        c = math.sqrt(E / 2)   # RMSNorm scales the embedding (|x|^2 = 2) by this
+        alpha = 25.0           # margin 0.69 * alpha^2 / 8 = 54 nats over the query itself
+        for i in range(8):
+            a.q_proj.weight[2 * i, 64] = alpha / c
+            a.k_proj.weight[2 * i, 64] = alpha * math.cos(theta[i]) / c
+            a.k_proj.weight[2 * i + 1, 64] = alpha * math.sin(theta[i]) / c
+        for j in range(32):
+            a.v_proj.weight[j, j] = 1.0 / c
+            a.output_proj.weight[32 + j, j] = 1.0
+        b = model.layers[copy_layer].attn
+        c = math.sqrt(E / 3)   # |x|^2 = 3 once prev_layer has written the previous token
+        for j in range(32):
+            b.q_proj.weight[32 + j, j] = 12.0 / c
+            b.k_proj.weight[32 + j, 32 + j] = 12.0 / c
+            b.v_proj.weight[j, j] = 1.0 / c
+        for j in range(7):
+            b.output_proj.weight[65 + j, j] = 1.0
+    return model.eval()

@@ -161,6 +161,25 @@ def test_exact_match_scoring_on_oracle_and_wrong_stubs():
     assert len(near["passkey"]["examples"]) == 6 and pred != true and pred[:-2] == true[:-2] and pred[-1] == "."
 
 
+def test_accuracy_by_length_carries_its_wilson_interval():
+    """A reader right on exactly the first 2 of each cell's 3 prompts: 6 of 9 per length (3 depths), with the
+    interval of 6/9 beside it; all right and all wrong give the intervals of 9/9 and 0/9."""
+    from recipes.longgen_eval import evaluate_retrieval
+
+    from flexgen_long.stats import wilson_interval
+
+    grid = dict(tasks=["passkey"], lengths=[500, 700], depths=[0.0, 0.3, 1.0], samples_per_cell=3, seed=5)
+
+    def two_of_three(ps, n):
+        return _oracle(ps[:2], n) + [TOK.encode(" 00000.", add_bos=False, add_eos=False)] * (len(ps) - 2)
+    r = evaluate_retrieval(two_of_three, TOK, **grid)["passkey"]
+    assert r["correct_by_length"] == [6, 6] and r["prompts_by_length"] == 9
+    assert r["interval_by_length"] == [[round(x, 4) for x in wilson_interval(6, 9)]] * 2
+    assert r["mean_by_length"] == pytest.approx([6 / 9, 6 / 9])
+    assert evaluate_retrieval(_oracle, TOK, **grid)["passkey"]["interval_by_length"][0] == \
+        [round(x, 4) for x in wilson_interval(9, 9)]
+
+
 def test_perplexity_equals_exp_mean_nll_of_an_independent_forward():
     from recipes.longgen_eval import evaluate_perplexity
 

@@ -2,7 +2,8 @@
 
 import pytest
 
-from flexgen_long.layout import DEFAULT_SPARSE_PATTERN, as_sparse_pattern, full_layer_indices, layer_patterns
+from flexgen_long.layout import DEFAULT_SPARSE_PATTERN, as_sparse_pattern, full_layer_indices, layer_patterns, \
+    retrieval_budget
 from flexgen_long.patterns import AttnSink, BlockSparse, Full
 
 
@@ -84,3 +85,36 @@ def test_bad_pattern_arguments_name_the_field():
 def test_bad_num_layers():
     with pytest.raises(ValueError, match="num_layers"):
         full_layer_indices(0)
+
+
+@pytest.mark.parametrize("spec, L, want", [
+    ("retrieval", 30, 10), ("retrieval", 32, 11), ("Retrieval", 4, 1),   # as many as "middle"
+    ("retrieval:6", 30, 6), ("retrieval:30", 30, 30), ("retrieval:1", 30, 1),
+    ("retrieval:0.2", 30, 6), ("retrieval:1.0", 7, 7), ("retrieval:0.01", 30, 1),  # n(f) = max(1, floor(f*L + 1/2))
+    ("retrieval:0.25", 9, 2),
+])
+def test_retrieval_budget(spec, L, want):
+    assert retrieval_budget(spec, L) == want
+    assert retrieval_budget(spec, None) is None  # the form alone, before the model's size is known
+
+
+@pytest.mark.parametrize("spec, msg", [
+    ("retrieval:0", r"layer count must be an int in \[1, 30\]"),
+    ("retrieval:31", r"layer count must be an int in \[1, 30\]"),
+    ("retrieval:1.5", r"expected 'retrieval'"),
+    ("retrieval:0.0", r"expected 'retrieval'"),
+    ("retrieval:abc", r"expected 'retrieval'"),
+    ("retrieval:", r"expected 'retrieval'"),
+    ("retrieval:1e-1", r"expected 'retrieval'"),
+])
+def test_bad_retrieval_budget(spec, msg):
+    with pytest.raises(ValueError, match=msg):
+        retrieval_budget(spec, 30)
+
+
+def test_a_builder_cannot_take_retrieval_and_says_who_resolves_it():
+    with pytest.raises(ValueError, match=r"full_layers 'retrieval' names the layers of a pretrained model's "
+                                         r"retrieval heads.*recipes/longgen_layers.py MODEL_DIR"):
+        full_layer_indices(30, "retrieval")
+    with pytest.raises(ValueError, match=r"layer count must be an int in \[1, 30\]"):
+        full_layer_indices(30, "retrieval:40")  # a malformed budget is named as such
