@@ -38,10 +38,8 @@ __all__ = ["full_layer_indices", "layer_patterns", "as_sparse_pattern", "is_retr
            "DEFAULT_SPARSE_PATTERN", "RETRIEVAL"]
 
 #: 128 sink tokens + a 1920-token window: 2048 keys per query, the paper's budget of about 2K of 128K (1/64), with the
-#: sink and the window's far edge on 128-token block boundaries, so fewer key blocks are partial (masked per token).
-#: Measured on an H200 (torch 2.11, 131072 tokens, 32 q / 8 kv heads, D 128, bf16, compiled flex): 11.6 ms forward /
-#: 56.3 ms forward+backward against 12.5 / 64.1 ms for AttnSink(64, 1984), the same keys per query with 2,032 partial
-#: blocks instead of 4,047 (analysis/results/shapes_sinks_NVIDIA_H200.json; causal SDPA: 263 / 909 ms).
+#: sink and the window's far edge on 128-token block boundaries, so fewer key blocks are partial (masked per token):
+#: faster than AttnSink(64, 1984), the same keys per query (measured: analysis/README.md, "sink alignment").
 DEFAULT_SPARSE_PATTERN = AttnSink(sink=128, window=1920)
 
 _NAMED = ('"middle", "bottom", "top", "interleave:k", "all", "none", a float in (0, 1], a list of layer indices, or '

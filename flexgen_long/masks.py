@@ -61,8 +61,8 @@ def _rule_views(rule: BlockRule, group: int, pad_q_blocks: int = 0):
     """A BlockRule ([B, H, NQ, NK] partial / full, H = 1 or the KV heads) as the eight index tensors of a BlockMask,
     with ``pad_q_blocks`` query blocks of padding (no key blocks) appended and a head-dependent rule's rows repeated
     for the ``group`` query heads of each KV head."""
-    # Building a mask is launch-bound (tens of small kernels, ~1 ms at 8K-32K on H200), so partial and full go
-    # through each conversion together: one stacked tensor, half the launches.
+    # Building a mask is launch-bound (tens of small kernels), so partial and full go through each conversion
+    # together: one stacked tensor, half the launches.
     both = torch.stack([rule.partial, rule.full])
     if pad_q_blocks:
         both = torch.nn.functional.pad(both, (0, 0, 0, pad_q_blocks))  # [2, B, H, NQ + pad, NK], False

@@ -3,9 +3,7 @@
 On a GPU each call is timed with CUDA events around it (after a synchronize), so host overhead before the launch does
 not count but every kernel of the call does; on the CPU with ``time.perf_counter``. The first call is never timed: it
 compiles (torch.compile, Triton autotuning, cuDNN plan selection) and allocates, and an unwarmed timing measures that
-instead of the kernel. (This project's first GPU check timed causal SDPA with ``enable_gqa`` without a warm-up and
-concluded it was several times slower than SDPA over expanded K/V; warmed up, it is slightly faster -- 2.45 vs 2.60 ms
-at 16K tokens on an H200, analysis/results/shapes_NVIDIA_H200.json.)
+instead of the kernel (an unwarmed first check of this project once reversed a comparison: analysis/README.md).
 """
 
 from __future__ import annotations

@@ -173,15 +173,15 @@ def validate_model(model: nn.Module, cfg: DictConfig) -> None:
         p = layer.attn.pattern.bind_heads(layer.attn.num_kv_heads)
         if p.is_full:
             continue
+        block = getattr(p, "block", None)  # a pattern laid out in whole blocks (BlockSparse)
+        if block is not None and seq_len % block:
+            _fail("model.sparse_pattern", f"{p!r} of layer {i}: its block={block} must divide seq_len={seq_len} "
+                                          "(the pattern is laid out in whole blocks)")
         if all(int(p.row_count(last, h)) == seq_len for h in range(layer.attn.num_kv_heads)):
             _fail("model.sparse_pattern", f"{p!r} of layer {i} sees every key of a seq_len={seq_len} sequence: the "
                                           "layer would be full attention; make the pattern sparser (a smaller "
                                           "window or fewer local blocks), or use model.full_layers=all for a "
                                           "full-attention model")
-        block = getattr(p, "block", None)  # a pattern laid out in whole blocks (BlockSparse)
-        if block is not None and seq_len % block:
-            _fail("model.sparse_pattern", f"{p!r} of layer {i}: its block={block} must divide seq_len={seq_len} "
-                                          "(the pattern is laid out in whole blocks)")
     base = rc.get(cfg, "checkpoint.base_dir", None)
     if base is not None:  # the base checkpoint's sizes (its config.json) against the model's, before any weights
         try:
