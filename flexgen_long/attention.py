@@ -1,13 +1,11 @@
 """One attention layer of the hybrid model: torchtune's projections and RoPE, GQA, a pattern, and the kernels that the
-route table (flexgen_long.routes) picks for it.
+route table (flexgen_long.routes) picks for it. Without a cache a layer gets the forward's ``MaskSet`` (one route and
+mask per distinct pattern); over KV caches a ``KVStep`` (the caches and where the new tokens go). Either way it runs
+``KERNELS[route.kernel]``.
 
-Without a cache the decoder builds a ``MaskSet`` once per forward (one route and one mask per distinct pattern) and
-hands it to every layer. Over KV caches it hands every layer a ``KVStep`` (flexgen_long.engine builds them): the caches
-and where the new tokens go. Either way the layer runs ``KERNELS[route.kernel]``.
-
-The flex guard: uncompiled ``flex_attention`` materialises the whole score matrix. ``_flex`` runs inside compiled
-code, where ``torch.compiler.is_compiling()`` is folded to True; when dynamo did not compile the call (compilation
-disabled, ``force_eager``, an abandoned region) it sees False and refuses sequences longer than ``FLEX_EAGER_MAX_LEN``.
+The flex guard: uncompiled ``flex_attention`` materialises the whole score matrix. Inside compiled code
+``torch.compiler.is_compiling()`` folds to True; when dynamo did not compile a call, ``_flex`` sees False and refuses
+sequences longer than ``FLEX_EAGER_MAX_LEN``.
 """
 
 from __future__ import annotations
@@ -30,8 +28,7 @@ from .shapes import BLOCK, compiled, flex_graph_key, pad_seq, padded_len
 __all__ = ["HybridAttention", "HybridLayer", "MaskSet", "KVStep", "KERNELS", "FlexNotCompiledError",
            "FLEX_EAGER_MAX_LEN", "flex_attend", "attention_layers", "positions_in_documents", "run_layer"]
 
-#: Longest query or key length that flex may run uncompiled (its eager path allocates B*H*q_len*kv_len scores): a
-#: safety limit, not a setting.
+#: Longest query or key length flex may run uncompiled (its eager path allocates every score): a limit, not a setting.
 FLEX_EAGER_MAX_LEN = 2048
 
 
@@ -80,10 +77,9 @@ def positions_in_documents(doc_ids: Tensor) -> Tensor:
 
 
 class MaskSet:
-    """The routes and masks of one no-cache forward: per distinct pattern, its route (flexgen_long.routes, phase
-    "train" when ``grad`` else "first") and the mask that route needs -- a BlockMask for flex, a dense bool mask for
-    SDPA, none for causal SDPA. ``kind`` overrides the choice for every masked pattern: ``"block"`` (flex) or
-    ``"dense"`` (SDPA with the bool mask)."""
+    """The routes and masks of one no-cache forward: per distinct pattern its route (phase "train" when ``grad``, else
+    "first") and the mask it needs (a BlockMask for flex, a bool mask for SDPA, none for causal SDPA). ``kind``
+    overrides every masked pattern's kernel: ``"block"`` (flex) or ``"dense"`` (SDPA with the bool mask)."""
 
     def __init__(self, patterns: Iterable[Pattern], seq_len: int, *, num_heads: int, num_kv_heads: int, device,
                  doc_ids: Tensor | None = None, kind: str | None = None, grad: bool = False,
@@ -111,20 +107,22 @@ class MaskSet:
                 m = None
             self.routes[p] = (r, m)
 
+    def route(self, pattern: Pattern) -> Route:
+        if pattern not in self.routes:
+            raise KeyError(f"no route for {pattern!r} in this MaskSet (built for {list(self.routes)})")
+        return self.routes[pattern][0]
+
     def __getitem__(self, pattern: Pattern):
         """The mask of ``pattern`` (None for causal SDPA)."""
-        try:
-            return self.routes[pattern][1]
-        except KeyError:
-            raise KeyError(f"no route for {pattern!r} in this MaskSet (built for {list(self.routes)})") from None
+        self.route(pattern)  # raises for a pattern it does not hold
+        return self.routes[pattern][1]
 
 
 class KVStep:
-    """One forward over KV caches, as every layer sees it: ``cache`` (a flexgen_long.cache.ModelCache), ``phase``
-    ("first" / "later": a prefill chunk of sequence ``row`` at ``offset``, ``chunk`` its nominal size; "decode": one
-    token per row at device positions ``pos`` [B], ``lo`` the lowest on the host), the resolved ``policy``, and
-    ``last_only``: logits of the last token only. Routes and masks are made once per step and pattern (every layer of
-    a pattern holds the same positions) and shared by its layers."""
+    """One forward over KV caches as every layer sees it: the ``cache`` (a ModelCache), the ``phase`` ("first" /
+    "later": a chunk of row ``row`` at ``offset``, ``chunk`` the nominal size; "decode": a token per row at device
+    positions ``pos``, ``lo`` the lowest), the resolved ``policy``, ``last_only`` (last token's logits only). Routes and
+    masks are made once per step and pattern (its layers hold the same positions)."""
 
     def __init__(self, cache, phase: str, policy: Policy, *, row: int = 0, offset: int = 0, chunk: int | None = None,
                  pos: Tensor | None = None, lo: int = 0, last_only: bool = False, layer_fn=None):
@@ -156,15 +154,17 @@ def _expand_heads(mask: Tensor, num_heads: int) -> Tensor:
     return mask if mask.shape[1] == 1 else mask.repeat_interleave(num_heads // mask.shape[1], dim=1)
 
 
+def _expand_kv(q: Tensor, *kv: Tensor) -> list[Tensor]:
+    """K/V repeated to q's heads, for the masked SDPA paths (with enable_gqa they may fall back to the math kernel)."""
+    return [t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in kv]
+
+
 def _sdpa_lower_right(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Causal SDPA of the last S positions over T keys; square: ``is_causal`` with GQA unexpanded; else
-    ``causal_lower_right``, whose flash kernel takes equal head counts."""
+    """Causal SDPA of the last S positions over T keys: square, ``is_causal`` with GQA unexpanded; else
+    ``causal_lower_right``."""
     if q.shape[-2] == k.shape[-2]:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    group = q.shape[1] // k.shape[1]
-    if group > 1:
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[-2], k.shape[-2]))
+    return F.scaled_dot_product_attention(q, *_expand_kv(q, k, v), attn_mask=causal_lower_right(q.shape[-2], k.shape[-2]))
 
 
 # -- the kernels: (layer, q, k, v, context, route) -> output; q [B, Hq, C, D], k/v [B, Hkv, C, D] after RoPE ------------
@@ -225,16 +225,13 @@ def _flex_over_slots(at, q, k, v, ctx, r):
 
 
 def _sdpa_over_slots(at, q, k, v, ctx, r):
-    """[every slot ; the chunk's keys] under the dense mask of their positions, K/V expanded per query head (a masked
-    SDPA with GQA may fall back to the math kernel)."""
+    """[every slot ; the chunk's keys] under the bool mask of their positions."""
     c, row, o, C = ctx.cache[at], ctx.row, ctx.offset, q.shape[2]
     kk, vv = torch.cat([c.k[row:row + 1], k], dim=2), torch.cat([c.v[row:row + 1], v], dim=2)
     qpos = torch.arange(o, o + C, device=q.device, dtype=torch.int32)
     kpos = torch.cat([c.pos[row:row + 1], qpos.expand(1, c.pos.shape[1], C)], dim=2)
-    group = at.num_heads // at.num_kv_heads
-    if group > 1:
-        kk, vv = kk.repeat_interleave(group, dim=1), vv.repeat_interleave(group, dim=1)
-    return F.scaled_dot_product_attention(q, kk, vv, attn_mask=_expand_heads(c.visible(qpos[None], kpos), at.num_heads))
+    mask = _expand_heads(c.visible(qpos[None], kpos), at.num_heads)
+    return F.scaled_dot_product_attention(q, *_expand_kv(q, kk, vv), attn_mask=mask)
 
 
 def _decode_exact(at, q, k, v, ctx, r):
@@ -256,8 +253,8 @@ KERNELS = {"sdpa_causal": _causal, "sdpa_dense_mask": _dense, "flex": _flex_seq,
 
 
 class HybridAttention(MultiHeadAttention):
-    """torchtune's ``MultiHeadAttention`` (same submodules and state-dict keys) with a fixed ``pattern``; its kernels
-    come from the route table. Self-attention only; KV caches are flexgen_long.cache's compact per-pattern ones."""
+    """torchtune's ``MultiHeadAttention`` (same submodules and state-dict keys) with a ``pattern``; its kernels come from
+    the route table; its KV caches are flexgen_long.cache's compact per-pattern ones."""
 
     def __init__(self, *, embed_dim: int, num_heads: int, num_kv_heads: int, head_dim: int, q_proj: nn.Module,
                  k_proj: nn.Module, v_proj: nn.Module, output_proj: nn.Module, pos_embeddings: nn.Module,
@@ -308,9 +305,7 @@ class HybridAttention(MultiHeadAttention):
                              f"got {type(masks).__name__}")
         if q.shape[-2] != masks.seq_len:
             raise ValueError(f"MaskSet was built for seq_len={masks.seq_len}, the layer got {q.shape[-2]} tokens")
-        if self.pattern not in masks.routes:
-            masks[self.pattern]  # raises, naming the patterns it holds
-        r = masks.routes[self.pattern][0]
+        r = masks.route(self.pattern)
         if r.kernel == "flex" and q.device.type == "cpu" and torch.is_grad_enabled() and any(
                 t.requires_grad for t in (q, k, v)):
             raise RuntimeError("flex_attention has no CPU backward: build the MaskSet with kind='dense' or grad=True "
@@ -322,23 +317,21 @@ class HybridAttention(MultiHeadAttention):
     # caches' sizes, offsets and masks out of every compiled graph's guards. Measured: analysis/README.md.
     @torch.compiler.disable
     def _attend_cached(self, q: Tensor, k: Tensor, v: Tensor, kv: KVStep) -> Tensor:
-        """Attention of new tokens over this layer's cache: the step's route, with the tokens written into the cache
-        before a kernel that reads the buffer (decode; a full layer's later chunk) and after the others."""
+        """Attention of new tokens over this layer's cache by the step's route; the tokens are written into the cache
+        before a kernel that reads them from it (``routes.BUFFER_KERNELS``), after the others."""
         cache, r = kv.cache[self], kv.route(self, q.shape[2], q.element_size())
-        if kv.phase == "decode":
-            cache.write_step(k, v, kv.pos)
-            return KERNELS[r.kernel](self, q, k, v, kv, r)
+        write = (lambda: cache.write_step(k, v, kv.pos)) if kv.phase == "decode" else \
+            (lambda: cache.write_prefill(kv.row, k, v, kv.offset))
         if r.kernel in BUFFER_KERNELS:
-            cache.write_prefill(kv.row, k, v, kv.offset)
+            write()
             return KERNELS[r.kernel](self, q, k, v, kv, r)
         out = KERNELS[r.kernel](self, q, k, v, kv, r)
-        cache.write_prefill(kv.row, k, v, kv.offset)
+        write()
         return out
 
 
 class HybridLayer(TransformerSelfAttentionLayer):
-    """torchtune's ``TransformerSelfAttentionLayer`` (same submodules, same state-dict keys) that hands its attention
-    the KV step explicitly."""
+    """torchtune's ``TransformerSelfAttentionLayer`` (same submodules and keys) that hands its attention the KV step."""
 
     def forward(self, x: Tensor, *, mask: MaskSet | None = None, input_pos: Tensor | None = None,
                 kv: KVStep | None = None, **kwargs) -> Tensor:

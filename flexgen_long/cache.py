@@ -1,15 +1,10 @@
-"""Per-layer KV caches laid out by each layer's pattern, and the memory plan that sizes them before anything is
-allocated.
+"""Per-layer KV caches laid out by each layer's pattern, and the memory plan that sizes them before allocation.
 
 A cache is a set of *slots*: ``k``/``v`` [B, Hkv, slots, D] plus ``pos`` [B, Hp, slots] int32, the absolute position each
-slot holds (-1 = empty); Hp = Hkv for a head-dependent pattern, else 1. The pattern owns the layout (``cache_slots``,
-``slot_of``, ``kept``, ``holds_exactly``: flexgen_long.patterns). Keys are stored after RoPE at their absolute
-positions, so a slot's key is valid for every later query whatever slot it sits in, and attention masks slots by the
-pattern's own token rule on ``pos`` -- stale slots become invisible without being copied or cleared.
-
-The memory plan: ``plan_cache`` (the caches' bytes, exact), ``prefill_activation_bytes`` and
-``decode_activation_bytes`` (estimates that err high; their attention term is the route table's ``Route.bytes``),
-``choose_prefill_chunk`` and ``serving_capacity`` built on them.
+slot holds (-1 = empty; Hp = Hkv for a head-dependent pattern, else 1), in the pattern's layout (flexgen_long.patterns).
+Keys are stored after RoPE at absolute positions, and attention masks slots by the pattern's token rule on ``pos``:
+stale slots are never copied or cleared. The memory plan: ``plan_cache`` (exact), the activation estimates (they err
+high; their attention term is the route table's ``Route.bytes``), ``choose_prefill_chunk``, ``serving_capacity``.
 """
 
 from __future__ import annotations
@@ -84,9 +79,8 @@ def plan_cache(model: nn.Module, batch_size: int, max_len: int, dtype: torch.dty
 
 
 def free_memory_bytes(device) -> int:
-    """Memory a new allocation on ``device`` can use: on GPUs what the driver reports free plus what PyTorch's caching
-    allocator holds reserved but unallocated (after a large computation most of the card sits there); on the host
-    MemAvailable."""
+    """Memory a new allocation on ``device`` can use: on GPUs the driver's free memory plus what PyTorch's allocator holds
+    reserved but unallocated (after a large computation most of the card sits there); on the host MemAvailable."""
     device = torch.device(device)
     if device.type == "cuda":
         if device.index is None:
@@ -151,17 +145,12 @@ def _paths(device, policy: Policy | None) -> list:
 def prefill_activation_bytes(model: nn.Module, chunk_len: int, dtype: torch.dtype = torch.bfloat16,
                              prompt_len: int | None = None, cache_len: int | None = None, device=None,
                              policy: Policy | None = None) -> int:
-    """Estimated peak transient memory of prefilling a ``prompt_len``-token prompt (default: ``chunk_len``, one chunk)
-    ``chunk_len`` tokens at a time into caches of ``cache_len`` (default ``prompt_len``), on top of the weights and
-    the caches, on ``device``'s routes (None: the worse of CPU and GPU). Shapes only.
-
-    The worst of the first chunk and, when there is more than one, the last full chunk (its key copies grow with the
-    offset). Per layer, with E = embed_dim, H / Hkv = query / KV heads, D = head_dim, F = the MLP's hidden size,
-    a = itemsize: the residual stream 3CEa, plus the largest of RMSNorm in fp32 (2CE*4), attention (q/k/v
-    C(H + 2Hkv)Da, RoPE in fp32 3CHD*4, the output with its copy and projection 2CHDa + CEa, the cache write 2HkvCDa,
-    and the route's own ``Route.bytes``) and the MLP (2CEa + 3CFa); then the chunk's embedding and the last logits.
-    Times ``PREFILL_SAFETY_FACTOR``, plus ``PREFILL_SLACK_BYTES``; tests/test_cache.py checks it bounds the CPU
-    allocator's measured peak."""
+    """Estimated peak transient memory of prefilling a ``prompt_len``-token prompt (default: one chunk) ``chunk_len``
+    tokens at a time into caches of ``cache_len`` (default ``prompt_len``), beyond weights and caches, on ``device``'s
+    routes (None: the worse of CPU and GPU). Shapes only. The worse of the first chunk and the last full one; per layer
+    the residual stream plus the largest of RMSNorm (fp32), attention (q/k/v, RoPE in fp32, output and projection,
+    cache write, ``Route.bytes``) and the MLP (``_chunk_bytes``). Times ``PREFILL_SAFETY_FACTOR``, plus
+    ``PREFILL_SLACK_BYTES``; tests/test_cache.py checks it bounds the CPU allocator's measured peak."""
     _positive("chunk_len", chunk_len)
     prompt_len = chunk_len if prompt_len is None else prompt_len
     _positive("prompt_len", prompt_len)
@@ -206,10 +195,9 @@ def choose_prefill_chunk(model: nn.Module, prompt_len: int, free_bytes: int, dty
 
 def decode_activation_bytes(model: nn.Module, batch_size: int, max_len: int, dtype: torch.dtype = torch.bfloat16,
                             policy: Policy | None = None) -> int:
-    """Estimated peak transient bytes of one decode step of ``batch_size`` rows over caches of ``max_len``: per layer
-    the residual stream and MLP for B tokens, q/k/v, and the route's bytes (a masked step's mask: every layer is
-    assumed masked); then the logits in the model's dtype and in fp32. Times ``PREFILL_SAFETY_FACTOR``, plus
-    ``PREFILL_SLACK_BYTES``."""
+    """Estimated peak transient bytes of a decode step of ``batch_size`` rows over caches of ``max_len``: per layer the
+    residual stream and MLP, q/k/v and the route's bytes (every layer assumed masked); then the logits. Times
+    ``PREFILL_SAFETY_FACTOR``, plus ``PREFILL_SLACK_BYTES``."""
     _positive("batch_size", batch_size)
     _positive("max_len", max_len)
     a, B = _itemsize(dtype), batch_size
@@ -230,9 +218,8 @@ def serving_capacity(model: nn.Module, prompt_len: int, new_tokens: int, budget_
                      dtype: torch.dtype = torch.bfloat16, prefill_chunk: int | None = 8192, device="cuda",
                      policy: Policy | None = None) -> dict:
     """The largest batch of ``prompt_len``-token prompts, each generating ``new_tokens``, that fits ``budget_bytes``:
-    the weights + the caches (``plan_cache``) + the larger of the prefill's activations (rows are prefilled one at a
-    time, ``prefill_chunk`` tokens at a time, None = whole) and a decode step's. From shapes only; an estimate that
-    errs high. Returns ``batch`` (0 when not even one fits) and every term in bytes."""
+    weights + caches + the larger of the prefill's activations (a row at a time, ``prefill_chunk`` tokens at a time,
+    None = whole) and a decode step's. Shapes only; errs high. Returns ``batch`` (0: none fits) and every term."""
     _positive("prompt_len", prompt_len)
     _positive("new_tokens", new_tokens)
     _positive("budget_bytes", budget_bytes)
@@ -276,9 +263,6 @@ class LayerCache:
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes + self.pos.nbytes
-
-    def reset(self) -> None:
-        self.pos.fill_(-1)  # empty slots are masked by pos < 0; k/v need no clearing
 
     def slot_of(self, p: Tensor) -> Tensor:
         """Slots of positions ``p`` (any shape [...]) -> [..., Hp] (one column per KV head of a per-head pattern)."""
@@ -335,11 +319,6 @@ class ModelCache:
     @property
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.layers.values())
-
-    @torch.inference_mode()
-    def reset(self) -> None:
-        for c in self.layers.values():
-            c.reset()
 
     @torch.inference_mode()
     def copy_row(self, src: int, dst: int) -> None:

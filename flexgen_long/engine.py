@@ -6,10 +6,9 @@
     logits = engine.prefill(prompt_ids, row=0)  # [vocab] for the last token, chunked per policy
     logits = engine.step(next_ids)              # [B, vocab]: one token per row at its next position
 
-``flexgen_long.generation.generate`` runs its loop on one; the recipes and the benchmarks do too. Compilation
-(``policy.compile_prefill`` / ``compile_decode``: each layer's work around attention through torch.compile, the
-attention itself eager between the graphs) and CUDA graphs (``policy.cuda_graphs``: one captured decode step per
-route signature, replayed) live here; the kernels are the route table's (flexgen_long.routes).
+``generate()``, the recipes and the benchmarks run on one. Compilation (each layer's work around attention through
+torch.compile, attention eager between the graphs) and CUDA graphs (one captured decode step per route signature) live
+here; the kernels are the route table's (flexgen_long.routes).
 """
 
 from __future__ import annotations
@@ -30,12 +29,9 @@ __all__ = ["Engine"]
 
 
 class Engine:
-    """A model with its caches and policy. ``reserve`` allocates the caches for a batch; ``prefill`` fills one row;
-    ``step`` decodes one token per row; ``warmup`` compiles what prompts up to a length will need.
-
-    ``compile_s``: compiling the decode step ahead of the first step; ``capture_s``: CUDA-graph capture since the last
-    ``reserve`` -- setup, reported apart from decoding. Positions are tracked on the host (``lengths``: each row's tokens so
-    far) and on the device, so a step never waits for the GPU."""
+    """A model with its caches and policy. ``compile_s`` (compiling the decode step ahead of the first one) and
+    ``capture_s`` (CUDA-graph capture) count since the last ``reserve``: setup, reported apart from decoding. Positions
+    are kept on the host (``lengths``: each row's tokens so far) and on the device, so a step never waits for the GPU."""
 
     def __init__(self, model: nn.Module, policy: Policy | None = None):
         if policy is not None and not isinstance(policy, Policy):
@@ -44,9 +40,7 @@ class Engine:
         self.model, self.device, self.dtype = model, param.device, param.dtype
         self.policy = (policy or Policy()).on(self.device)
         self.layers = attention_layers(model)
-        self.cache: ModelCache | None = None
-        self.chunk: int | None = None
-        self.compile_s = self.capture_s = 0.0
+        self.cache, self.chunk, self.compile_s, self.capture_s = None, None, 0.0, 0.0
 
     # -- compiled layer functions: shared by every layer (torch.compile treats their weights as inputs) ----------------
     def _layer_fn(self, phase: str) -> Callable:
@@ -94,7 +88,7 @@ class Engine:
     @torch.inference_mode()  # as the steps run: dynamo guards on the grad mode
     def _compile_decode(self, batch_size: int) -> float:
         """Compile the decode step's layers for ``batch_size`` on a throwaway one-token cache (the graphs do not depend
-        on the cache), so that compilation stays out of decode timings; the wall time it took."""
+        on the cache): compilation stays out of decode timings."""
         t = time.perf_counter()
         tmp = ModelCache(self.model, batch_size, 1, self.dtype, self.device, check_memory=False)
         zeros = torch.zeros(batch_size, dtype=torch.long, device=self.device)
@@ -166,7 +160,7 @@ class Engine:
 
     def _replay(self, key: tuple, lo: int) -> Tensor:
         """The decode step of this route signature from its CUDA graph; the first of a kind runs for real on a side
-        stream (the warm-up CUDA graphs require), then the same step is captured (capturing runs nothing)."""
+        stream (CUDA graphs need a warm-up), then is captured (capturing runs nothing)."""
         if key in self._graphs:
             graph, out = self._graphs[key]
             graph.replay()
@@ -203,14 +197,12 @@ class Engine:
 
     @torch.inference_mode()
     def warmup(self, max_prompt_len: int) -> dict:
-        """Compile, ahead of traffic, what prompts of up to ``max_prompt_len`` tokens need through this engine's
-        policy: every compiled kernel the route table gives their prefill chunks (one prefill per prompt length that
-        adds a kernel: the buckets of a first chunk, each key bucket a last chunk can end in, and the longest prompt,
-        which passes every offset), the compiled layers (1- and 2-token prompts: their 1-token specialisation and the
-        dynamic set), and the
-        decode step for batch 1 and 2 (after which its batch dimension is dynamic: every size). The chunk is the
-        one ``generate`` would choose for one prompt of ``max_prompt_len`` now. Returns ``graphs`` (the route
-        table's compiled kernels), ``compiled`` (new compiled functions), ``prefill_chunk`` and ``seconds``."""
+        """Compile, ahead of traffic, what prompts of up to ``max_prompt_len`` tokens need with this policy (and the chunk
+        ``generate`` would choose for one such prompt now): every compiled kernel the route table gives their chunks
+        (one prefill per length that adds one: a first chunk's buckets, each key bucket a last chunk can end in, the
+        longest prompt, which passes every offset), the compiled layers (1- and 2-token prompts: the 1-token and the
+        dynamic set) and the decode step for batches 1 and 2 (then every size). Returns ``graphs`` (the route
+        table's compiled kernels), ``compiled`` (new compiled functions), ``prefill_chunk``, ``seconds``."""
         if not isinstance(max_prompt_len, int) or isinstance(max_prompt_len, bool) or \
                 not 1 <= max_prompt_len <= self.model.max_seq_len:
             raise ValueError(f"max_prompt_len must be an int in [1, model.max_seq_len={self.model.max_seq_len}], "

@@ -26,12 +26,10 @@ __all__ = ["generate", "Generation", "batch_decode_s", "batch_tokens_per_s", "sa
 
 @dataclass
 class Generation:
-    """One prompt's result: the generated ids (a stop token, when hit, is the last) and timings.
-
-    ``prefill_s``: the batch's prefill, from the first row's prefill until every row's first token is on the host (each
-    row's time to first token). ``decode_s``: this row's decode time, from the end of the prefill until its last token
-    was on the host, less ``capture_s`` (CUDA-graph capture: setup, reported apart). ``compile_s``: compiling the decode
-    step before the prefill. ``tokens_per_s``: this row's tokens after the first over its ``decode_s``."""
+    """One prompt's result: the generated ids (a stop token, when hit, is the last) and timings. ``prefill_s``: the
+    batch's prefill, until every row's first token is on the host (each row's time to first token). ``decode_s``: this
+    row's, from the end of the prefill to its last token on the host, less ``capture_s`` (CUDA-graph capture, reported
+    apart). ``compile_s``: compiling the decode step before the prefill."""
 
     tokens: list[int] = field(default_factory=list)
     prompt_len: int = 0

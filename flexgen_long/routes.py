@@ -40,8 +40,8 @@ __all__ = ["Route", "route", "PHASES", "MASK_BUILD_BYTES", "BUFFER_KERNELS"]
 PHASES = ("train", "first", "later", "decode")
 #: Bytes per element of a mask built from positions: an int64 difference and three bools (rule, comparisons, mask).
 MASK_BUILD_BYTES = 8 + 3
-#: Kernels that, over a cache, read the layer's buffer including the chunk's own keys: the chunk is written first.
-BUFFER_KERNELS = frozenset({"sdpa_causal", "sdpa_lower_right", "flex_full_chunk"})
+#: Kernels that, over a cache, read the new tokens' keys from it: the tokens are written first.
+BUFFER_KERNELS = frozenset({"sdpa_causal", "sdpa_lower_right", "flex_full_chunk", "sdpa_exact", "sdpa_masked"})
 
 
 @dataclass(frozen=True)

@@ -48,14 +48,10 @@ def padded_len(n: int) -> int:
 
 def buckets(max_len: int) -> list[int]:
     """Every bucket that lengths 1..max_len can map to, ascending."""
-    top = padded_len(max_len)
-    out, n = [], 1
-    while True:
-        b = padded_len(n)
-        out.append(b)
-        if b >= top:
-            return out
-        n = b + 1
+    out = [padded_len(1)]
+    while out[-1] < padded_len(max_len):
+        out.append(padded_len(out[-1] + 1))
+    return out
 
 
 def bucket_count(max_len: int) -> int:
