@@ -103,6 +103,7 @@ class LongGenLlamaConfig(LlamaConfig):
         # HF's configs default to "sdpa"; ours has one implementation (trap 1: the saved field is dropped on save)
         kwargs.setdefault("attn_implementation", ATTN_IMPLEMENTATION)
         super().__post_init__(**kwargs)
+        self.validate_layer_type()  # here, so that a bad layout fails in one line (strict's validate() wraps it)
 
     def validate_layer_type(self):
         """Trap 2: transformers accepts only the layer types it implements (ALLOWED_ATTN_LAYER_TYPES); ours adds
