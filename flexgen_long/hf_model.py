@@ -185,7 +185,8 @@ class _Configured:
     def _require_configured(self) -> None:
         if self.sink_columns is None:
             raise RuntimeError(f"{type(self).__name__} was updated before LongGenLlamaModel configured it: run the "
-                               "model through LongGenLlamaModel / LongGenLlamaForCausalLM (model_type longgen_llama)")
+                               f"model through LongGenLlamaModel / LongGenLlamaForCausalLM ({MODEL_TYPE}), and its "
+                               "first call on a fresh cache uncompiled (as generate() runs the prefill)")
 
 
 class SinkCacheLayer(_Configured, DynamicLayer):
@@ -228,12 +229,9 @@ class SinkCacheLayer(_Configured, DynamicLayer):
             a = b = min(self.sink_columns, total)
         new_b = max(b, total - (self.window - 1))
         if new_b > b:
-            keep = a + (total - new_b)
-            self.keys = torch.cat([self.keys[..., :a, :], self.keys[..., -(total - new_b):, :]], dim=-2) \
-                if total > new_b else self.keys[..., :a, :]
-            self.values = torch.cat([self.values[..., :a, :], self.values[..., -(total - new_b):, :]], dim=-2) \
-                if total > new_b else self.values[..., :a, :]
-            assert self.keys.shape[-2] == keep
+            tail = total - new_b  # columns kept at the end
+            keep = lambda t: torch.cat([t[..., :a, :], t[..., t.shape[-2] - tail:, :]], dim=-2)  # noqa: E731
+            self.keys, self.values = keep(self.keys), keep(self.values)
         self.kept_sink, self.tail_start = a, new_b
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -435,8 +433,7 @@ class _Batch:
         return out
 
     def _configure(self, config, valid: Tensor) -> None:
-        fresh = [layer for layer in cache_layers(self.cache) if isinstance(layer, _Configured)
-                 and layer.sink_columns is None]
+        fresh = [layer for layer in self.cache.layers if isinstance(layer, _Configured) and layer.sink_columns is None]
         if not fresh:
             return
         first = valid.int().argmax(1)
@@ -454,7 +451,7 @@ class _Batch:
     def key_positions(self, layer_idx: int, layer_type: str, n_keys: int) -> tuple[Tensor, bool]:
         """Positions [B, n_keys] of the keys a layer's cache returned, and whether they are the plain columns
         ``0 .. n_keys - 1`` (HF's own cache layers, and no cache at all)."""
-        layer = cache_layers(self.cache)[layer_idx] if self.cache is not None else None
+        layer = self.cache.layers[layer_idx] if self.cache is not None else None
         if isinstance(layer, SinkCacheLayer):
             a, b, total = layer.returned_span
             if a == b:
@@ -471,10 +468,6 @@ class _Batch:
                 self.memo[key] = torch.where(cols >= 0, self.key_pos[:, cols.clamp(min=0)], -1)
             return self.memo[key], False
         return self.key_pos[:, :n_keys], not self.static
-
-
-def cache_layers(cache) -> list:
-    return cache.layers
 
 
 # -- attention --------------------------------------------------------------------------------------------------------

@@ -150,6 +150,33 @@ def test_pipeline_text_generation(smol):
     assert got[0]["generated_text"] == want
 
 
+def test_lm_eval_hflm_takes_the_model(smol):
+    """lm-evaluation-harness (where it is installed): ``HFLM(pretrained=model)``'s log-likelihoods equal our model's,
+    and its greedy ``generate_until`` equals transformers' generate()."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    ours, theirs, tok, _ = smol
+    lm = HFLM(pretrained=theirs, tokenizer=tok, batch_size=2, device="cpu")
+    text = english()
+    pairs = [(text[:300], text[300:360]), (text[1000:1150], text[1150:1230])]
+    got = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)])
+    for (context, continuation), (ll, _) in zip(pairs, got):
+        ctx, cont = lm._encode_pair(context, continuation)  # lm-eval's own token split (it moves trailing spaces)
+        whole = ctx + cont
+        assert SINK + WINDOW < len(whole) <= 128
+        logp = _ours_forward(ours, whole).log_softmax(-1)
+        want = sum(logp[i - 1, whole[i]].item() for i in range(len(ctx), len(whole)))
+        assert abs(ll - want) < 1e-3, (ll, want)
+    gen = lm.generate_until([Instance("generate_until", {}, (text[:300], {"until": ["\n\n"], "max_gen_toks": 12,
+                                                                             "do_sample": False}), 0)])
+    ids = tok(text[:300], return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = tok.decode(theirs.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:])
+    assert gen[0] == want.split("\n\n")[0]
+
+
 def _run(code: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
