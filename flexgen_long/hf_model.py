@@ -428,25 +428,33 @@ class _Batch:
         query_pos = key_pos[:, past + torch.arange(q_len, device=device)]
         padded = True if compiling else bool(not valid[:, :int(total)].all())
         out = cls(key_pos, query_pos, cache, padded, capacity is not None)
-        if cache is not None and not compiling:
-            out._configure(config, valid[:, :int(total)])
+        # prompts and chunks check the padding; one-token steps (generate()'s decode, maybe compiled) add a token
+        if not compiling and (q_len > 1 or past == 0):
+            left = out._check_padding(valid[:, :int(total)]) if padded else 0
+            if cache is not None:
+                out._configure(config, left)
         return out
 
-    def _configure(self, config, valid: Tensor) -> None:
-        fresh = [layer for layer in self.cache.layers if isinstance(layer, _Configured) and layer.sink_columns is None]
-        if not fresh:
-            return
-        first = valid.int().argmax(1)
+    @staticmethod
+    def _check_padding(valid: Tensor) -> int:
+        """The most padding columns before any row's first token; refuses a row without tokens, and padding between
+        a row's tokens (a cache keeps columns: a gap would shift the window)."""
         count = valid.sum(1)
         if bool((count == 0).any()):
             raise ValueError("attention_mask has a row without any token (all zeros)")
+        first = valid.int().argmax(1)
         last = valid.shape[1] - 1 - valid.flip(1).int().argmax(1)
         if bool((last - first + 1 != count).any()):
-            raise ValueError("attention_mask must pad rows on the left (zeros before a row's first token), not between "
-                             "its tokens: sink_attention caches keep columns, and a gap would shift the window")
-        sink_columns = config.attention_sink_size + int(first.max())
-        for layer in fresh:
-            layer.configure(config.sliding_window, sink_columns)
+            raise ValueError("attention_mask must pad rows on the left (zeros before a row's first token) or after "
+                             "its last token, not between its tokens")
+        return int(first.max())
+
+    def _configure(self, config, left_padding: int) -> None:
+        """Give fresh sink_attention cache layers their settings (trap 3): the batch keeps ``sink + the most left
+        padding of any row`` columns as sinks."""
+        for layer in self.cache.layers:
+            if isinstance(layer, _Configured) and layer.sink_columns is None:
+                layer.configure(config.sliding_window, config.attention_sink_size + left_padding)
 
     def key_positions(self, layer_idx: int, layer_type: str, n_keys: int) -> tuple[Tensor, bool]:
         """Positions [B, n_keys] of the keys a layer's cache returned, and whether they are the plain columns
@@ -502,31 +510,35 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask, scale) -> Tensor:
         return _compiled_flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
 
 
+def _real_run(pos: list[int]) -> tuple[int, int]:
+    """[first, end) of the entries >= 0 (a row's real tokens), which must be contiguous."""
+    real = [i for i, p in enumerate(pos) if p >= 0]
+    if real and real[-1] - real[0] + 1 != len(real):
+        raise ValueError("a row's tokens must be contiguous (padding only before or after them)")
+    return (real[0], real[-1] + 1) if real else (0, 0)
+
+
 def _flex_rows(query, key, value, query_pos, key_pos, pattern, scale, memo, layer_type) -> Tensor:
-    """Long problems, one row at a time (a row's real tokens are a contiguous run of positions): either the keys are
-    the row's plain sequence with the queries at its end (a prompt, or a full layer's cache), masked by
-    ``build_block_mask``; or the keys are a cache's kept columns followed by the queries' own keys (a later chunk over
-    a trimmed cache), masked by ``build_cached_block_mask``."""
+    """Long problems, one row at a time over its real tokens: either the keys are the row's plain sequence with the
+    queries at its end (a prompt, or a full layer's cache), masked by ``build_block_mask``; or the keys are a cache's
+    kept columns followed by the queries' own keys (a later chunk over a trimmed cache), masked by
+    ``build_cached_block_mask``. Padding queries get zeros."""
     B, Hq, lq, D = query.shape
     Hkv, lk = key.shape[1], key.shape[2]
     out = query.new_zeros(B, Hq, lq, value.shape[-1])
-    qp_all, kp_all = query_pos.tolist(), key_pos.tolist()
-    for b in range(B):
-        qp, kp = qp_all[b], kp_all[b]
-        i0 = next((i for i, p in enumerate(qp) if p >= 0), lq)
-        if i0 == lq:
+    for b, (qp, kp) in enumerate(zip(query_pos.tolist(), key_pos.tolist())):
+        (i0, i1), (j0, j1) = _real_run(qp), _real_run(kp)
+        nq, n = i1 - i0, j1 - j0
+        if nq == 0:
             continue  # a row of padding only
-        nq, p0 = lq - i0, qp[i0]
-        j0 = next(j for j, p in enumerate(kp) if p >= 0)
-        n = lk - j0
-        if kp[j0:] == list(range(n)) and qp[i0:] == list(range(n - nq, n)):
+        if kp[j0:j1] == list(range(n)) and qp[i0:i1] == list(range(n - nq, n)):
             pq, pk = _bucket(nq), _bucket(n)
             mkey = ("flex", layer_type, "plain", n, nq)
             if mkey not in memo:
                 memo[mkey] = build_block_mask(pattern, nq, n, q_offset=n - nq, num_heads=Hq, num_kv_heads=Hkv,
                                               device=query.device, padded_lengths=(pq, pk))
-            k_b, v_b = _pad(key[b:b + 1, :, j0:], pk), _pad(value[b:b + 1, :, j0:], pk)
-        elif i0 == 0 and kp[lk - lq:] == qp and qp == list(range(p0, p0 + lq)):
+            k_b, v_b = _pad(key[b:b + 1, :, j0:j1], pk), _pad(value[b:b + 1, :, j0:j1], pk)
+        elif nq == lq and kp[lk - lq:] == qp and qp == list(range(qp[0], qp[0] + lq)):
             ns = lk - lq
             ps, pq = max(FLEX_BLOCK, -(-ns // FLEX_BLOCK) * FLEX_BLOCK), _bucket(lq)
             mkey = ("flex", layer_type, "cached", b, ns, lq)
@@ -534,15 +546,15 @@ def _flex_rows(query, key, value, query_pos, key_pos, pattern, scale, memo, laye
                 slot_pos = torch.tensor(kp[:ns], dtype=torch.int32, device=query.device)[None]
                 if pattern.head_dependent:
                     slot_pos = slot_pos.expand(Hkv, -1).contiguous()
-                memo[mkey] = build_cached_block_mask(pattern, slot_pos, lq, q_offset=p0, num_heads=Hq,
+                memo[mkey] = build_cached_block_mask(pattern, slot_pos, lq, q_offset=qp[0], num_heads=Hq,
                                                      num_kv_heads=Hkv, padded_lengths=(ps, pq))
             k_b = torch.cat([_pad(key[b:b + 1, :, :ns], ps), _pad(key[b:b + 1, :, ns:], pq)], dim=-2)
             v_b = torch.cat([_pad(value[b:b + 1, :, :ns], ps), _pad(value[b:b + 1, :, ns:], pq)], dim=-2)
         else:
             raise NotImplementedError(f"row {b}: a {lq}-token call over {lk} keys whose positions are neither one "
                                       "sequence ending in the queries nor a trimmed cache followed by them")
-        o = _flex(_pad(query[b:b + 1, :, i0:], pq), k_b, v_b, memo[mkey], scale)
-        out[b, :, i0:] = o[0, :, :nq]
+        o = _flex(_pad(query[b:b + 1, :, i0:i1], pq), k_b, v_b, memo[mkey], scale)
+        out[b, :, i0:i1] = o[0, :, :nq]
     return out
 
 
