@@ -23,8 +23,8 @@ second is reported):
 
 transformers' rows are timed by a streamer that notes when each token reaches the host: prefill = from the call to the
 first new token, decode per token = from the first to the last new token over N - 1 (generate() moves each token to
-the host, so these are device-synchronised wall times, the Python loop and sampling included). Peak memory: the device's peak
-allocation during the reported call, less what was allocated before it (weights); KV bytes: ours
+the host, so these are device-synchronised wall times, the Python loop and sampling included). Peak memory: the
+device's peak allocation during the reported call, less what was allocated before it (weights); KV bytes: ours
 ``flexgen_long.cache.plan_cache`` (what generate() allocates), transformers' the cache it returned
 (``flexgen_long.hf_model.cache_bytes``). Results go to ``<out>/hf_generate_<model>_<card>.json``; the table is printed.
 """
@@ -187,7 +187,8 @@ def main(argv=None) -> dict:
                 torch.cuda.empty_cache()
 
     ours = next((r for r in rows if r["impl"] == "ours"), None)
-    print(f"\n{name}, prompt {args.prompt_len}, {args.new_tokens} new tokens, {dtype}, {card} (export {export_s:.0f} s)")
+    print(f"\n{name}, prompt {args.prompt_len}, {args.new_tokens} new tokens, {dtype}, {card} "
+          f"(export {export_s:.0f} s)")
     print(f"{'impl':<12} {'prefill s':>10} {'decode ms/tok':>14} {'x ours':>7} {'peak GiB':>9} {'x ours':>7} "
           f"{'KV MiB':>9} {'tokens = ours':>14}")
     for r in rows:

@@ -10,10 +10,10 @@ output_dir means its latest step) or any HF Llama directory, to which the layout
 ``model`` section (``--full-layers`` as flexgen_long.layout's ``full_layers``; ``--sink/--window`` for AttnSink,
 ``--block-sparse`` for BlockSparse; default: the middle third full, ``DEFAULT_SPARSE_PATTERN`` elsewhere).
 
-OUT receives ``config.json`` (model_type ``longgen_llama``: the Llama fields plus the layout, flexgen_long.hf_model),
-``model.safetensors``, ``generation_config.json`` when the source has one, and the tokenizer: the source's own, the
-one a finetune run recorded, or ``--tokenizer DIR``. It is written under a temporary name and renamed when complete;
-a non-empty OUT is refused unless ``--overwrite``.
+OUT receives ``config.json`` (model_type ``flexgen_long_llama``: the Llama fields plus the layout; see
+flexgen_long.hf_model), ``model.safetensors``, ``generation_config.json`` when the source has one, and the tokenizer:
+the source's own, the one a finetune run recorded, or ``--tokenizer DIR``. It is written under a temporary name and
+renamed when complete; a non-empty OUT is refused unless ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -130,9 +130,11 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, *, full_lay
     if out.exists():
         shutil.rmtree(out)  # the user asked to overwrite it (checked above); the new directory is complete
     os.rename(tmp, out)
+    full = [i for i, t in enumerate(hf_config.layer_types) if t == "full_attention"]
+    tok = f"from {tok_dir}" if tok_dir else "none (pass --tokenizer DIR)"
     kinds = sorted({repr(p) for p in patterns})
-    log(f"Exported {src} -> {out}: {len(patterns)} layers, full {[i for i, t in enumerate(hf_config.layer_types) if t == 'full_attention']}, "
-        f"patterns {kinds}, {weight_dtype}, tokenizer {'from ' + str(tok_dir) if tok_dir else 'none (pass --tokenizer DIR)'}")
+    log(f"Exported {src} -> {out}: {len(patterns)} layers, full {full}, patterns {kinds}, {weight_dtype}, "
+        f"tokenizer {tok}")
     return out
 
 
@@ -176,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="HF Llama sources: the full-attention layers (middle, bottom, top, all, none, "
                              "interleave:k, a fraction or indices like 10,11,12; default middle)")
     parser.add_argument("--sink", type=int, help="HF Llama sources: AttnSink sink tokens")
-    parser.add_argument("--window", type=int, help="HF Llama sources: AttnSink window (keys per query, itself included)")
+    parser.add_argument("--window", type=int, help="HF Llama sources: AttnSink window (keys per query, itself "
+                                                   "included)")
     parser.add_argument("--block-sparse", metavar="B,L,S[,per_head]",
                         help="HF Llama sources: BlockSparse(block, local_blocks, vertical_stride[, per_head])")
     parser.add_argument("--tokenizer", help="the directory whose tokenizer to include (default: the source's, or the "

@@ -1,12 +1,12 @@
 """A LongGen model as a transformers model: ``AutoModelForCausalLM.from_pretrained``, ``generate()``, pipelines.
 
-Importing this module registers, with transformers (5.17 to 5.24), the model type ``longgen_llama``::
+Importing this module registers, with transformers (5.17 to 5.24), the model type ``flexgen_long_llama``::
 
     import flexgen_long.hf_model                     # registers "longgen_llama" with transformers
     model = AutoModelForCausalLM.from_pretrained(d)  # d written by `python -m flexgen_long.export_hf`
     model.generate(**tokenizer(prompts, return_tensors="pt", padding=True), max_new_tokens=64)
 
-A ``longgen_llama`` directory is a Llama checkpoint (same tensors, same names) whose config.json adds the layout:
+A ``flexgen_long_llama`` directory is a Llama checkpoint (same tensors, same names) whose config.json adds the layout:
 ``layer_types`` (one of ``full_attention`` / ``sink_attention`` / ``block_sparse_attention`` per layer),
 ``attention_sink_size`` + ``sliding_window`` (AttnSink: the window counts the query, as HF's ``sliding_window``) or
 ``block_sparse`` (BlockSparse's fields), and ``attn_implementation: "flexgen_long"``. Pattern semantics are
@@ -40,9 +40,10 @@ The transformers traps, each handled here (the comment at each place says what u
    ``create_masks_for_generate`` gives the step a fixed-size mask.
 7. One dense bool mask at 128K is 16 GiB -> FlexAttention with analytic BlockMasks for long prompts.
 
-Without this module imported, transformers refuses the unknown model type ``longgen_llama`` rather than running the
-layers as full attention: a stock ``model_type`` would let any Llama loader (transformers with another
-``attn_implementation``, serving engines) run every layer as full attention without a word.
+Without this module imported, transformers refuses the unknown model type ``flexgen_long_llama`` (its error names
+it, hence the package) rather than running the layers as full attention: a stock ``model_type`` would let any Llama
+loader (transformers with another ``attn_implementation``, serving engines) run every layer as full attention
+without a word.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ __all__ = ["MODEL_TYPE", "ATTN_IMPLEMENTATION", "FULL", "SINK", "BLOCK_SPARSE", 
            "LongGenLlamaModel", "LongGenLlamaForCausalLM", "SinkCacheLayer", "StaticSinkCacheLayer",
            "longgen_attention", "layout_fields", "cache_bytes"]
 
-MODEL_TYPE = "longgen_llama"
+MODEL_TYPE = "flexgen_long_llama"
 ATTN_IMPLEMENTATION = "flexgen_long"
 FULL, SINK, BLOCK_SPARSE = "full_attention", "sink_attention", "block_sparse_attention"
 LAYER_TYPES = (FULL, SINK, BLOCK_SPARSE)
@@ -567,8 +568,8 @@ def longgen_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     implementation, trap 5)."""
     batch: _Batch | None = kwargs.get(BATCH_KWARG)
     if batch is None:
-        raise RuntimeError(f"attn_implementation={ATTN_IMPLEMENTATION!r} runs only inside LongGenLlamaModel (model_type "
-                           f"{MODEL_TYPE!r}), which passes each layer the batch geometry")
+        raise RuntimeError(f"attn_implementation={ATTN_IMPLEMENTATION!r} runs only inside LongGenLlamaModel "
+                           f"(model_type {MODEL_TYPE!r}), which passes each layer the batch geometry")
     config, i = module.config, module.layer_idx
     pattern, layer_type = config.patterns()[i], config.layer_types[i]
     B, Hq, lq, _ = query.shape

@@ -73,7 +73,7 @@ def test_export_records_the_layout_and_the_tokenizer(smol, smollm2_dir):
 
     ours, theirs, tok, out = smol
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["model_type"] == "longgen_llama" and cfg["attn_implementation"] == "flexgen_long"
+    assert cfg["model_type"] == "flexgen_long_llama" and cfg["attn_implementation"] == "flexgen_long"
     assert [i for i, t in enumerate(cfg["layer_types"]) if t == "full_attention"] == list(range(10, 20))
     assert set(cfg["layer_types"]) == {"full_attention", "sink_attention"}
     assert (cfg["attention_sink_size"], cfg["sliding_window"]) == (SINK, WINDOW)
@@ -194,7 +194,7 @@ def test_a_fresh_process_loads_the_hybrid_only_after_registration(smol):
     assert (torch.tensor(json.loads(r.stdout.strip().splitlines()[-1])) - want).abs().max().item() < 1e-4
     # without the registration transformers does not know the model type: it refuses instead of running Llama
     r = _run(f"{load})")
-    assert r.returncode != 0 and "model type `longgen_llama`" in r.stderr, r.stderr[-2000:]
+    assert r.returncode != 0 and "model type `flexgen_long_llama`" in r.stderr, r.stderr[-2000:]
     # another attention implementation: refused at load time, in one line
     r = _run(f"import flexgen_long.hf_model; {load}, attn_implementation='sdpa')")
     last = r.stderr.strip().splitlines()[-1]
@@ -214,7 +214,7 @@ def test_other_attention_implementations_are_refused(smol):
     assert theirs.config._attn_implementation == "flexgen_long"
 
 
-# -- tiny random models -------------------------------------------------------------------------------------------------
+# -- tiny random models ------------------------------------------------------------------------------------------------
 TINY = dict(vocab_size=256, num_layers=4, num_heads=4, num_kv_heads=2, embed_dim=64, intermediate_dim=128,
             rope_base=10_000.0)
 
@@ -269,7 +269,8 @@ def test_a_32k_prompt_on_cpu_equals_ours(tmp_path, monkeypatch):
     want = generation.generate(ours, [prompt], max_new_tokens=6)[0].tokens
     sizes = []
     real = H._dense_mask
-    monkeypatch.setattr(H, "_dense_mask", lambda p, q, k, *a: (sizes.append(q.numel() * k.shape[1]), real(p, q, k, *a))[1])
+    monkeypatch.setattr(H, "_dense_mask",
+                        lambda p, q, k, *a: (sizes.append(q.numel() * k.shape[1]), real(p, q, k, *a))[1])
     with torch.no_grad():
         got = theirs.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)[0, len(prompt):].tolist()
     assert got == want
