@@ -236,25 +236,27 @@ def _tiny(tmp_path, pattern, full_layers=(1,), max_seq_len=2048, num_layers=4):
 
 def test_long_calls_run_flex_with_analytic_masks_and_equal_the_dense_path(tmp_path, monkeypatch):
     """The FlexAttention path (forced here by a zero dense-mask budget) against the dense-mask path, on a batch with a
-    left-padded row: a whole prompt, and a 100-token chunk over trimmed caches (its keys: sink columns + window)."""
+    left-padded row: a whole prompt (and a row padded after its tokens), and a 56-token chunk over trimmed caches (its
+    keys: sink columns + window). Lengths share flex's length buckets, so that few graphs compile."""
     _, theirs = _tiny(tmp_path, AttnSink(4, 60))
-    x = torch.randint(0, 256, (2, 300))
-    mask = torch.ones(2, 300, dtype=torch.long)
+    x = torch.randint(0, 256, (2, 256))
+    mask = torch.ones(2, 256, dtype=torch.long)
     mask[1, :37] = 0
     both = mask.clone()
     both[0, -20:] = 0  # no cache: padding after a row's tokens too
     real = both.bool()
+    kw = lambda cache: {H._CACHE_KW: cache}  # noqa: E731 -- cache= (transformers >= 5.24) or past_key_values=
     with torch.no_grad():
         dense = theirs(x, attention_mask=both, use_cache=False).logits
         dense_left = theirs(x, attention_mask=mask, use_cache=False).logits
         dense_chunk = theirs(x[:, 200:], attention_mask=mask,
-                             **{H._CACHE_KW: theirs(x[:, :200], attention_mask=mask[:, :200]).past_key_values}).logits
+                             **kw(_cache(theirs(x[:, :200], attention_mask=mask[:, :200])))).logits
         monkeypatch.setattr(H, "DENSE_MASK_LIMIT", 0)
         monkeypatch.setattr(H, "_dense_mask", lambda *a: pytest.fail("a dense mask was built"))
         flex = theirs(x, attention_mask=both, use_cache=False).logits
         prefix = theirs(x[:, :200], attention_mask=mask[:, :200])
-        cached = [layer.keys.shape[2] for layer in prefix.past_key_values.layers]
-        flex_chunk = theirs(x[:, 200:], attention_mask=mask, **{H._CACHE_KW: prefix.past_key_values}).logits
+        cached = [layer.keys.shape[2] for layer in _cache(prefix).layers]
+        flex_chunk = theirs(x[:, 200:], attention_mask=mask, **kw(_cache(prefix))).logits
     assert cached == [4 + 37 + 59, 200, 4 + 37 + 59, 4 + 37 + 59]  # sink columns: sink + the most padding, + window
     assert (flex - dense)[real].abs().max().item() < 1e-5
     assert (flex_chunk - dense_chunk).abs().max().item() < 1e-5
