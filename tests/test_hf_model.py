@@ -25,8 +25,7 @@ from flexgen_long.patterns import AttnSink, BlockSparse
 REPO = Path(__file__).resolve().parents[1]
 SINK, WINDOW = 4, 28
 # our model's forward at <= 128 tokens runs flex eagerly (force_eager below): fine at these sizes
-pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile",
-                                        "ignore:.*past_key_values.*:FutureWarning")
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 
 def english() -> str:
