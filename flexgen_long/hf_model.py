@@ -74,8 +74,9 @@ LAYER_TYPES = (FULL, SINK, BLOCK_SPARSE)
 BLOCK_SPARSE_FIELDS = ("block", "local_blocks", "vertical_stride", "per_head")
 #: The keyword under which the decoder hands every attention call the batch geometry (``_Batch``).
 BATCH_KWARG = "longgen_batch"
-#: Largest batch x queries x keys for which a layer builds a dense mask (16 Mi bools: 16 MiB, 64 MiB as SDPA's float
-#: mask); larger problems go through FlexAttention.
+#: Trap 7: transformers' SDPA path masks with one dense bool tensor per call (16 GiB at 128K). Ours builds a dense mask
+#: only up to this many batch x queries x keys (16 Mi bools: 16 MiB, 64 MiB as SDPA's float mask); larger problems go
+#: through FlexAttention with analytic BlockMasks.
 DENSE_MASK_LIMIT = 1 << 24
 #: Query / key lengths reaching compiled FlexAttention are padded up to a power of two >= 128 (the flex block), so that
 #: lengths up to 128K compile at most 11 graphs per pattern and case, and no query block is shorter than a block.
@@ -127,11 +128,10 @@ class LongGenLlamaConfig(LlamaConfig):
             return cached[1]
         sparse = {}
         if SINK in self.layer_types:
-            for name in ("attention_sink_size", "sliding_window"):
+            for name, least in (("attention_sink_size", 0), ("sliding_window", 1)):
                 value = getattr(self, name)
-                if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name[0] == "a" else 1):
-                    raise ValueError(f"{name} must be an int >= {0 if name[0] == 'a' else 1} for sink_attention "
-                                     f"layers, got {value!r}")
+                if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                    raise ValueError(f"{name} must be an int >= {least} for sink_attention layers, got {value!r}")
             sparse[SINK] = AttnSink(self.attention_sink_size, self.sliding_window)
         if BLOCK_SPARSE in self.layer_types:
             fields_ = self.block_sparse
@@ -268,7 +268,8 @@ class SinkCacheLayer(_Configured, DynamicLayer):
 
 
 class StaticSinkCacheLayer(_Configured, StaticLayer):
-    """Static cache of an AttnSink layer for ``cache_implementation="static"`` and compiled decoding: slots
+    """Trap 4: transformers' StaticCache has no layer for a sink + window pattern (its sliding layer drops the sinks).
+    Static cache of an AttnSink layer for ``cache_implementation="static"`` and compiled decoding: slots
     ``[0, sink_columns)`` hold the sink columns, the next ``window`` slots a ring (column ``c`` in slot
     ``sink_columns + (c - sink_columns) % window``). ``returned_columns`` [keys] gives the column each returned key
     holds (-1: empty slot). ``max_cache_len`` stays the column capacity the cache was made for."""

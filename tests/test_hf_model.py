@@ -64,7 +64,9 @@ def smol(smollm2_dir, tmp_path_factory):
                                   checkpoint_io.hf_config(ours, model_cfg, recipe=recipe))
     out = export_hf(root / "run", root / "hf", log=lambda s: None)  # the run dir: its latest step
     theirs = AutoModelForCausalLM.from_pretrained(out).eval()
-    return ours, theirs, AutoTokenizer.from_pretrained(out), out
+    tok = AutoTokenizer.from_pretrained(out)
+    tok.pad_token = tok.pad_token or tok.eos_token  # transformers < 5.24 converts SmolLM2's tokenizer without one
+    return ours, theirs, tok, out
 
 
 def test_export_records_the_layout_and_the_tokenizer(smol, smollm2_dir):
