@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from flexgen_long import checkpoint_io, hf
 from flexgen_long.export_hf import export_hf, main
 from flexgen_long.models import longgen_tiny, relayout
-from flexgen_long.patterns import BlockSparse
+from flexgen_long.patterns import AttnSink, BlockSparse
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
@@ -80,24 +80,35 @@ def test_a_finetune_checkpoint_keeps_its_layout(tmp_path, capsys):
     assert err.count("\n") == 0 and "finetune checkpoint" in err and "layout options" in err
 
 
-def test_an_hf_llama_exports_with_the_layout_options(tmp_path):
-    """A Llama written by transformers itself, exported with a BlockSparse layout (bf16), equals our model of the same
-    directory relaid out the same way."""
+LLAMA3_TIED = dict(tie_word_embeddings=True, rope_theta=500_000.0, rope_scaling={
+    "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64})
+
+
+@pytest.mark.parametrize("kw, options, pattern, fields", [
+    ({}, ["--block-sparse", "16,2,3,per_head"], BlockSparse(16, 2, 3, per_head=True),
+     {"block_sparse": {"block": 16, "local_blocks": 2, "vertical_stride": 3, "per_head": True}}),
+    (LLAMA3_TIED, ["--sink", "4", "--window", "16"], AttnSink(4, 16),
+     {"attention_sink_size": 4, "sliding_window": 16}),
+], ids=["block-sparse", "sink-llama3-rope-tied"])
+def test_an_hf_llama_exports_with_the_layout_options(tmp_path, kw, options, pattern, fields):
+    """A Llama written by transformers itself, exported with a layout, equals our model of the same directory relaid
+    out the same way (RoPE scaling and tied embeddings carried over)."""
     from transformers import AutoModelForCausalLM
 
     import flexgen_long.hf_model  # noqa: F401 -- registers the model type
 
     LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **kw)
                      ).save_pretrained(tmp_path / "llama")
-    assert main([str(tmp_path / "llama"), str(tmp_path / "hf"), "--full-layers", "1",
-                 "--block-sparse", "16,2,3,per_head", "--dtype", "fp32"]) == 0
+    assert main([str(tmp_path / "llama"), str(tmp_path / "hf"), "--full-layers", "1", *options]) == 0
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
-    assert cfg["layer_types"] == ["block_sparse_attention", "full_attention", "block_sparse_attention"]
-    assert cfg["block_sparse"] == {"block": 16, "local_blocks": 2, "vertical_stride": 3, "per_head": True}
+    kind = "block_sparse_attention" if isinstance(pattern, BlockSparse) else "sink_attention"
+    assert cfg["layer_types"] == [kind, "full_attention", kind]
+    assert {k: cfg[k] for k in fields} == fields
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    ours = relayout(hf.load_model(tmp_path / "llama").eval(), [1], BlockSparse(16, 2, 3, per_head=True))
-    x = torch.randint(0, 256, (1, 100))
+    ours = relayout(hf.load_model(tmp_path / "llama").eval(), [1], pattern)
+    x = torch.randint(0, 256, (1, 100))  # past original_max_position_embeddings: the llama3 scaling matters
     with torch.no_grad(), torch.compiler.set_stance("force_eager"):
         assert (theirs(x).logits - ours(x)).abs().max().item() < 1e-4
 
@@ -119,3 +130,13 @@ def test_a_missing_checkpoint_is_named(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="neither config.json"):
         export_hf(tmp_path / "empty", tmp_path / "hf")
+
+
+def test_dtype_converts_the_weights(tmp_path):
+    from safetensors import safe_open
+
+    run = _tiny_run(tmp_path, steps=(1,))
+    assert main([str(run), str(tmp_path / "hf"), "--dtype", "bf16"]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
