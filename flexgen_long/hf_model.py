@@ -2,7 +2,7 @@
 
 Importing this module registers, with transformers (5.17 to 5.24), the model type ``flexgen_long_llama``::
 
-    import flexgen_long.hf_model                     # registers "longgen_llama" with transformers
+    import flexgen_long.hf_model                     # registers "flexgen_long_llama" with transformers
     model = AutoModelForCausalLM.from_pretrained(d)  # d written by `python -m flexgen_long.export_hf`
     model.generate(**tokenizer(prompts, return_tensors="pt", padding=True), max_new_tokens=64)
 
