@@ -55,13 +55,14 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from torch import Tensor, nn
-from torch.nn.attention.flex_attention import flex_attention
 from transformers import AttentionInterface, AutoConfig, AutoModel, AutoModelForCausalLM, LlamaConfig
 from transformers.cache_utils import DynamicCache, DynamicLayer, StaticLayer
 from transformers.models.llama.modeling_llama import LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel
 
+from .attention import flex_attend
 from .masks import build_block_mask, build_cached_block_mask
 from .patterns import AttnSink, BlockSparse, Full, Pattern
+from .shapes import BLOCK, pad_seq, padded_len
 
 __all__ = ["MODEL_TYPE", "ATTN_IMPLEMENTATION", "FULL", "SINK", "BLOCK_SPARSE", "LongGenLlamaConfig",
            "LongGenLlamaModel", "LongGenLlamaForCausalLM", "SinkCacheLayer", "StaticSinkCacheLayer",
@@ -70,6 +71,9 @@ __all__ = ["MODEL_TYPE", "ATTN_IMPLEMENTATION", "FULL", "SINK", "BLOCK_SPARSE", 
 MODEL_TYPE = "flexgen_long_llama"
 ATTN_IMPLEMENTATION = "flexgen_long"
 FULL, SINK, BLOCK_SPARSE = "full_attention", "sink_attention", "block_sparse_attention"
+#: The sparse patterns this adapter exports, with their transformers layer types (each has its config fields and cache
+#: layer below): a pattern needs an entry here, and a cache layer, to run inside transformers.
+SPARSE_LAYER_TYPES = {AttnSink: SINK, BlockSparse: BLOCK_SPARSE}
 LAYER_TYPES = (FULL, SINK, BLOCK_SPARSE)
 BLOCK_SPARSE_FIELDS = ("block", "local_blocks", "vertical_stride", "per_head")
 #: The keyword under which the decoder hands every attention call the batch geometry (``_Batch``).
@@ -78,12 +82,8 @@ BATCH_KWARG = "longgen_batch"
 #: only up to this many batch x queries x keys (16 Mi bools: 16 MiB, 64 MiB as SDPA's float mask); larger problems go
 #: through FlexAttention with analytic BlockMasks.
 DENSE_MASK_LIMIT = 1 << 24
-#: Query / key lengths reaching compiled FlexAttention are padded up to a power of two >= 128 (the flex block), so that
-#: lengths up to 128K compile at most 11 graphs per pattern and case, and no query block is shorter than a block.
-FLEX_BLOCK = 128
-#: Graphs allowed per compiled function while our flex calls run (dynamo's default, 8, is below 11 buckets); with
-#: ``fullgraph=True`` a further shape fails loudly rather than running flex uncompiled (which materialises the scores).
-FLEX_RECOMPILE_LIMIT = 64
+# Query / key lengths reaching compiled FlexAttention are padded to the project's buckets (flexgen_long.shapes), one
+# compiled function per bucketed shape: no recompile limit to raise, no query block shorter than a block.
 
 
 # -- config -----------------------------------------------------------------------------------------------------------
@@ -154,18 +154,19 @@ class LongGenLlamaConfig(LlamaConfig):
 def layout_fields(patterns) -> dict:
     """config.json's layout fields for a list of per-layer patterns (every sparse layer with the same pattern, as
     flexgen_long.layout makes them)."""
-    sparse = {p for p in patterns if not isinstance(p, Full)}
+    sparse = {p for p in patterns if not p.is_full}
     if len(sparse) > 1:
         raise ValueError(f"the sparse layers must share one pattern, got {sorted(map(repr, sparse))}")
-    out = {"layer_types": [FULL if isinstance(p, Full) else SINK if isinstance(p, AttnSink) else BLOCK_SPARSE
-                           for p in patterns]}
     for p in sparse:
-        if isinstance(p, AttnSink):
+        if type(p) not in SPARSE_LAYER_TYPES:
+            raise ValueError(f"only {sorted(c.__name__ for c in SPARSE_LAYER_TYPES)} sparse layers have a transformers "
+                             f"layer type and cache here, got {p!r}")
+    out = {"layer_types": [FULL if p.is_full else SPARSE_LAYER_TYPES[type(p)] for p in patterns]}
+    for p in sparse:
+        if type(p) is AttnSink:
             out.update(attention_sink_size=p.sink, sliding_window=p.window)
-        elif isinstance(p, BlockSparse):
-            out["block_sparse"] = {f: getattr(p, f) for f in BLOCK_SPARSE_FIELDS}
         else:
-            raise ValueError(f"patterns must be Full, AttnSink or BlockSparse, got {p!r}")
+            out["block_sparse"] = {f: getattr(p, f) for f in BLOCK_SPARSE_FIELDS}
     return out
 
 
@@ -491,25 +492,12 @@ def _dense_mask(pattern: Pattern, query_pos: Tensor, key_pos: Tensor, num_heads:
     return vis.repeat_interleave(num_heads // num_kv_heads, dim=1) if pattern.head_dependent else vis
 
 
-def _bucket(n: int) -> int:
-    return max(FLEX_BLOCK, 1 << (n - 1).bit_length())
-
-
-def _pad(x: Tensor, length: int) -> Tensor:
-    return F.pad(x, (0, 0, 0, length - x.shape[-2])) if x.shape[-2] < length else x
-
-
-_compiled_flex = None
-
-
 def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask, scale) -> Tensor:
-    """Compiled FlexAttention (uncompiled it materialises the q x k scores). Shapes arrive padded to buckets, so the
-    graphs stay few; ``fullgraph=True`` makes a shape beyond the recompile limit fail instead of running eagerly."""
-    global _compiled_flex
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False, fullgraph=True)
-    with torch._dynamo.config.patch(recompile_limit=FLEX_RECOMPILE_LIMIT):
-        return _compiled_flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
+    """Compiled FlexAttention under the project's shape policy (flexgen_long.attention.flex_attend: one compiled
+    function per bucketed shape, never the eager path on long sequences). Llama's scale is flex's default."""
+    if scale is not None and abs(scale - q.shape[-1] ** -0.5) > 1e-6 * scale:
+        raise NotImplementedError(f"attention scale {scale} differs from 1/sqrt(head_dim): not supported")
+    return flex_attend(q, k, v, block_mask)
 
 
 def _real_run(pos: list[int]) -> tuple[int, int]:
@@ -534,15 +522,15 @@ def _flex_rows(query, key, value, query_pos, key_pos, pattern, scale, memo, laye
         if nq == 0:
             continue  # a row of padding only
         if kp[j0:j1] == list(range(n)) and qp[i0:i1] == list(range(n - nq, n)):
-            pq, pk = _bucket(nq), _bucket(n)
+            pq, pk = padded_len(nq), padded_len(n)
             mkey = ("flex", layer_type, "plain", n, nq)
             if mkey not in memo:
                 memo[mkey] = build_block_mask(pattern, nq, n, q_offset=n - nq, num_heads=Hq, num_kv_heads=Hkv,
                                               device=query.device, padded_lengths=(pq, pk))
-            k_b, v_b = _pad(key[b:b + 1, :, j0:j1], pk), _pad(value[b:b + 1, :, j0:j1], pk)
+            k_b, v_b = pad_seq(key[b:b + 1, :, j0:j1], pk), pad_seq(value[b:b + 1, :, j0:j1], pk)
         elif nq == lq and kp[lk - lq:] == qp and qp == list(range(qp[0], qp[0] + lq)):
             ns = lk - lq
-            ps, pq = max(FLEX_BLOCK, -(-ns // FLEX_BLOCK) * FLEX_BLOCK), _bucket(lq)
+            ps, pq = max(BLOCK, -(-ns // BLOCK) * BLOCK), padded_len(lq)
             mkey = ("flex", layer_type, "cached", b, ns, lq)
             if mkey not in memo:
                 slot_pos = torch.tensor(kp[:ns], dtype=torch.int32, device=query.device)[None]
@@ -550,12 +538,12 @@ def _flex_rows(query, key, value, query_pos, key_pos, pattern, scale, memo, laye
                     slot_pos = slot_pos.expand(Hkv, -1).contiguous()
                 memo[mkey] = build_cached_block_mask(pattern, slot_pos, lq, q_offset=qp[0], num_heads=Hq,
                                                      num_kv_heads=Hkv, padded_lengths=(ps, pq))
-            k_b = torch.cat([_pad(key[b:b + 1, :, :ns], ps), _pad(key[b:b + 1, :, ns:], pq)], dim=-2)
-            v_b = torch.cat([_pad(value[b:b + 1, :, :ns], ps), _pad(value[b:b + 1, :, ns:], pq)], dim=-2)
+            k_b = torch.cat([pad_seq(key[b:b + 1, :, :ns], ps), pad_seq(key[b:b + 1, :, ns:], pq)], dim=-2)
+            v_b = torch.cat([pad_seq(value[b:b + 1, :, :ns], ps), pad_seq(value[b:b + 1, :, ns:], pq)], dim=-2)
         else:
             raise NotImplementedError(f"row {b}: a {lq}-token call over {lk} keys whose positions are neither one "
                                       "sequence ending in the queries nor a trimmed cache followed by them")
-        o = _flex(_pad(query[b:b + 1, :, i0:i1], pq), k_b, v_b, memo[mkey], scale)
+        o = _flex(query[b:b + 1, :, i0:i1], k_b, v_b, memo[mkey], scale)
         out[b, :, i0:i1] = o[0, :, :nq]
     return out
 
@@ -576,7 +564,7 @@ def longgen_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     B, Hq, lq, _ = query.shape
     Hkv, lk = key.shape[1], key.shape[2]
     key_pos, plain = batch.key_positions(i, layer_type, lk)
-    if isinstance(pattern, Full) and plain and not batch.padded and (lq == lk or lq == 1):
+    if pattern.is_full and plain and not batch.padded and (lq == lk or lq == 1):
         # every key is visible (decode) or the mask is causal (a whole prompt): SDPA needs no mask
         out = F.scaled_dot_product_attention(query, key, value, is_causal=lq > 1, dropout_p=dropout, scale=scaling,
                                              enable_gqa=Hq != Hkv)
