@@ -40,7 +40,7 @@ from torchtune.models.convert_weights import tune_to_hf
 
 from .hf import CONFIG_FILE, MODEL_FIELDS, model_sizes
 
-__all__ = ["hf_config", "save_checkpoint", "latest_checkpoint", "list_checkpoints", "claim_output_dir", "OutputDirLock",
+__all__ = ["hf_config", "save_checkpoint", "write_atomic", "check_writable", "latest_checkpoint", "list_checkpoints", "claim_output_dir", "OutputDirLock",
            "OutputDirInUse", "OutputDirNotEmpty", "recover_interrupted_writes", "remove_checkpoint", "STATE_FILE",
            "WEIGHTS_FILE", "CONFIG_FILE", "LOCK_FILE"]
 
@@ -90,6 +90,42 @@ def _fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | Callable[[Path], None]) -> Path:
+    """Write the file ``path`` whole or not at all: ``data`` (bytes, or a function that writes the file it is given)
+    goes to a hidden temp file beside it, is fsync'ed and renamed over ``path``; on any error the temp file is removed
+    and ``path`` keeps its previous content."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        if callable(data):
+            data(tmp)
+        else:
+            tmp.write_bytes(data)
+        _fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_path(path.parent)
+    return path
+
+
+def check_writable(directory: str | os.PathLike) -> Path:
+    """Create ``directory`` (with its parents) and write and remove a probe file in it: a read-only, full or missing
+    location fails here, before any work, as an ``OSError`` naming the path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / f".write-test-{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        probe.unlink(missing_ok=True)
+    return directory
 
 
 def save_checkpoint(output_dir: str | os.PathLike, step: int, tune_state_dict: dict[str, torch.Tensor],

@@ -29,104 +29,115 @@ On several GPUs (torchrun sets WORLD_SIZE > 1) the model is sharded with FSDP2 (
 shard per transformer layer; each rank reads its own slice of every batch.
 """
 
-from __future__ import annotations
-
 import json
 import os
 import random
 import resource
+import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, Optional
 
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from tqdm import tqdm
 from torchtune import config, training, utils
 from torchtune.modules import TransformerSelfAttentionLayer
 from torchtune.recipe_interfaces import FTRecipeInterface
 
 from flexgen_long import checkpoint_io as ckpt
-from flexgen_long import hf
+from flexgen_long import cli, hf
 from flexgen_long import recipe_config as rc
 from flexgen_long import train_plan
 from flexgen_long.data import CROSS_ENTROPY_IGNORE_INDEX
 from flexgen_long.losses import ChunkedLinearCrossEntropy
 from flexgen_long.models import builder_config
 from flexgen_long.patterns import AttnSink, BlockSparse, Full
+from flexgen_long.recipe_config import REQUIRED, Component, key, section
 
 log = utils.get_logger("INFO")
-
-# Every top-level key the recipe reads; anything else is a typo and is refused before any work starts.
-RECIPE_KEYS = {
-    "output_dir", "seq_len", "model", "tokenizer", "dataset", "seed", "batch_size", "gradient_accumulation_steps",
-    "max_steps", "optimizer", "lr_scheduler", "clip_grad_norm", "loss", "checkpoint", "device", "dtype", "compile",
-    "enable_activation_checkpointing", "fsdp_cpu_offload", "metric_logger", "log_every_n_steps",
-    "log_peak_memory_stats",
-}
-CHECKPOINT_KEYS = {"base_dir", "resume", "overwrite", "save_every_n_steps", "keep_last_n", "save_final"}
-#: (section, leading arguments the recipe passes itself): every _component_ section, checked against its signature.
-COMPONENTS = (("model", 0), ("tokenizer", 0), ("dataset", 2), ("optimizer", 1), ("lr_scheduler", 1), ("loss", 0),
-              ("metric_logger", 0))
 _fail = rc.fail
 
 
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    base_dir: Optional[str] = key(None, "an HF model directory (config.json + *.safetensors) to start from; null: "
+                                        "random init")
+    resume: bool = key(False, "continue from the latest checkpoint in output_dir (same model, data and batches)")
+    overwrite: bool = key(False, "delete output_dir's step_<N> checkpoints and start from step 0")
+    save_every_n_steps: Optional[int] = key(None, "a checkpoint every N steps; null: only at the end", min=1)
+    keep_last_n: Optional[int] = key(None, "keep this run's last N checkpoints; null: all", min=1)
+    save_final: bool = key(True, "a checkpoint at the end (false: speed benchmarks)")
+
+
+@dataclass(kw_only=True)
+class FinetuneConfig:
+    """The recipe's keys: the one source of its checks, its --help and its documentation."""
+    output_dir: str = key(REQUIRED, "where the checkpoints go; locked for the run")
+    seq_len: int = key(REQUIRED, "packed training length (tokens), at most the model's max_seq_len", min=2)
+    model: Component = key(REQUIRED, "the model builder (flexgen_long.models.*): sizes, max_seq_len, rope_base, "
+                                     "full_layers, sparse_pattern")
+    tokenizer: Component = key(REQUIRED, "flexgen_long.tokenizers.byte_tokenizer, hf_tokenizer or a torchtune one")
+    dataset: Component = key(REQUIRED, "flexgen_long.data.long_documents (source, max_tokens, synthetic_share, ...) "
+                                       "or hf_long_documents", positional=2)
+    seed: Optional[int] = key(0, "seeds weights, data order and sampling; null: torchtune draws one",
+                              min=0, max=2**32 - 1)
+    batch_size: int = key(REQUIRED, "sequences per micro-batch per GPU", min=1)
+    gradient_accumulation_steps: int = key(1, "micro-batches per optimizer step", min=1)
+    max_steps: int = key(REQUIRED, "optimizer steps of the whole run (a resumed run continues to it)", min=1)
+    optimizer: Component = key(REQUIRED, "torch.optim.AdamW (lr, betas, weight_decay) or torchao.optim.AdamW8bit",
+                               positional=1)
+    lr_scheduler: Component = key(REQUIRED, "torchtune's get_cosine_schedule_with_warmup (num_warmup_steps)",
+                                  positional=1)
+    clip_grad_norm: Optional[float] = key(None, "gradient clipping's max norm; null: no clipping", above=0)
+    loss: Component = key({"_component_": "torch.nn.CrossEntropyLoss"}, "torch.nn.CrossEntropyLoss, torchtune's "
+                          "CEWithChunkedOutputLoss or flexgen_long.losses.ChunkedLinearCrossEntropy")
+    checkpoint: CheckpointConfig = section(CheckpointConfig)
+    device: str = key("cpu", "cpu, cuda or cuda:<index> (must exist on this machine)", check=rc.device_field)
+    dtype: Literal["fp32", "bf16"] = key("fp32", "parameter dtype (bf16 on GPUs)")
+    compile: bool = key(False, "torch.compile each layer and the loss")
+    enable_activation_checkpointing: bool = key(False, "recompute each layer's activations in backward")
+    fsdp_cpu_offload: bool = key(False, "FSDP2: parameters and optimizer states on the CPU (several GPUs)")
+    metric_logger: Component = key({"_component_": "torchtune.training.metric_logging.StdoutLogger"},
+                                   "torchtune's StdoutLogger (stdout), DiskLogger (log_dir), ...")
+    log_every_n_steps: int = key(1, "a metrics line every N steps (and at the first and last)", min=1)
+    log_peak_memory_stats: bool = key(True, "add peak memory (RSS on a CPU) to the metrics")
+
+
 def validate_config(cfg: DictConfig) -> None:
-    """Every field that needs no model, before anything is built, read or written: unknown keys, types and ranges of
-    the recipe's own fields, the device, each _component_ section against its component's signature (then a dry run
-    of the optimizer, LR schedule and loss on one dummy parameter: their own range checks), the data source and
-    packing arguments, and the paths the run will read (base model, tokenizer file)."""
-    rc.check_keys(cfg, RECIPE_KEYS, required=("output_dir", "seq_len", "model", "tokenizer", "dataset", "optimizer",
-                                              "lr_scheduler", "max_steps", "batch_size"))
-    rc.check_keys(rc.get(cfg, "checkpoint", {}), CHECKPOINT_KEYS, section="checkpoint")
-    rc.string(cfg, "output_dir")
-    seq_len = rc.integer(cfg, "seq_len", minimum=2)
-    for field in ("batch_size", "max_steps"):
-        rc.integer(cfg, field, minimum=1)
-    for field in ("gradient_accumulation_steps", "log_every_n_steps"):
-        rc.integer(cfg, field, 1, minimum=1)
-    rc.integer(cfg, "seed", 0, minimum=0, maximum=2**32 - 1, nullable=True)  # null: torchtune draws one
-    rc.number(cfg, "clip_grad_norm", None, positive=True, nullable=True)
-    for field, default in (("compile", False), ("enable_activation_checkpointing", False),
-                           ("fsdp_cpu_offload", False), ("log_peak_memory_stats", True)):
-        rc.boolean(cfg, field, default)
-    rc.device_field(cfg)
-    rc.dtype_field(cfg)
-    resume, overwrite = rc.boolean(cfg, "checkpoint.resume", False), rc.boolean(cfg, "checkpoint.overwrite", False)
-    if resume and overwrite:
+    """Every field that needs no model, before anything is built, read or written: the schema (unknown keys, types
+    and ranges; each _component_ section against its component's signature; defaults filled in), the device, then a
+    dry run of the optimizer, LR schedule and loss on one dummy parameter (their own range checks), the data source
+    and packing arguments, and the paths the run will read (base model, tokenizer file)."""
+    rc.check(cfg, FinetuneConfig)
+    if cfg.checkpoint.resume and cfg.checkpoint.overwrite:
         _fail("checkpoint.overwrite", "is true together with checkpoint.resume=true: choose one (resume continues from "
                                       "the latest checkpoint in output_dir; overwrite deletes its checkpoints and "
                                       "starts from step 0)")
-    rc.integer(cfg, "checkpoint.save_every_n_steps", None, minimum=1, nullable=True)  # null: only at the end
-    rc.integer(cfg, "checkpoint.keep_last_n", None, minimum=1, nullable=True)  # null: keep all
-    rc.boolean(cfg, "checkpoint.save_final", True)  # false: no checkpoint at the end (speed benchmarks)
-    base = rc.get(cfg, "checkpoint.base_dir", None)
+    base = cfg.checkpoint.base_dir
     if base is not None:
         d = rc.existing_dir("checkpoint.base_dir", base, "an HF model directory (config.json + *.safetensors), or "
                                                           "null for random init")
         if not (d / hf.CONFIG_FILE).is_file():
             _fail("checkpoint.base_dir", f"{base!r} has no {hf.CONFIG_FILE} (expected an HF model directory)")
         rc.hf_dir("checkpoint.base_dir", base)  # config.json parses and is a Llama's; weight files are there
-
-    for section, positional in COMPONENTS:
-        if section in cfg:
-            rc.check_component(section, rc.get(cfg, section), positional)
     if "num_training_steps" in cfg.lr_scheduler:
         _fail("lr_scheduler.num_training_steps", "is set by the recipe from max_steps; remove it")
     if "path" in cfg.tokenizer:
         rc.existing_file("tokenizer.path", rc.get(cfg, "tokenizer.path"), "the tokenizer's model file")
     rc.check_hf_sections(cfg)  # from_hf_config's and hf_tokenizer's directories
-    _check_dataset(cfg, seq_len)
+    _check_dataset(cfg, cfg.seq_len)
     # Dry runs on one dummy CPU parameter: the components' own range checks (e.g. "Invalid learning rate: -1"), in
     # microseconds, instead of after the data and the model are ready. (CPU: a CUDA tensor here would open a context
     # on GPU 0 in every rank before torchrun's ranks pick their GPUs; AdamW's fused=True is accepted on CPU too.)
     dummy = [nn.Parameter(torch.zeros(1))]
     optimizer = rc.instantiate("optimizer", cfg.optimizer, dummy)
     rc.instantiate("lr_scheduler", cfg.lr_scheduler, optimizer, num_training_steps=cfg.max_steps)
-    if "loss" in cfg:
-        rc.instantiate("loss", cfg.loss)
+    rc.instantiate("loss", cfg.loss)
 
 
 def _check_dataset(cfg: DictConfig, seq_len: int) -> None:
@@ -192,7 +203,7 @@ def recipe_identity(cfg: DictConfig, world_size: int) -> dict:
     the batch geometry that fixes the data position. Stored in every checkpoint's config.json."""
     return {"seq_len": cfg.seq_len, "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
             "tokenizer": OmegaConf.to_container(cfg.tokenizer, resolve=True), "batch_size": cfg.batch_size,
-            "gradient_accumulation_steps": cfg.get("gradient_accumulation_steps", 1), "seed": cfg.get("seed", 0),
+            "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "seed": cfg.seed,
             "world_size": world_size}
 
 
@@ -227,27 +238,25 @@ def check_resume_matches(saved: dict, path: Path, model_cfg: dict, recipe: dict)
 class LongGenFinetuneRecipe(FTRecipeInterface):
     def __init__(self, cfg: DictConfig) -> None:
         validate_config(cfg)  # includes the device: utils.get_device("cuda") falls back to the CPU without a word
-        self._device = utils.get_device(cfg.get("device", "cpu"))
-        self._dtype = training.get_dtype(cfg.get("dtype", "fp32"), device=self._device)
+        self._device = utils.get_device(cfg.device)
+        self._dtype = training.get_dtype(cfg.dtype, device=self._device)
         self._world_size, self._rank = utils.get_world_size_and_rank()
         self._is_rank_zero = self._rank == 0
         self._output_dir = Path(cfg.output_dir)
         self._seq_len = cfg.seq_len
         self._batch_size = cfg.batch_size
-        self._accum = cfg.get("gradient_accumulation_steps", 1)
+        self._accum = cfg.gradient_accumulation_steps
         self._max_steps = cfg.max_steps
-        self._clip = cfg.get("clip_grad_norm")
-        self._log_every = cfg.get("log_every_n_steps", 1)
-        self._log_memory = cfg.get("log_peak_memory_stats", True)
-        ck = cfg.get("checkpoint", {})
-        self._save_every = ck.get("save_every_n_steps")
-        self._keep_last = ck.get("keep_last_n")
-        self._save_final = bool(ck.get("save_final", True))
-        self._resume = bool(ck.get("resume", False))
-        self._overwrite = bool(ck.get("overwrite", False))
-        self._base_dir = ck.get("base_dir")
+        self._clip = cfg.clip_grad_norm
+        self._log_every = cfg.log_every_n_steps
+        self._log_memory = cfg.log_peak_memory_stats
+        ck = cfg.checkpoint
+        self._save_every, self._keep_last, self._save_final = ck.save_every_n_steps, ck.keep_last_n, ck.save_final
+        self._resume, self._overwrite, self._base_dir = ck.resume, ck.overwrite, ck.base_dir
         self._lock = None  # the output_dir's lock (rank 0), taken in setup
-        self._seed = training.set_seed(cfg.get("seed", 0))
+        self._claimed = False  # output_dir claimed: from then on, an interrupt leaves something to resume
+        self.written: list[Path] = []  # checkpoints this run wrote, in order
+        self._seed = training.set_seed(cfg.seed)
         self.global_step = 0  # optimizer steps done
         self._micro_batches = 0  # micro-batches consumed (per rank): the data position
 
@@ -277,6 +286,7 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
                                                log=log.info)
         if self._world_size > 1:
             dist.barrier()
+        self._claimed = True
         resume_from = ckpt.latest_checkpoint(self._output_dir) if self._resume else None
         if resume_from is not None:  # before data and weights: a mismatch is refused in a second, not minutes
             saved = hf.read_config(resume_from).get("flexgen_long", {})
@@ -298,7 +308,7 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
         self._optimizer = rc.instantiate("optimizer", cfg.optimizer, self._model.parameters())
         self._lr_scheduler = rc.instantiate("lr_scheduler", cfg.lr_scheduler, self._optimizer,
                                             num_training_steps=self._max_steps)
-        self._loss_fn = rc.instantiate("loss", cfg.get("loss", {"_component_": "torch.nn.CrossEntropyLoss"}))
+        self._loss_fn = rc.instantiate("loss", cfg.loss)
         if hasattr(self._loss_fn, "num_output_chunks"):  # torchtune's CEWithChunkedOutputLoss: no [S, V] fp32 logits
             self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
         if isinstance(self._loss_fn, ChunkedLinearCrossEntropy):  # no logits beyond one chunk's (flexgen_long.losses)
@@ -309,7 +319,7 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
                 # the root gathered through the loss instead (what torchtune does for its linear cross-entropy), or
                 # the loss would meet a sharded DTensor weight. Its post-backward still reduce-scatters and reshards.
                 self._model.set_reshard_after_forward(False, recurse=False)
-        if cfg.get("compile", False):
+        if cfg.compile:
             if isinstance(self._loss_fn, ChunkedLinearCrossEntropy):  # the upcast + cross-entropy, not the chunking
                 self._loss_fn.cross_entropy = torch.compile(  # torchtune's compile_loss reads the same variable
                     self._loss_fn.cross_entropy, backend=os.environ.get("TORCH_COMPILE_BACKEND", "inductor"))
@@ -333,8 +343,8 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
 
     def _setup_model(self, cfg: DictConfig) -> nn.Module:
         base_sd = hf.load_hf_state_dict(self._base_dir)[0] if self._base_dir else None
-        compile_model = cfg.get("compile", False)
-        act_ckpt = cfg.get("enable_activation_checkpointing", False)
+        compile_model = cfg.compile
+        act_ckpt = cfg.enable_activation_checkpointing
         if self._world_size == 1:
             with training.set_default_dtype(self._dtype), self._device:
                 model = rc.instantiate("model", cfg.model)
@@ -356,13 +366,13 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
             if act_ckpt:
                 training.set_activation_checkpointing(model, auto_wrap_policy={TransformerSelfAttentionLayer})
             training.shard_model(model, [lambda name, m: isinstance(m, TransformerSelfAttentionLayer)],
-                                 cpu_offload=cfg.get("fsdp_cpu_offload", False))
+                                 cpu_offload=cfg.fsdp_cpu_offload)
             with training.set_default_dtype(self._dtype), self._device:
                 for m in model.modules():  # RoPE tables are buffers outside the state dict: rebuild off meta
                     if hasattr(m, "rope_init"):
                         m.rope_init()
             training.load_from_full_model_state_dict(model, base_sd, self._device, strict=True,
-                                                     cpu_offload=cfg.get("fsdp_cpu_offload", False))
+                                                     cpu_offload=cfg.fsdp_cpu_offload)
             training.validate_no_params_on_meta_device(model)
         if self._is_rank_zero:
             n = sum(p.numel() for p in model.parameters()) * (self._world_size if self._world_size > 1 else 1)
@@ -411,7 +421,7 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
         if self.global_step >= self._max_steps:
             log.info(f"Already trained to max_steps={self._max_steps} ({self._output_dir}); nothing to do")
             return
-        bar = tqdm(total=self._max_steps, initial=self.global_step, disable=not self._is_rank_zero, desc="train")
+        bar = cli.progress(self._max_steps, "train", initial=self.global_step, enabled=self._is_rank_zero)
         t0 = time.perf_counter()
         tokens_seen = 0
         while self.global_step < self._max_steps:
@@ -494,6 +504,7 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
                 for old in ckpt.list_checkpoints(self._output_dir)[:-self._keep_last]:
                     ckpt.remove_checkpoint(old)
                     removed.append(old.name)
+            self.written.append(path)
             log.info(f"Checkpoint: {path}" + (f" (removed {', '.join(removed)})" if removed else ""))
         if self._world_size > 1:
             dist.barrier()
@@ -531,6 +542,16 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
         if self._world_size > 1:
             dist.destroy_process_group()
 
+    def stopped(self, e: KeyboardInterrupt, resume: str) -> str:
+        """The line an interrupted run ends with: the step reached, the last complete checkpoint and the command that
+        continues (nothing to continue when output_dir was not claimed yet)."""
+        how = "SIGTERM" if str(e) == "SIGTERM" else "Ctrl-C (SIGINT)"
+        if not self._claimed:
+            return f"stopped by {how} before training started; nothing was written"
+        latest = ckpt.latest_checkpoint(self._output_dir)
+        return (f"stopped by {how} at step {self.global_step} of {self._max_steps}; last complete checkpoint: "
+                f"{latest or 'none yet (a resume starts at step 0)'}; continue with: {resume}")
+
     def release(self) -> None:
         """Release the output_dir lock (also done by the kernel if the process dies)."""
         if self._lock is not None:
@@ -538,19 +559,32 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
             self._lock = None
 
 
-@config.parse
+def resume_command(argv: list[str], world_size: int) -> str:
+    """The command that continues this run: the same arguments with ``checkpoint.resume=true``."""
+    kept = [a for a in argv if not a.startswith(("checkpoint.resume=", "checkpoint.overwrite="))]
+    nproc = ["--nproc_per_node", str(world_size)] if world_size > 1 else []
+    return shlex.join(["tune", "run", *nproc, cli._shown(Path(__file__)), *kept, "checkpoint.resume=true"])
+
+
+@cli.parse(FinetuneConfig, __file__)
 def recipe_main(cfg: DictConfig) -> None:
+    """LongGen finetuning: length extension + conversion to the hybrid model in one run (module docstring)."""
     if training.is_distributed():
         # NCCL for GPU tensors; gloo for CPU ones (FSDP2 CPU offload). utils.get_device picks cuda:LOCAL_RANK.
         training.init_distributed(backend="cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo")
-    with rc.user_errors():
+    with cli.stop_on_signals():
         recipe = LongGenFinetuneRecipe(cfg)
         try:
             recipe.setup(cfg)
             recipe.train()
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM through stop_on_signals: say where it stopped
+            raise cli.Interrupted(recipe.stopped(e, resume_command(sys.argv[1:], recipe._world_size))) from None
         finally:
             recipe.release()
     recipe.cleanup()
+    for path in recipe.written:  # the last lines: what this run wrote (results on stdout, logs on stderr)
+        if path.exists():
+            print(f"Wrote {path}", flush=True)
 
 
 if __name__ == "__main__":

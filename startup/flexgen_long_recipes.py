@@ -94,9 +94,24 @@ class RecipesFinder:
         pass
 
 
+class _QuietTorchao:
+    """A logging filter for the one line torchao 0.15.0 logs on every import under torch 2.13 ("Skipping import of
+    cpp extensions due to incompatible torch version ..."): expected with the pinned versions and harmless (its C++
+    kernels are not used here), yet printed by every command, since ``import torchtune`` imports torchao. Set
+    FLEXGEN_LONG_SHOW_TORCHAO=1 to see it. Installed here because torchao logs before any of our code runs."""
+
+    @staticmethod
+    def filter(record) -> bool:
+        return not str(record.msg).startswith("Skipping import of cpp extensions due to incompatible torch version")
+
+
 def install() -> None:
     if RecipesFinder not in sys.meta_path:
         sys.meta_path.insert(0, RecipesFinder)
+    if not os.environ.get("FLEXGEN_LONG_SHOW_TORCHAO"):
+        import logging
+
+        logging.getLogger("torchao").addFilter(_QuietTorchao)
 
 
 install()

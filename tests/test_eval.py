@@ -104,7 +104,7 @@ def test_eval_refuses_a_model_with_non_finite_logits_and_writes_nothing(tmp_path
     monkeypatch.setattr(ev, "build_model", lambda cfg, device, dtype: (model, None))
     with pytest.raises(FloatingPointError, match="logits are NaN or infinite"):
         ev.evaluate(_cfg(output_dir=str(tmp_path / "eval"), lengths=[500]))
-    assert not (tmp_path / "eval").exists()
+    assert not list((tmp_path / "eval").iterdir())  # checked writable before the work, nothing written
     docs = [torch.randint(0, 256, (200,)).tolist()]
     with pytest.raises(FloatingPointError, match=r"perplexity at length 100: .* NaN or infinite at 99 of 99"):
         ev.evaluate_perplexity(model, docs, [100])
@@ -183,8 +183,14 @@ def test_perplexity_equals_exp_mean_nll_of_an_independent_forward():
 
 
 @pytest.mark.parametrize("overrides,message", [
-    ({"learning_rate": 1}, r"unknown config key\(s\) \['learning_rate'\]"),
-    ({"lengths": []}, r"config field 'lengths': must be a non-empty list of ints >= 64"),
+    ({"learning_rate": 1}, r"unknown config key 'learning_rate'"),
+    ({"length": [512]}, r"unknown config key 'length' \(did you mean 'lengths'\?\)"),
+    ({"lengths": [63]}, r"config field 'lengths': must be a non-empty list of distinct ints >= 64, got \[63\]"),
+    ({"lengths": [512, 512]}, r"config field 'lengths': must be a non-empty list of distinct ints >= 64"),
+    ({"depths": [-0.01]}, r"config field 'depths': must be a non-empty list of numbers in \[0, 1\]"),
+    ({"perplexity_documents": -1}, r"config field 'perplexity_documents': must be an int >= 0, got -1"),
+    ({"prefill_chunk": 0}, r"config field 'prefill_chunk': must be null or an int >= 1, got 0"),
+    ({"lengths": []}, r"config field 'lengths': must be a non-empty list of distinct ints >= 64"),
     ({"depths": [0.5, 2.0]}, r"config field 'depths'"),
     ({"tasks": ["sudoku"]}, r"config field 'tasks'"),
     ({"streaming_llm": {"sink": 4}}, r"config field 'streaming_llm'"),
