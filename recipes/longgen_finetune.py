@@ -30,6 +30,7 @@ shard per transformer layer; each rank reads its own slice of every batch.
 """
 
 import json
+import math
 import os
 import random
 import resource
@@ -94,6 +95,8 @@ class FinetuneConfig:
     lr_scheduler: Component = key(REQUIRED, "torchtune's get_cosine_schedule_with_warmup (num_warmup_steps)",
                                   positional=1)
     clip_grad_norm: Optional[float] = key(None, "gradient clipping's max norm; null: no clipping", above=0)
+    on_nonfinite: Literal["stop", "skip"] = key("stop", "a step whose loss or gradient norm is NaN or Inf: stop the "
+                                                        "run there, or skip its update")
     loss: Component = key({"_component_": "torch.nn.CrossEntropyLoss"}, "torch.nn.CrossEntropyLoss, torchtune's "
                           "CEWithChunkedOutputLoss or flexgen_long.losses.ChunkedLinearCrossEntropy")
     checkpoint: CheckpointConfig = section(CheckpointConfig)
@@ -127,6 +130,9 @@ def validate_config(cfg: DictConfig) -> None:
         rc.hf_dir("checkpoint.base_dir", base)  # config.json parses and is a Llama's; weight files are there
     if "num_training_steps" in cfg.lr_scheduler:
         _fail("lr_scheduler.num_training_steps", "is set by the recipe from max_steps; remove it")
+    warmup = rc.get(cfg, "lr_scheduler.num_warmup_steps", 0)
+    if isinstance(warmup, int) and not 0 <= warmup <= cfg.max_steps:
+        _fail("lr_scheduler.num_warmup_steps", f"must be an int in [0, max_steps={cfg.max_steps}], got {warmup}")
     if "path" in cfg.tokenizer:
         rc.existing_file("tokenizer.path", rc.get(cfg, "tokenizer.path"), "the tokenizer's model file")
     rc.check_hf_sections(cfg)  # from_hf_config's and hf_tokenizer's directories
@@ -170,6 +176,10 @@ def validate_model(model: nn.Module, cfg: DictConfig) -> None:
     (its config.json) against the model's (``flexgen_long.hf.check_model``; RoPE settings and max_seq_len may differ:
     changing them is what length extension does)."""
     seq_len = cfg.seq_len
+    for layer in model.layers:  # RoPE theta: a non-positive or non-finite base gives NaN angles, and NaN losses
+        base = getattr(getattr(layer.attn, "pos_embeddings", None), "base", 1.0)
+        if not (isinstance(base, (int, float)) and math.isfinite(base) and base > 0):
+            _fail("model.rope_base", f"must be a number > 0, got {base!r}")
     if seq_len > model.max_seq_len:
         _fail("seq_len", f"{seq_len} exceeds model.max_seq_len={model.max_seq_len}, the length the model's RoPE is "
                          "set up for; raise model.max_seq_len (and model.rope_base for length extension) or lower "
@@ -247,7 +257,7 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
         self._batch_size = cfg.batch_size
         self._accum = cfg.gradient_accumulation_steps
         self._max_steps = cfg.max_steps
-        self._clip = cfg.clip_grad_norm
+        self._clip, self._on_nonfinite = cfg.clip_grad_norm, cfg.on_nonfinite
         self._log_every = cfg.log_every_n_steps
         self._log_memory = cfg.log_peak_memory_stats
         ck = cfg.checkpoint
@@ -284,6 +294,7 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
         if self._is_rank_zero:
             self._lock = ckpt.claim_output_dir(self._output_dir, resume=self._resume, overwrite=self._overwrite,
                                                log=log.info)
+            ckpt.check_writable(self._output_dir)  # a full or read-only disk fails now, not at the first save
         if self._world_size > 1:
             dist.barrier()
         self._claimed = True
@@ -295,8 +306,7 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
             log.info(f"checkpoint.resume=true but {self._output_dir} holds no checkpoint yet: starting from step 0")
 
         self._metric_logger = config.instantiate(cfg.metric_logger) if self._is_rank_zero else None
-        if self._metric_logger is not None:
-            self._metric_logger.log_config(cfg)
+        self._cfg = cfg  # saved into output_dir when training starts (save_config)
         self._dataset = rc.instantiate("dataset", cfg.dataset, self._tokenizer, self._seq_len)
         per_epoch = len(self._dataset) // (self._batch_size * self._world_size)
         if per_epoch < 1:
@@ -416,11 +426,24 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
             return self._loss_fn(out, labels)
         return self._loss_fn(out.reshape(-1, out.shape[-1]).float(), labels.reshape(-1))
 
+    def save_config(self) -> None:
+        """The run's config into output_dir, once training starts (a setup that fails leaves nothing that would
+        block the corrected rerun): torchtune_config.yaml through the metric logger on a fresh run; a resumed run
+        keeps the earlier file and writes its own beside it."""
+        if not self._is_rank_zero:
+            return
+        if self.global_step == 0 and not (self._output_dir / "torchtune_config.yaml").exists():
+            self._metric_logger.log_config(self._cfg)
+        else:
+            path = self._output_dir / f"torchtune_config.resumed_at_step_{self.global_step}.yaml"
+            ckpt.write_atomic(path, OmegaConf.to_yaml(self._cfg).encode())
+
     def train(self) -> None:
         self._model.train()
         if self.global_step >= self._max_steps:
             log.info(f"Already trained to max_steps={self._max_steps} ({self._output_dir}); nothing to do")
             return
+        self.save_config()
         bar = cli.progress(self._max_steps, "train", initial=self.global_step, enabled=self._is_rank_zero)
         t0 = time.perf_counter()
         tokens_seen = 0
@@ -442,15 +465,18 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
                 dist.all_reduce(running_loss)
             # Gradients hold sum(loss over all trained tokens) / world size (FSDP averages): scale to the mean.
             training.scale_grads(self._model, self._world_size / num_tokens)
-            grad_norm = None
-            if self._clip is not None:
-                grad_norm = torch.nn.utils.clip_grad_norm_(self._model.parameters(), max_norm=float(self._clip))
-                if hasattr(grad_norm, "full_tensor"):  # DTensor under FSDP2
-                    grad_norm = grad_norm.full_tensor()
-            self._optimizer.step()
+            # the norm is always taken (max_norm inf clips nothing): a non-finite one must not reach the weights
+            grad_norm = torch.nn.utils.clip_grad_norm_(self._model.parameters(),
+                                                       max_norm=float(self._clip or math.inf))
+            if hasattr(grad_norm, "full_tensor"):  # DTensor under FSDP2
+                grad_norm = grad_norm.full_tensor()
+            loss_value, grad_norm = (running_loss / num_tokens).item(), float(grad_norm)
+            if math.isfinite(loss_value) and math.isfinite(grad_norm):
+                self._optimizer.step()
+            else:
+                self._nonfinite_step(loss_value, grad_norm)
             self._lr_scheduler.step()
             self.global_step += 1
-            loss_value = (running_loss / num_tokens).item()
             bar.update(1)
             bar.set_description(f"step {self.global_step} loss {loss_value:.4f}")
 
@@ -458,8 +484,7 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
                 elapsed = time.perf_counter() - t0
                 metrics = {"loss": round(loss_value, 4), "lr": float(f"{self._optimizer.param_groups[0]['lr']:.4g}"),
                            "tokens_per_second_per_rank": round(tokens_seen / elapsed)}
-                if grad_norm is not None:
-                    metrics["grad_norm"] = round(float(grad_norm), 4)
+                metrics["grad_norm"] = round(grad_norm, 4)
                 if self._log_memory:
                     metrics.update(self._memory_stats())
                 if self._metric_logger is not None:
@@ -472,6 +497,21 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
             self.save_checkpoint(epoch=self._micro_batches // self._batches_per_epoch)
         elif self._is_rank_zero:
             log.info(f"checkpoint.save_final=false: no checkpoint written at step {self.global_step}")
+
+    def _nonfinite_step(self, loss: float, grad_norm: float) -> None:
+        """A step whose loss or gradient norm is NaN or Inf, caught before the optimizer step (the weights are still
+        those of the step before): stop the run, naming the step, or skip its update (``on_nonfinite``)."""
+        step = self.global_step + 1
+        if self._on_nonfinite == "skip":
+            self._optimizer.zero_grad(set_to_none=True)
+            if self._is_rank_zero:
+                log.warning(f"step {step}: loss {loss}, grad norm {grad_norm}: update skipped (on_nonfinite=skip)")
+            return
+        latest = ckpt.latest_checkpoint(self._output_dir)
+        raise FloatingPointError(
+            f"training diverged at step {step}: loss {loss}, grad norm {grad_norm}; stopped before its update, no "
+            f"checkpoint of it written; last complete checkpoint: {latest or 'none'}. Lower optimizer.lr or set "
+            "clip_grad_norm (then checkpoint.resume=true), or on_nonfinite=skip to skip such steps")
 
     def _memory_stats(self) -> dict:
         if self._device.type == "cpu":  # torchtune's get_memory_stats supports accelerators only
@@ -499,19 +539,24 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
             path = ckpt.save_checkpoint(self._output_dir, self.global_step, model_sd,
                                         ckpt.hf_config(self._model, self._model_cfg, self._dtype,
                                                        recipe=self._recipe_identity), state)
-            removed = []
-            if self._keep_last:  # this run's checkpoints (claim_output_dir admitted no other run's)
-                for old in ckpt.list_checkpoints(self._output_dir)[:-self._keep_last]:
-                    ckpt.remove_checkpoint(old)
-                    removed.append(old.name)
             self.written.append(path)
+            removed = []
+            if self._keep_last:  # only checkpoints this run wrote: a resumed run keeps the earlier run's
+                for old in self.written[:-self._keep_last]:
+                    if old.exists():
+                        ckpt.remove_checkpoint(old)
+                        removed.append(old.name)
             log.info(f"Checkpoint: {path}" + (f" (removed {', '.join(removed)})" if removed else ""))
         if self._world_size > 1:
             dist.barrier()
 
     def _load_recipe_state(self, path: Path) -> None:
-        sd, _ = hf.load_hf_state_dict(path)
-        state = torch.load(path / ckpt.STATE_FILE, map_location="cpu", weights_only=False)
+        sd, _ = hf.load_hf_state_dict(path)  # checks every file against the checkpoint's checksums first
+        try:
+            state = torch.load(path / ckpt.STATE_FILE, map_location="cpu", weights_only=False)
+        except (OSError, RuntimeError, EOFError, ValueError) as e:  # truncated zip, unpickling errors
+            raise hf.CheckpointError(f"{path / ckpt.STATE_FILE}: not readable ({' '.join(str(e).split())[:160]}); "
+                                     "the file is truncated or damaged") from None
         for key, now in (("world_size", self._world_size), ("batch_size", self._batch_size),
                          ("gradient_accumulation_steps", self._accum), ("seed", self._seed)):
             if state[key] != now:

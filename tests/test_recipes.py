@@ -5,6 +5,7 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -304,7 +305,9 @@ def _assert_every_checkpoint_whole(out: Path, why: str) -> None:
     from safetensors.torch import load_file
 
     for p in ckpt.list_checkpoints(out):
-        assert {f.name for f in p.iterdir()} == {ckpt.WEIGHTS_FILE, ckpt.CONFIG_FILE, ckpt.STATE_FILE}, (why, p)
+        assert {f.name for f in p.iterdir()} == {ckpt.WEIGHTS_FILE, ckpt.CONFIG_FILE, ckpt.STATE_FILE,
+                                                 hf.CHECKSUM_FILE}, (why, p)
+        assert hf.verify_checksums(p), (why, p)
         step = json.loads((p / ckpt.CONFIG_FILE).read_text())["flexgen_long"]["step"]
         assert p.name == f"step_{step}" and load_file(p / ckpt.WEIGHTS_FILE), (why, p)
         assert torch.load(p / ckpt.STATE_FILE, weights_only=False)["global_step"] == step, (why, p)
@@ -381,6 +384,13 @@ BAD = [
     (["model.sparse_pattern.sink=four"], ValueError, r"config field 'model.sparse_pattern.sink': must be an int, "
                                                      r"got 'four'"),
     (["max_steps=0"], ValueError, r"config field 'max_steps': must be an int >= 1, got 0"),
+    (["model.rope_base=-1"], ValueError, r"config field 'model.rope_base': must be a number > 0, got -1"),
+    (["model.rope_base=0"], ValueError, r"config field 'model.rope_base': must be a number > 0, got 0"),
+    (["lr_scheduler.num_warmup_steps=-1"], ValueError,
+     r"config field 'lr_scheduler.num_warmup_steps': must be an int in \[0, max_steps=100\], got -1"),
+    (["lr_scheduler.num_warmup_steps=101"], ValueError,
+     r"config field 'lr_scheduler.num_warmup_steps': must be an int in \[0, max_steps=100\], got 101"),
+    (["on_nonfinite=ignore"], ValueError, r"config field 'on_nonfinite': must be one of \['stop', 'skip'\]"),
     (["max_steps=abc"], ValueError, r"config field 'max_steps': must be an int >= 1, got 'abc'"),
     (["checkpoint.base_dir=/nonexistent/llama"], ValueError,
      r"config field 'checkpoint.base_dir': '/nonexistent/llama' does not exist"),
@@ -533,3 +543,133 @@ def test_base_checkpoint_of_other_sizes_is_refused_before_training(tmp_path, smo
                                          r"vocab_size=259 \(config.json vocab_size=49152\); num_layers=4"):
         _run(_cfg(tmp_path / "run", f"checkpoint.base_dir={smollm2_dir}"))
     assert not (tmp_path / "run").exists()  # not even output_dir was created
+
+
+@pytest.mark.parametrize("overrides", [["seed=0"], ["seed=4294967295"], ["seed=null"], ["lr_scheduler.num_warmup_steps=0"],
+                                       ["lr_scheduler.num_warmup_steps=100"], ["clip_grad_norm=1e-9"],
+                                       ["checkpoint.keep_last_n=1", "checkpoint.save_every_n_steps=1"],
+                                       ["gradient_accumulation_steps=1"], ["on_nonfinite=skip"]])
+def test_range_boundaries_are_accepted(tmp_path, overrides):
+    """The other side of every boundary the refused values above sit on."""
+    from recipes.longgen_finetune import validate_config
+
+    validate_config(_cfg(tmp_path / "run", "max_steps=100", *overrides))
+    assert not (tmp_path / "run").exists()
+
+
+# -- faults: divergence, interrupts, damaged files, failures after the claim -----------------------------------------------
+def _diverge_at(monkeypatch, step: int):
+    """The loss of training step ``step`` (1-based) becomes NaN, as a diverging run's would."""
+    from recipes.longgen_finetune import LongGenFinetuneRecipe
+
+    real = LongGenFinetuneRecipe._loss
+
+    def loss(self, batch):
+        out = real(self, batch)
+        return out * float("nan") if self.global_step + 1 == step else out
+
+    monkeypatch.setattr(LongGenFinetuneRecipe, "_loss", loss)
+
+
+def test_divergence_stops_naming_the_step_and_keeps_the_finite_checkpoints(tmp_path, monkeypatch):
+    _diverge_at(monkeypatch, 4)
+    cfg = _cfg(tmp_path, "max_steps=6", "checkpoint.save_every_n_steps=1", "checkpoint.keep_last_n=1")
+    with pytest.raises(FloatingPointError, match=r"training diverged at step 4: loss nan, grad norm nan; stopped before "
+                                                 rf"its update.*last complete checkpoint: {tmp_path}/step_3"):
+        _run(cfg)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_3"]
+    model = hf.load_model(tmp_path / "step_3")  # finite, loads (checked), and the lock was released:
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    ckpt.OutputDirLock(tmp_path).release()
+
+
+def test_on_nonfinite_skip_skips_the_update_and_goes_on(tmp_path, monkeypatch, caplog):
+    _diverge_at(monkeypatch, 2)
+    caplog.set_level("WARNING")
+    recipe = _run(_cfg(tmp_path, "max_steps=3", "on_nonfinite=skip"))
+    assert "step 2: loss nan, grad norm nan: update skipped (on_nonfinite=skip)" in caplog.text
+    assert recipe.global_step == 3 and all(torch.isfinite(p).all() for p in recipe._model.parameters())
+
+
+def test_a_real_divergence_is_caught(tmp_path):
+    """No injection: a learning rate of 1e4 (the issue's way to diverge) ends in one error, never a NaN checkpoint."""
+    with pytest.raises(FloatingPointError, match=r"training diverged at step \d+"):
+        _run(_cfg(tmp_path, "max_steps=40", "optimizer.lr=10000", "clip_grad_norm=null",
+                  "checkpoint.save_every_n_steps=1", "checkpoint.keep_last_n=1"))
+    for p in ckpt.list_checkpoints(tmp_path):
+        hf.load_hf_state_dict(p)  # every weight finite (and |w| plausible), or CheckpointError
+
+
+def test_resume_deletes_only_what_it_wrote(tmp_path):
+    """keep_last_n applies to this run's checkpoints; the earlier run's and its saved config stay as they were."""
+    _run(_cfg(tmp_path, "max_steps=2", "checkpoint.save_every_n_steps=1", "checkpoint.keep_last_n=null"))
+    before = {p: p.read_bytes() for p in [*tmp_path.glob("step_*/*"), tmp_path / "torchtune_config.yaml"]}
+    _run(_cfg(tmp_path, "max_steps=5", "checkpoint.save_every_n_steps=1", "checkpoint.keep_last_n=1",
+              "checkpoint.resume=true"))
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_1", "step_2", "step_5"]
+    assert {p: p.read_bytes() for p in before} == before
+    assert (tmp_path / "torchtune_config.resumed_at_step_2.yaml").is_file()
+
+
+def test_resume_from_a_damaged_checkpoint_names_the_file(tmp_path):
+    _run(_cfg(tmp_path, "max_steps=2"))
+    state = tmp_path / "step_2" / ckpt.STATE_FILE
+    state.write_bytes(state.read_bytes()[:-100])  # truncated
+    with pytest.raises(hf.CheckpointError, match=rf"{state}: its SHA-256 differs"):
+        _run(_cfg(tmp_path, "max_steps=3", "checkpoint.resume=true"))
+    (tmp_path / "step_2" / hf.CHECKSUM_FILE).unlink()  # without checksums: still one error naming the file
+    with pytest.raises(hf.CheckpointError, match=rf"{state}: not readable"):
+        _run(_cfg(tmp_path, "max_steps=3", "checkpoint.resume=true"))
+
+
+def test_a_failure_after_the_claim_leaves_nothing_that_blocks_the_corrected_rerun(tmp_path):
+    with pytest.raises(ValueError, match=r"config field 'batch_size': 64 x 1 rank\(s\) exceeds the dataset's"):
+        _run(_cfg(tmp_path, "max_steps=1", "batch_size=64"))
+    assert [p.name for p in tmp_path.iterdir()] == [ckpt.LOCK_FILE]  # released (empty record), nothing else
+    _run(_cfg(tmp_path, "max_steps=1"))  # the corrected command, unchanged otherwise
+    assert ckpt.latest_checkpoint(tmp_path).name == "step_1"
+
+
+def test_an_unwritable_output_dir_fails_before_any_data_or_weights(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OSError) as info:
+        _run(_cfg(tmp_path / "file" / "run", "max_steps=1"))
+    assert str(tmp_path / "file") in str(info.value)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_is_one_line_naming_the_step_checkpoint_and_resume_command(tmp_path, sig):
+    out = tmp_path / "run"
+    args = ["--config", TINY, f"output_dir={out}", *SMALL, "max_steps=200", "checkpoint.save_every_n_steps=2"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    child = subprocess.Popen([sys.executable, "recipes/longgen_finetune.py", *args], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (out / "step_2").exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child.send_signal(sig)
+    stdout, stderr = child.communicate(timeout=120)
+    assert child.returncode == 130, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    name = "SIGTERM" if sig == signal.SIGTERM else r"Ctrl-C \(SIGINT\)"
+    latest = ckpt.latest_checkpoint(out)
+    assert re.fullmatch(rf"error: stopped by {name} at step \d+ of 200; last complete checkpoint: {latest}; continue "
+                        rf"with: tune run recipes/longgen_finetune.py .* checkpoint.resume=true", last), last
+    assert "Traceback" not in stderr
+    resume = shlex.split(last.split("continue with: ")[1])
+    assert resume[:3] == ["tune", "run", "recipes/longgen_finetune.py"] and resume[3:-1] == args
+    ckpt.OutputDirLock(out).release()  # the lock was released (a held one raises OutputDirInUse)
+    _run(_cfg(out, "max_steps=" + str(int(latest.name.split("_")[1]) + 1), "checkpoint.save_every_n_steps=2",
+              "checkpoint.resume=true"))
+
+
+def test_missing_config_file_and_help_from_the_command_line(tmp_path):
+    r = _tune("run", "recipes/longgen_finetune.py", "--config", "recipes/configs/tiny_longgen.yml")
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(
+        "error: --config 'recipes/configs/tiny_longgen.yml': no such file") and "Traceback" not in r.stderr
+    r = _tune("run", "longgen_finetune", "--config", "tiny_longgen", "--help")  # torchtune's short form
+    assert r.returncode == 0 and "  max_steps = 100 (default: required)" in r.stdout
+    assert "Skipping import of cpp extensions" not in r.stderr
+    r = _tune("run", "recipes/longgen_finetune.py", "--config", "tiny_longgen", "max_step=3")
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "error: unknown config key 'max_step' (did you mean 'max_steps'?); the recipe's --help lists every key"]
