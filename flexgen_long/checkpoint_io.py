@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from torchtune.models.convert_weights import tune_to_hf
 
-from .hf import CHECKSUM_FILE, CONFIG_FILE, MODEL_FIELDS, model_sizes, sha256_file
+from .hf import CHECKSUM_FILE, CONFIG_FILE, MAX_ABS_WEIGHT, MODEL_FIELDS, model_sizes, sha256_file
 
 __all__ = ["hf_config", "save_checkpoint", "write_atomic", "check_writable", "latest_checkpoint", "list_checkpoints", "claim_output_dir", "OutputDirLock",
            "OutputDirInUse", "OutputDirNotEmpty", "recover_interrupted_writes", "remove_checkpoint", "STATE_FILE",
@@ -135,15 +135,17 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, tune_state_dict: d
     """Write ``<output_dir>/step_<step>`` atomically (see the module docstring) and return it. ``tune_state_dict`` is
     a full (unsharded) torchtune-keyed state dict; ``config`` comes from ``hf_config``.
 
-    Weights that are not all finite are refused (``FloatingPointError``): a diverged run must not replace finite
-    checkpoints. Any failure while writing (a full disk, a read-only or vanished directory) removes the temp
+    Weights that are not all finite and within ``flexgen_long.hf.MAX_ABS_WEIGHT`` (what a load accepts) are refused
+    (``FloatingPointError``): a diverging run must not replace good checkpoints with ones that cannot be loaded. Any failure while writing (a full disk, a read-only or vanished directory) removes the temp
     directory and raises an ``OSError`` naming the file and the cause; nothing half-written stays behind."""
     from safetensors.torch import save_file
 
-    bad = [k for k, v in tune_state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = [k for k, v in tune_state_dict.items()  # what flexgen_long.hf would refuse to load
+           if v.is_floating_point() and not (torch.isfinite(v).all() and v.abs().max() <= MAX_ABS_WEIGHT)]
     if bad:
         raise FloatingPointError(f"step {step}: weights {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} hold "
-                                 f"NaN or Inf; no checkpoint written (those in {output_dir} are kept)")
+                                 f"NaN, Inf or values beyond {MAX_ABS_WEIGHT:g}: the run is diverging; no checkpoint "
+                                 f"written (those in {output_dir} are kept)")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"step_{step}"

@@ -26,9 +26,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-import os
 import inspect
+import os
 import re
+import sys
 import types
 import typing
 from pathlib import Path

@@ -9,17 +9,9 @@ Steps: build the model and load its weights (see ``build_model``), lay out its q
 matrix each (``models.fuse_projections``: one matrix product per group), check that the tokenizer fits the model's
 vocabulary, print the KV-cache memory plan (checked against free memory before anything is allocated), tokenize the
 prompts (starting as the tokenizer starts plain text: SmolLM2 adds no BOS), generate them as one batch, print each
-prompt's text as its tokens arrive, then the speed: the batch's prefill time, its decode rate over all rows (every
-row's tokens after its first, over the batch's decode wall time) and each row's own rate (a row that hit a stop token
-stops its clock there).
-
-``prefill_chunk``: ``auto`` (the default) prefills each prompt whole when its activations fit in the memory the KV
-caches leave, else in the largest multiple of 128 tokens that fits (flexgen_long.cache.choose_prefill_chunk); null:
-each prompt whole; an int: that many tokens per chunk.
-
-``compile``: null (the default) lets ``generate()`` decide -- on a GPU it compiles each layer's work around attention
-for the prefill and the decode step (faster from the first long prompt on; the first call pays the compilation, some
-seconds), on the CPU it does not; true / false force it either way.
+prompt with its continuation (stdout), then the speed (stderr): the batch's prefill time, its decode rate over all
+rows (every row's tokens after its first, over the batch's decode wall time) and each row's own rate (a row that hit a
+stop token stops its clock there). Every key: ``GenerateConfig`` (``--help``).
 """
 
 import sys
@@ -88,24 +80,25 @@ def generate_text(cfg: DictConfig) -> None:
     max_new = cfg.max_new_tokens
     log.info("\n" + str(plan_cache(model, len(prompts), max(map(len, prompts)) + max_new, dtype)))
 
-    # One prompt streams its text as its tokens arrive; a batch (decoded together, token by token across rows)
-    # prints each row's text when it is done.
-    def stream(row: int, token: int) -> None:
-        print(tokenizer.decode([token]), end="", flush=True)
+    # The results on stdout: each prompt with its continuation. On a terminal, one prompt's tokens are also shown on
+    # stderr as they arrive (a batch decodes its rows together, token by token across rows: no readable stream).
+    live = len(prompts) == 1 and sys.stderr.isatty()
 
-    if len(prompts) == 1:
-        print(cfg.prompts[0], end="", flush=True)
+    def stream(row: int, token: int) -> None:
+        print(tokenizer.decode([token]), end="", file=sys.stderr, flush=True)
+
+    if live:
+        print(cfg.prompts[0], end="", file=sys.stderr, flush=True)
     outs = generate(model, prompts, max_new_tokens=max_new, temperature=cfg.temperature,
                     top_k=cfg.top_k, top_p=cfg.top_p,
                     stop_tokens=(getattr(tokenizer, "stop_tokens", None) or [tokenizer.eos_id])
                     if cfg.stop_on_eos else None,
-                    prefill_chunk=cfg.prefill_chunk, on_token=stream if len(prompts) == 1 else None,
+                    prefill_chunk=cfg.prefill_chunk, on_token=stream if live else None,
                     compile_decode=compiled, compile_prefill=compiled)
-    if len(prompts) == 1:
-        print(flush=True)
-    else:
-        for i, (p, o) in enumerate(zip(cfg.prompts, outs)):
-            print(f"=== [{i}] {p}{tokenizer.decode(o.tokens)}", flush=True)
+    if live:
+        print(file=sys.stderr, flush=True)
+    for i, (p, o) in enumerate(zip(cfg.prompts, outs)):
+        print(f"=== [{i}] {p}{tokenizer.decode(o.tokens)}", flush=True)
     log.info(speed_report(outs))
 
 

@@ -152,11 +152,13 @@ def test_the_cli_error_of_a_failed_save_is_one_line(tmp_path, model, monkeypatch
     assert "\n" not in message
 
 
-def test_non_finite_weights_are_never_saved(tmp_path, model):
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e5])
+def test_weights_a_load_would_refuse_are_never_saved(tmp_path, model, value):
     _save(tmp_path, 1, model)
     sd = {k: v.clone() for k, v in model.state_dict().items()}
-    sd["layers.0.mlp.w1.weight"][0, 0] = float("nan")
-    with pytest.raises(FloatingPointError, match=r"step 2: weights layers.0.mlp.w1.weight hold NaN or Inf"):
+    sd["layers.0.mlp.w1.weight"][0, 0] = value
+    with pytest.raises(FloatingPointError, match=r"step 2: weights layers.0.mlp.w1.weight hold NaN, Inf or values "
+                                                 r"beyond 10000: the run is diverging"):
         ckpt.save_checkpoint(tmp_path, 2, sd, ckpt.hf_config(model, CFG))
     assert [p.name for p in tmp_path.iterdir()] == ["step_1"]
 

@@ -27,7 +27,7 @@ TINY = "recipes/configs/tiny_longgen.yaml"
 # The tiny job, shrunk to seconds: shorter sequences, fewer tokens, every step logged.
 SMALL = ["seq_len=256", "model.max_seq_len=256", "dataset.max_tokens=30000", "dataset.synthetic_length=200",
          "dataset.synthetic_tasks=[passkey]",  # 4 multi-key needles alone outgrow a 256-token sequence
-         "batch_size=2", "gradient_accumulation_steps=2", "log_every_n_steps=1", "lr_scheduler.num_warmup_steps=2"]
+         "batch_size=2", "gradient_accumulation_steps=2", "log_every_n_steps=1", "lr_scheduler.num_warmup_steps=1"]
 
 
 def _free_port() -> int:
@@ -85,6 +85,44 @@ def test_tune_run_tiny_config_as_typed(tmp_path):
     assert last < first - 0.5, losses  # bytes start near ln(259) = 5.56; unigram statistics alone take > 0.5 off
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["step_6", "step_12"]
     assert {"model.safetensors", "config.json", "recipe_state.pt"} <= {p.name for p in (out / "step_12").iterdir()}
+    # stdout: results, then the written paths last; stderr (a pipe here): progress as whole lines, no redraws
+    assert r.stdout.strip().splitlines()[-2:] == [f"Wrote {out}/step_6", f"Wrote {out}/step_12"]
+    assert "\r" not in r.stderr and re.search(r"^step 12 loss [0-9.]+: 12/12 \(\d+ s\)$", r.stderr, re.M), r.stderr
+    assert "Skipping import of cpp extensions" not in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("recipe,schema", [("longgen_finetune", "FinetuneConfig"),
+                                           ("longgen_generate", "GenerateConfig"), ("longgen_eval", "EvalConfig")])
+def test_help_lists_every_key_of_the_recipe_schema(recipe, schema, capsys):
+    """--help is drawn from the same schema the checks use: every key, its default, what it allows, its meaning."""
+    import importlib
+
+    from flexgen_long import recipe_config as rc
+
+    module = importlib.import_module(f"recipes.{recipe}")
+    assert module.recipe_main(["--help"]) == 0
+    out = capsys.readouterr().out
+    keys = list(rc.fields(getattr(module, schema)))
+    assert len(keys) > 10
+    for name, tp, f in keys:
+        assert re.search(rf"^  {re.escape(name)} = ", out, re.M), name
+        assert f"{f.metadata['help']} [{rc.describe(tp, dict(f.metadata))}]" in out, name
+
+
+def test_progress_is_periodic_lines_off_a_terminal(monkeypatch, capsys):
+    from flexgen_long import cli
+
+    now = [0.0]
+    monkeypatch.setattr(cli.time, "monotonic", lambda: now[0])
+    bar = cli.progress(10, "train")
+    for step in range(1, 11):
+        now[0] += 4  # 4 s per step: a line once 10 s have passed since the last one
+        bar.set_description(f"step {step}")
+        bar.update(1)
+    bar.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["step 3: 3/10 (12 s, 28 s left)", "step 6: 6/10 (24 s, 16 s left)",
+                     "step 9: 9/10 (36 s, 4 s left)", "step 10: 10/10 (40 s)"]
 
 
 def test_save_final_false_trains_without_writing_the_last_checkpoint(tmp_path):
@@ -399,6 +437,8 @@ BAD = [
     (["seed=-1"], ValueError, r"config field 'seed': must be null or an int in \[0, 4294967295\], got -1"),
     (["seed=4294967296"], ValueError, r"config field 'seed': must be null or an int in \[0, 4294967295\], got 42"),
     (["clip_grad_norm=0"], ValueError, r"config field 'clip_grad_norm': must be null or a number > 0, got 0"),
+    (["clip_grad_norm=.nan"], ValueError, r"config field 'clip_grad_norm': must be null or a number > 0, got nan"),
+    (["batch_size=true"], ValueError, r"config field 'batch_size': must be an int >= 1, got True"),
     (["gradient_accumulation_steps=0"], ValueError, r"'gradient_accumulation_steps': must be an int >= 1, got 0"),
     (["batch_size=1.5"], ValueError, r"config field 'batch_size': must be an int >= 1, got 1.5"),
     (["checkpoint.keep_last_n=0"], ValueError, r"'checkpoint.keep_last_n': must be null or an int >= 1, got 0"),
@@ -592,8 +632,10 @@ def test_on_nonfinite_skip_skips_the_update_and_goes_on(tmp_path, monkeypatch, c
 
 
 def test_a_real_divergence_is_caught(tmp_path):
-    """No injection: a learning rate of 1e4 (the issue's way to diverge) ends in one error, never a NaN checkpoint."""
-    with pytest.raises(FloatingPointError, match=r"training diverged at step \d+"):
+    """No injection: a learning rate of 1e4 ends in one error -- a NaN loss, or weights past what a load accepts at
+    the next save -- and every checkpoint left loads."""
+    with pytest.raises(FloatingPointError, match=r"training diverged at step \d+|step \d+: weights .* the run is "
+                                                 r"diverging"):
         _run(_cfg(tmp_path, "max_steps=40", "optimizer.lr=10000", "clip_grad_norm=null",
                   "checkpoint.save_every_n_steps=1", "checkpoint.keep_last_n=1"))
     for p in ckpt.list_checkpoints(tmp_path):
@@ -623,8 +665,8 @@ def test_resume_from_a_damaged_checkpoint_names_the_file(tmp_path):
 
 
 def test_a_failure_after_the_claim_leaves_nothing_that_blocks_the_corrected_rerun(tmp_path):
-    with pytest.raises(ValueError, match=r"config field 'batch_size': 64 x 1 rank\(s\) exceeds the dataset's"):
-        _run(_cfg(tmp_path, "max_steps=1", "batch_size=64"))
+    with pytest.raises(ValueError, match=r"config field 'batch_size': 200 x 1 rank\(s\) exceeds the dataset's"):
+        _run(_cfg(tmp_path, "max_steps=1", "batch_size=200"))
     assert [p.name for p in tmp_path.iterdir()] == [ckpt.LOCK_FILE]  # released (empty record), nothing else
     _run(_cfg(tmp_path, "max_steps=1"))  # the corrected command, unchanged otherwise
     assert ckpt.latest_checkpoint(tmp_path).name == "step_1"

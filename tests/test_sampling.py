@@ -10,7 +10,7 @@ import torch
 
 from flexgen_long.generation import sample
 
-LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.6, 0.3, 0.0, -0.5, -1.5])  # distinct: the top-k set is unambiguous
+LOGITS = torch.tensor([0.6, -0.5, 2.0, 0.0, 1.5, -1.5, 1.0, 0.3])  # distinct (the top-k set is unambiguous), unsorted
 DRAWS = 40_000
 
 
@@ -57,7 +57,7 @@ def test_temperature_scales_the_logits(temperature):
 def test_temperature_changes_the_distribution():
     """A sampler that ignored the temperature would draw the same frequencies at 0.5 and 2.0."""
     cold, hot = draw(0.5), draw(2.0)
-    assert cold[0] > expected(LOGITS.tolist(), 1.0)[0] + 0.1 > hot[0] + 0.2
+    assert cold[2] > expected(LOGITS.tolist(), 1.0)[2] + 0.1 > hot[2] + 0.2
 
 
 @pytest.mark.parametrize("top_k", [1, 2, 3, 7, 8, 50])
@@ -93,3 +93,13 @@ def test_rows_are_sampled_from_their_own_logits():
         want = expected(logits.tolist(), 1.0)
         for f, p in zip(freq, want):
             assert abs(f - p) <= 5 * math.sqrt(p * (1 - p) / ids.shape[0])
+
+
+@pytest.mark.parametrize("top_p,kept", [(0.5, {0}), (0.5001, {0, 1}), (0.75, {0, 1})])
+def test_top_p_at_its_boundary(top_p, kept):
+    """Probabilities 1/2, 1/4, 1/8, 1/8 (exact in floating point): at top_p = 0.5 the first id alone reaches it, and
+    the second id is out; a hair above, the second is in; at 0.75 the first two reach it exactly."""
+    logits = torch.tensor([0.0, -math.log(2), -2 * math.log(2), -2 * math.log(2)])
+    g = torch.Generator().manual_seed(2)
+    ids = sample(logits.expand(4000, -1), 1.0, top_p=top_p, generator=g)
+    assert set(ids.tolist()) == kept
