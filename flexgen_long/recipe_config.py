@@ -40,7 +40,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError
 
 __all__ = ["ConfigError", "fail", "get", "REQUIRED", "key", "section", "Component", "check", "help_text", "fields",
-           "integer", "number", "boolean", "device_field", "dtype_field", "DTYPES", "check_component", "instantiate",
+           "integer", "boolean", "device_field", "dtype_field", "DTYPES", "check_component", "instantiate",
            "existing_dir", "existing_file", "hf_dir", "check_hf_sections", "tokenizer_fits", "checkpoint_dir_field",
            "uses_model_section", "check_model_sections", "build_model", "user_errors", "Interrupted"]
 
@@ -87,14 +87,14 @@ class Component(dict):
 
 
 def key(default: Any = REQUIRED, help: str = "", *, min=None, max=None, above=None, nonempty: bool = False,
-        unique: bool = False, positional: int = 0, hint: str = "", check=None):
+        unique: bool = False, positional: int = 0, passed: tuple[str, ...] = (), hint: str = "", check=None):
     """A schema field: ``default`` (``REQUIRED``: none), its one-line meaning, and its range -- ``min`` / ``max``
     inclusive, ``above`` exclusive (numbers, or each item of a list); ``nonempty`` / ``unique`` for lists;
     ``positional``: how many leading arguments the recipe passes a ``Component`` itself (an optimizer's
-    parameters); ``hint``: added to its error (how to write the value); ``check(cfg, name)``: a check of its own
+    parameters) and ``passed`` which keyword arguments; ``hint``: added to its error (how to write the value); ``check(cfg, name)``: a check of its own
     after the type's (``device_field``: the device exists on this machine)."""
     meta = {"help": help, "min": min, "max": max, "above": above, "nonempty": nonempty, "unique": unique,
-            "positional": positional, "hint": hint, "check": check}
+            "positional": positional, "passed": passed, "hint": hint, "check": check}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: OmegaConf.create(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -235,7 +235,7 @@ def check(cfg: DictConfig, schema: type, prefix: str = "") -> None:
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         v = _field_get(cfg, prefix, f.name, _ABSENT if default is REQUIRED else default)
         if _is_component(tp) and v is not None:
-            check_component(field, v, m.get("positional", 0))
+            check_component(field, v, m.get("positional", 0), m.get("passed", ()))
         else:
             _check_value(field, v, tp, m)
         if m.get("check"):
@@ -273,13 +273,6 @@ def integer(cfg, field: str, default: Any = _ABSENT, minimum: int | None = None,
             nullable: bool = False) -> int | None:
     v = get(cfg, field, default)
     _check_value(field, v, int | None if nullable else int, {"min": minimum, "max": maximum})
-    return v
-
-
-def number(cfg, field: str, default: Any = _ABSENT, minimum: float | None = None, positive: bool = False,
-           nullable: bool = False) -> float | None:
-    v = get(cfg, field, default)
-    _check_value(field, v, float | None if nullable else float, {"min": minimum, "above": 0 if positive else None})
     return v
 
 
@@ -395,11 +388,12 @@ def _field_get(node, prefix: str, name: str, default: Any = _ABSENT):
         raise ConfigError(str(e).replace(f"config field '{name}'", f"config field '{prefix}{name}'", 1)) from None
 
 
-def check_component(section: str, node, positional: int = 0) -> None:
+def check_component(section: str, node, positional: int = 0, passed: tuple[str, ...] = ()) -> None:
     """Check a ``_component_`` section against the component's signature before anything is instantiated: the
-    component imports, every key is one of its arguments (unless it takes ``**kwargs``), and every value has a type
-    its annotation or default allows (nested ``_component_`` sections are checked the same way). ``positional``: how
-    many leading arguments the recipe passes itself (e.g. the optimizer's parameters)."""
+    component imports, every key is one of its arguments (unless it takes ``**kwargs``), every argument without a
+    default is given, and every value has a type its annotation or default allows (nested ``_component_`` sections
+    are checked the same way). ``positional``: how many leading arguments the recipe passes itself (e.g. the
+    optimizer's parameters); ``passed``: the keyword arguments it passes (the LR schedule's num_training_steps)."""
     if not isinstance(node, (DictConfig, dict)) or "_component_" not in node:
         fail(section, f"must be a section with a _component_ (a dotted import path), got {node!r}")
     component = _component(section, _field_get(node, section + ".", "_component_"))
@@ -424,6 +418,10 @@ def check_component(section: str, node, positional: int = 0) -> None:
         expected = _expected(named[key])
         if expected is not None:
             _check_value(field, v, *expected)
+    missing = [n for n, p in named.items() if p.default is p.empty and n not in node and n not in passed]
+    if missing:
+        fail(section, f"{node['_component_']} needs {', '.join(missing)}, which the section does not give (add "
+                      f"{section}.{missing[0]}=<value>)")
 
 
 def instantiate(section: str, node, *args, **kwargs):

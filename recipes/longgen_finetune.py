@@ -17,9 +17,13 @@ state, written atomically (flexgen_long.checkpoint_io). With
 uninterrupted run (weights, optimizer, LR schedule, data position and RNG are restored), after checking that the model
 and data config are the ones that checkpoint was trained with.
 
-Nothing is lost: the whole config is checked before anything is built, read or written; ``output_dir`` is locked for
-the run (a second job in it is refused, naming the first); a fresh run refuses a non-empty ``output_dir`` unless
-``checkpoint.resume: true`` or ``checkpoint.overwrite: true`` says what to do with what is there.
+Nothing is lost: the whole config is checked against ``FinetuneConfig`` (every key, its type, range and meaning:
+``--help``) before anything is built, read or written; ``output_dir`` is locked for the run (a second job in it is
+refused, naming the first) and test-written before any data or weights are read; a fresh run refuses a non-empty
+``output_dir`` unless ``checkpoint.resume: true`` or ``checkpoint.overwrite: true`` says what to do with what is there,
+and a run deletes only checkpoints it wrote itself. A step whose loss or gradient norm is not finite stops the run
+before its update (``on_nonfinite: skip`` skips the update instead); Ctrl-C or SIGTERM stops it with one line naming
+the step, the last complete checkpoint and the command that continues (exit code 130).
 
 Pretrained weights come from ``checkpoint.base_dir``, any HF Llama-family directory, read and checked by
 flexgen_long.hf; the model section must have its sizes (``flexgen_long.models.from_hf_config`` reads them from the same
@@ -45,7 +49,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torchtune import config, training, utils
+from torchtune import training, utils
 from torchtune.modules import TransformerSelfAttentionLayer
 from torchtune.recipe_interfaces import FTRecipeInterface
 
@@ -93,7 +97,7 @@ class FinetuneConfig:
     optimizer: Component = key(REQUIRED, "torch.optim.AdamW (lr, betas, weight_decay) or torchao.optim.AdamW8bit",
                                positional=1)
     lr_scheduler: Component = key(REQUIRED, "torchtune's get_cosine_schedule_with_warmup (num_warmup_steps)",
-                                  positional=1)
+                                  positional=1, passed=("num_training_steps",))
     clip_grad_norm: Optional[float] = key(None, "gradient clipping's max norm; null: no clipping", above=0)
     on_nonfinite: Literal["stop", "skip"] = key("stop", "a step whose loss or gradient norm is NaN or Inf: stop the "
                                                         "run there, or skip its update")
@@ -305,7 +309,7 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
         elif self._resume and self._is_rank_zero:
             log.info(f"checkpoint.resume=true but {self._output_dir} holds no checkpoint yet: starting from step 0")
 
-        self._metric_logger = config.instantiate(cfg.metric_logger) if self._is_rank_zero else None
+        self._metric_logger = rc.instantiate("metric_logger", cfg.metric_logger) if self._is_rank_zero else None
         self._cfg = cfg  # saved into output_dir when training starts (save_config)
         self._dataset = rc.instantiate("dataset", cfg.dataset, self._tokenizer, self._seq_len)
         per_epoch = len(self._dataset) // (self._batch_size * self._world_size)

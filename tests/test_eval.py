@@ -334,3 +334,36 @@ def test_heldout_documents_join_the_files_of_a_directory_beyond_the_longest_file
     assert all("# p1 1\n" in t or "# p2 1\n" in t for t in texts)  # the next file of the same package follows
     with pytest.raises(rc.ConfigError, match="perplexity_join_files=true"):
         heldout_documents(TOK, str(tmp_path), 300, 2, 0)
+
+
+# -- outputs: checked before the work, written whole, never over another checkpoint's result ---------------------------
+FAST = {"lengths": [256], "depths": [0.0], "tasks": ["passkey"], "perplexity_documents": 0}
+
+
+def test_a_result_never_silently_replaces_another_checkpoints(tmp_path):
+    """Two runs named alike (.../a/run/step_3 and .../b/run/step_3 both default to 'run'): the second is refused
+    before any work, naming both; the same checkpoint again replaces its own result; overwrite=true replaces."""
+    from recipes.longgen_eval import evaluate
+
+    a, b = _tiny_checkpoint(tmp_path / "a" / "run"), _tiny_checkpoint(tmp_path / "b" / "run")
+    out = tmp_path / "eval"
+    evaluate(_cfg(output_dir=str(out), checkpoint_dir=str(a), **FAST))
+    first = (out / "run.json").read_bytes()
+    with pytest.raises(ValueError, match=rf"config field 'name': '{out}/run.json' holds the result of {a}, not of "
+                                         rf"{b}; choose another name .* overwrite=true"):
+        evaluate(_cfg(output_dir=str(out), checkpoint_dir=str(b), **FAST))
+    assert (out / "run.json").read_bytes() == first
+    evaluate(_cfg(output_dir=str(out), checkpoint_dir=str(a), **FAST))  # its own result: replaced
+    evaluate(_cfg(output_dir=str(out), checkpoint_dir=str(b), overwrite=True, **FAST))
+    assert json.loads((out / "run.json").read_text())["checkpoint"] == str(b)
+    assert sorted(p.name for p in out.iterdir()) == ["run.json", "run_retrieval.png"]  # no temp files left
+
+
+def test_an_unwritable_output_is_refused_before_the_model_is_built(tmp_path, monkeypatch):
+    import recipes.longgen_eval as ev
+
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setattr(ev, "build_model", lambda *a: pytest.fail("the model was built before the output was checked"))
+    with pytest.raises(OSError) as info:
+        ev.evaluate(_cfg(output_dir=str(tmp_path / "file" / "eval"), **FAST))
+    assert str(tmp_path / "file") in str(info.value)

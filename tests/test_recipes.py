@@ -445,6 +445,7 @@ BAD = [
     (["checkpoint.save_every_n_steps=0"], ValueError, r"'checkpoint.save_every_n_steps': must be null or an int >= 1"),
     (["optimizer.betas=[0.9]"], ValueError, r"config field 'optimizer.betas': must be a list of 2 numbers, got"),
     (["optimizer.lr=abc"], ValueError, r"config field 'optimizer.lr': must be a number, got 'abc'"),
+    (["optimizer.lr=.nan"], ValueError, r"config field 'optimizer.lr': must be a number, got nan"),
     (["optimizer.lr=-1"], ValueError, r"config section 'optimizer': Invalid learning rate: -1"),
     (["optimizer._component_=torch.optim.AdamWW"], ValueError,
      r"config field 'optimizer._component_': 'torch.optim.AdamWW' cannot be imported"),
@@ -463,6 +464,9 @@ BAD = [
     (["device=tpu"], ValueError, r"config field 'device': must be 'cpu', 'cuda' or 'cuda:<index>', got 'tpu'"),
     (["dtype=fp16"], ValueError, r"config field 'dtype': must be one of \['fp32', 'bf16'\], got 'fp16'"),
     (["log_peak_memory_stats=2"], ValueError, r"config field 'log_peak_memory_stats': must be true or false, got 2"),
+    (["metric_logger._component_=torchtune.training.metric_logging.DiskLogger"], ValueError,
+     r"config field 'metric_logger': torchtune.training.metric_logging.DiskLogger needs log_dir, which the section "
+     r"does not give \(add metric_logger.log_dir=<value>\)"),
     (["metric_logger._component_=torchtune.nope.Logger"], ValueError,
      r"config field 'metric_logger._component_': 'torchtune.nope.Logger' cannot be imported"),
     (["model.vocab_size=256"], ValueError, r"config section 'tokenizer': the tokenizer has 259 ids \(0..258\) but the "
@@ -588,7 +592,7 @@ def test_base_checkpoint_of_other_sizes_is_refused_before_training(tmp_path, smo
 @pytest.mark.parametrize("overrides", [["seed=0"], ["seed=4294967295"], ["seed=null"], ["lr_scheduler.num_warmup_steps=0"],
                                        ["lr_scheduler.num_warmup_steps=100"], ["clip_grad_norm=1e-9"],
                                        ["checkpoint.keep_last_n=1", "checkpoint.save_every_n_steps=1"],
-                                       ["gradient_accumulation_steps=1"], ["on_nonfinite=skip"]])
+                                       ["gradient_accumulation_steps=1"], ["on_nonfinite=skip"], ["checkpoint=null"]])
 def test_range_boundaries_are_accepted(tmp_path, overrides):
     """The other side of every boundary the refused values above sit on."""
     from recipes.longgen_finetune import validate_config
