@@ -225,8 +225,7 @@ def check(cfg: DictConfig, schema: type, prefix: str = "") -> None:
         if m.get("section"):
             node = _field_get(cfg, prefix, f.name, None)
             if node is None:
-                with open_dict(cfg):
-                    cfg[f.name] = {}
+                _set(cfg, f.name, {})
                 node = cfg[f.name]
             if not isinstance(node, (DictConfig, dict)):
                 fail(field, f"must be a section of keys {[g.name for g in dataclasses.fields(tp)]}, got {node!r}")
@@ -241,8 +240,15 @@ def check(cfg: DictConfig, schema: type, prefix: str = "") -> None:
         if m.get("check"):
             m["check"](cfg, f.name)
         if f.name not in cfg:
-            with open_dict(cfg):
-                cfg[f.name] = default
+            _set(cfg, f.name, default)
+
+
+def _set(cfg, name: str, value) -> None:
+    if isinstance(cfg, DictConfig):
+        with open_dict(cfg):  # a struct config (torchtune's) accepts no new key otherwise
+            cfg[name] = value
+    else:
+        cfg[name] = value
 
 
 def _show(v) -> str:

@@ -627,6 +627,25 @@ def test_divergence_stops_naming_the_step_and_keeps_the_finite_checkpoints(tmp_p
     ckpt.OutputDirLock(tmp_path).release()
 
 
+def test_an_infinite_gradient_under_a_finite_loss_stops_too(tmp_path):
+    """The loss alone is not enough: a gradient that overflows (here one parameter's, at step 3) while the loss stays
+    finite stops the run before the update, and the weights stay finite."""
+    from recipes.longgen_finetune import LongGenFinetuneRecipe
+
+    cfg = _cfg(tmp_path, "max_steps=5", "clip_grad_norm=null")
+    recipe = LongGenFinetuneRecipe(cfg)
+    try:
+        recipe.setup(cfg)
+        weight = recipe._model.tok_embeddings.weight
+        weight.register_hook(lambda g: g * float("inf") if recipe.global_step == 2 else g)
+        with pytest.raises(FloatingPointError, match=r"training diverged at step 3: loss [0-9.]+, grad norm (inf|nan)"):
+            recipe.train()
+        assert all(torch.isfinite(p).all() for p in recipe._model.parameters())
+    finally:
+        recipe.release()
+    recipe.cleanup()
+
+
 def test_on_nonfinite_skip_skips_the_update_and_goes_on(tmp_path, monkeypatch, caplog):
     _diverge_at(monkeypatch, 2)
     caplog.set_level("WARNING")
