@@ -171,7 +171,8 @@ def describe(tp, m: dict | None = None, plural: bool = False) -> str:
     m = m or {}
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in _UNIONS:
-        parts = sorted((describe(a, m, plural) for a in args), key=lambda s: s != "null")
+        parts = [w for a in args for w in (["true", "false"] if a is bool else [describe(a, m, plural)])]
+        parts.sort(key=lambda s: s != "null")
         return ", ".join(parts[:-1]) + " or " + parts[-1]
     if tp is type(None):
         return "null"

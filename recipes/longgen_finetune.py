@@ -134,9 +134,9 @@ def validate_config(cfg: DictConfig) -> None:
         rc.hf_dir("checkpoint.base_dir", base)  # config.json parses and is a Llama's; weight files are there
     if "num_training_steps" in cfg.lr_scheduler:
         _fail("lr_scheduler.num_training_steps", "is set by the recipe from max_steps; remove it")
-    warmup = rc.get(cfg, "lr_scheduler.num_warmup_steps", 0)
-    if isinstance(warmup, int) and not 0 <= warmup <= cfg.max_steps:
-        _fail("lr_scheduler.num_warmup_steps", f"must be an int in [0, max_steps={cfg.max_steps}], got {warmup}")
+    warmup = rc.get(cfg, "lr_scheduler.num_warmup_steps", 0)  # (its type: the schedule's signature, int)
+    if isinstance(warmup, int) and warmup < 0:
+        _fail("lr_scheduler.num_warmup_steps", f"must be an int >= 0, got {warmup}")
     if "path" in cfg.tokenizer:
         rc.existing_file("tokenizer.path", rc.get(cfg, "tokenizer.path"), "the tokenizer's model file")
     rc.check_hf_sections(cfg)  # from_hf_config's and hf_tokenizer's directories
