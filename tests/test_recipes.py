@@ -742,3 +742,26 @@ def test_missing_config_file_and_help_from_the_command_line(tmp_path):
     r = _tune("run", "recipes/longgen_finetune.py", "--config", "tiny_longgen", "max_step=3")
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         "error: unknown config key 'max_step' (did you mean 'max_steps'?); the recipe's --help lists every key"]
+
+
+def test_a_full_disk_during_a_save_then_resume_once_space_is_back(tmp_path, monkeypatch):
+    """ENOSPC in the middle of the step-2 checkpoint (torch.save's view of it): one OSError naming that checkpoint and
+    the cause, step_1 untouched, no temp directory left, the lock released; resuming afterwards reaches the end."""
+    import errno
+
+    real_save = torch.save
+
+    def full_at_step_2(obj, f, *a, **k):
+        if isinstance(obj, dict) and obj.get("global_step") == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    common = ["checkpoint.save_every_n_steps=1", "checkpoint.keep_last_n=null"]
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", full_at_step_2)
+        with pytest.raises(OSError) as info:
+            _run(_cfg(tmp_path, "max_steps=3", *common))
+    assert info.value.filename == str(tmp_path / "step_2") and info.value.strerror.startswith("No space left")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.LOCK_FILE, "step_1", "torchtune_config.yaml"]
+    _run(_cfg(tmp_path, "max_steps=3", *common, "checkpoint.resume=true"))
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_1", "step_2", "step_3"]
