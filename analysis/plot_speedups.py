@@ -1,6 +1,9 @@
 """Figures from committed benchmark JSON (analysis/bench.py): speedups, KV memory and absolute times vs context length.
 
-    python analysis/plot_speedups.py [--results 'analysis/results/bench_*.json'] [--out analysis/figures]
+    python analysis/plot_speedups.py [--results 'analysis/results/bench_*.json'] [--out figures] [--overwrite]
+
+Runs on a CPU from the committed JSON; writes into ``--out`` (default ``./figures``) and never replaces an existing
+file unless ``--overwrite`` (the committed figures are redrawn with ``--out analysis/figures --overwrite``).
 
 For each ``bench.py ours`` result (one card, one model shape) it draws, into ``--out``:
 
@@ -98,12 +101,22 @@ def _footnote(fig, notes):
         fig.text(0.01, 0.01, "not plotted: " + "; ".join(sorted(set(notes))), fontsize=6, wrap=True, va="bottom")
 
 
+OVERWRITE = False  # --overwrite: replace existing figures (the committed ones in analysis/figures included)
+
+
+def _savefig(fig, path: Path) -> None:
+    """Write the PNG, never over an existing file unless ``OVERWRITE`` (``--overwrite``) says so."""
+    if path.exists() and not OVERWRITE:
+        raise SystemExit(f"error: {path} exists; give another --out, or --overwrite to replace it")
+    fig.savefig(path, dpi=110)
+
+
 def _save_panels(fig, suptitle: str, notes: list, path: Path) -> Path:
     """Title, the 'not plotted' footnote, layout and PNG of a three-panel figure."""
     fig.suptitle(suptitle)
     _footnote(fig, notes)
     fig.tight_layout(rect=(0, 0.04, 1, 0.95))
-    fig.savefig(path, dpi=110)
+    _savefig(fig, path)
     return path
 
 
@@ -168,7 +181,7 @@ def plot_run(ours: dict, hf: dict | None, out_dir: Path) -> dict:
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = out_dir / f"kv_{tag}.png"
-    fig.savefig(path, dpi=110)
+    _savefig(fig, path)
     drawn["kv"] = (fig, path, {"kv": [ln.get_label() for ln in ax.get_lines()]})
 
     # absolute times, log axis, min-max bars
@@ -337,7 +350,7 @@ def plot_served(res: dict, out_dir: Path) -> tuple:
     fig.tight_layout()
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"served_{_slug(res.get('card', 'unknown'))}.png"
-    fig.savefig(path, dpi=110)
+    _savefig(fig, path)
     return fig, path, counts
 
 
@@ -525,8 +538,13 @@ def main(argv=None):
                                                          "figure instead")
     ap.add_argument("--generate", default=None, help="glob of bench_generation.py --generate JSON files (the "
                                                      "generate() path): draw their figures instead")
-    ap.add_argument("--out", default="analysis/figures")
+    ap.add_argument("--out", default="figures", help="folder for the PNGs (default: ./figures); existing files are "
+                                                     "not replaced unless --overwrite")
+    ap.add_argument("--overwrite", action="store_true", help="replace existing figures (e.g. the committed ones, "
+                                                             "with --out analysis/figures)")
     a = ap.parse_args(argv)
+    global OVERWRITE
+    OVERWRITE = a.overwrite
     if a.generate:
         return _show(plot_generate(load(a.generate), Path(a.out)),
                      f"--generate: no bench_generation.py --generate results match {a.generate!r}")

@@ -7,6 +7,7 @@ A checkpoint is a directory ``<output_dir>/step_<N>/``::
     model.safetensors    weights under HF Llama names (torchtune.models.convert_weights.tune_to_hf)
     config.json          HF LlamaConfig fields + "flexgen_long": {"model": <the recipe's model config>, "step": N}
     recipe_state.pt      optimizer, LR schedule, data position, RNG (absent in weights-only exports)
+    checksums.sha256     each file's SHA-256 (``sha256sum`` format), checked whenever flexgen_long.hf loads it
 
 It is written into a hidden sibling ``.step_<N>.tmp-<pid>``, every file fsync'ed, then renamed into place (rename is
 atomic on POSIX) and the parent directory fsync'ed. A kill at any moment leaves either the complete directory or an
@@ -23,6 +24,7 @@ checkpoints it wrote itself (``keep_last_n``), or old ones it was explicitly tol
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -38,9 +40,9 @@ import torch
 from torch import nn
 from torchtune.models.convert_weights import tune_to_hf
 
-from .hf import CONFIG_FILE, MODEL_FIELDS, model_sizes
+from .hf import CHECKSUM_FILE, CONFIG_FILE, MAX_ABS_WEIGHT, MODEL_FIELDS, model_sizes, sha256_file
 
-__all__ = ["hf_config", "save_checkpoint", "latest_checkpoint", "list_checkpoints", "claim_output_dir", "OutputDirLock",
+__all__ = ["hf_config", "save_checkpoint", "write_atomic", "check_writable", "latest_checkpoint", "list_checkpoints", "claim_output_dir", "OutputDirLock",
            "OutputDirInUse", "OutputDirNotEmpty", "recover_interrupted_writes", "remove_checkpoint", "STATE_FILE",
            "WEIGHTS_FILE", "CONFIG_FILE", "LOCK_FILE"]
 
@@ -92,43 +94,113 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def write_atomic(path: str | os.PathLike, data: bytes | Callable[[Path], None]) -> Path:
+    """Write the file ``path`` whole or not at all: ``data`` (bytes, or a function that writes the file it is given)
+    goes to a hidden temp file beside it, is fsync'ed and renamed over ``path``; on any error the temp file is removed
+    and ``path`` keeps its previous content."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        if callable(data):
+            data(tmp)
+        else:
+            tmp.write_bytes(data)
+        _fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_path(path.parent)
+    return path
+
+
+def check_writable(directory: str | os.PathLike) -> Path:
+    """Create ``directory`` (with its parents) and write and remove a probe file in it: a read-only, full or missing
+    location fails here, before any work, as an ``OSError`` naming the path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / f".write-test-{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        probe.unlink(missing_ok=True)
+    return directory
+
+
 def save_checkpoint(output_dir: str | os.PathLike, step: int, tune_state_dict: dict[str, torch.Tensor],
                     config: dict, recipe_state: dict | None = None) -> Path:
     """Write ``<output_dir>/step_<step>`` atomically (see the module docstring) and return it. ``tune_state_dict`` is
-    a full (unsharded) torchtune-keyed state dict; ``config`` comes from ``hf_config``."""
+    a full (unsharded) torchtune-keyed state dict; ``config`` comes from ``hf_config``.
+
+    Weights that are not all finite and within ``flexgen_long.hf.MAX_ABS_WEIGHT`` (what a load accepts) are refused
+    (``FloatingPointError``): a diverging run must not replace good checkpoints with ones that cannot be loaded. Any failure while writing (a full disk, a read-only or vanished directory) removes the temp
+    directory and raises an ``OSError`` naming the file and the cause; nothing half-written stays behind."""
     from safetensors.torch import save_file
 
+    bad = [k for k, v in tune_state_dict.items()  # what flexgen_long.hf would refuse to load
+           if v.is_floating_point() and not (torch.isfinite(v).all() and v.abs().max() <= MAX_ABS_WEIGHT)]
+    if bad:
+        raise FloatingPointError(f"step {step}: weights {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} hold "
+                                 f"NaN, Inf or values beyond {MAX_ABS_WEIGHT:g}: the run is diverging; no checkpoint "
+                                 f"written (those in {output_dir} are kept)")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"step_{step}"
     tmp = output_dir / f".step_{step}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    hf_sd = tune_to_hf(tune_state_dict, num_heads=config["num_attention_heads"],
-                       num_kv_heads=config["num_key_value_heads"], dim=config["hidden_size"],
-                       head_dim=config["head_dim"])
-    # safetensors refuses shared or non-contiguous storage; tied output weights are not in torchtune's state dict
-    save_file({k: v.detach().contiguous() for k, v in hf_sd.items()}, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-    config = dict(config)
-    config["flexgen_long"] = dict(config.get("flexgen_long", {}), step=step)
-    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    if recipe_state is not None:
-        torch.save(recipe_state, tmp / STATE_FILE)
-    for f in tmp.iterdir():
-        _fsync_path(f)
-    _fsync_path(tmp)
-    if final.exists():
-        # Re-saving a step (e.g. a resumed run reaching it again): move the old one aside first. If killed between
-        # the two renames, step_<N> is missing and the previous checkpoint is the latest -- still never a torn one.
-        old = output_dir / f".step_{step}.old-{os.getpid()}"
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, final)
-    _fsync_path(output_dir)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        hf_sd = tune_to_hf(tune_state_dict, num_heads=config["num_attention_heads"],
+                           num_kv_heads=config["num_key_value_heads"], dim=config["hidden_size"],
+                           head_dim=config["head_dim"])
+        # safetensors refuses shared or non-contiguous storage; tied output weights are not in torchtune's state dict
+        save_file({k: v.detach().contiguous() for k, v in hf_sd.items()}, str(tmp / WEIGHTS_FILE),
+                  metadata={"format": "pt"})
+        config = dict(config)
+        config["flexgen_long"] = dict(config.get("flexgen_long", {}), step=step)
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if recipe_state is not None:
+            torch.save(recipe_state, tmp / STATE_FILE)
+        files = sorted(tmp.iterdir())
+        (tmp / CHECKSUM_FILE).write_text("".join(f"{sha256_file(f)}  {f.name}\n" for f in files))
+        for f in [*files, tmp / CHECKSUM_FILE, tmp]:  # write -> fsync -> rename
+            _fsync_path(f)
+        if final.exists():
+            # Re-saving a step (e.g. a resumed run reaching it again): move the old one aside first. If killed between
+            # the two renames, step_<N> is missing and the previous checkpoint is the latest -- never a torn one.
+            old = output_dir / f".step_{step}.old-{os.getpid()}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, final)
+        _fsync_path(output_dir)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception):
+            raise _write_error(e, tmp, final) from None
+        raise
     return final
+
+
+def _write_error(e: Exception, tmp: Path, final: Path) -> Exception:
+    """The error of a failed checkpoint write as an ``OSError`` naming the file and the cause. torch.save reports a
+    full disk as a zip-writer ``RuntimeError`` ("file write failed"): the free space tells that cause."""
+    if isinstance(e, FloatingPointError):
+        return e
+    where = str(getattr(e, "filename", None) or final).replace(str(tmp), str(final))
+    cause = (e.strerror or str(e)) if isinstance(e, OSError) else " ".join(str(e).split())[:200]
+    try:
+        if shutil.disk_usage(final.parent).free < (1 << 20):
+            cause = "No space left on device"
+    except OSError:
+        pass
+    return OSError(getattr(e, "errno", None) or errno.EIO, f"{cause} (writing checkpoint {final.name}; its temp "
+                   "directory was removed, earlier checkpoints are untouched)", where)
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:

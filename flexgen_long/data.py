@@ -28,7 +28,9 @@ what resuming mid-epoch needs. Corpora of billions of tokens want a streaming va
 
 from __future__ import annotations
 
+import codecs
 import glob as globlib
+import os
 import random
 import sysconfig
 from pathlib import Path
@@ -48,6 +50,9 @@ PYTHON_STDLIB = "python-stdlib"
 #: ``python-stdlib`` (top-level modules only), so evaluation text held out from the training corpus.
 PYTHON_STDLIB_PACKAGES = "python-stdlib-packages"
 _NOT_HELD_OUT = {"site-packages", "dist-packages", "test", "tests", "idle_test", "idlelib", "turtledemo", "__pycache__"}
+#: Bytes of a file read per token of ``max_tokens``: a generous bound on what one token can cover (byte-level and BPE
+#: tokenizers average 1-5 bytes), so that a file far larger than a run needs is not read whole.
+MAX_BYTES_PER_TOKEN = 64
 CROSS_ENTROPY_IGNORE_INDEX = -100  # torchtune's and torch's default ignore_index
 _TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".json", ".jsonl", ".html", ".tex")
 
@@ -89,7 +94,10 @@ def text_files(source: str, suffixes: Iterable[str] = _TEXT_SUFFIXES) -> list[Pa
                                     f"a file or {PYTHON_STDLIB!r})")
     if not files:
         raise FileNotFoundError(f"dataset.source={source!r}: no text files in {where}")
-    return files
+    # each file once: a glob's ** follows symlinks (a link back to a parent folder lists its files again at every
+    # depth the OS allows), and two links can name one file
+    seen: set[str] = set()
+    return [f for f in files if not ((real := os.path.realpath(f)) in seen or seen.add(real))]
 
 
 #: What to do with a source file that is not UTF-8 text: refuse the run, naming the file (the default), or skip it and
@@ -98,14 +106,19 @@ ON_INVALID_UTF8 = ("error", "skip")
 
 
 def read_text_file(path: Path, on_invalid_utf8: str = "error", skipped: list | None = None,
-                   field: str = "dataset.on_invalid_utf8") -> str | None:
-    """The text of a UTF-8 file. A file that is not valid UTF-8, or holds NUL bytes (binary data), raises a
-    ``ValueError`` naming it (``on_invalid_utf8="error"``) or is appended to ``skipped`` and returns None ("skip")."""
+                   field: str = "dataset.on_invalid_utf8", max_bytes: int | None = None) -> str | None:
+    """The text of a UTF-8 file -- its first ``max_bytes`` bytes at most (cut at a character boundary), so that a
+    file far larger than the tokens a run needs is not read whole. A file that is not valid UTF-8, or holds NUL bytes
+    (binary data), raises a ``ValueError`` naming it (``on_invalid_utf8="error"``) or is appended to ``skipped`` and
+    returns None ("skip")."""
     if on_invalid_utf8 not in ON_INVALID_UTF8:
         raise ValueError(f"{field} must be one of {list(ON_INVALID_UTF8)}, got {on_invalid_utf8!r}")
-    data = Path(path).read_bytes()
-    try:
-        text, problem = data.decode("utf-8"), None
+    with open(path, "rb") as f:
+        data = f.read(-1 if max_bytes is None else max_bytes + 1)
+    cut = max_bytes is not None and len(data) > max_bytes
+    try:  # a prefix may end inside a character: the incremental decoder leaves those bytes out
+        text, problem = codecs.getincrementaldecoder("utf-8")().decode(data[:max_bytes] if cut else data,
+                                                                        final=not cut), None
         if "\x00" in text:
             problem = f"binary data (a NUL byte at byte {data.index(0)})"
     except UnicodeDecodeError as e:
@@ -120,9 +133,9 @@ def read_text_file(path: Path, on_invalid_utf8: str = "error", skipped: list | N
                      + (f", or set {field}=skip to skip such files (they are counted in the log)" if field else ""))
 
 
-def _read_files(files: list[Path], on_invalid_utf8: str, skipped: list) -> Iterator[str]:
+def _read_files(files: list[Path], on_invalid_utf8: str, skipped: list, max_bytes: int | None = None) -> Iterator[str]:
     for f in files:
-        text = read_text_file(f, on_invalid_utf8, skipped)
+        text = read_text_file(f, on_invalid_utf8, skipped, max_bytes=max_bytes)
         if text is not None and text.strip():
             yield text
 
@@ -397,7 +410,10 @@ def long_documents(tokenizer, seq_len: int, source: str = PYTHON_STDLIB, *, max_
         raise ValueError(f"dataset.on_invalid_utf8 must be one of {list(ON_INVALID_UTF8)}, got {on_invalid_utf8!r}")
     files = text_files(source)
     skipped: list[Path] = []
-    ds = pack_documents(tokenizer, _read_files(files, on_invalid_utf8, skipped), seq_len, max_tokens=max_tokens,
+    # a file is read only as far as max_tokens can need (MAX_BYTES_PER_TOKEN)
+    max_bytes = None if max_tokens is None else max_tokens * MAX_BYTES_PER_TOKEN
+    ds = pack_documents(tokenizer, _read_files(files, on_invalid_utf8, skipped, max_bytes), seq_len,
+                        max_tokens=max_tokens,
                         synthetic_share=synthetic_share, synthetic_length=synthetic_length,
                         synthetic_tasks=synthetic_tasks, seed=seed, min_document_tokens=min_document_tokens)
     ds.stats.update(skipped_files=len(skipped), skipped_file_names=[str(p) for p in skipped])

@@ -22,6 +22,7 @@ RoPE permutation).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -30,10 +31,14 @@ from typing import Mapping
 import torch
 from torch import nn
 
-__all__ = ["CheckpointError", "CONFIG_FILE", "MAX_ABS_WEIGHT", "read_config", "llama_args", "weight_files",
+__all__ = ["CheckpointError", "CONFIG_FILE", "CHECKSUM_FILE", "sha256_file", "verify_checksums", "MAX_ABS_WEIGHT", "read_config", "llama_args", "weight_files",
            "load_hf_state_dict", "check_model", "load_model", "is_recipe_checkpoint", "model_sizes", "MODEL_FIELDS"]
 
 CONFIG_FILE = "config.json"
+#: Written by flexgen_long.checkpoint_io beside a checkpoint's files: one ``<sha256>  <file name>`` line per file (the
+#: format of ``sha256sum``; ``sha256sum -c checksums.sha256`` checks it by hand). HF directories without it are read
+#: unchecked.
+CHECKSUM_FILE = "checksums.sha256"
 INDEX_FILE = "model.safetensors.index.json"
 #: Largest |weight| accepted. Trained Llama-family weights stay far below it (SmolLM2-135M-Instruct: max 9.25, in
 #: layer 27's gate_proj; measured on the import_gguf conversion), while bytes overwritten inside fp32 / bf16 tensor data
@@ -45,6 +50,36 @@ _ROPE_TYPES = ("default", "llama3")
 
 class CheckpointError(ValueError):
     """A checkpoint directory or file that cannot be used; the message names the file."""
+
+
+# -- integrity ----------------------------------------------------------------------------------------------------------
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
+    """The file's SHA-256, read in chunks (a checkpoint's weights can be larger than the memory left)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_checksums(checkpoint_dir: str | os.PathLike) -> bool:
+    """Check every file that ``checksums.sha256`` lists against its recorded SHA-256; a missing, changed or damaged
+    file is a ``CheckpointError`` naming it. False when the directory has no checksum file (not ours)."""
+    d = Path(checkpoint_dir)
+    listing = d / CHECKSUM_FILE
+    if not listing.is_file():
+        return False
+    for line in listing.read_text(encoding="utf-8", errors="replace").splitlines():
+        want, _, name = line.partition("  ")
+        if not name or len(want) != 64:
+            raise CheckpointError(f"{listing}: not a sha256sum listing (line {line[:80]!r}); the file is damaged")
+        f = d / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing, but {listing.name} lists it; the checkpoint is incomplete")
+        if sha256_file(f) != want:
+            raise CheckpointError(f"{f}: its SHA-256 differs from the one recorded in {listing.name} when it was "
+                                  "written; the file is damaged (or was changed), so the checkpoint is not used")
+    return True
 
 
 # -- config.json ----------------------------------------------------------------------------------------------------------
@@ -194,7 +229,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_hf_state_dict(checkpoint_dir: str | os.PathLike, config: Mapping | None = None, *,
-                       max_abs: float = MAX_ABS_WEIGHT) -> tuple[dict[str, torch.Tensor], dict]:
+                       max_abs: float = MAX_ABS_WEIGHT, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
     """Torchtune-keyed state dict and the config of an HF Llama directory (one or several ``*.safetensors``).
 
     Checks, each failure a ``CheckpointError`` naming the file: readable files; no tensor in two files; exactly the
@@ -204,6 +239,8 @@ def load_hf_state_dict(checkpoint_dir: str | os.PathLike, config: Mapping | None
     from torchtune.models.convert_weights import hf_to_tune
 
     d = Path(checkpoint_dir)
+    if verify:  # every file against the checksums the checkpoint was written with (verify_checksums)
+        verify_checksums(d)
     config = dict(read_config(d) if config is None else config)
     where = d / CONFIG_FILE
     args = llama_args(config, where)
@@ -305,6 +342,7 @@ def load_model(checkpoint_dir: str | os.PathLike, device: str | torch.device = "
     from .models import from_hf_config  # models builds on this module; imported here, not at the top
 
     d = Path(checkpoint_dir)
+    verify_checksums(d)  # before anything is read from it
     config = read_config(d)
     if model_cfg is None and is_recipe_checkpoint(config):
         model_cfg = config["flexgen_long"]["model"]
@@ -316,7 +354,7 @@ def load_model(checkpoint_dir: str | os.PathLike, device: str | torch.device = "
 
     with torch.device("meta"):
         check_model(build(), config, d / CONFIG_FILE)
-    sd, _ = load_hf_state_dict(d, config)
+    sd, _ = load_hf_state_dict(d, config, verify=False)  # verified above
     with torch.device(device):
         model = build()
     model.load_state_dict(sd, strict=True)

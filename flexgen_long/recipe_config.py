@@ -1,13 +1,20 @@
-"""Config checks shared by the recipes (recipes/longgen_finetune.py, longgen_generate.py, longgen_eval.py).
+"""Recipe configs: one schema per recipe, the single source of its checks, its ``--help`` and its documented keys.
 
-Every recipe checks its whole config before it builds, reads or writes anything, and every error names the field, the
-value it got and what is allowed (``ConfigError``, a ``ValueError``)::
+A recipe declares its keys as a dataclass (``recipes/longgen_finetune.py``'s ``FinetuneConfig``): each field's type
+annotation, default (``REQUIRED`` for none), allowed range and one-line meaning (``key(...)``); nested dataclasses are
+sections (``checkpoint.*``), and ``Component`` fields are torchtune ``_component_`` sections, checked against the
+component's own signature. ``check(cfg, Schema)`` then checks a whole config before a recipe builds, reads or writes
+anything, and fills in the defaults; every error is one line naming the field, the value and what is allowed
+(``ConfigError``, a ``ValueError``)::
 
     config field 'optimizer.lr': must be a number, got 'abc'
+    unknown config key 'max_step' (did you mean 'max_steps'?); the recipe's --help lists every key
 
-torchtune instantiates ``_component_`` sections only when a recipe reaches them, and then the component's own error
-surfaces (``'<=' not supported between instances of 'float' and 'str'`` for ``optimizer.lr=abc``, with no field named,
-possibly after minutes of data preparation). ``check_component`` therefore checks a section against the component's
+Why not OmegaConf's structured configs, which take dataclasses too: they convert instead of refusing (``2`` into
+``true``, ``"3"`` into ``3``), know no ranges, and word their errors over several lines; a typo'd value has to fail
+here before minutes of data preparation. torchtune instantiates ``_component_`` sections only when a recipe reaches
+them, and then the component's own error surfaces (``'<=' not supported between instances of 'float' and 'str'`` for
+``optimizer.lr=abc``, with no field named); ``check_component`` therefore checks a section against the component's
 signature first: unknown arguments, and the types that its defaults and annotations imply.
 
 The helpers live in the library rather than beside the recipes because the name ``recipes`` is taken by torchtune's
@@ -17,22 +24,29 @@ wheel (a stub package that raises on import): ``python recipes/x.py`` could not 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import difflib
 import inspect
 import os
 import re
+import sys
+import types
+import typing
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Literal, Union
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError
 
-__all__ = ["ConfigError", "fail", "get", "check_keys", "integer", "number", "boolean", "choice", "string",
-           "device_field", "dtype_field", "DTYPES", "check_component", "instantiate", "existing_dir",
-           "existing_file", "hf_dir", "check_hf_sections", "tokenizer_fits", "checkpoint_dir_field",
-           "uses_model_section", "check_model_sections", "build_model", "user_errors"]
+__all__ = ["ConfigError", "fail", "get", "REQUIRED", "key", "section", "Component", "check", "help_text", "fields",
+           "integer", "boolean", "device_field", "dtype_field", "DTYPES", "check_component", "instantiate",
+           "existing_dir", "existing_file", "hf_dir", "check_hf_sections", "tokenizer_fits", "checkpoint_dir_field",
+           "uses_model_section", "check_model_sections", "build_model", "user_errors", "Interrupted"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+REQUIRED = dataclasses.MISSING
+_UNIONS = (Union, types.UnionType)  # Optional[int] and int | None
 _ABSENT = object()
 
 
@@ -48,17 +62,16 @@ def fail(field: str, message: str):
 def get(cfg: DictConfig, field: str, default: Any = _ABSENT) -> Any:
     """The value of the dotted ``field``; ``default`` when it is absent (an error when no default is given). A
     required value left as ``???`` and an interpolation that cannot be resolved are errors naming the field."""
-    parent, _, key = field.rpartition(".")
+    parent, _, name = field.rpartition(".")
     node = OmegaConf.select(cfg, parent, throw_on_missing=False) if parent else cfg
     if isinstance(node, dict):  # a plain dict (a section built in Python): no ??? or interpolations
-        return node[key] if key in node else _required(field) if default is _ABSENT else default
-    if not isinstance(node, DictConfig) or key not in node.keys():  # (`in node` is False for a ??? value)
+        return node[name] if name in node else _required(field) if default is _ABSENT else default
+    if not isinstance(node, DictConfig) or name not in node.keys():  # (`in node` is False for a ??? value)
         return _required(field) if default is _ABSENT else default
-    if OmegaConf.is_missing(node, key):
-        fail(field, "is required (the config leaves it as ???); give it on the command line as "
-                    f"{field}=<value>")
+    if OmegaConf.is_missing(node, name):
+        fail(field, f"is required (the config leaves it as ???); give it on the command line as {field}=<value>")
     try:
-        return node[key]
+        return node[name]
     except InterpolationResolutionError as e:
         fail(field, f"{str(e).splitlines()[0]} (set the field it refers to)")
 
@@ -67,20 +80,39 @@ def _required(field: str):
     fail(field, "is required but missing from the config")
 
 
-def check_keys(node, allowed: Iterable[str], section: str | None = None, required: Iterable[str] = ()) -> None:
-    """No key outside ``allowed`` (a typo would otherwise be ignored silently), every key of ``required`` present."""
-    if node is None:
-        return
-    if not isinstance(node, (DictConfig, dict)):
-        fail(section, f"must be a section of keys {sorted(allowed)}, got {node!r}")
-    prefix = f"{section}." if section else ""
-    unknown = sorted(set(node.keys()) - set(allowed))
-    if unknown:
-        raise ConfigError(f"unknown config key(s) {[prefix + k for k in unknown]}; "
-                          f"{'the recipe reads' if not section else 'allowed'}: {sorted(prefix + k for k in allowed)}")
-    missing = sorted(set(required) - set(node.keys()))
-    if missing:
-        raise ConfigError(f"missing config key(s) {[prefix + k for k in missing]}")
+# -- schemas -------------------------------------------------------------------------------------------------------------
+class Component(dict):
+    """The type of a torchtune ``_component_`` section (``{_component_: dotted.path, arg: value, ...}``); ``check``
+    checks it against the component's signature (``check_component``)."""
+
+
+def key(default: Any = REQUIRED, help: str = "", *, min=None, max=None, above=None, nonempty: bool = False,
+        unique: bool = False, positional: int = 0, passed: tuple[str, ...] = (), hint: str = "", check=None):
+    """A schema field: ``default`` (``REQUIRED``: none), its one-line meaning, and its range -- ``min`` / ``max``
+    inclusive, ``above`` exclusive (numbers, or each item of a list); ``nonempty`` / ``unique`` for lists;
+    ``positional``: how many leading arguments the recipe passes a ``Component`` itself (an optimizer's
+    parameters) and ``passed`` which keyword arguments; ``hint``: added to its error (how to write the value); ``check(cfg, name)``: a check of its own
+    after the type's (``device_field``: the device exists on this machine)."""
+    meta = {"help": help, "min": min, "max": max, "above": above, "nonempty": nonempty, "unique": unique,
+            "positional": positional, "passed": passed, "hint": hint, "check": check}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: OmegaConf.create(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def section(schema: type, help: str = ""):
+    """A nested section (``checkpoint.*``) whose keys are the dataclass ``schema``'s; absent = all its defaults."""
+    return dataclasses.field(default_factory=schema, metadata={"help": help, "section": True})
+
+
+def fields(schema: type, prefix: str = ""):
+    """(dotted name, type, field) of every key of ``schema``, sections flattened, in declaration order."""
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        if f.metadata.get("section"):
+            yield from fields(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", hints[f.name], f
 
 
 def _is_int(v) -> bool:
@@ -88,53 +120,172 @@ def _is_int(v) -> bool:
 
 
 def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v  # NaN is no number here
 
 
+def _in_range(v, m: dict) -> bool:
+    return ((m.get("min") is None or v >= m["min"]) and (m.get("max") is None or v <= m["max"])
+            and (m.get("above") is None or v > m["above"]))
+
+
+def _fits(v, tp, m: dict) -> bool:
+    """Whether the config value ``v`` is one of the type ``tp`` allows, within the range of ``m``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return True
+    if origin in _UNIONS:
+        return any(_fits(v, a, m) for a in args)
+    if tp is type(None):
+        return v is None
+    if origin is Literal:
+        return any(v == a and type(v) is type(a) for a in args)
+    if tp is bool:
+        return isinstance(v, bool)
+    if tp is int:
+        return _is_int(v) and _in_range(v, m)
+    if tp is float:
+        return _is_number(v) and _in_range(v, m)
+    if tp is str:
+        return isinstance(v, str) and bool(v)
+    if origin is list:
+        if not isinstance(v, (list, tuple, ListConfig)) or (m.get("nonempty") and not len(v)) \
+                or m.get("length", len(v)) != len(v):
+            return False
+        items = list(v)
+        return all(_fits(x, args[0], m) for x in items) and not (m.get("unique") and len(set(items)) < len(items))
+    if tp is Component:
+        return isinstance(v, (dict, DictConfig)) and "_component_" in v
+    raise TypeError(f"schema type {tp!r} is not supported")  # a programming error in a schema, not a user's
+
+
+def _range(m: dict) -> str:
+    lo, hi, above = m.get("min"), m.get("max"), m.get("above")
+    if (lo is not None or above is not None) and hi is not None:
+        return f" in {'[' if lo is not None else '('}{lo if lo is not None else above}, {hi}]"
+    return f" >= {lo}" if lo is not None else f" > {above}" if above is not None else \
+        f" <= {hi}" if hi is not None else ""
+
+
+def describe(tp, m: dict | None = None, plural: bool = False) -> str:
+    """What ``tp`` with the range of ``m`` allows, in words: ``null or an int >= 1``."""
+    m = m or {}
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in _UNIONS:
+        parts = [w for a in args for w in (["true", "false"] if a is bool else [describe(a, m, plural)])]
+        parts.sort(key=lambda s: s != "null")
+        return ", ".join(parts[:-1]) + " or " + parts[-1]
+    if tp is type(None):
+        return "null"
+    if origin is Literal:
+        if len(args) == 1:
+            return repr(args[0])
+        return f"{'names from' if plural else 'one of'} {list(args)}"
+    words = {bool: ("true or false", "booleans"), int: ("an int", "ints"), float: ("a number", "numbers"),
+             str: ("a non-empty string", "non-empty strings"), Any: ("anything", "anything"),
+             Component: ("a section with a _component_ (a dotted import path)", "sections")}
+    if origin is list:
+        size = f"{m['length']} " if m.get("length") else ""
+        return (f"a {'non-empty ' if m.get('nonempty') else ''}list of {size}{'distinct ' if m.get('unique') else ''}"
+                + describe(args[0], {**m, "nonempty": False, "unique": False, "length": None}, plural=True))
+    return words[tp][plural] + (_range(m) if tp in (int, float) else "")
+
+
+def _is_component(tp) -> bool:
+    return tp is Component or (typing.get_origin(tp) in _UNIONS and Component in typing.get_args(tp))
+
+
+def _check_value(field: str, v, tp, m: dict) -> None:
+    if not _fits(v, tp, m):
+        fail(field, f"must be {describe(tp, m)}{' (' + m['hint'] + ')' if m.get('hint') else ''}, got {v!r}")
+
+
+def _unknown(node, allowed: list[str], prefix: str) -> str | None:
+    unknown = [k for k in node.keys() if k not in allowed]
+    if not unknown:
+        return None
+    words = []
+    for k in unknown:
+        close = difflib.get_close_matches(str(k), allowed, n=1, cutoff=0.6)
+        words.append(f"'{prefix}{k}'" + (f" (did you mean '{prefix}{close[0]}'?)" if close else ""))
+    return (f"unknown config key{'s' if len(words) > 1 else ''} {', '.join(words)}; the recipe's --help lists "
+            f"every key")
+
+
+def check(cfg: DictConfig, schema: type, prefix: str = "") -> None:
+    """Check ``cfg`` against the dataclass ``schema`` (see the module docstring) and fill in the defaults of absent
+    keys, so that a recipe reads ``cfg.<key>`` with nothing to default twice. Errors: ``ConfigError``, one line."""
+    hints = typing.get_type_hints(schema)
+    names = [f.name for f in dataclasses.fields(schema)]
+    problem = _unknown(cfg, names, prefix)
+    if problem:
+        raise ConfigError(problem)
+    # plain fields, then sections, then _component_ sections (those may interpolate the others)
+    order = lambda f: 2 if _is_component(hints[f.name]) else 1 if f.metadata.get("section") else 0  # noqa: E731
+    for f in sorted(dataclasses.fields(schema), key=order):
+        field, tp, m = prefix + f.name, hints[f.name], f.metadata
+        if m.get("section"):
+            node = _field_get(cfg, prefix, f.name, None)
+            if node is None:
+                _set(cfg, f.name, {})
+                node = cfg[f.name]
+            if not isinstance(node, (DictConfig, dict)):
+                fail(field, f"must be a section of keys {[g.name for g in dataclasses.fields(tp)]}, got {node!r}")
+            check(node, tp, field + ".")
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        v = _field_get(cfg, prefix, f.name, _ABSENT if default is REQUIRED else default)
+        if _is_component(tp) and v is not None:
+            check_component(field, v, m.get("positional", 0), m.get("passed", ()))
+        else:
+            _check_value(field, v, tp, m)
+        if m.get("check"):
+            m["check"](cfg, f.name)
+        if f.name not in cfg:
+            _set(cfg, f.name, default)
+
+
+def _set(cfg, name: str, value) -> None:
+    if isinstance(cfg, DictConfig):
+        with open_dict(cfg):  # a struct config (torchtune's) accepts no new key otherwise
+            cfg[name] = value
+    else:
+        cfg[name] = value
+
+
+def _show(v) -> str:
+    if isinstance(v, (DictConfig, ListConfig)):
+        v = OmegaConf.to_container(v)
+    if isinstance(v, dict) and "_component_" in v:
+        return v["_component_"]
+    return "null" if v is None else "true" if v is True else "false" if v is False else str(v)
+
+
+def help_text(schema: type, cfg: DictConfig | None = None) -> str:
+    """Every key of ``schema``: its name and default (or, with ``cfg``, the config's value), what it allows and what
+    it means -- the recipe's ``--help``."""
+    lines = []
+    for name, tp, f in fields(schema):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        shown = "required" if default is REQUIRED else _show(default)
+        if cfg is not None:
+            v = OmegaConf.select(cfg, name, default=_ABSENT, throw_on_missing=False)
+            shown = f"{_show(v) if v is not _ABSENT else shown}" + ("" if v is _ABSENT else f" (default: {shown})")
+        kind = describe(tp, dict(f.metadata))
+        lines.append(f"  {name} = {shown}\n      {f.metadata.get('help', '')} [{kind}]")
+    return "\n".join(lines)
+
+
+# -- single fields (for code outside a schema: the training memory plan) ------------------------------------------------
 def integer(cfg, field: str, default: Any = _ABSENT, minimum: int | None = None, maximum: int | None = None,
             nullable: bool = False) -> int | None:
     v = get(cfg, field, default)
-    if v is None and nullable:
-        return None
-    if not _is_int(v) or (minimum is not None and v < minimum) or (maximum is not None and v > maximum):
-        bounds = " and ".join(b for b in ((f">= {minimum}" if minimum is not None else ""),
-                                          (f"<= {maximum}" if maximum is not None else "")) if b)
-        fail(field, f"must be {'null or ' if nullable else ''}an int{' ' + bounds if bounds else ''}, got {v!r}")
-    return v
-
-
-def number(cfg, field: str, default: Any = _ABSENT, minimum: float | None = None, positive: bool = False,
-           nullable: bool = False) -> float | None:
-    v = get(cfg, field, default)
-    if v is None and nullable:
-        return None
-    if not _is_number(v) or v != v or (positive and v <= 0) or (minimum is not None and v < minimum):
-        bound = " > 0" if positive else (f" >= {minimum}" if minimum is not None else "")
-        fail(field, f"must be {'null or ' if nullable else ''}a number{bound}, got {v!r}")
+    _check_value(field, v, int | None if nullable else int, {"min": minimum, "max": maximum})
     return v
 
 
 def boolean(cfg, field: str, default: Any = _ABSENT) -> bool:
     v = get(cfg, field, default)
-    if not isinstance(v, bool):
-        fail(field, f"must be true or false, got {v!r}")
-    return v
-
-
-def choice(cfg, field: str, choices: Iterable, default: Any = _ABSENT):
-    v = get(cfg, field, default)
-    choices = list(choices)
-    if v not in choices:
-        fail(field, f"must be one of {choices}, got {v!r}")
-    return v
-
-
-def string(cfg, field: str, default: Any = _ABSENT, nullable: bool = False) -> str | None:
-    v = get(cfg, field, default)
-    if v is None and nullable:
-        return None
-    if not isinstance(v, str) or not v:
-        fail(field, f"must be {'null or ' if nullable else ''}a non-empty string, got {v!r}")
+    _check_value(field, v, bool, {})
     return v
 
 
@@ -160,7 +311,9 @@ def device_field(cfg, field: str = "device", default: str = "cpu") -> torch.devi
 
 
 def dtype_field(cfg, field: str = "dtype", default: str = "fp32") -> torch.dtype:
-    return DTYPES[choice(cfg, field, DTYPES, default)]
+    v = get(cfg, field, default)
+    _check_value(field, v, Literal[tuple(DTYPES)], {})
+    return DTYPES[v]
 
 
 def _existing(field: str, path, what: str, directory: bool) -> Path:
@@ -196,79 +349,61 @@ def _component(section: str, path):
 #: Annotation names under which a config value could be a container or anything: such parameters are not checked.
 _OPEN = {"Any", "object", "Dict", "dict", "Mapping", "List", "list", "Sequence", "Tuple", "tuple", "Iterable",
          "Literal", "Callable", "Union"}
-_SIMPLE = {"int": "int", "float": "float", "bool": "bool", "str": "str", "None": "none", "NoneType": "none"}
+_SIMPLE = {"int": int, "float": float, "bool": bool, "str": str, "None": type(None), "NoneType": type(None)}
 
 
-def _annotation_kinds(ann) -> set[str] | None:
-    """{'int', 'float', 'bool', 'str', 'none'} that an annotation allows a config value to be, or None when it cannot
-    tell (no annotation, or one that admits containers). Members a config value can never be (``torch.Tensor`` in
-    ``float | Tensor``) are ignored."""
+def _annotation_type(ann):
+    """The scalar types an annotation allows a config value to be, as one type (``int | None``), or None when it
+    cannot tell (no annotation, or one that admits containers). Members a config value can never be (``torch.Tensor``
+    in ``float | Tensor``) are ignored. Annotations may be strings (``from __future__ import annotations``)."""
     if ann is inspect.Parameter.empty:
         return None
     text = ann if isinstance(ann, str) else ann.__name__ if isinstance(ann, type) else str(ann)
     names = {n.rsplit(".", 1)[-1] for n in re.findall(r"[A-Za-z_][A-Za-z_0-9.]*", text)} - {"Optional"}
     if names & _OPEN and not (names == {"Union"} | (names & set(_SIMPLE))):
         return None
-    kinds = {_SIMPLE[n] for n in names if n in _SIMPLE}
-    return kinds or None
+    kinds = [_SIMPLE[n] for n in sorted(names) if n in _SIMPLE]
+    return Union[tuple(kinds)] if kinds else None
 
 
-def _expected(param: inspect.Parameter) -> tuple[set[str], Any] | None:
-    """What a config value for ``param`` must be: kinds from its annotation, else from a bool or number default
-    (a string default says little: builders often take a name or a list there, e.g. ``full_layers``)."""
-    kinds = _annotation_kinds(param.annotation)
-    default = param.default
-    if kinds is None:
+def _expected(param: inspect.Parameter) -> tuple[Any, dict] | None:
+    """(type, range) a config value for ``param`` must have: from its annotation, else from a bool or number default
+    (a string default says little: builders often take a name or a list there, e.g. ``full_layers``); a default tuple
+    of numbers (AdamW's ``betas``) asks for a list of as many numbers."""
+    tp, default = _annotation_type(param.annotation), param.default
+    if isinstance(default, (tuple, list)) and default and all(_is_number(x) for x in default):
+        return list[float], {"length": len(default)}
+    if tp is None:
         if param.annotation is not inspect.Parameter.empty:
             return None  # annotated with something a config value cannot be checked against here: leave it
         if isinstance(default, bool):
-            kinds = {"bool"}
+            tp = bool
         elif _is_int(default):
-            kinds = {"int"}
+            tp = int
         elif isinstance(default, float):
-            kinds = {"float"}
-        elif isinstance(default, (tuple, list)) and default and all(_is_number(x) for x in default):
-            return {"numbers"}, len(default)
+            tp = float
         else:
             return None
-    if default is None:
-        kinds = kinds | {"none"}
-    return kinds, None
+    return (Union[tp, None] if default is None else tp), {}
 
 
-def _value_ok(v, kinds: set[str], length) -> bool:
-    if v is None:
-        return "none" in kinds
-    if "numbers" in kinds:
-        return isinstance(v, (list, tuple, ListConfig)) and len(v) == length and all(_is_number(x) for x in v)
-    return (("bool" in kinds and isinstance(v, bool)) or ("int" in kinds and _is_int(v))
-            or ("float" in kinds and _is_number(v)) or ("str" in kinds and isinstance(v, str)))
-
-
-def _describe(kinds: set[str], length) -> str:
-    if "numbers" in kinds:
-        return f"a list of {length} numbers"
-    words = {"bool": "true or false", "int": "an int", "float": "a number", "str": "a string", "none": "null"}
-    order = [k for k in ("float", "int", "bool", "str", "none") if k in kinds and not (k == "int" and "float" in kinds)]
-    return " or ".join(words[k] for k in order)
-
-
-def _field_get(node, section: str, key: str):
-    """``get`` for a key of a section node, with errors naming ``section.key``."""
+def _field_get(node, prefix: str, name: str, default: Any = _ABSENT):
+    """``get`` for a key of a section node, with errors naming the whole dotted field (``prefix`` ends in a dot)."""
     try:
-        return get(node, key)
+        return get(node, name, default)
     except ConfigError as e:
-        raise ConfigError(str(e).replace(f"config field '{key}'", f"config field '{section}.{key}'", 1)) from None
+        raise ConfigError(str(e).replace(f"config field '{name}'", f"config field '{prefix}{name}'", 1)) from None
 
 
-def check_component(section: str, node, positional: int = 0) -> None:
+def check_component(section: str, node, positional: int = 0, passed: tuple[str, ...] = ()) -> None:
     """Check a ``_component_`` section against the component's signature before anything is instantiated: the
-    component imports, every key is one of its arguments (unless it takes ``**kwargs``), and every value has a type
-    its annotation or default allows (nested ``_component_`` sections are checked the same way). ``positional``: how
-    many leading arguments the recipe passes itself (e.g. the optimizer's parameters)."""
+    component imports, every key is one of its arguments (unless it takes ``**kwargs``), every argument without a
+    default is given, and every value has a type its annotation or default allows (nested ``_component_`` sections
+    are checked the same way). ``positional``: how many leading arguments the recipe passes itself (e.g. the
+    optimizer's parameters); ``passed``: the keyword arguments it passes (the LR schedule's num_training_steps)."""
     if not isinstance(node, (DictConfig, dict)) or "_component_" not in node:
         fail(section, f"must be a section with a _component_ (a dotted import path), got {node!r}")
-    component = _component(section, _field_get(node, section, "_component_"))
+    component = _component(section, _field_get(node, section + ".", "_component_"))
     try:
         params = list(inspect.signature(component).parameters.values())
     except (TypeError, ValueError):
@@ -283,13 +418,17 @@ def check_component(section: str, node, positional: int = 0) -> None:
             if takes_kwargs:
                 continue
             fail(field, f"is not an argument of {node['_component_']}; it takes {sorted(named)}")
-        v = _field_get(node, section, key)
+        v = _field_get(node, section + ".", key)
         if isinstance(v, (DictConfig, dict)) and "_component_" in v:
             check_component(field, v)
             continue
         expected = _expected(named[key])
-        if expected is not None and not _value_ok(v, *expected):
-            fail(field, f"must be {_describe(*expected)}, got {v!r}")
+        if expected is not None:
+            _check_value(field, v, *expected)
+    missing = [n for n, p in named.items() if p.default is p.empty and n not in node and n not in passed]
+    if missing:
+        fail(section, f"{node['_component_']} needs {', '.join(missing)}, which the section does not give (add "
+                      f"{section}.{missing[0]}=<value>)")
 
 
 def instantiate(section: str, node, *args, **kwargs):
@@ -308,21 +447,38 @@ def instantiate(section: str, node, *args, **kwargs):
         raise ConfigError(f"config section '{section}': {message}") from e
 
 
+# -- failures: one line ----------------------------------------------------------------------------------------------
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM, with the one line that says what was reached and how to continue."""
+
+
 @contextlib.contextmanager
 def user_errors():
-    """Around a recipe's main: an error in what the user gave (a config field, a path, a file that cannot be read, an
-    output_dir in use or not empty, non-finite results) ends the command with its one-line message and exit code 1,
-    not with a traceback through library code. Set FLEXGEN_LONG_TRACEBACK=1 to see the traceback."""
+    """An error in what the user gave ends the command with its one-line message (exit code 1), an interrupt with
+    one line (exit code 130), not with a traceback through library code. FLEXGEN_LONG_TRACEBACK=1 shows it."""
     from .checkpoint_io import OutputDirInUse, OutputDirNotEmpty
     from .hf import CheckpointError
 
     try:
         yield
-    except (ConfigError, CheckpointError, OutputDirInUse, OutputDirNotEmpty, FileNotFoundError,
-            FloatingPointError) as e:
+    except KeyboardInterrupt as e:
         if os.environ.get("FLEXGEN_LONG_TRACEBACK"):
             raise
-        raise SystemExit(f"error: {e}") from None
+        print(f"error: {str(e) or 'interrupted (Ctrl-C)'}", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+    except (ConfigError, CheckpointError, OutputDirInUse, OutputDirNotEmpty, FloatingPointError, OSError) as e:
+        if os.environ.get("FLEXGEN_LONG_TRACEBACK"):
+            raise
+        raise SystemExit(f"error: {_one_line(e)}") from None
+
+
+def _one_line(e: BaseException) -> str:
+    """The message on one line; an OS error as ``<path>: <cause>`` (``out/step_5/model.safetensors: no space left on
+    device``)."""
+    if isinstance(e, OSError) and e.strerror and e.filename is not None:
+        where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
+        return f"{where}: {e.strerror.lower()}"
+    return " ".join(str(e).split())
 
 
 # -- HF model directories (flexgen_long.hf reads them) -----------------------------------------------------------------
@@ -354,10 +510,10 @@ def check_hf_sections(cfg, model_section: bool = True) -> None:
     files."""
     model = get(cfg, "model", None) if model_section else None
     if isinstance(model, (DictConfig, dict)) and get(model, "_component_", None) == HF_MODEL:
-        hf_dir("model.checkpoint_dir", _field_get(model, "model", "checkpoint_dir"), weights=False)
+        hf_dir("model.checkpoint_dir", _field_get(model, "model.", "checkpoint_dir"), weights=False)
     tokenizer = get(cfg, "tokenizer", None)
     if isinstance(tokenizer, (DictConfig, dict)) and get(tokenizer, "_component_", None) == HF_TOKENIZER:
-        d = existing_dir("tokenizer.checkpoint_dir", _field_get(tokenizer, "tokenizer", "checkpoint_dir"),
+        d = existing_dir("tokenizer.checkpoint_dir", _field_get(tokenizer, "tokenizer.", "checkpoint_dir"),
                          "an HF model directory with a tokenizer")
         if not any((d / name).is_file() for name in TOKENIZER_FILES):
             fail("tokenizer.checkpoint_dir", f"{str(d)!r} has neither {' nor '.join(TOKENIZER_FILES)} (a checkpoint "

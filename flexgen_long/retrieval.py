@@ -453,15 +453,10 @@ def scoring_args(cfg) -> dict:
 
 
 def check_config(cfg) -> None:
-    """The recipe's check of ``model.full_layers: retrieval[...]`` before any work: its form, a pretrained base model
-    to score (``checkpoint.base_dir``), and the optional ``retrieval_scoring`` section (``length``: null or an int >=
-    128; ``samples_per_depth``, ``batch_size``: ints >= 1)."""
-    from .recipe_config import check_keys, fail, get, integer
+    """The recipe's check of ``model.full_layers: retrieval[...]`` before any work: its form and a pretrained base
+    model to score (``checkpoint.base_dir``); the ``retrieval_scoring`` section's keys are the recipe schema's."""
+    from .recipe_config import fail, get
 
-    check_keys(get(cfg, "retrieval_scoring", None), SCORING_DEFAULTS, section="retrieval_scoring")
-    integer(cfg, "retrieval_scoring.length", None, minimum=128, nullable=True)
-    for key in ("samples_per_depth", "batch_size"):
-        integer(cfg, f"retrieval_scoring.{key}", SCORING_DEFAULTS[key], minimum=1)
     spec = get(cfg, "model.full_layers", None)
     if not is_retrieval(spec):
         return

@@ -35,24 +35,22 @@ Steps, top to bottom:
 4. Writes ``<output_dir>/<name>.json`` and ``<output_dir>/<name>_retrieval.png`` (a heatmap per task).
 """
 
-from __future__ import annotations
-
 import json
 import math
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from tqdm import tqdm
-from torchtune import config, utils
+from torchtune import utils
 
-from flexgen_long import checkpoint_io, hf
+from flexgen_long import checkpoint_io, cli, hf
 from flexgen_long import recipe_config as rc
 from flexgen_long.engine import Engine
 from flexgen_long.data import PYTHON_STDLIB_PACKAGES, SYNTHETIC_TASKS, joined_documents, read_text_file, text_files
@@ -61,55 +59,50 @@ from flexgen_long.policy import Policy
 from flexgen_long.models import relayout
 from flexgen_long.patterns import AttnSink, Full
 from flexgen_long.stats import format_rate, wilson_interval
+from flexgen_long.recipe_config import REQUIRED, Component, key
 
 log = utils.get_logger("INFO")
 
-RECIPE_KEYS = {"output_dir", "name", "checkpoint_dir", "model", "tokenizer", "streaming_llm", "tasks", "lengths",
-               "depths", "samples_per_cell", "perplexity_source", "perplexity_documents", "perplexity_join_files",
-               "prefill_chunk", "seed",
-               "device", "dtype"}
 SCORING = ("greedy decoding (flexgen_long.generation.generate, temperature 0) of as many tokens as the answer has; "
            "exact match of the answer's token ids")
 _fail = rc.fail
 
 
-def _int_list(cfg, field: str, minimum: int) -> list[int]:
-    vals = rc.get(cfg, field)
-    if vals is None or isinstance(vals, (str, int)) or not len(vals) \
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in vals):
-        _fail(field, f"must be a non-empty list of ints >= {minimum}, got {vals!r}")
-    if len(set(vals)) != len(vals):
-        _fail(field, f"has duplicates: {list(vals)!r}")
-    return list(vals)
+@dataclass(kw_only=True)
+class EvalConfig:
+    """The recipe's keys: the one source of its checks, its --help and its documentation."""
+    output_dir: str = key(REQUIRED, "where <name>.json and <name>_retrieval.png go")
+    name: Optional[str] = key(None, "the files' name; null: the checkpoint's run directory name (or 'random')")
+    checkpoint_dir: Optional[str] = key(None, "a finetuning checkpoint or output_dir (its latest step), or an HF model "
+                                              "directory; null: the model section with random weights")
+    model: Optional[Component] = key(None, "the model builder: without checkpoint_dir, or a layout for an HF "
+                                           "directory (flexgen_long.models.from_hf_config)")
+    tokenizer: Component = key(REQUIRED, "flexgen_long.tokenizers.byte_tokenizer, hf_tokenizer or a torchtune one")
+    streaming_llm: Any = key(None, "{sink: S, window: W}: every layer AttnSink(S, W) at inference (the StreamingLLM "
+                                   "baseline); null: the model's own layout")
+    tasks: list[Literal[tuple(SYNTHETIC_TASKS)]] = key(list(SYNTHETIC_TASKS), "retrieval tasks (may be empty)",
+                                                         unique=True)
+    lengths: list[int] = key(REQUIRED, "prompt lengths in tokens; max + 16 must fit the model's max_seq_len",
+                             min=64, nonempty=True, unique=True)
+    depths: list[float] = key([0.0, 0.5, 1.0], "where the asked-for needle sits (0 = first, 1 = last)",
+                              min=0, max=1, nonempty=True)
+    samples_per_cell: int = key(1, "prompts per (task, length, depth), decoded as one batch", min=1)
+    perplexity_source: str = key(PYTHON_STDLIB_PACKAGES, "held-out text: a directory, a glob, a file, or "
+                                                         "python-stdlib-packages")
+    perplexity_documents: int = key(1, "documents with >= max(lengths) tokens; 0: no perplexity", min=0)
+    perplexity_join_files: bool = key(False, "a document = one directory's files joined (longer than any one file)")
+    prefill_chunk: Optional[int] = key(None, "tokens per prefill chunk; null: whole prompts", min=1)
+    overwrite: bool = key(False, "replace an existing <name>.json that holds another checkpoint's result")
+    seed: int = key(0, "seeds the prompts and the documents' choice", min=0)
+    device: str = key("cpu", "cpu, cuda or cuda:<index> (must exist on this machine)", check=rc.device_field)
+    dtype: Literal["fp32", "bf16"] = key("fp32", "weights' dtype (bf16 on GPUs)")
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """Every field that needs no model: unknown keys, the grid, the types of the recipe's own fields, the device, the
-    checkpoint directory (flexgen_long.recipe_config: errors name the field, value and allowed)."""
-    rc.check_keys(cfg, RECIPE_KEYS, required=("output_dir", "tokenizer", "lengths"))
-    rc.string(cfg, "output_dir")
-    rc.string(cfg, "name", None, nullable=True)
-    _int_list(cfg, "lengths", 64)  # below 64 tokens a prompt cannot hold intro, needle and question
-    tasks = rc.get(cfg, "tasks", ["passkey", "multikey_needle"])
-    if tasks is None or isinstance(tasks, str) or any(t not in SYNTHETIC_TASKS for t in tasks) \
-            or len(set(tasks)) != len(tasks):
-        _fail("tasks", f"must be a list of distinct names from {sorted(SYNTHETIC_TASKS)} (may be empty), "
-                       f"got {tasks!r}")
-    depths = rc.get(cfg, "depths", [0.0, 0.5, 1.0])
-    if depths is None or isinstance(depths, str) or (tasks and not len(depths)) \
-            or not all(isinstance(d, (int, float)) and not isinstance(d, bool) and 0 <= d <= 1 for d in depths):
-        _fail("depths", f"must be a non-empty list of numbers in [0, 1] (0 = first, 1 = last before the question), "
-                        f"got {depths!r}")
-    rc.integer(cfg, "samples_per_cell", 1, minimum=1)
-    rc.integer(cfg, "perplexity_documents", 1, minimum=0)  # 0 skips perplexity
-    rc.string(cfg, "perplexity_source", PYTHON_STDLIB_PACKAGES)
-    rc.boolean(cfg, "perplexity_join_files", False)
-    rc.integer(cfg, "prefill_chunk", None, minimum=1, nullable=True)
-    rc.integer(cfg, "seed", 0, minimum=0)
-    rc.device_field(cfg)
-    rc.dtype_field(cfg)
-    rc.check_component("tokenizer", rc.get(cfg, "tokenizer"))
-    s = rc.get(cfg, "streaming_llm", None)
+    """Every field that needs no model: the schema (unknown keys, types, ranges, defaults filled in), the device,
+    the StreamingLLM override, the checkpoint directory and the model and tokenizer sections."""
+    rc.check(cfg, EvalConfig)
+    s = cfg.streaming_llm
     if s is not None:
         if not isinstance(s, (dict, DictConfig)) or set(s.keys()) != {"sink", "window"}:
             _fail("streaming_llm", f"must be null or {{sink: int, window: int}}, got {s!r}")
@@ -138,9 +131,9 @@ def resolve_checkpoint(path) -> Path:
 
 def build_model(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, str | None]:
     """The model to evaluate, in eval mode, with the StreamingLLM override applied when configured."""
-    ckpt = resolve_checkpoint(cfg.checkpoint_dir) if cfg.get("checkpoint_dir") else None
+    ckpt = resolve_checkpoint(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
     model = rc.build_model(cfg, ckpt, device, dtype, log=log.info)
-    s = cfg.get("streaming_llm")
+    s = cfg.streaming_llm
     if s is not None:
         relayout(model, "none", AttnSink(sink=s["sink"], window=s["window"]))
     return model.eval(), (str(ckpt) if ckpt else None)
@@ -341,21 +334,47 @@ def plot_heatmaps(retrieval: dict, title: str, path: Path) -> None:
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
     fig.colorbar(im, ax=axes[0].tolist(), label="exact-match accuracy")
     fig.suptitle(title)
-    fig.savefig(path, dpi=110)
+    checkpoint_io.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
+
+
+def result_name(cfg: DictConfig, ckpt: Path | None) -> str:
+    """``name``, else the run directory of a finetune checkpoint (``<run>/step_<N>``), else the model directory's own
+    name, else ``random``."""
+    if cfg.name:
+        return cfg.name
+    if ckpt is None:
+        return "random"
+    return ckpt.parent.name if ckpt.name.startswith("step_") else ckpt.name
+
+
+def check_output(out_dir: Path, name: str, ckpt: Path | None, overwrite: bool) -> Path:
+    """Before any work: ``out_dir`` exists and takes a file (written and removed), and ``<name>.json`` there is not
+    another checkpoint's result (replaced only with ``overwrite=true``). Returns the JSON's path."""
+    checkpoint_io.check_writable(out_dir)
+    path = out_dir / f"{name}.json"
+    if path.exists() and not overwrite:
+        try:
+            previous = json.loads(path.read_text()).get("checkpoint")
+        except (OSError, ValueError, AttributeError):
+            previous = "<unreadable>"
+        if previous != (str(ckpt) if ckpt else None):
+            _fail("name", f"{str(path)!r} holds the result of {previous or 'random weights'}, not of "
+                          f"{ckpt or 'random weights'}; choose another name (name=...) or output_dir, or replace it "
+                          "with overwrite=true")
+    return path
 
 
 def evaluate(cfg: DictConfig) -> dict:
     """The whole recipe (steps 1-4 of the module docstring); returns what it wrote to JSON."""
     validate_config(cfg)
-    seed = cfg.get("seed", 0)
-    torch.manual_seed(seed)
+    torch.manual_seed(cfg.seed)
     device, dtype = rc.device_field(cfg), rc.dtype_field(cfg)
-    lengths = list(cfg.lengths)
-    tasks = list(cfg.get("tasks", ["passkey", "multikey_needle"]))
-    depths = [float(d) for d in cfg.get("depths", [0.0, 0.5, 1.0])]
-    n_docs = cfg.get("perplexity_documents", 4)
-    chunk = cfg.get("prefill_chunk")
+    lengths, tasks, depths, chunk = list(cfg.lengths), list(cfg.tasks), [float(d) for d in cfg.depths], \
+        cfg.prefill_chunk
+    ckpt = resolve_checkpoint(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    name = result_name(cfg, ckpt)
+    json_path = check_output(Path(cfg.output_dir), name, ckpt, cfg.overwrite)
 
     model, ckpt = build_model(cfg, device, dtype)
     answer_room = 16  # tokens after the longest prompt: the answers (" 12345." / " 1234567." in bytes) and slack
@@ -366,52 +385,50 @@ def evaluate(cfg: DictConfig) -> dict:
     rc.tokenizer_fits(tokenizer, model.tok_embeddings.num_embeddings)
     for task in tasks:  # a length too short for a task fails here, before any model work
         for length in lengths:
-            retrieval_samples(tokenizer, task, length, 0.0, 1, seed)
+            retrieval_samples(tokenizer, task, length, 0.0, 1, cfg.seed)
     check_finite_logits(model, tokenizer, ckpt)
-    # default name: the run directory of a finetune checkpoint (<run>/step_<N>), else the model directory's own name
-    name = cfg.get("name") or ("random" if not ckpt else Path(ckpt).parent.name if Path(ckpt).name.startswith("step_")
-                               else Path(ckpt).name)
     layout = layout_summary(model)
     log.info(f"Evaluating {name}: {ckpt or 'random weights'}; full layers {layout['full_layers']}, "
              f"sparse: {sorted(set(layout['patterns']) - {repr(Full())}) or 'none'}")
 
-    docs = heldout_documents(tokenizer, cfg.get("perplexity_source", PYTHON_STDLIB_PACKAGES), max(lengths), n_docs,
-                             seed, cfg.get("perplexity_join_files", False)) if n_docs else []
+    docs = heldout_documents(tokenizer, cfg.perplexity_source, max(lengths), cfg.perplexity_documents, cfg.seed,
+                             cfg.perplexity_join_files) if cfg.perplexity_documents else []
     t0 = time.perf_counter()
-    bar = tqdm(total=len(tasks) * len(lengths) * len(depths) + (len(lengths) if docs else 0), desc="eval")
+    bar = cli.progress(len(tasks) * len(lengths) * len(depths) + (len(lengths) if docs else 0), "eval")
     retrieval = evaluate_retrieval(greedy_answers(model, chunk), tokenizer, tasks, lengths, depths,
-                                   cfg.get("samples_per_cell", 1), seed, bar)
+                                   cfg.samples_per_cell, cfg.seed, bar)
     perplexity = evaluate_perplexity(model, docs, lengths, chunk, bar) if docs else None
     bar.close()
 
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     result = {"name": name, "checkpoint": ckpt, "layout": layout,
-              "streaming_llm": OmegaConf.to_container(cfg.streaming_llm) if cfg.get("streaming_llm") else None,
+              "streaming_llm": OmegaConf.to_container(cfg.streaming_llm) if cfg.streaming_llm else None,
               "scoring": SCORING, "retrieval": retrieval, "perplexity": perplexity,
-              "perplexity_source": cfg.get("perplexity_source", PYTHON_STDLIB_PACKAGES) if docs else None,
-              "perplexity_join_files": bool(cfg.get("perplexity_join_files", False)) if docs else None,
-              "seed": seed, "device": str(device), "card": torch.cuda.get_device_name(device)
-              if device.type == "cuda" else "cpu", "dtype": cfg.get("dtype", "fp32"), "torch": torch.__version__,
+              "perplexity_source": cfg.perplexity_source if docs else None,
+              "perplexity_join_files": cfg.perplexity_join_files if docs else None,
+              "seed": cfg.seed, "device": str(device), "card": torch.cuda.get_device_name(device)
+              if device.type == "cuda" else "cpu", "dtype": cfg.dtype, "torch": torch.__version__,
               "seconds": round(time.perf_counter() - t0, 2)}
-    json_path = out_dir / f"{name}.json"
-    json_path.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")  # strict JSON: never a NaN
+    # strict JSON (never a NaN), written whole or not at all
+    checkpoint_io.write_atomic(json_path, (json.dumps(result, indent=2, allow_nan=False) + "\n").encode())
+    written = [json_path]
     if retrieval:
-        plot_heatmaps(retrieval, f"{name}: retrieval accuracy", out_dir / f"{name}_retrieval.png")
-    for task, r in retrieval.items():
-        log.info(f"{task}: exact match by length [95% Wilson interval] over {r['prompts_by_length']} prompts each: "
-                 + ", ".join(f"{L}: {format_rate(k, r['prompts_by_length'])}"
-                             for L, k in zip(r["lengths"], r["correct_by_length"])))
+        written.append(json_path.with_name(f"{name}_retrieval.png"))
+        plot_heatmaps(retrieval, f"{name}: retrieval accuracy", written[-1])
+    for task, r in retrieval.items():  # the results on stdout, the written files' paths last
+        print(f"{task}: exact match by length ({r['prompts_by_length']} prompts each, 95% interval) "
+              + ", ".join(f"{L}: {format_rate(k, r['prompts_by_length'])}"
+                          for L, k in zip(r["lengths"], r["correct_by_length"])))
     if perplexity:
-        log.info("perplexity by length " + ", ".join(f"{L}: {p:.3f}" for L, p in zip(lengths, perplexity["ppl"])))
-    log.info(f"Wrote {json_path}")
+        print("perplexity by length " + ", ".join(f"{L}: {p:.2f}" for L, p in zip(lengths, perplexity["ppl"])))
+    for path in written:
+        print(f"Wrote {path}", flush=True)
     return result
 
 
-@config.parse
+@cli.parse(EvalConfig, __file__, configs="eval")
 def recipe_main(cfg: DictConfig) -> None:
-    with rc.user_errors():
-        evaluate(cfg)
+    """Long-context evaluation: retrieval accuracy and perplexity by length on stdout, then the files written."""
+    evaluate(cfg)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,13 @@ state, written atomically (flexgen_long.checkpoint_io). With
 uninterrupted run (weights, optimizer, LR schedule, data position and RNG are restored), after checking that the model
 and data config are the ones that checkpoint was trained with.
 
-Nothing is lost: the whole config is checked before anything is built, read or written; ``output_dir`` is locked for
-the run (a second job in it is refused, naming the first); a fresh run refuses a non-empty ``output_dir`` unless
-``checkpoint.resume: true`` or ``checkpoint.overwrite: true`` says what to do with what is there.
+Nothing is lost: the whole config is checked against ``FinetuneConfig`` (every key, its type, range and meaning:
+``--help``) before anything is built, read or written; ``output_dir`` is locked for the run (a second job in it is
+refused, naming the first) and test-written before any data or weights are read; a fresh run refuses a non-empty
+``output_dir`` unless ``checkpoint.resume: true`` or ``checkpoint.overwrite: true`` says what to do with what is there,
+and a run deletes only checkpoints it wrote itself. A step whose loss or gradient norm is not finite stops the run
+before its update (``on_nonfinite: skip`` skips the update instead); Ctrl-C or SIGTERM stops it with one line naming
+the step, the last complete checkpoint and the command that continues (exit code 130).
 
 Pretrained weights come from ``checkpoint.base_dir``, any HF Llama-family directory, read and checked by
 flexgen_long.hf; the model section must have its sizes (``flexgen_long.models.from_hf_config`` reads them from the same
@@ -34,104 +38,130 @@ On several GPUs (torchrun sets WORLD_SIZE > 1) the model is sharded with FSDP2 (
 shard per transformer layer; each rank reads its own slice of every batch.
 """
 
-from __future__ import annotations
-
 import json
+import math
 import os
 import random
 import resource
+import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, Optional
 
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from tqdm import tqdm
-from torchtune import config, training, utils
+from torchtune import training, utils
 from torchtune.modules import TransformerSelfAttentionLayer
 from torchtune.recipe_interfaces import FTRecipeInterface
 
 from flexgen_long import checkpoint_io as ckpt
-from flexgen_long import hf
+from flexgen_long import cli, hf
 from flexgen_long import recipe_config as rc
 from flexgen_long import retrieval, train_plan
 from flexgen_long.data import CROSS_ENTROPY_IGNORE_INDEX
 from flexgen_long.losses import ChunkedLinearCrossEntropy
 from flexgen_long.models import builder_config
+from flexgen_long.recipe_config import REQUIRED, Component, key, section
 
 log = utils.get_logger("INFO")
-
-# Every top-level key the recipe reads; anything else is a typo and is refused before any work starts.
-RECIPE_KEYS = {
-    "output_dir", "seq_len", "model", "tokenizer", "dataset", "seed", "batch_size", "gradient_accumulation_steps",
-    "max_steps", "optimizer", "lr_scheduler", "clip_grad_norm", "loss", "checkpoint", "device", "dtype", "compile",
-    "enable_activation_checkpointing", "fsdp_cpu_offload", "metric_logger", "log_every_n_steps",
-    "log_peak_memory_stats", "retrieval_scoring",
-}
-CHECKPOINT_KEYS = {"base_dir", "resume", "overwrite", "save_every_n_steps", "keep_last_n", "save_final"}
-#: (section, leading arguments the recipe passes itself): every _component_ section, checked against its signature.
-COMPONENTS = (("model", 0), ("tokenizer", 0), ("dataset", 2), ("optimizer", 1), ("lr_scheduler", 1), ("loss", 0),
-              ("metric_logger", 0))
 _fail = rc.fail
 
 
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    base_dir: Optional[str] = key(None, "an HF model directory (config.json + *.safetensors) to start from; null: "
+                                        "random init")
+    resume: bool = key(False, "continue from the latest checkpoint in output_dir (same model, data and batches)")
+    overwrite: bool = key(False, "delete output_dir's step_<N> checkpoints and start from step 0")
+    save_every_n_steps: Optional[int] = key(None, "a checkpoint every N steps; null: only at the end", min=1)
+    keep_last_n: Optional[int] = key(None, "keep this run's last N checkpoints; null: all", min=1)
+    save_final: bool = key(True, "a checkpoint at the end (false: speed benchmarks)")
+
+
+@dataclass(kw_only=True)
+class RetrievalScoringConfig:
+    """Scoring the base model's heads for ``model.full_layers: retrieval`` (flexgen_long.retrieval)."""
+    length: Optional[int] = key(None, "scoring prompt length in tokens; null: the scoring's default", min=128)
+    samples_per_depth: int = key(8, "scoring prompts per needle depth", min=1)
+    batch_size: int = key(8, "scoring prompts per forward pass", min=1)
+
+
+@dataclass(kw_only=True)
+class FinetuneConfig:
+    """The recipe's keys: the one source of its checks, its --help and its documentation."""
+    output_dir: str = key(REQUIRED, "where the checkpoints go; locked for the run")
+    seq_len: int = key(REQUIRED, "packed training length (tokens), at most the model's max_seq_len", min=2)
+    model: Component = key(REQUIRED, "the model builder (flexgen_long.models.*): sizes, max_seq_len, rope_base, "
+                                     "full_layers, sparse_pattern")
+    tokenizer: Component = key(REQUIRED, "flexgen_long.tokenizers.byte_tokenizer, hf_tokenizer or a torchtune one")
+    dataset: Component = key(REQUIRED, "flexgen_long.data.long_documents (source, max_tokens, synthetic_share, ...) "
+                                       "or hf_long_documents", positional=2)
+    seed: Optional[int] = key(0, "seeds weights, data order and sampling; null: torchtune draws one",
+                              min=0, max=2**32 - 1)
+    batch_size: int = key(REQUIRED, "sequences per micro-batch per GPU", min=1)
+    gradient_accumulation_steps: int = key(1, "micro-batches per optimizer step", min=1)
+    max_steps: int = key(REQUIRED, "optimizer steps of the whole run (a resumed run continues to it)", min=1)
+    optimizer: Component = key(REQUIRED, "torch.optim.AdamW (lr, betas, weight_decay) or torchao.optim.AdamW8bit",
+                               positional=1)
+    lr_scheduler: Component = key(REQUIRED, "torchtune's get_cosine_schedule_with_warmup (num_warmup_steps)",
+                                  positional=1, passed=("num_training_steps",))
+    clip_grad_norm: Optional[float] = key(None, "gradient clipping's max norm; null: no clipping", above=0)
+    on_nonfinite: Literal["stop", "skip"] = key("stop", "a step whose loss or gradient norm is NaN or Inf: stop the "
+                                                        "run there, or skip its update")
+    loss: Component = key({"_component_": "torch.nn.CrossEntropyLoss"}, "torch.nn.CrossEntropyLoss, torchtune's "
+                          "CEWithChunkedOutputLoss or flexgen_long.losses.ChunkedLinearCrossEntropy")
+    checkpoint: CheckpointConfig = section(CheckpointConfig)
+    retrieval_scoring: RetrievalScoringConfig = section(RetrievalScoringConfig)
+    device: str = key("cpu", "cpu, cuda or cuda:<index> (must exist on this machine)", check=rc.device_field)
+    dtype: Literal["fp32", "bf16"] = key("fp32", "parameter dtype (bf16 on GPUs)")
+    compile: bool = key(False, "torch.compile each layer and the loss")
+    enable_activation_checkpointing: bool = key(False, "recompute each layer's activations in backward")
+    fsdp_cpu_offload: bool = key(False, "FSDP2: parameters and optimizer states on the CPU (several GPUs)")
+    metric_logger: Component = key({"_component_": "torchtune.training.metric_logging.StdoutLogger"},
+                                   "torchtune's StdoutLogger (stdout), DiskLogger (log_dir), ...")
+    log_every_n_steps: int = key(1, "a metrics line every N steps (and at the first and last)", min=1)
+    log_peak_memory_stats: bool = key(True, "add peak memory (RSS on a CPU) to the metrics")
+
+
 def validate_config(cfg: DictConfig) -> None:
-    """Every field that needs no model, before anything is built, read or written: unknown keys, types and ranges of
-    the recipe's own fields, the device, each _component_ section against its component's signature (then a dry run
-    of the optimizer, LR schedule and loss on one dummy parameter: their own range checks), the data source and
-    packing arguments, and the paths the run will read (base model, tokenizer file)."""
-    rc.check_keys(cfg, RECIPE_KEYS, required=("output_dir", "seq_len", "model", "tokenizer", "dataset", "optimizer",
-                                              "lr_scheduler", "max_steps", "batch_size"))
-    rc.check_keys(rc.get(cfg, "checkpoint", {}), CHECKPOINT_KEYS, section="checkpoint")
-    rc.string(cfg, "output_dir")
-    seq_len = rc.integer(cfg, "seq_len", minimum=2)
-    for field in ("batch_size", "max_steps"):
-        rc.integer(cfg, field, minimum=1)
-    for field in ("gradient_accumulation_steps", "log_every_n_steps"):
-        rc.integer(cfg, field, 1, minimum=1)
-    rc.integer(cfg, "seed", 0, minimum=0, maximum=2**32 - 1, nullable=True)  # null: torchtune draws one
-    rc.number(cfg, "clip_grad_norm", None, positive=True, nullable=True)
-    for field, default in (("compile", False), ("enable_activation_checkpointing", False),
-                           ("fsdp_cpu_offload", False), ("log_peak_memory_stats", True)):
-        rc.boolean(cfg, field, default)
-    rc.device_field(cfg)
-    rc.dtype_field(cfg)
-    resume, overwrite = rc.boolean(cfg, "checkpoint.resume", False), rc.boolean(cfg, "checkpoint.overwrite", False)
-    if resume and overwrite:
+    """Every field that needs no model, before anything is built, read or written: the schema (unknown keys, types
+    and ranges; each _component_ section against its component's signature; defaults filled in), the device, then a
+    dry run of the optimizer, LR schedule and loss on one dummy parameter (their own range checks), the data source
+    and packing arguments, and the paths the run will read (base model, tokenizer file)."""
+    rc.check(cfg, FinetuneConfig)
+    if cfg.checkpoint.resume and cfg.checkpoint.overwrite:
         _fail("checkpoint.overwrite", "is true together with checkpoint.resume=true: choose one (resume continues from "
                                       "the latest checkpoint in output_dir; overwrite deletes its checkpoints and "
                                       "starts from step 0)")
-    rc.integer(cfg, "checkpoint.save_every_n_steps", None, minimum=1, nullable=True)  # null: only at the end
-    rc.integer(cfg, "checkpoint.keep_last_n", None, minimum=1, nullable=True)  # null: keep all
-    rc.boolean(cfg, "checkpoint.save_final", True)  # false: no checkpoint at the end (speed benchmarks)
-    base = rc.get(cfg, "checkpoint.base_dir", None)
+    base = cfg.checkpoint.base_dir
     if base is not None:
         d = rc.existing_dir("checkpoint.base_dir", base, "an HF model directory (config.json + *.safetensors), or "
                                                           "null for random init")
         if not (d / hf.CONFIG_FILE).is_file():
             _fail("checkpoint.base_dir", f"{base!r} has no {hf.CONFIG_FILE} (expected an HF model directory)")
         rc.hf_dir("checkpoint.base_dir", base)  # config.json parses and is a Llama's; weight files are there
-
-    for section, positional in COMPONENTS:
-        if section in cfg:
-            rc.check_component(section, rc.get(cfg, section), positional)
     if "num_training_steps" in cfg.lr_scheduler:
         _fail("lr_scheduler.num_training_steps", "is set by the recipe from max_steps; remove it")
+    warmup = rc.get(cfg, "lr_scheduler.num_warmup_steps", 0)  # (its type: the schedule's signature, int)
+    if isinstance(warmup, int) and warmup < 0:
+        _fail("lr_scheduler.num_warmup_steps", f"must be an int >= 0, got {warmup}")
     if "path" in cfg.tokenizer:
         rc.existing_file("tokenizer.path", rc.get(cfg, "tokenizer.path"), "the tokenizer's model file")
     rc.check_hf_sections(cfg)  # from_hf_config's and hf_tokenizer's directories
     retrieval.check_config(cfg)  # model.full_layers: retrieval needs a base model to score
-    _check_dataset(cfg, seq_len)
+    _check_dataset(cfg, cfg.seq_len)
     # Dry runs on one dummy CPU parameter: the components' own range checks (e.g. "Invalid learning rate: -1"), in
     # microseconds, instead of after the data and the model are ready. (CPU: a CUDA tensor here would open a context
     # on GPU 0 in every rank before torchrun's ranks pick their GPUs; AdamW's fused=True is accepted on CPU too.)
     dummy = [nn.Parameter(torch.zeros(1))]
     optimizer = rc.instantiate("optimizer", cfg.optimizer, dummy)
     rc.instantiate("lr_scheduler", cfg.lr_scheduler, optimizer, num_training_steps=cfg.max_steps)
-    if "loss" in cfg:
-        rc.instantiate("loss", cfg.loss)
+    rc.instantiate("loss", cfg.loss)
 
 
 def _check_dataset(cfg: DictConfig, seq_len: int) -> None:
@@ -164,6 +194,10 @@ def validate_model(model: nn.Module, cfg: DictConfig) -> None:
     (its config.json) against the model's (``flexgen_long.hf.check_model``; RoPE settings and max_seq_len may differ:
     changing them is what length extension does)."""
     seq_len = cfg.seq_len
+    for layer in model.layers:  # RoPE theta: a non-positive or non-finite base gives NaN angles, and NaN losses
+        base = getattr(getattr(layer.attn, "pos_embeddings", None), "base", 1.0)
+        if not (isinstance(base, (int, float)) and math.isfinite(base) and base > 0):
+            _fail("model.rope_base", f"must be a number > 0, got {base!r}")
     if seq_len > model.max_seq_len:
         _fail("seq_len", f"{seq_len} exceeds model.max_seq_len={model.max_seq_len}, the length the model's RoPE is "
                          "set up for; raise model.max_seq_len (and model.rope_base for length extension) or lower "
@@ -195,7 +229,7 @@ def recipe_identity(cfg: DictConfig, world_size: int) -> dict:
     the batch geometry that fixes the data position. Stored in every checkpoint's config.json."""
     return {"seq_len": cfg.seq_len, "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
             "tokenizer": OmegaConf.to_container(cfg.tokenizer, resolve=True), "batch_size": cfg.batch_size,
-            "gradient_accumulation_steps": cfg.get("gradient_accumulation_steps", 1), "seed": cfg.get("seed", 0),
+            "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "seed": cfg.seed,
             "world_size": world_size}
 
 
@@ -230,27 +264,25 @@ def check_resume_matches(saved: dict, path: Path, model_cfg: dict, recipe: dict)
 class LongGenFinetuneRecipe(FTRecipeInterface):
     def __init__(self, cfg: DictConfig) -> None:
         validate_config(cfg)  # includes the device: utils.get_device("cuda") falls back to the CPU without a word
-        self._device = utils.get_device(cfg.get("device", "cpu"))
-        self._dtype = training.get_dtype(cfg.get("dtype", "fp32"), device=self._device)
+        self._device = utils.get_device(cfg.device)
+        self._dtype = training.get_dtype(cfg.dtype, device=self._device)
         self._world_size, self._rank = utils.get_world_size_and_rank()
         self._is_rank_zero = self._rank == 0
         self._output_dir = Path(cfg.output_dir)
         self._seq_len = cfg.seq_len
         self._batch_size = cfg.batch_size
-        self._accum = cfg.get("gradient_accumulation_steps", 1)
+        self._accum = cfg.gradient_accumulation_steps
         self._max_steps = cfg.max_steps
-        self._clip = cfg.get("clip_grad_norm")
-        self._log_every = cfg.get("log_every_n_steps", 1)
-        self._log_memory = cfg.get("log_peak_memory_stats", True)
-        ck = cfg.get("checkpoint", {})
-        self._save_every = ck.get("save_every_n_steps")
-        self._keep_last = ck.get("keep_last_n")
-        self._save_final = bool(ck.get("save_final", True))
-        self._resume = bool(ck.get("resume", False))
-        self._overwrite = bool(ck.get("overwrite", False))
-        self._base_dir = ck.get("base_dir")
+        self._clip, self._on_nonfinite = cfg.clip_grad_norm, cfg.on_nonfinite
+        self._log_every = cfg.log_every_n_steps
+        self._log_memory = cfg.log_peak_memory_stats
+        ck = cfg.checkpoint
+        self._save_every, self._keep_last, self._save_final = ck.save_every_n_steps, ck.keep_last_n, ck.save_final
+        self._resume, self._overwrite, self._base_dir = ck.resume, ck.overwrite, ck.base_dir
         self._lock = None  # the output_dir's lock (rank 0), taken in setup
-        self._seed = training.set_seed(cfg.get("seed", 0))
+        self._claimed = False  # output_dir claimed: from then on, an interrupt leaves something to resume
+        self.written: list[Path] = []  # checkpoints this run wrote, in order
+        self._seed = training.set_seed(cfg.seed)
         self.global_step = 0  # optimizer steps done
         self._micro_batches = 0  # micro-batches consumed (per rank): the data position
 
@@ -275,8 +307,10 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
         if self._is_rank_zero:
             self._lock = ckpt.claim_output_dir(self._output_dir, resume=self._resume, overwrite=self._overwrite,
                                                log=log.info)
+            ckpt.check_writable(self._output_dir)  # a full or read-only disk fails now, not at the first save
         if self._world_size > 1:
             dist.barrier()
+        self._claimed = True
         resume_from = ckpt.latest_checkpoint(self._output_dir) if self._resume else None
         choice = self._choose_full_layers(cfg, resume_from)
         # saved in every checkpoint's config.json and compared on resume; from_hf_config is written out in full, so
@@ -291,9 +325,8 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
         elif self._resume and self._is_rank_zero:
             log.info(f"checkpoint.resume=true but {self._output_dir} holds no checkpoint yet: starting from step 0")
 
-        self._metric_logger = config.instantiate(cfg.metric_logger) if self._is_rank_zero else None
-        if self._metric_logger is not None:
-            self._metric_logger.log_config(cfg)
+        self._metric_logger = rc.instantiate("metric_logger", cfg.metric_logger) if self._is_rank_zero else None
+        self._cfg = cfg  # saved into output_dir when training starts (save_config)
         self._dataset = rc.instantiate("dataset", cfg.dataset, self._tokenizer, self._seq_len)
         per_epoch = len(self._dataset) // (self._batch_size * self._world_size)
         if per_epoch < 1:
@@ -305,7 +338,7 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
         self._optimizer = rc.instantiate("optimizer", cfg.optimizer, self._model.parameters())
         self._lr_scheduler = rc.instantiate("lr_scheduler", cfg.lr_scheduler, self._optimizer,
                                             num_training_steps=self._max_steps)
-        self._loss_fn = rc.instantiate("loss", cfg.get("loss", {"_component_": "torch.nn.CrossEntropyLoss"}))
+        self._loss_fn = rc.instantiate("loss", cfg.loss)
         if hasattr(self._loss_fn, "num_output_chunks"):  # torchtune's CEWithChunkedOutputLoss: no [S, V] fp32 logits
             self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
         if isinstance(self._loss_fn, ChunkedLinearCrossEntropy):  # no logits beyond one chunk's (flexgen_long.losses)
@@ -316,7 +349,7 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
                 # the root gathered through the loss instead (what torchtune does for its linear cross-entropy), or
                 # the loss would meet a sharded DTensor weight. Its post-backward still reduce-scatters and reshards.
                 self._model.set_reshard_after_forward(False, recurse=False)
-        if cfg.get("compile", False):
+        if cfg.compile:
             if isinstance(self._loss_fn, ChunkedLinearCrossEntropy):  # the upcast + cross-entropy, not the chunking
                 self._loss_fn.cross_entropy = torch.compile(  # torchtune's compile_loss reads the same variable
                     self._loss_fn.cross_entropy, backend=os.environ.get("TORCH_COMPILE_BACKEND", "inductor"))
@@ -363,8 +396,8 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
 
     def _setup_model(self, cfg: DictConfig) -> nn.Module:
         base_sd = hf.load_hf_state_dict(self._base_dir)[0] if self._base_dir else None
-        compile_model = cfg.get("compile", False)
-        act_ckpt = cfg.get("enable_activation_checkpointing", False)
+        compile_model = cfg.compile
+        act_ckpt = cfg.enable_activation_checkpointing
         if self._world_size == 1:
             with training.set_default_dtype(self._dtype), self._device:
                 model = rc.instantiate("model", cfg.model)
@@ -386,13 +419,13 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
             if act_ckpt:
                 training.set_activation_checkpointing(model, auto_wrap_policy={TransformerSelfAttentionLayer})
             training.shard_model(model, [lambda name, m: isinstance(m, TransformerSelfAttentionLayer)],
-                                 cpu_offload=cfg.get("fsdp_cpu_offload", False))
+                                 cpu_offload=cfg.fsdp_cpu_offload)
             with training.set_default_dtype(self._dtype), self._device:
                 for m in model.modules():  # RoPE tables are buffers outside the state dict: rebuild off meta
                     if hasattr(m, "rope_init"):
                         m.rope_init()
             training.load_from_full_model_state_dict(model, base_sd, self._device, strict=True,
-                                                     cpu_offload=cfg.get("fsdp_cpu_offload", False))
+                                                     cpu_offload=cfg.fsdp_cpu_offload)
             training.validate_no_params_on_meta_device(model)
         if self._is_rank_zero:
             n = sum(p.numel() for p in model.parameters()) * (self._world_size if self._world_size > 1 else 1)
@@ -434,12 +467,25 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
             return self._loss_fn(out, labels)
         return self._loss_fn(out.reshape(-1, out.shape[-1]).float(), labels.reshape(-1))
 
+    def save_config(self) -> None:
+        """The run's config into output_dir, once training starts (a setup that fails leaves nothing that would
+        block the corrected rerun): torchtune_config.yaml through the metric logger on a fresh run; a resumed run
+        keeps the earlier file and writes its own beside it."""
+        if not self._is_rank_zero:
+            return
+        if self.global_step == 0 and not (self._output_dir / "torchtune_config.yaml").exists():
+            self._metric_logger.log_config(self._cfg)
+        else:
+            path = self._output_dir / f"torchtune_config.resumed_at_step_{self.global_step}.yaml"
+            ckpt.write_atomic(path, OmegaConf.to_yaml(self._cfg).encode())
+
     def train(self) -> None:
         self._model.train()
         if self.global_step >= self._max_steps:
             log.info(f"Already trained to max_steps={self._max_steps} ({self._output_dir}); nothing to do")
             return
-        bar = tqdm(total=self._max_steps, initial=self.global_step, disable=not self._is_rank_zero, desc="train")
+        self.save_config()
+        bar = cli.progress(self._max_steps, "train", initial=self.global_step, enabled=self._is_rank_zero)
         t0 = time.perf_counter()
         tokens_seen = 0
         while self.global_step < self._max_steps:
@@ -460,15 +506,18 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
                 dist.all_reduce(running_loss)
             # Gradients hold sum(loss over all trained tokens) / world size (FSDP averages): scale to the mean.
             training.scale_grads(self._model, self._world_size / num_tokens)
-            grad_norm = None
-            if self._clip is not None:
-                grad_norm = torch.nn.utils.clip_grad_norm_(self._model.parameters(), max_norm=float(self._clip))
-                if hasattr(grad_norm, "full_tensor"):  # DTensor under FSDP2
-                    grad_norm = grad_norm.full_tensor()
-            self._optimizer.step()
+            # the norm is always taken (max_norm inf clips nothing): a non-finite one must not reach the weights
+            grad_norm = torch.nn.utils.clip_grad_norm_(self._model.parameters(),
+                                                       max_norm=float(self._clip or math.inf))
+            if hasattr(grad_norm, "full_tensor"):  # DTensor under FSDP2
+                grad_norm = grad_norm.full_tensor()
+            loss_value, grad_norm = (running_loss / num_tokens).item(), float(grad_norm)
+            if math.isfinite(loss_value) and math.isfinite(grad_norm):
+                self._optimizer.step()
+            else:
+                self._nonfinite_step(loss_value, grad_norm)
             self._lr_scheduler.step()
             self.global_step += 1
-            loss_value = (running_loss / num_tokens).item()
             bar.update(1)
             bar.set_description(f"step {self.global_step} loss {loss_value:.4f}")
 
@@ -476,8 +525,7 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
                 elapsed = time.perf_counter() - t0
                 metrics = {"loss": round(loss_value, 4), "lr": float(f"{self._optimizer.param_groups[0]['lr']:.4g}"),
                            "tokens_per_second_per_rank": round(tokens_seen / elapsed)}
-                if grad_norm is not None:
-                    metrics["grad_norm"] = round(float(grad_norm), 4)
+                metrics["grad_norm"] = round(grad_norm, 4)
                 if self._log_memory:
                     metrics.update(self._memory_stats())
                 if self._metric_logger is not None:
@@ -490,6 +538,21 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
             self.save_checkpoint(epoch=self._micro_batches // self._batches_per_epoch)
         elif self._is_rank_zero:
             log.info(f"checkpoint.save_final=false: no checkpoint written at step {self.global_step}")
+
+    def _nonfinite_step(self, loss: float, grad_norm: float) -> None:
+        """A step whose loss or gradient norm is NaN or Inf, caught before the optimizer step (the weights are still
+        those of the step before): stop the run, naming the step, or skip its update (``on_nonfinite``)."""
+        step = self.global_step + 1
+        if self._on_nonfinite == "skip":
+            self._optimizer.zero_grad(set_to_none=True)
+            if self._is_rank_zero:
+                log.warning(f"step {step}: loss {loss}, grad norm {grad_norm}: update skipped (on_nonfinite=skip)")
+            return
+        latest = ckpt.latest_checkpoint(self._output_dir)
+        raise FloatingPointError(
+            f"training diverged at step {step}: loss {loss}, grad norm {grad_norm}; stopped before its update, no "
+            f"checkpoint of it written; last complete checkpoint: {latest or 'none'}. Lower optimizer.lr or set "
+            "clip_grad_norm (then checkpoint.resume=true), or on_nonfinite=skip to skip such steps")
 
     def _memory_stats(self) -> dict:
         if self._device.type == "cpu":  # torchtune's get_memory_stats supports accelerators only
@@ -517,18 +580,24 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
             path = ckpt.save_checkpoint(self._output_dir, self.global_step, model_sd,
                                         ckpt.hf_config(self._model, self._model_cfg, self._dtype,
                                                        recipe=self._recipe_identity), state)
+            self.written.append(path)
             removed = []
-            if self._keep_last:  # this run's checkpoints (claim_output_dir admitted no other run's)
-                for old in ckpt.list_checkpoints(self._output_dir)[:-self._keep_last]:
-                    ckpt.remove_checkpoint(old)
-                    removed.append(old.name)
+            if self._keep_last:  # only checkpoints this run wrote: a resumed run keeps the earlier run's
+                for old in self.written[:-self._keep_last]:
+                    if old.exists():
+                        ckpt.remove_checkpoint(old)
+                        removed.append(old.name)
             log.info(f"Checkpoint: {path}" + (f" (removed {', '.join(removed)})" if removed else ""))
         if self._world_size > 1:
             dist.barrier()
 
     def _load_recipe_state(self, path: Path) -> None:
-        sd, _ = hf.load_hf_state_dict(path)
-        state = torch.load(path / ckpt.STATE_FILE, map_location="cpu", weights_only=False)
+        sd, _ = hf.load_hf_state_dict(path)  # checks every file against the checkpoint's checksums first
+        try:
+            state = torch.load(path / ckpt.STATE_FILE, map_location="cpu", weights_only=False)
+        except (OSError, RuntimeError, EOFError, ValueError) as e:  # truncated zip, unpickling errors
+            raise hf.CheckpointError(f"{path / ckpt.STATE_FILE}: not readable ({' '.join(str(e).split())[:160]}); "
+                                     "the file is truncated or damaged") from None
         for key, now in (("world_size", self._world_size), ("batch_size", self._batch_size),
                          ("gradient_accumulation_steps", self._accum), ("seed", self._seed)):
             if state[key] != now:
@@ -559,6 +628,16 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
         if self._world_size > 1:
             dist.destroy_process_group()
 
+    def stopped(self, e: KeyboardInterrupt, resume: str) -> str:
+        """The line an interrupted run ends with: the step reached, the last complete checkpoint and the command that
+        continues (nothing to continue when output_dir was not claimed yet)."""
+        how = "SIGTERM" if str(e) == "SIGTERM" else "Ctrl-C (SIGINT)"
+        if not self._claimed:
+            return f"stopped by {how} before training started; nothing was written"
+        latest = ckpt.latest_checkpoint(self._output_dir)
+        return (f"stopped by {how} at step {self.global_step} of {self._max_steps}; last complete checkpoint: "
+                f"{latest or 'none yet (a resume starts at step 0)'}; continue with: {resume}")
+
     def release(self) -> None:
         """Release the output_dir lock (also done by the kernel if the process dies)."""
         if self._lock is not None:
@@ -566,19 +645,32 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
             self._lock = None
 
 
-@config.parse
+def resume_command(argv: list[str], world_size: int) -> str:
+    """The command that continues this run: the same arguments with ``checkpoint.resume=true``."""
+    kept = [a for a in argv if not a.startswith(("checkpoint.resume=", "checkpoint.overwrite="))]
+    nproc = ["--nproc_per_node", str(world_size)] if world_size > 1 else []
+    return shlex.join(["tune", "run", *nproc, cli._shown(Path(__file__)), *kept, "checkpoint.resume=true"])
+
+
+@cli.parse(FinetuneConfig, __file__)
 def recipe_main(cfg: DictConfig) -> None:
+    """LongGen finetuning: length extension + conversion to the hybrid model in one run (module docstring)."""
     if training.is_distributed():
         # NCCL for GPU tensors; gloo for CPU ones (FSDP2 CPU offload). utils.get_device picks cuda:LOCAL_RANK.
         training.init_distributed(backend="cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo")
-    with rc.user_errors():
+    with cli.stop_on_signals():
         recipe = LongGenFinetuneRecipe(cfg)
         try:
             recipe.setup(cfg)
             recipe.train()
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM through stop_on_signals: say where it stopped
+            raise cli.Interrupted(recipe.stopped(e, resume_command(sys.argv[1:], recipe._world_size))) from None
         finally:
             recipe.release()
     recipe.cleanup()
+    for path in recipe.written:  # the last lines: what this run wrote (results on stdout, logs on stderr)
+        if path.exists():
+            print(f"Wrote {path}", flush=True)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from flexgen_long import cli
 from flexgen_long import recipe_config as rc
 from flexgen_long import retrieval, train_plan
 
@@ -31,22 +32,16 @@ RECIPE = Path(__file__).resolve().parent / "longgen_finetune.py"
 
 
 def load_config(path, overrides=()) -> DictConfig:
-    """The config file with its command-line overrides (``key=value``, ``~key`` removes one), merged by torchtune's
-    own code as ``tune run`` does."""
-    from torchtune.config._utils import _merge_yaml_and_cli_args
-
-    path = rc.existing_file("--config", str(path), "a recipe config (YAML)")
-    try:
-        yaml_args = Namespace(**OmegaConf.to_container(OmegaConf.load(path), resolve=False))
-        return _merge_yaml_and_cli_args(yaml_args, list(overrides))
-    except ValueError as e:  # an override that is not key=value, or ~key of a key the config lacks
-        raise rc.ConfigError(f"config overrides: {e}") from None
+    """The config file (a path, or the name of a finetuning config in recipes/configs) with its command-line
+    overrides (``key=value``, ``~key`` removes one), merged by torchtune's own code as ``tune run`` does."""
+    return cli.load_config(cli.resolve_config(str(path), RECIPE.parent / "configs"), overrides)
 
 
 def _finetune_recipe():
     """recipes/longgen_finetune.py as a module, by its path (the name ``recipes`` may be torchtune's stub here)."""
     spec = importlib.util.spec_from_file_location("_longgen_finetune", RECIPE)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its config schema's annotations are resolved in its module
     spec.loader.exec_module(module)
     return module
 
@@ -81,7 +76,7 @@ def main(argv=None) -> train_plan.TrainPlan:
                     help=f"memory of one GPU as torch reports it (default {train_plan.H200_GIB}: an H200)")
     ap.add_argument("overrides", nargs="*", help="key=value or ~key, as for tune run")
     a = ap.parse_args(argv)
-    with rc.user_errors():
+    with cli.user_errors():
         cfg = load_config(a.config, a.overrides)
         model = validate(cfg)
         plan = train_plan.plan_from_config(cfg, a.world_size, model)

@@ -12,8 +12,10 @@ nothing changes except where the stub would have raised. torchtune's built-in re
 (``runpy.run_path``) and never import ``recipes``; they are unaffected. Kept free of imports beyond the standard
 library: it runs in every interpreter of the environment.
 
-It also lets ``tune run`` take a recipe by an absolute path, from any folder (see ``_convert_to_dotpath``): torchtune
-0.6.1 turns the path into a module name relative to the current directory and fails on anything else.
+It also lets ``tune run`` take a recipe by an absolute path, from any folder, or by its name from the project's root
+(``tune run longgen_finetune --config tiny_longgen``; see ``_convert_to_dotpath``): torchtune 0.6.1 turns the path into
+a module name relative to the current directory and fails on anything else. And it hides torchao's expected
+cpp-extension line (``_QuietTorchao``).
 """
 
 import importlib.machinery
@@ -41,6 +43,12 @@ def _convert_to_dotpath(original):
     (torchrun's worker processes import the recipe too)."""
 
     def convert(self, recipe_path):
+        if not recipe_path.endswith(".py") and os.sep not in recipe_path:  # a name, as for torchtune's own recipes
+            if os.path.isfile(os.path.join("recipes", recipe_path + ".py")):
+                return f"recipes.{recipe_path}"  # `tune run longgen_finetune` from the repository root
+            self._parser.error(f"recipe {recipe_path!r}: neither one of torchtune's (tune ls) nor ./recipes/"
+                               f"{recipe_path}.py; run this project's recipes from its root as `tune run "
+                               f"recipes/<name>.py --config <file or name>`")
         absolute = os.path.abspath(recipe_path)
         relative = os.path.relpath(absolute)
         if not relative.startswith(os.pardir):
@@ -94,9 +102,24 @@ class RecipesFinder:
         pass
 
 
+class _QuietTorchao:
+    """A logging filter for the one line torchao 0.15.0 logs on every import under torch 2.13 ("Skipping import of
+    cpp extensions due to incompatible torch version ..."): expected with the pinned versions and harmless (its C++
+    kernels are not used here), yet printed by every command, since ``import torchtune`` imports torchao. Set
+    FLEXGEN_LONG_SHOW_TORCHAO=1 to see it. Installed here because torchao logs before any of our code runs."""
+
+    @staticmethod
+    def filter(record) -> bool:
+        return not str(record.msg).startswith("Skipping import of cpp extensions due to incompatible torch version")
+
+
 def install() -> None:
     if RecipesFinder not in sys.meta_path:
         sys.meta_path.insert(0, RecipesFinder)
+    if not os.environ.get("FLEXGEN_LONG_SHOW_TORCHAO"):
+        import logging
+
+        logging.getLogger("torchao").addFilter(_QuietTorchao)
 
 
 install()

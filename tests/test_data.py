@@ -254,3 +254,42 @@ def test_min_document_tokens_joins_consecutive_files_into_long_documents(tmp_pat
     assert ds.stats["documents"] == 3 and ds.stats["natural_tokens"] == sum(len(t) * 3 for t in texts) + 3 * 2 + 2 * 2
     one_per_file = long_documents(TOK, 128, str(tmp_path))
     assert one_per_file.stats["documents"] == 5
+
+
+def test_symlink_loops_and_repeated_files_are_read_once(tmp_path):
+    """A ** glob follows a link back to its parent folder (each level lists the files again) and two links may name
+    one file: every file is listed once, as its first path."""
+    from flexgen_long.data import text_files
+
+    (tmp_path / "a.txt").write_text("alpha\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.txt").write_text("beta\n")
+    (tmp_path / "sub" / "loop").symlink_to(tmp_path)  # sub/loop/sub/loop/... down to the OS's limit
+    (tmp_path / "c.txt").symlink_to(tmp_path / "a.txt")
+    files = text_files(str(tmp_path / "**" / "*.txt"))
+    assert sorted(str(f.relative_to(tmp_path)) for f in files) == ["a.txt", "sub/b.txt"]
+    assert sorted(str(f.relative_to(tmp_path)) for f in text_files(str(tmp_path))) == ["a.txt", "sub/b.txt"]
+
+
+def test_a_file_larger_than_the_run_needs_is_not_read_whole(tmp_path):
+    """max_tokens bounds what is read of each file: the tail of a large file -- here invalid UTF-8, which reading it
+    whole would refuse -- is never read, and the documents are the file's first tokens exactly."""
+    from flexgen_long.data import MAX_BYTES_PER_TOKEN, long_documents
+    from flexgen_long.tokenizers import ByteTokenizer
+
+    head = ("x = 1\n" * 100_000).encode()  # 600 KB of text, then binary garbage
+    (tmp_path / "big.txt").write_bytes(head + b"\xff\xfe" * 1000)
+    max_tokens = 2048
+    assert max_tokens * MAX_BYTES_PER_TOKEN < len(head)
+    ds = long_documents(ByteTokenizer(), 256, str(tmp_path / "big.txt"), max_tokens=max_tokens)
+    got = ds.tokens.flatten().tolist()
+    want = ByteTokenizer().encode(head.decode()[:max_tokens * 2], add_bos=True, add_eos=False)
+    assert len(got) == 2048 and got == want[:len(got)]
+
+
+def test_a_prefix_cut_inside_a_character_is_not_an_error(tmp_path):
+    from flexgen_long.data import read_text_file
+
+    (tmp_path / "t.txt").write_bytes("ééé".encode())  # 6 bytes, 2 per character
+    assert read_text_file(tmp_path / "t.txt", max_bytes=3) == "é"
+    assert read_text_file(tmp_path / "t.txt") == "ééé"

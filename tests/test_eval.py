@@ -104,7 +104,7 @@ def test_eval_refuses_a_model_with_non_finite_logits_and_writes_nothing(tmp_path
     monkeypatch.setattr(ev, "build_model", lambda cfg, device, dtype: (model, None))
     with pytest.raises(FloatingPointError, match="logits are NaN or infinite"):
         ev.evaluate(_cfg(output_dir=str(tmp_path / "eval"), lengths=[500]))
-    assert not (tmp_path / "eval").exists()
+    assert not list((tmp_path / "eval").iterdir())  # checked writable before the work, nothing written
     docs = [torch.randint(0, 256, (200,)).tolist()]
     with pytest.raises(FloatingPointError, match=r"perplexity at length 100: .* NaN or infinite at 99 of 99"):
         ev.evaluate_perplexity(model, docs, [100])
@@ -202,8 +202,14 @@ def test_perplexity_equals_exp_mean_nll_of_an_independent_forward():
 
 
 @pytest.mark.parametrize("overrides,message", [
-    ({"learning_rate": 1}, r"unknown config key\(s\) \['learning_rate'\]"),
-    ({"lengths": []}, r"config field 'lengths': must be a non-empty list of ints >= 64"),
+    ({"learning_rate": 1}, r"unknown config key 'learning_rate'"),
+    ({"length": [512]}, r"unknown config key 'length' \(did you mean 'lengths'\?\)"),
+    ({"lengths": [63]}, r"config field 'lengths': must be a non-empty list of distinct ints >= 64, got \[63\]"),
+    ({"lengths": [512, 512]}, r"config field 'lengths': must be a non-empty list of distinct ints >= 64"),
+    ({"depths": [-0.01]}, r"config field 'depths': must be a non-empty list of numbers in \[0, 1\]"),
+    ({"perplexity_documents": -1}, r"config field 'perplexity_documents': must be an int >= 0, got -1"),
+    ({"prefill_chunk": 0}, r"config field 'prefill_chunk': must be null or an int >= 1, got 0"),
+    ({"lengths": []}, r"config field 'lengths': must be a non-empty list of distinct ints >= 64"),
     ({"depths": [0.5, 2.0]}, r"config field 'depths'"),
     ({"tasks": ["sudoku"]}, r"config field 'tasks'"),
     ({"streaming_llm": {"sink": 4}}, r"config field 'streaming_llm'"),
@@ -347,3 +353,36 @@ def test_heldout_documents_join_the_files_of_a_directory_beyond_the_longest_file
     assert all("# p1 1\n" in t or "# p2 1\n" in t for t in texts)  # the next file of the same package follows
     with pytest.raises(rc.ConfigError, match="perplexity_join_files=true"):
         heldout_documents(TOK, str(tmp_path), 300, 2, 0)
+
+
+# -- outputs: checked before the work, written whole, never over another checkpoint's result ---------------------------
+FAST = {"lengths": [256], "depths": [0.0], "tasks": ["passkey"], "perplexity_documents": 0}
+
+
+def test_a_result_never_silently_replaces_another_checkpoints(tmp_path):
+    """Two runs named alike (.../a/run/step_3 and .../b/run/step_3 both default to 'run'): the second is refused
+    before any work, naming both; the same checkpoint again replaces its own result; overwrite=true replaces."""
+    from recipes.longgen_eval import evaluate
+
+    a, b = _tiny_checkpoint(tmp_path / "a" / "run"), _tiny_checkpoint(tmp_path / "b" / "run")
+    out = tmp_path / "eval"
+    evaluate(_cfg(output_dir=str(out), checkpoint_dir=str(a), **FAST))
+    first = (out / "run.json").read_bytes()
+    with pytest.raises(ValueError, match=rf"config field 'name': '{out}/run.json' holds the result of {a}, not of "
+                                         rf"{b}; choose another name .* overwrite=true"):
+        evaluate(_cfg(output_dir=str(out), checkpoint_dir=str(b), **FAST))
+    assert (out / "run.json").read_bytes() == first
+    evaluate(_cfg(output_dir=str(out), checkpoint_dir=str(a), **FAST))  # its own result: replaced
+    evaluate(_cfg(output_dir=str(out), checkpoint_dir=str(b), overwrite=True, **FAST))
+    assert json.loads((out / "run.json").read_text())["checkpoint"] == str(b)
+    assert sorted(p.name for p in out.iterdir()) == ["run.json", "run_retrieval.png"]  # no temp files left
+
+
+def test_an_unwritable_output_is_refused_before_the_model_is_built(tmp_path, monkeypatch):
+    import recipes.longgen_eval as ev
+
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setattr(ev, "build_model", lambda *a: pytest.fail("the model was built before the output was checked"))
+    with pytest.raises(OSError) as info:
+        ev.evaluate(_cfg(output_dir=str(tmp_path / "file" / "eval"), **FAST))
+    assert str(tmp_path / "file") in str(info.value)

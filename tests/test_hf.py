@@ -177,8 +177,11 @@ def test_generate_recipe_refuses_corrupted_checkpoint(tmp_path):
                         "recipes/configs/generate/tiny.yaml", f"checkpoint_dir={path}", "max_new_tokens=4"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
-    assert f"{f}: tensor" in r.stderr and "damaged" in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: {f}: its SHA-256 differs")  # found by its checksum
     assert "===" not in r.stdout
+    (path / "checksums.sha256").unlink()  # without checksums (an HF directory not written here): found by its values
+    r = subprocess.run(r.args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and f"{f}: tensor" in r.stderr and "damaged" in r.stderr and "===" not in r.stdout
 
 
 # -- tokenizers ---------------------------------------------------------------------------------------------------------

@@ -52,6 +52,26 @@ def test_value_and_gradients_equal_cross_entropy_on_the_full_logits(dtype, tied,
         assert _rel(got, want) < 1e-6
 
 
+@pytest.mark.parametrize("ignore_index", [0, 7, -1])
+def test_a_configured_ignore_index_is_the_one_ignored(ignore_index):
+    """Not only the default -100: labels equal to the configured ``ignore_index`` are left out of the sum and of the
+    count (the oracle: F.cross_entropy with the same ignore_index). The labels hold no -100, which would then be an
+    out-of-range class."""
+    model = _model(torch.float64, tied=False)
+    hidden = torch.randn(2, 40, D, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, V, (2, 40))
+    labels[:, ::3] = ignore_index
+    loss_fn = ChunkedLinearCrossEntropy(num_chunks=3, ignore_index=ignore_index)
+    loss_fn.set_model_output(model)
+    ours = loss_fn(hidden, labels)
+    ref = F.cross_entropy(model.output(hidden).reshape(-1, V), labels.reshape(-1), ignore_index=ignore_index)
+    assert abs(ours.item() - ref.item()) / ref.item() < 1e-9
+    default = ChunkedLinearCrossEntropy(num_chunks=3)  # the default would count those labels (or fail on -1)
+    default.set_model_output(model)
+    if ignore_index >= 0:
+        assert abs(default(hidden, labels).item() - ref.item()) > 1e-6
+
+
 def test_model_hands_hidden_states_and_training_equals_the_chunked_output_loss():
     """The whole model: ``skip_output_layer`` makes forward return the final-normed hidden states, which the output
     projects to exactly the logits of a plain forward; the loss and every parameter's gradient equal torchtune's

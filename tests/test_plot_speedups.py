@@ -2,11 +2,12 @@
 smoke mode: figures are written, the right series are drawn, unmeasured points are not."""
 
 import json
+import re
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pytest
-from scripts import load_script
+from scripts import REPO, load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -166,3 +167,21 @@ def test_generate_figure_draws_the_user_path_against_the_best_dense(tmp_path):
     plt.close(fig)
     with pytest.raises(SystemExit, match="--generate"):
         plot.main(["--generate", str(tmp_path / "none_*.json"), "--out", str(tmp_path)])
+
+
+def test_plots_from_committed_json_into_a_chosen_folder_and_never_over_a_file(tmp_path, capsys):
+    """On a CPU, from the committed JSON: the figures go to --out; a second run refuses to replace them (naming the
+    file) unless --overwrite, and the committed figures are not touched."""
+    plot = load_script("analysis/plot_speedups.py", "plot_speedups")
+    committed = {p: p.stat().st_mtime_ns for p in (REPO / "analysis" / "figures").glob("*.png")}
+    args = ["--generate", str(REPO / "analysis/results/generation_generate_fused_NVIDIA_H200.json"), "--out",
+            str(tmp_path / "figs")]
+    plot.main(args)
+    written = [Path(line) for line in capsys.readouterr().out.split()]
+    assert written and all(p.parent == tmp_path / "figs" and p.stat().st_size > 10_000 for p in written)
+    before = {p: p.read_bytes() for p in written}
+    with pytest.raises(SystemExit, match=rf"error: {re.escape(str(written[0]))} exists; .* --overwrite"):
+        plot.main(args)
+    assert {p: p.read_bytes() for p in written} == before
+    plot.main([*args, "--overwrite"])
+    assert {p: p.stat().st_mtime_ns for p in (REPO / "analysis" / "figures").glob("*.png")} == committed

@@ -5,6 +5,7 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -26,7 +27,7 @@ TINY = "recipes/configs/tiny_longgen.yaml"
 # The tiny job, shrunk to seconds: shorter sequences, fewer tokens, every step logged.
 SMALL = ["seq_len=256", "model.max_seq_len=256", "dataset.max_tokens=30000", "dataset.synthetic_length=200",
          "dataset.synthetic_tasks=[passkey]",  # 4 multi-key needles alone outgrow a 256-token sequence
-         "batch_size=2", "gradient_accumulation_steps=2", "log_every_n_steps=1", "lr_scheduler.num_warmup_steps=2"]
+         "batch_size=2", "gradient_accumulation_steps=2", "log_every_n_steps=1", "lr_scheduler.num_warmup_steps=1"]
 
 
 def _free_port() -> int:
@@ -84,6 +85,44 @@ def test_tune_run_tiny_config_as_typed(tmp_path):
     assert last < first - 0.5, losses  # bytes start near ln(259) = 5.56; unigram statistics alone take > 0.5 off
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["step_6", "step_12"]
     assert {"model.safetensors", "config.json", "recipe_state.pt"} <= {p.name for p in (out / "step_12").iterdir()}
+    # stdout: results, then the written paths last; stderr (a pipe here): progress as whole lines, no redraws
+    assert r.stdout.strip().splitlines()[-2:] == [f"Wrote {out}/step_6", f"Wrote {out}/step_12"]
+    assert "\r" not in r.stderr and re.search(r"^step 12 loss [0-9.]+: 12/12 \(\d+ s\)$", r.stderr, re.M), r.stderr
+    assert "Skipping import of cpp extensions" not in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("recipe,schema", [("longgen_finetune", "FinetuneConfig"),
+                                           ("longgen_generate", "GenerateConfig"), ("longgen_eval", "EvalConfig")])
+def test_help_lists_every_key_of_the_recipe_schema(recipe, schema, capsys):
+    """--help is drawn from the same schema the checks use: every key, its default, what it allows, its meaning."""
+    import importlib
+
+    from flexgen_long import recipe_config as rc
+
+    module = importlib.import_module(f"recipes.{recipe}")
+    assert module.recipe_main(["--help"]) == 0
+    out = capsys.readouterr().out
+    keys = list(rc.fields(getattr(module, schema)))
+    assert len(keys) > 10
+    for name, tp, f in keys:
+        assert re.search(rf"^  {re.escape(name)} = ", out, re.M), name
+        assert f"{f.metadata['help']} [{rc.describe(tp, dict(f.metadata))}]" in out, name
+
+
+def test_progress_is_periodic_lines_off_a_terminal(monkeypatch, capsys):
+    from flexgen_long import cli
+
+    now = [0.0]
+    monkeypatch.setattr(cli.time, "monotonic", lambda: now[0])
+    bar = cli.progress(10, "train")
+    for step in range(1, 11):
+        now[0] += 4  # 4 s per step: a line once 10 s have passed since the last one
+        bar.set_description(f"step {step}")
+        bar.update(1)
+    bar.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["step 3: 3/10 (12 s, 28 s left)", "step 6: 6/10 (24 s, 16 s left)",
+                     "step 9: 9/10 (36 s, 4 s left)", "step 10: 10/10 (40 s)"]
 
 
 def test_save_final_false_trains_without_writing_the_last_checkpoint(tmp_path):
@@ -304,7 +343,9 @@ def _assert_every_checkpoint_whole(out: Path, why: str) -> None:
     from safetensors.torch import load_file
 
     for p in ckpt.list_checkpoints(out):
-        assert {f.name for f in p.iterdir()} == {ckpt.WEIGHTS_FILE, ckpt.CONFIG_FILE, ckpt.STATE_FILE}, (why, p)
+        assert {f.name for f in p.iterdir()} == {ckpt.WEIGHTS_FILE, ckpt.CONFIG_FILE, ckpt.STATE_FILE,
+                                                 hf.CHECKSUM_FILE}, (why, p)
+        assert hf.verify_checksums(p), (why, p)
         step = json.loads((p / ckpt.CONFIG_FILE).read_text())["flexgen_long"]["step"]
         assert p.name == f"step_{step}" and load_file(p / ckpt.WEIGHTS_FILE), (why, p)
         assert torch.load(p / ckpt.STATE_FILE, weights_only=False)["global_step"] == step, (why, p)
@@ -367,8 +408,11 @@ def test_two_jobs_one_folder_then_sigkill_at_a_random_time(tmp_path, uninterrupt
 
 # -- bad configs: a clear error naming the field, before anything is touched ----------------------------------------------
 BAD = [
-    (["learning_rate=1e-3"], ValueError, r"unknown config key\(s\) \['learning_rate'\]"),
-    (["checkpoint.every=5"], ValueError, r"unknown config key\(s\) \['checkpoint.every'\]"),
+    (["learning_rate=1e-3"], ValueError, r"^unknown config key 'learning_rate'; the recipe's --help lists every key$"),
+    (["max_step=300"], ValueError, r"^unknown config key 'max_step' \(did you mean 'max_steps'\?\)"),
+    (["checkpoint.keep_last=1"], ValueError,
+     r"^unknown config key 'checkpoint.keep_last' \(did you mean 'checkpoint.keep_last_n'\?\)"),
+    (["checkpoint.every=5"], ValueError, r"unknown config key 'checkpoint.every'"),
     (["dataset.source=/nonexistent/corpus"], FileNotFoundError, r"dataset.source='/nonexistent/corpus': no such file"),
     (["seq_len=512"], ValueError, r"config field 'seq_len': 512 exceeds model.max_seq_len=256"),
     (["model.sparse_pattern.window=300"], ValueError,
@@ -378,12 +422,32 @@ BAD = [
     (["model.sparse_pattern.sink=four"], ValueError, r"config field 'model.sparse_pattern.sink': must be an int, "
                                                      r"got 'four'"),
     (["max_steps=0"], ValueError, r"config field 'max_steps': must be an int >= 1, got 0"),
+    (["model.rope_base=-1"], ValueError, r"config field 'model.rope_base': must be a number > 0, got -1"),
+    (["model.rope_base=0"], ValueError, r"config field 'model.rope_base': must be a number > 0, got 0"),
+    (["lr_scheduler.num_warmup_steps=-1"], ValueError,
+     r"config field 'lr_scheduler.num_warmup_steps': must be an int >= 0, got -1"),
+    (["lr_scheduler.num_warmup_steps=1e6"], ValueError,
+     r"config field 'lr_scheduler.num_warmup_steps': must be an int, got 1000000.0"),
+    (["on_nonfinite=ignore"], ValueError, r"config field 'on_nonfinite': must be one of \['stop', 'skip'\]"),
+    (["dataset.source=python-stdlib", "dataset.max_tokens=100"], ValueError,
+     r"dataset.max_tokens must be null or an int >= seq_len=256, got 100"),
     (["max_steps=abc"], ValueError, r"config field 'max_steps': must be an int >= 1, got 'abc'"),
     (["checkpoint.base_dir=/nonexistent/llama"], ValueError,
      r"config field 'checkpoint.base_dir': '/nonexistent/llama' does not exist"),
     (["clip_grad_norm=abc"], ValueError, r"config field 'clip_grad_norm': must be null or a number > 0, got 'abc'"),
-    (["seed=abc"], ValueError, r"config field 'seed': must be null or an int >= 0 and <= 4294967295, got 'abc'"),
+    (["seed=abc"], ValueError, r"config field 'seed': must be null or an int in \[0, 4294967295\], got 'abc'"),
+    (["seed=-1"], ValueError, r"config field 'seed': must be null or an int in \[0, 4294967295\], got -1"),
+    (["seed=4294967296"], ValueError, r"config field 'seed': must be null or an int in \[0, 4294967295\], got 42"),
+    (["clip_grad_norm=0"], ValueError, r"config field 'clip_grad_norm': must be null or a number > 0, got 0"),
+    (["clip_grad_norm=.nan"], ValueError, r"config field 'clip_grad_norm': must be null or a number > 0, got nan"),
+    (["batch_size=true"], ValueError, r"config field 'batch_size': must be an int >= 1, got True"),
+    (["gradient_accumulation_steps=0"], ValueError, r"'gradient_accumulation_steps': must be an int >= 1, got 0"),
+    (["batch_size=1.5"], ValueError, r"config field 'batch_size': must be an int >= 1, got 1.5"),
+    (["checkpoint.keep_last_n=0"], ValueError, r"'checkpoint.keep_last_n': must be null or an int >= 1, got 0"),
+    (["checkpoint.save_every_n_steps=0"], ValueError, r"'checkpoint.save_every_n_steps': must be null or an int >= 1"),
+    (["optimizer.betas=[0.9]"], ValueError, r"config field 'optimizer.betas': must be a list of 2 numbers, got"),
     (["optimizer.lr=abc"], ValueError, r"config field 'optimizer.lr': must be a number, got 'abc'"),
+    (["optimizer.lr=.nan"], ValueError, r"config field 'optimizer.lr': must be a number, got nan"),
     (["optimizer.lr=-1"], ValueError, r"config section 'optimizer': Invalid learning rate: -1"),
     (["optimizer._component_=torch.optim.AdamWW"], ValueError,
      r"config field 'optimizer._component_': 'torch.optim.AdamWW' cannot be imported"),
@@ -402,6 +466,9 @@ BAD = [
     (["device=tpu"], ValueError, r"config field 'device': must be 'cpu', 'cuda' or 'cuda:<index>', got 'tpu'"),
     (["dtype=fp16"], ValueError, r"config field 'dtype': must be one of \['fp32', 'bf16'\], got 'fp16'"),
     (["log_peak_memory_stats=2"], ValueError, r"config field 'log_peak_memory_stats': must be true or false, got 2"),
+    (["metric_logger._component_=torchtune.training.metric_logging.DiskLogger"], ValueError,
+     r"config field 'metric_logger': torchtune.training.metric_logging.DiskLogger needs log_dir, which the section "
+     r"does not give \(add metric_logger.log_dir=<value>\)"),
     (["metric_logger._component_=torchtune.nope.Logger"], ValueError,
      r"config field 'metric_logger._component_': 'torchtune.nope.Logger' cannot be imported"),
     (["model.vocab_size=256"], ValueError, r"config section 'tokenizer': the tokenizer has 259 ids \(0..258\) but the "
@@ -522,3 +589,179 @@ def test_base_checkpoint_of_other_sizes_is_refused_before_training(tmp_path, smo
                                          r"vocab_size=259 \(config.json vocab_size=49152\); num_layers=4"):
         _run(_cfg(tmp_path / "run", f"checkpoint.base_dir={smollm2_dir}"))
     assert not (tmp_path / "run").exists()  # not even output_dir was created
+
+
+@pytest.mark.parametrize("overrides", [["seed=0"], ["seed=4294967295"], ["seed=null"], ["lr_scheduler.num_warmup_steps=0"],
+                                       ["lr_scheduler.num_warmup_steps=100"], ["clip_grad_norm=1e-9"],
+                                       ["checkpoint.keep_last_n=1", "checkpoint.save_every_n_steps=1"],
+                                       ["gradient_accumulation_steps=1"], ["on_nonfinite=skip"], ["checkpoint=null"]])
+def test_range_boundaries_are_accepted(tmp_path, overrides):
+    """The other side of every boundary the refused values above sit on."""
+    from recipes.longgen_finetune import validate_config
+
+    validate_config(_cfg(tmp_path / "run", "max_steps=100", *overrides))
+    assert not (tmp_path / "run").exists()
+
+
+# -- faults: divergence, interrupts, damaged files, failures after the claim -----------------------------------------------
+def _diverge_at(monkeypatch, step: int):
+    """The loss of training step ``step`` (1-based) becomes NaN, as a diverging run's would."""
+    from recipes.longgen_finetune import LongGenFinetuneRecipe
+
+    real = LongGenFinetuneRecipe._loss
+
+    def loss(self, batch):
+        out = real(self, batch)
+        return out * float("nan") if self.global_step + 1 == step else out
+
+    monkeypatch.setattr(LongGenFinetuneRecipe, "_loss", loss)
+
+
+def test_divergence_stops_naming_the_step_and_keeps_the_finite_checkpoints(tmp_path, monkeypatch):
+    _diverge_at(monkeypatch, 4)
+    cfg = _cfg(tmp_path, "max_steps=6", "checkpoint.save_every_n_steps=1", "checkpoint.keep_last_n=1")
+    with pytest.raises(FloatingPointError, match=r"training diverged at step 4: loss nan, grad norm nan; stopped before "
+                                                 rf"its update.*last complete checkpoint: {tmp_path}/step_3"):
+        _run(cfg)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_3"]
+    model = hf.load_model(tmp_path / "step_3")  # finite, loads (checked), and the lock was released:
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    ckpt.OutputDirLock(tmp_path).release()
+
+
+def test_an_infinite_gradient_under_a_finite_loss_stops_too(tmp_path):
+    """The loss alone is not enough: a gradient that overflows (here one parameter's, at step 3) while the loss stays
+    finite stops the run before the update, and the weights stay finite."""
+    from recipes.longgen_finetune import LongGenFinetuneRecipe
+
+    cfg = _cfg(tmp_path, "max_steps=5", "clip_grad_norm=null")
+    recipe = LongGenFinetuneRecipe(cfg)
+    try:
+        recipe.setup(cfg)
+        weight = recipe._model.tok_embeddings.weight
+        weight.register_hook(lambda g: g * float("inf") if recipe.global_step == 2 else g)
+        with pytest.raises(FloatingPointError, match=r"training diverged at step 3: loss [0-9.]+, grad norm (inf|nan)"):
+            recipe.train()
+        assert all(torch.isfinite(p).all() for p in recipe._model.parameters())
+    finally:
+        recipe.release()
+    recipe.cleanup()
+
+
+def test_on_nonfinite_skip_skips_the_update_and_goes_on(tmp_path, monkeypatch, caplog):
+    _diverge_at(monkeypatch, 2)
+    caplog.set_level("WARNING")
+    recipe = _run(_cfg(tmp_path, "max_steps=3", "on_nonfinite=skip"))
+    assert "step 2: loss nan, grad norm nan: update skipped (on_nonfinite=skip)" in caplog.text
+    assert recipe.global_step == 3 and all(torch.isfinite(p).all() for p in recipe._model.parameters())
+
+
+def test_a_real_divergence_is_caught(tmp_path):
+    """No injection: a learning rate of 1e4 ends in one error -- a NaN loss, or weights past what a load accepts at
+    the next save -- and every checkpoint left loads."""
+    with pytest.raises(FloatingPointError, match=r"training diverged at step \d+|step \d+: weights .* the run is "
+                                                 r"diverging"):
+        _run(_cfg(tmp_path, "max_steps=40", "optimizer.lr=10000", "clip_grad_norm=null",
+                  "checkpoint.save_every_n_steps=1", "checkpoint.keep_last_n=1"))
+    for p in ckpt.list_checkpoints(tmp_path):
+        hf.load_hf_state_dict(p)  # every weight finite (and |w| plausible), or CheckpointError
+
+
+def test_resume_deletes_only_what_it_wrote(tmp_path):
+    """keep_last_n applies to this run's checkpoints; the earlier run's and its saved config stay as they were."""
+    _run(_cfg(tmp_path, "max_steps=2", "checkpoint.save_every_n_steps=1", "checkpoint.keep_last_n=null"))
+    before = {p: p.read_bytes() for p in [*tmp_path.glob("step_*/*"), tmp_path / "torchtune_config.yaml"]}
+    _run(_cfg(tmp_path, "max_steps=5", "checkpoint.save_every_n_steps=1", "checkpoint.keep_last_n=1",
+              "checkpoint.resume=true"))
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_1", "step_2", "step_5"]
+    assert {p: p.read_bytes() for p in before} == before
+    assert (tmp_path / "torchtune_config.resumed_at_step_2.yaml").is_file()
+
+
+def test_resume_from_a_damaged_checkpoint_names_the_file(tmp_path):
+    _run(_cfg(tmp_path, "max_steps=2"))
+    state = tmp_path / "step_2" / ckpt.STATE_FILE
+    state.write_bytes(state.read_bytes()[:-100])  # truncated
+    with pytest.raises(hf.CheckpointError, match=rf"{state}: its SHA-256 differs"):
+        _run(_cfg(tmp_path, "max_steps=3", "checkpoint.resume=true"))
+    (tmp_path / "step_2" / hf.CHECKSUM_FILE).unlink()  # without checksums: still one error naming the file
+    with pytest.raises(hf.CheckpointError, match=rf"{state}: not readable"):
+        _run(_cfg(tmp_path, "max_steps=3", "checkpoint.resume=true"))
+
+
+def test_a_failure_after_the_claim_leaves_nothing_that_blocks_the_corrected_rerun(tmp_path):
+    with pytest.raises(ValueError, match=r"config field 'batch_size': 200 x 1 rank\(s\) exceeds the dataset's"):
+        _run(_cfg(tmp_path, "max_steps=1", "batch_size=200"))
+    assert [p.name for p in tmp_path.iterdir()] == [ckpt.LOCK_FILE]  # released (empty record), nothing else
+    _run(_cfg(tmp_path, "max_steps=1"))  # the corrected command, unchanged otherwise
+    assert ckpt.latest_checkpoint(tmp_path).name == "step_1"
+
+
+def test_an_unwritable_output_dir_fails_before_any_data_or_weights(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OSError) as info:
+        _run(_cfg(tmp_path / "file" / "run", "max_steps=1"))
+    assert str(tmp_path / "file") in str(info.value)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_is_one_line_naming_the_step_checkpoint_and_resume_command(tmp_path, sig):
+    out = tmp_path / "run"
+    args = ["--config", TINY, f"output_dir={out}", *SMALL, "max_steps=200", "checkpoint.save_every_n_steps=2"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # SIGINT at its default: a shell starts background jobs with it ignored, and children inherit that
+    child = subprocess.Popen([sys.executable, "recipes/longgen_finetune.py", *args], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
+    deadline = time.monotonic() + 240
+    while not (out / "step_2").exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child.send_signal(sig)
+    stdout, stderr = child.communicate(timeout=120)
+    assert child.returncode == 130, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    name = "SIGTERM" if sig == signal.SIGTERM else r"Ctrl-C \(SIGINT\)"
+    latest = ckpt.latest_checkpoint(out)
+    assert re.fullmatch(rf"error: stopped by {name} at step \d+ of 200; last complete checkpoint: {latest}; continue "
+                        rf"with: tune run recipes/longgen_finetune.py .* checkpoint.resume=true", last), last
+    assert "Traceback" not in stderr
+    resume = shlex.split(last.split("continue with: ")[1])
+    assert resume[:3] == ["tune", "run", "recipes/longgen_finetune.py"] and resume[3:-1] == args
+    ckpt.OutputDirLock(out).release()  # the lock was released (a held one raises OutputDirInUse)
+    _run(_cfg(out, "max_steps=" + str(int(latest.name.split("_")[1]) + 1), "checkpoint.save_every_n_steps=2",
+              "checkpoint.resume=true"))
+
+
+def test_missing_config_file_and_help_from_the_command_line(tmp_path):
+    r = _tune("run", "recipes/longgen_finetune.py", "--config", "recipes/configs/tiny_longgen.yml")
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(
+        "error: --config 'recipes/configs/tiny_longgen.yml': no such file") and "Traceback" not in r.stderr
+    r = _tune("run", "longgen_finetune", "--config", "tiny_longgen", "--help")  # torchtune's short form
+    assert r.returncode == 0 and "  max_steps = 100 (default: required)" in r.stdout
+    assert "Skipping import of cpp extensions" not in r.stderr
+    r = _tune("run", "recipes/longgen_finetune.py", "--config", "tiny_longgen", "max_step=3")
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "error: unknown config key 'max_step' (did you mean 'max_steps'?); the recipe's --help lists every key"]
+
+
+def test_a_full_disk_during_a_save_then_resume_once_space_is_back(tmp_path, monkeypatch):
+    """ENOSPC in the middle of the step-2 checkpoint (torch.save's view of it): one OSError naming that checkpoint and
+    the cause, step_1 untouched, no temp directory left, the lock released; resuming afterwards reaches the end."""
+    import errno
+
+    real_save = torch.save
+
+    def full_at_step_2(obj, f, *a, **k):
+        if isinstance(obj, dict) and obj.get("global_step") == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    common = ["checkpoint.save_every_n_steps=1", "checkpoint.keep_last_n=null"]
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", full_at_step_2)
+        with pytest.raises(OSError) as info:
+            _run(_cfg(tmp_path, "max_steps=3", *common))
+    assert info.value.filename == str(tmp_path / "step_2") and info.value.strerror.startswith("No space left")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.LOCK_FILE, "step_1", "torchtune_config.yaml"]
+    _run(_cfg(tmp_path, "max_steps=3", *common, "checkpoint.resume=true"))
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_1", "step_2", "step_3"]
