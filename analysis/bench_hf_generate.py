@@ -165,6 +165,8 @@ def main(argv=None) -> dict:
     card = torch.cuda.get_device_name(device).replace(" ", "_") if device.type == "cuda" else "cpu"
     name = Path(args.source).name if args.source else args.model
 
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)  # the folder for the run's temporary files
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)
         checkpoint = resolve_checkpoint(args.source) if args.source else write_checkpoint(args, tmp, dtype)

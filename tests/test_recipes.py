@@ -399,10 +399,13 @@ def test_two_jobs_one_folder_then_sigkill_at_a_random_time(tmp_path, uninterrupt
     finally:
         output = child.communicate(timeout=60)[0]
     assert child.returncode in (-signal.SIGKILL, 0), (why, output[-3000:])
+    # a kill during the interpreter's exit, after the run released its lock (emptied its record), leaves nothing stale
+    lock = out / ckpt.LOCK_FILE
+    stale = lock.exists() and lock.stat().st_size > 0
     _assert_every_checkpoint_whole(out, why)
     caplog.set_level("INFO")
     _resume_and_compare(out, tmp_path / "log_resumed", uninterrupted, why)
-    if child.returncode == -signal.SIGKILL:
+    if stale:
         assert f"taking over a stale lock of pid {child.pid}" in caplog.text, why
 
 

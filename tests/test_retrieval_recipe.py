@@ -106,7 +106,8 @@ BAD = [
      r"config field 'model.full_layers': 'retrieval:1' places the full layers on a pretrained model's retrieval "
      r"heads, but checkpoint.base_dir is null \(random init has none\)"),
     (["retrieval_scoring.length=64"], r"config field 'retrieval_scoring.length': must be null or an int >= 128, got 64"),
-    (["retrieval_scoring.batch=4"], r"unknown config key\(s\) \['retrieval_scoring.batch'\]"),
+    (["retrieval_scoring.batch=4"], r"unknown config key 'retrieval_scoring.batch' \(did you mean "
+                                    r"'retrieval_scoring.batch_size'\?\)"),
 ]
 
 
