@@ -57,10 +57,10 @@ peak = max over three phases (gradients are set to None at each step's start, op
 
 Checked two ways (tests/test_train_plan.py): against torch's own memory trackers (``MemTracker``, and
 ``FSDPMemTracker`` over a fake process group) on a small model trained on the CPU -- parameters and optimizer states
-exactly, the peak 0-4% above, in each phase; and against the peaks measured on H200s
-(``analysis/results/finetune_*NVIDIA_H200.json``, every one of them in the head phase), 0.1-0.3% below. The layer
-phase has no GPU measurement behind it yet, nor has ChunkedLinearCrossEntropy's head: on the CPU trackers it is
-0.2% above (one process, and 3 ranks over a fake process group); every GPU record ran the other losses.
+exactly, the peak slightly above, in each phase; and against the GPU peaks of ``analysis/results/finetune_*.json``
+(every one of them in the head phase; the comparison is in analysis/README.md, "Finetuning on GPUs"). The layer phase
+has no GPU measurement behind it yet, nor has ChunkedLinearCrossEntropy's head; every GPU record ran the other
+losses.
 """
 
 from __future__ import annotations

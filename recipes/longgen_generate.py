@@ -73,7 +73,7 @@ def generate_text(cfg: DictConfig) -> None:
     compiled = cfg.compile
     model = rc.build_model(cfg, rc.checkpoint_dir_field(cfg), device, dtype, log=log.info)
     # one q/k/v and one gate/up matrix product per layer (same weights, no extra memory; this recipe saves nothing):
-    # with the compiled layers, 10.3 ms per token at 128K on an H200, Llama-2-7B shape (analysis/README.md)
+    # the fastest measured decode with the compiled layers (analysis/README.md, "The user's path")
     fuse_projections(model)
     tokenizer = rc.instantiate("tokenizer", cfg.tokenizer)
     rc.tokenizer_fits(tokenizer, model.tok_embeddings.num_embeddings)
