@@ -19,7 +19,7 @@ from torch.nn.attention.bias import causal_lower_right
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torchtune.modules import MultiHeadAttention, TransformerSelfAttentionLayer
 
-from .masks import build_block_mask, build_cached_block_mask, dense_mask
+from .masks import build_block_mask, build_cached_block_mask, dense_mask, position_mask
 from .patterns import Documents, Full, Pattern, check_doc_ids
 from .policy import Policy
 from .routes import BUFFER_KERNELS, Route, route
@@ -76,6 +76,20 @@ def positions_in_documents(doc_ids: Tensor) -> Tensor:
     return (pos - docs.start).long()
 
 
+def _sequence_mask(pattern: Pattern, kernel: str, seq_len: int, num_heads: int, num_kv_heads: int, device,
+                   doc_ids: Tensor | None = None) -> Tensor | BlockMask | None:
+    """The mask a no-cache kernel needs over ``seq_len`` tokens: a BlockMask padded to the bucket (the shape policy)
+    for flex, the token rule's bool mask for SDPA, none for causal SDPA."""
+    if kernel == "flex":
+        return build_block_mask(pattern, seq_len, seq_len, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                                block_size=BLOCK, device=device, doc_ids=doc_ids,
+                                padded_lengths=(padded_len(seq_len),) * 2)
+    if kernel == "sdpa_dense_mask":
+        return dense_mask(pattern, seq_len, seq_len, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                          doc_ids=doc_ids).to(device)
+    return None
+
+
 class MaskSet:
     """The routes and masks of one no-cache forward: per distinct pattern its route (phase "train" when ``grad``, else
     "first") and the mask it needs (a BlockMask for flex, a bool mask for SDPA, none for causal SDPA). ``kind``
@@ -96,16 +110,7 @@ class MaskSet:
                       q_len=seq_len, packed=doc_ids is not None, heads=(num_heads, num_kv_heads, 1))
             if kind is not None and r.kernel != "sdpa_causal":
                 r = Route("flex" if kind == "block" else "sdpa_dense_mask", r.shape, r.bytes)
-            if r.kernel == "flex":  # padded to the bucket (the shape policy)
-                m = build_block_mask(p, seq_len, seq_len, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                                     block_size=BLOCK, device=device, doc_ids=doc_ids,
-                                     padded_lengths=(padded_len(seq_len),) * 2)
-            elif r.kernel == "sdpa_dense_mask":
-                m = dense_mask(p, seq_len, seq_len, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                               doc_ids=doc_ids).to(device)
-            else:
-                m = None
-            self.routes[p] = (r, m)
+            self.routes[p] = (r, _sequence_mask(p, r.kernel, seq_len, num_heads, num_kv_heads, device, doc_ids))
 
     def route(self, pattern: Pattern) -> Route:
         if pattern not in self.routes:
@@ -149,11 +154,6 @@ def run_layer(layer: nn.Module, h: Tensor, input_pos: Tensor, kv: KVStep) -> Ten
     return layer(h, input_pos=input_pos, kv=kv)
 
 
-def _expand_heads(mask: Tensor, num_heads: int) -> Tensor:
-    """[B, Hp, Q, S] per-KV-head mask -> broadcastable over query heads (GQA groups share their KV head's pattern)."""
-    return mask if mask.shape[1] == 1 else mask.repeat_interleave(num_heads // mask.shape[1], dim=1)
-
-
 def _expand_kv(q: Tensor, *kv: Tensor) -> list[Tensor]:
     """K/V repeated to q's heads, for the masked SDPA paths (with enable_gqa they may fall back to the math kernel)."""
     return [t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in kv]
@@ -189,10 +189,9 @@ def _mask(at, q, ctx, r):
     """The first chunk's mask from a KVStep (made once per step and pattern) or the forward's MaskSet."""
     if isinstance(ctx, MaskSet):
         return ctx[at.pattern]
-    C, kind = q.shape[2], r.kernel
-    return ctx.memo(("first", at.pattern, kind, C), lambda: MaskSet(
-        [at.pattern], C, num_heads=at.num_heads, num_kv_heads=at.num_kv_heads, device=q.device, policy=ctx.policy,
-        kind="block" if kind == "flex" else "dense")[at.pattern])
+    C = q.shape[2]
+    return ctx.memo(("first", at.pattern, r.kernel, C), lambda: _sequence_mask(
+        at.pattern, r.kernel, C, at.num_heads, at.num_kv_heads, q.device))
 
 
 def _flex_full_chunk(at, q, k, v, ctx, r):
@@ -230,7 +229,7 @@ def _sdpa_over_slots(at, q, k, v, ctx, r):
     kk, vv = torch.cat([c.k[row:row + 1], k], dim=2), torch.cat([c.v[row:row + 1], v], dim=2)
     qpos = torch.arange(o, o + C, device=q.device, dtype=torch.int32)
     kpos = torch.cat([c.pos[row:row + 1], qpos.expand(1, c.pos.shape[1], C)], dim=2)
-    mask = _expand_heads(c.visible(qpos[None], kpos), at.num_heads)
+    mask = position_mask(c.pattern, qpos[None], kpos, at.num_heads)
     return F.scaled_dot_product_attention(q, *_expand_kv(q, kk, vv), attn_mask=mask)
 
 
@@ -241,8 +240,8 @@ def _decode_exact(at, q, k, v, ctx, r):
 
 def _decode_masked(at, q, k, v, ctx, r):
     c = ctx.cache[at]
-    mask = ctx.memo(("decode", c.pattern, c.slots, at.num_heads), lambda: _expand_heads(
-        c.visible(ctx.pos[:, None], c.pos), at.num_heads))  # built after the layer's write, by the first layer
+    mask = ctx.memo(("decode", c.pattern, c.slots, at.num_heads), lambda: position_mask(
+        c.pattern, ctx.pos[:, None], c.pos, at.num_heads))  # built after the layer's write, by the first layer
     return F.scaled_dot_product_attention(q, c.k, c.v, attn_mask=mask, enable_gqa=True)
 
 

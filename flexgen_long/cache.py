@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import HybridAttention, attention_layers
+from .masks import position_mask
 from .patterns import Pattern
 from .policy import Policy
 from .routes import route
@@ -296,10 +297,8 @@ class LayerCache:
         self.pos.scatter_(2, slot.unsqueeze(-1), pos.view(-1, 1, 1).expand(B, slot.shape[1], 1).to(torch.int32))
 
     def visible(self, qpos: Tensor, kpos: Tensor) -> Tensor:
-        """Bool [B, Hp, Q, S] from query positions [B, Q] and key positions [B, Hp, S], by the pattern's token rule."""
-        h = self._heads.view(1, -1, 1, 1) if self.pattern.head_dependent else 0
-        q, k = qpos[:, None, :, None].long(), kpos[:, :, None, :].long()
-        return (k >= 0) & self.pattern.visible(q, k, h)
+        """Bool [B, Hp, Q, S] from query positions [B, Q] and key positions [B, Hp, S] (``masks.position_mask``)."""
+        return position_mask(self.pattern, qpos, kpos)
 
 
 class ModelCache:

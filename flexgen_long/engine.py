@@ -185,12 +185,12 @@ class Engine:
         """The compiled kernels (route table: kernel, pattern, shape) that prefilling an ``n``-token prompt in chunks
         of ``chunk`` runs, over caches just long enough."""
         out, chunk = set(), chunk or n
-        for at in self.layers:
-            p = at.pattern.bind_heads(at.num_kv_heads)
+        kinds = dict.fromkeys((at.pattern.bind_heads(at.num_kv_heads), (at.num_heads, at.num_kv_heads, at.head_dim))
+                              for at in self.layers)  # the layers of one pattern take the same routes
+        for p, heads in kinds:
             for o in range(0, n, chunk):
                 r = route(p, "first" if o == 0 else "later", device=self.device, policy=self.policy,
-                          q_len=min(chunk, n - o), offset=o, chunk=chunk, slots=p.cache_slots(n),
-                          heads=(at.num_heads, at.num_kv_heads, at.head_dim))
+                          q_len=min(chunk, n - o), offset=o, chunk=chunk, slots=p.cache_slots(n), heads=heads)
                 if r.shape is not None:
                     out.add((r.kernel, repr(p), r.shape))
         return out
@@ -220,14 +220,14 @@ class Engine:
             if new:
                 graphs |= new
                 run.add(n)
-        saved = self.policy
-        for n in sorted(run):  # the chunk chosen above, whatever memory says now; the decode step compiled below
-            self.policy = saved.replace(prefill_chunk=chunk, compile_decode=False)
-            try:
+        # the chunk chosen above, whatever memory says now; the decode step is compiled below
+        saved, self.policy = self.policy, self.policy.replace(prefill_chunk=chunk, compile_decode=False)
+        try:
+            for n in sorted(run):
                 self.reserve(1, n)
                 self.prefill(torch.zeros(n, dtype=torch.long, device=self.device), 0)
-            finally:
-                self.policy = saved
+        finally:
+            self.policy = saved
         decode_s = 0.0
         if self.policy.compile_decode:
             decode_s = sum(self._compile_decode(b) for b in (1, 2))

@@ -20,7 +20,8 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from .patterns import BlockRule, Documents, Pattern, _is_int, _is_pow2, _require, check_doc_ids, check_shape
 
-__all__ = ["build_block_mask", "build_cached_block_mask", "cached_key_positions", "dense_mask", "density"]
+__all__ = ["build_block_mask", "build_cached_block_mask", "cached_key_positions", "dense_mask", "density",
+           "position_mask"]
 
 
 def _check_pattern(pattern) -> None:
@@ -187,6 +188,19 @@ def build_cached_block_mask(pattern: Pattern, slot_pos: Tensor, q_len: int, *, q
                                   seq_lengths=(pq, ps + pq), compute_q_blocks=False)
     bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices = q_num, q_idx, full_q_num, full_q_idx
     return bm
+
+
+def position_mask(pattern: Pattern, qpos: Tensor, kpos: Tensor, num_heads: int | None = None) -> Tensor:
+    """Bool [B, Hp, Q, S]: queries at positions ``qpos`` [B, Q] over keys at positions ``kpos`` [B, Hp, S] (-1: no
+    key there -- an empty cache slot, padding) by ``pattern``'s token rule (bound to its KV heads; Hp = the KV heads
+    for a head-dependent pattern, else 1). ``num_heads``: repeat each KV head's rows for its query heads (SDPA's
+    mask layout)."""
+    h = torch.arange(kpos.shape[1], device=kpos.device).view(1, -1, 1, 1) if pattern.head_dependent else 0
+    q, k = qpos[:, None, :, None].long(), kpos[:, :, None, :].long()
+    mask = (k >= 0) & pattern.visible(q, k, h)
+    if num_heads is not None and mask.shape[1] > 1:  # GQA groups share their KV head's pattern
+        mask = mask.repeat_interleave(num_heads // mask.shape[1], dim=1)
+    return mask
 
 
 def dense_mask(pattern: Pattern, q_len: int, kv_len: int, *, q_offset: int = 0, num_heads: int = 1,
