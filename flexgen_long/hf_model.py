@@ -60,7 +60,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer, StaticLayer
 from transformers.models.llama.modeling_llama import LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel
 
 from .attention import flex_attend
-from .masks import build_block_mask, build_cached_block_mask
+from .masks import build_block_mask, build_cached_block_mask, position_mask
 from .patterns import AttnSink, BlockSparse, Full, Pattern
 from .shapes import BLOCK, pad_seq, padded_len
 
@@ -128,11 +128,13 @@ class LongGenLlamaConfig(LlamaConfig):
             return cached[1]
         sparse = {}
         if SINK in self.layer_types:
-            for name, least in (("attention_sink_size", 0), ("sliding_window", 1)):
-                value = getattr(self, name)
-                if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                    raise ValueError(f"{name} must be an int >= {least} for sink_attention layers, got {value!r}")
-            sparse[SINK] = AttnSink(self.attention_sink_size, self.sliding_window)
+            try:
+                sparse[SINK] = AttnSink(self.attention_sink_size, self.sliding_window)
+            except ValueError as e:  # AttnSink names its own fields: name the config's
+                rule, _, got = str(e).partition(", got ")
+                for ours, theirs in (("AttnSink.sink", "attention_sink_size"), ("AttnSink.window", "sliding_window")):
+                    rule = rule.replace(ours, theirs)
+                raise ValueError(f"{rule} for sink_attention layers, got {got}") from None
         if BLOCK_SPARSE in self.layer_types:
             fields_ = self.block_sparse
             if not isinstance(fields_, dict) or set(fields_) != set(BLOCK_SPARSE_FIELDS):
@@ -483,13 +485,12 @@ class _Batch:
 
 # -- attention --------------------------------------------------------------------------------------------------------
 def _dense_mask(pattern: Pattern, query_pos: Tensor, key_pos: Tensor, num_heads: int, num_kv_heads: int) -> Tensor:
-    """[B, 1 or num_heads, q, k] bool from the token rule; a query that sees nothing (padding) sees every key, so
-    that its output (which nobody reads) stays finite."""
-    q, k = query_pos[:, None, :, None], key_pos[:, None, None, :]
-    h = torch.arange(num_kv_heads, device=q.device).view(1, -1, 1, 1) if pattern.head_dependent else 0
-    vis = (k >= 0) & (q >= 0) & pattern.visible(q, k, h)
-    vis = vis | ~vis.any(-1, keepdim=True)
-    return vis.repeat_interleave(num_heads // num_kv_heads, dim=1) if pattern.head_dependent else vis
+    """[B, 1 or num_heads, q, k] bool from the token rule (``position_mask``); a padding query (position -1) sees
+    nothing by the rule, and a query that sees nothing sees every key, so that its output (which nobody reads) stays
+    finite."""
+    kpos = key_pos[:, None].expand(-1, num_kv_heads if pattern.head_dependent else 1, -1)
+    vis = position_mask(pattern, query_pos, kpos, num_heads) & (query_pos >= 0)[:, None, :, None]
+    return vis | ~vis.any(-1, keepdim=True)
 
 
 def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask, scale) -> Tensor:
@@ -527,7 +528,7 @@ def _flex_rows(query, key, value, query_pos, key_pos, pattern, scale, memo, laye
             if mkey not in memo:
                 memo[mkey] = build_block_mask(pattern, nq, n, q_offset=n - nq, num_heads=Hq, num_kv_heads=Hkv,
                                               device=query.device, padded_lengths=(pq, pk))
-            k_b, v_b = pad_seq(key[b:b + 1, :, j0:j1], pk), pad_seq(value[b:b + 1, :, j0:j1], pk)
+            k_b, v_b = key[b:b + 1, :, j0:j1], value[b:b + 1, :, j0:j1]  # flex_attend pads them to the mask's pk
         elif nq == lq and kp[lk - lq:] == qp and qp == list(range(qp[0], qp[0] + lq)):
             ns = lk - lq
             ps, pq = max(BLOCK, -(-ns // BLOCK) * BLOCK), padded_len(lq)
