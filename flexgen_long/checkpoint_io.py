@@ -10,8 +10,9 @@ A checkpoint is a directory ``<output_dir>/step_<N>/``::
     checksums.sha256     each file's SHA-256 (``sha256sum`` format), checked whenever flexgen_long.hf loads it
 
 It is written into a hidden sibling ``.step_<N>.tmp-<pid>``, every file fsync'ed, then renamed into place (rename is
-atomic on POSIX) and the parent directory fsync'ed. A kill at any moment leaves either the complete directory or an
-ignored temp directory -- never a half-written ``step_<N>``; ``latest_checkpoint`` only ever sees complete ones.
+atomic on POSIX) and the parent directory fsync'ed (``write_dir_atomic``). A kill at any moment leaves either the
+complete directory or an ignored temp directory -- never a half-written ``step_<N>``; ``latest_checkpoint`` only ever
+sees complete ones.
 
 With every layer full (``full_layers: all``) the directory is a plain Llama checkpoint that
 ``transformers.LlamaForCausalLM.from_pretrained`` loads.
@@ -42,9 +43,9 @@ from torchtune.models.convert_weights import tune_to_hf
 
 from .hf import CHECKSUM_FILE, CONFIG_FILE, MAX_ABS_WEIGHT, MODEL_FIELDS, model_sizes, sha256_file
 
-__all__ = ["hf_config", "save_checkpoint", "write_atomic", "check_writable", "latest_checkpoint", "list_checkpoints", "claim_output_dir", "OutputDirLock",
-           "OutputDirInUse", "OutputDirNotEmpty", "recover_interrupted_writes", "remove_checkpoint", "STATE_FILE",
-           "WEIGHTS_FILE", "CONFIG_FILE", "LOCK_FILE"]
+__all__ = ["hf_config", "save_checkpoint", "write_dir_atomic", "write_atomic", "check_writable", "latest_checkpoint",
+           "list_checkpoints", "claim_output_dir", "OutputDirLock", "OutputDirInUse", "OutputDirNotEmpty",
+           "recover_interrupted_writes", "remove_checkpoint", "STATE_FILE", "WEIGHTS_FILE", "CONFIG_FILE", "LOCK_FILE"]
 
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "recipe_state.pt"
@@ -94,12 +95,54 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def write_dir_atomic(final: str | os.PathLike, fill: Callable[[Path], None], *, replace: bool = True) -> Path:
+    """Write the directory ``final`` whole or not at all and return it: ``fill`` writes the files into the empty
+    hidden sibling ``.<name>.tmp-<pid>`` it is given (a leftover of this pid is removed first); every file and
+    directory in it is fsync'ed, the temp directory is renamed to ``final`` and the parent fsync'ed. An existing
+    ``final`` (with ``replace``; else ``FileExistsError``, unless it is an empty directory) is first renamed aside to
+    ``.<name>.old-<pid>``, and deleted after the new one is in place: a kill between the two renames leaves no
+    ``final`` and the old copy under its hidden name, never a torn directory. On any error the temp directory is
+    removed and the error re-raised."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _hidden(final, "tmp")
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        fill(tmp)
+        for f in [*sorted(tmp.rglob("*"), key=lambda p: -len(p.parts)), tmp]:  # write -> fsync -> rename
+            _fsync_path(f)
+        if os.path.lexists(final):
+            if not replace and not (final.is_dir() and not any(final.iterdir())):
+                raise FileExistsError(errno.EEXIST, "exists and is not an empty directory", str(final))
+            old = _hidden(final, "old")
+            os.rename(final, old)
+            os.rename(tmp, final)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
+        else:
+            os.rename(tmp, final)
+        _fsync_path(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _hidden(path: Path, kind: str) -> Path:
+    """The hidden sibling ``.<name>.<kind>-<pid>`` of ``path`` (a temp copy, one moved aside, one being deleted)."""
+    return path.with_name(f".{path.name}.{kind}-{os.getpid()}")
+
+
 def write_atomic(path: str | os.PathLike, data: bytes | Callable[[Path], None]) -> Path:
     """Write the file ``path`` whole or not at all: ``data`` (bytes, or a function that writes the file it is given)
     goes to a hidden temp file beside it, is fsync'ed and renamed over ``path``; on any error the temp file is removed
     and ``path`` keeps its previous content."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _hidden(path, "tmp")
     try:
         if callable(data):
             data(tmp)
@@ -149,42 +192,26 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, tune_state_dict: d
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"step_{step}"
-    tmp = output_dir / f".step_{step}.tmp-{os.getpid()}"
-    try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+
+    def fill(tmp: Path) -> None:
         hf_sd = tune_to_hf(tune_state_dict, num_heads=config["num_attention_heads"],
                            num_kv_heads=config["num_key_value_heads"], dim=config["hidden_size"],
                            head_dim=config["head_dim"])
         # safetensors refuses shared or non-contiguous storage; tied output weights are not in torchtune's state dict
         save_file({k: v.detach().contiguous() for k, v in hf_sd.items()}, str(tmp / WEIGHTS_FILE),
                   metadata={"format": "pt"})
-        config = dict(config)
-        config["flexgen_long"] = dict(config.get("flexgen_long", {}), step=step)
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        written = dict(config, flexgen_long=dict(config.get("flexgen_long", {}), step=step))
+        (tmp / CONFIG_FILE).write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
         if recipe_state is not None:
             torch.save(recipe_state, tmp / STATE_FILE)
         files = sorted(tmp.iterdir())
         (tmp / CHECKSUM_FILE).write_text("".join(f"{sha256_file(f)}  {f.name}\n" for f in files))
-        for f in [*files, tmp / CHECKSUM_FILE, tmp]:  # write -> fsync -> rename
-            _fsync_path(f)
-        if final.exists():
-            # Re-saving a step (e.g. a resumed run reaching it again): move the old one aside first. If killed between
-            # the two renames, step_<N> is missing and the previous checkpoint is the latest -- never a torn one.
-            old = output_dir / f".step_{step}.old-{os.getpid()}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, final)
-        _fsync_path(output_dir)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, Exception):
-            raise _write_error(e, tmp, final) from None
-        raise
-    return final
+
+    try:
+        # re-saving a step (a resumed run reaching it again) replaces it: the old copy is moved aside first
+        return write_dir_atomic(final, fill, replace=True)
+    except Exception as e:
+        raise _write_error(e, _hidden(final, "tmp"), final) from None
 
 
 def _write_error(e: Exception, tmp: Path, final: Path) -> Exception:
@@ -222,7 +249,7 @@ def remove_checkpoint(path: str | os.PathLike) -> None:
     hidden ``.step_<N>.deleting-<pid>`` first (atomic), then removed; ``recover_interrupted_writes`` finishes a
     deletion that a kill interrupted."""
     path = Path(path)
-    hidden = path.parent / f".{path.name}.deleting-{os.getpid()}"
+    hidden = _hidden(path, "deleting")
     os.rename(path, hidden)
     shutil.rmtree(hidden)
 

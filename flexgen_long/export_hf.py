@@ -13,7 +13,7 @@ output_dir means its latest step) or any HF Llama directory, to which the layout
 OUT receives ``config.json`` (model_type ``flexgen_long_llama``: the Llama fields plus the layout; see
 flexgen_long.hf_model), ``model.safetensors``, ``generation_config.json`` when the source has one, and the tokenizer:
 the source's own, the one a finetune run recorded, or ``--tokenizer DIR``. It is written under a temporary name and
-renamed when complete; a non-empty OUT is refused unless ``--overwrite``.
+renamed when complete (flexgen_long.checkpoint_io.write_dir_atomic); a non-empty OUT is refused unless ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -115,21 +115,17 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, *, full_lay
     hf_model.tie_weights()
     del model, weights
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)  # our own pid's leftover: a previous export of this process that failed midway
-    hf_model.save_pretrained(str(tmp))
-    if (src / "generation_config.json").is_file():
-        shutil.copy2(src / "generation_config.json", tmp / "generation_config.json")
-    if tok_dir is not None:
-        from transformers import AutoTokenizer
+    def fill(tmp: Path) -> None:
+        hf_model.save_pretrained(str(tmp))
+        if (src / "generation_config.json").is_file():
+            shutil.copy2(src / "generation_config.json", tmp / "generation_config.json")
+        if tok_dir is not None:
+            from transformers import AutoTokenizer
 
-        AutoTokenizer.from_pretrained(str(tok_dir)).save_pretrained(str(tmp))
-    LongGenLlamaConfig.from_pretrained(str(tmp)).patterns()  # read back: the file describes this layout
-    if out.exists():
-        shutil.rmtree(out)  # the user asked to overwrite it (checked above); the new directory is complete
-    os.rename(tmp, out)
+            AutoTokenizer.from_pretrained(str(tok_dir)).save_pretrained(str(tmp))
+        LongGenLlamaConfig.from_pretrained(str(tmp)).patterns()  # read back: the file describes this layout
+
+    checkpoint_io.write_dir_atomic(out, fill, replace=overwrite)
     full = [i for i, t in enumerate(hf_config.layer_types) if t == "full_attention"]
     tok = f"from {tok_dir}" if tok_dir else "none (pass --tokenizer DIR)"
     kinds = sorted({repr(p) for p in patterns})
