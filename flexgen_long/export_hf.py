@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint_io, hf
-from .layout import DEFAULT_SPARSE_PATTERN
+from .layout import DEFAULT_SPARSE_PATTERN, layer_patterns
 from .patterns import AttnSink, BlockSparse
 
 __all__ = ["export_hf", "resolve_checkpoint", "main"]
@@ -78,10 +78,7 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, *, full_lay
     """Write ``checkpoint`` (see the module docstring) as a transformers directory ``out``; returns ``out``.
     ``full_layers`` / ``sparse_pattern`` give a plain HF Llama directory its layout (a finetune checkpoint keeps the
     one it was trained with); ``dtype`` converts the weights (default: the checkpoint's)."""
-    from torchtune.models.convert_weights import tune_to_hf
-
     from .hf_model import LongGenLlamaConfig, LongGenLlamaForCausalLM, layout_fields
-    from .models import relayout
 
     src = resolve_checkpoint(checkpoint)
     out = Path(out)
@@ -94,14 +91,18 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, *, full_lay
                          "options (--full-layers, --sink/--window, --block-sparse) are for plain HF Llama directories")
     tok_dir = _tokenizer_source(src, config, tokenizer)
 
-    model = hf.load_model(src, dtype=dtype)  # every tensor checked; a finetune checkpoint is rebuilt as trained
-    if not trained:
-        relayout(model, "middle" if full_layers is None else full_layers,
-                 DEFAULT_SPARSE_PATTERN if sparse_pattern is None else sparse_pattern)
-    patterns = [layer.attn.pattern for layer in model.layers]
-    attn = model.layers[0].attn
-    weights = tune_to_hf(model.state_dict(), num_heads=attn.num_heads, num_kv_heads=attn.num_kv_heads,
-                         dim=attn.embed_dim, head_dim=attn.head_dim)
+    # The checkpoint's files hold HF Llama names (a finetune checkpoint is written with them): every tensor is checked
+    # and written as it is, cast only to ``dtype``. The layout comes from the model the checkpoint describes, built
+    # on the meta device: a finetune checkpoint's recorded model config, or the layout options.
+    hf.verify_checksums(src)
+    with torch.device("meta"):
+        layers = hf.architecture(src, config)().layers
+    patterns = [layer.attn.pattern for layer in layers] if trained else list(layer_patterns(
+        len(layers), "middle" if full_layers is None else full_layers,
+        DEFAULT_SPARSE_PATTERN if sparse_pattern is None else sparse_pattern))
+    weights, _ = hf.load_hf_state_dict(src, config, verify=False, hf_names=True)  # verified above
+    if dtype is not None:
+        weights = {k: v.to(dtype) for k, v in weights.items()}
     weight_dtype = next(iter(weights.values())).dtype
     fields = {k: v for k, v in config.items() if k not in _DROPPED}
     hf_config = LongGenLlamaConfig(**fields, **layout_fields(patterns), dtype=weight_dtype,
@@ -113,7 +114,7 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, *, full_lay
     if sorted(missing) != tied or unexpected:
         raise RuntimeError(f"{src}: weights do not fit the exported model: missing {missing}, unexpected {unexpected}")
     hf_model.tie_weights()
-    del model, weights
+    del weights
 
     def fill(tmp: Path) -> None:
         hf_model.save_pretrained(str(tmp))

@@ -26,13 +26,13 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
 
 __all__ = ["CheckpointError", "CONFIG_FILE", "CHECKSUM_FILE", "sha256_file", "verify_checksums", "MAX_ABS_WEIGHT", "read_config", "llama_args", "weight_files",
-           "load_hf_state_dict", "check_model", "load_model", "is_recipe_checkpoint", "model_sizes", "MODEL_FIELDS"]
+           "load_hf_state_dict", "check_model", "architecture", "load_model", "is_recipe_checkpoint", "model_sizes", "MODEL_FIELDS"]
 
 CONFIG_FILE = "config.json"
 #: Written by flexgen_long.checkpoint_io beside a checkpoint's files: one ``<sha256>  <file name>`` line per file (the
@@ -229,8 +229,10 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_hf_state_dict(checkpoint_dir: str | os.PathLike, config: Mapping | None = None, *,
-                       max_abs: float = MAX_ABS_WEIGHT, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
-    """Torchtune-keyed state dict and the config of an HF Llama directory (one or several ``*.safetensors``).
+                       max_abs: float = MAX_ABS_WEIGHT, verify: bool = True,
+                       hf_names: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """Torchtune-keyed state dict and the config of an HF Llama directory (one or several ``*.safetensors``);
+    ``hf_names``: the same checked tensors under their HF names, as the files hold them (no conversion).
 
     Checks, each failure a ``CheckpointError`` naming the file: readable files; no tensor in two files; exactly the
     tensors a Llama of config.json's sizes has (``rotary_emb.inv_freq`` buffers of old exports are ignored, as
@@ -286,6 +288,8 @@ def load_hf_state_dict(checkpoint_dir: str | os.PathLike, config: Mapping | None
     if len(dtypes) > 1:
         raise CheckpointError(f"{d}: tensors of several dtypes: " + ", ".join(f"{k!r} is {t}" for t, k in
                                                                                dtypes.items()))
+    if hf_names:
+        return hf_sd, config
     sd = hf_to_tune(hf_sd, num_heads=args["num_heads"], num_kv_heads=args["num_kv_heads"], dim=args["embed_dim"],
                     head_dim=args["head_dim"])
     return sd, config
@@ -336,14 +340,29 @@ def load_model(checkpoint_dir: str | os.PathLike, device: str | torch.device = "
     recipes/longgen_finetune.py is rebuilt as trained (the model config saved in its config.json, layout included), and
     any other HF Llama directory is ``flexgen_long.models.from_hf_config``: the original model, every layer full. The
     model is first built on the meta device, so a mismatch fails before any memory is allocated."""
+    d = Path(checkpoint_dir)
+    verify_checksums(d)  # before anything is read from it
+    config = read_config(d)
+    build = architecture(d, config, model_cfg)
+    sd, _ = load_hf_state_dict(d, config, verify=False)  # verified above
+    with torch.device(device):
+        model = build()
+    model.load_state_dict(sd, strict=True)
+    return model.to(dtype=dtype) if dtype is not None else model
+
+
+def architecture(checkpoint_dir: str | os.PathLike, config: Mapping,
+                 model_cfg: Mapping | None = None) -> Callable[[], nn.Module]:
+    """The function that builds the model of a checkpoint directory without its weights (see ``load_model``):
+    ``model_cfg`` when given, else a recipe checkpoint's recorded model config, else ``from_hf_config``. It is first
+    built on the meta device and checked against ``config`` (``check_model``), so a mismatch fails here, before any
+    memory is allocated."""
     from omegaconf import DictConfig, OmegaConf
     from torchtune import config as tt_config
 
     from .models import from_hf_config  # models builds on this module; imported here, not at the top
 
     d = Path(checkpoint_dir)
-    verify_checksums(d)  # before anything is read from it
-    config = read_config(d)
     if model_cfg is None and is_recipe_checkpoint(config):
         model_cfg = config["flexgen_long"]["model"]
 
@@ -354,11 +373,7 @@ def load_model(checkpoint_dir: str | os.PathLike, device: str | torch.device = "
 
     with torch.device("meta"):
         check_model(build(), config, d / CONFIG_FILE)
-    sd, _ = load_hf_state_dict(d, config, verify=False)  # verified above
-    with torch.device(device):
-        model = build()
-    model.load_state_dict(sd, strict=True)
-    return model.to(dtype=dtype) if dtype is not None else model
+    return build
 
 
 def is_recipe_checkpoint(config: Mapping) -> bool:
