@@ -45,19 +45,15 @@ from flexgen_long.cache import plan_cache
 from flexgen_long.export_hf import export_hf, resolve_checkpoint
 from flexgen_long.generation import generate
 from flexgen_long.patterns import AttnSink
+from flexgen_long.recipe_config import DTYPES
 
-SHAPES = {"smollm2": None, "llama3_2_1b": models.longgen_llama3_2_1b, "llama2_7b": models.longgen_llama2_7b,
-          "llama3_1_8b": models.longgen_llama3_1_8b}
+#: --model: SmolLM2-135M's shape (``SMOLLM2``) and flexgen_long.models' ``longgen_<name>`` presets.
+SHAPES = ("smollm2", "llama3_2_1b", "llama2_7b", "llama3_1_8b")
 #: SmolLM2-135M's sizes (its config.json), for random weights when the real ones are not at hand.
 SMOLLM2 = dict(vocab_size=49152, num_layers=30, num_heads=9, num_kv_heads=3, embed_dim=576, intermediate_dim=1536,
                rope_base=100_000.0, norm_eps=1e-5, tie_word_embeddings=True)
 TINY = dict(vocab_size=256, num_layers=4, num_heads=4, num_kv_heads=2, embed_dim=64, intermediate_dim=128,
             rope_base=10_000.0)
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _peak_start(device) -> int:
@@ -84,15 +80,15 @@ def write_checkpoint(args, workdir: Path, dtype) -> Path:
         cfg = {"_component_": f"flexgen_long.models.longgen_{args.model}", "max_seq_len": max_len}
     cfg |= {"full_layers": args.full_layers, "sparse_pattern": sparse}
     builder = getattr(models, cfg["_component_"].rsplit(".", 1)[1])
-    model = builder(**{k: v for k, v in cfg.items() if k not in ("_component_", "sparse_pattern")},
-                    sparse_pattern=AttnSink(args.sink, args.window)).to(dtype)
+    model = builder(**{k: v for k, v in cfg.items() if k != "_component_"}).to(dtype)
     return checkpoint_io.save_checkpoint(workdir / "run", 1, model.state_dict(),
                                          checkpoint_io.hf_config(model, cfg, dtype=dtype))
 
 
-def run_ours(checkpoint: Path, prompt: list[int], args, device, dtype) -> dict:
+def run_ours(checkpoint: Path, prompt: list[int], args, device, dtype, trained: bool) -> dict:
+    """Our generate() on ``checkpoint``: a finetune checkpoint (``trained``) as trained, an HF Llama with the layout."""
     model = hf.load_model(checkpoint, device=device, dtype=dtype).eval()
-    if not hf.is_recipe_checkpoint(hf.read_config(checkpoint)):
+    if not trained:
         models.relayout(model, args.full_layers, AttnSink(args.sink, args.window))
     for call in range(2):
         base = _peak_start(device)
@@ -151,7 +147,7 @@ def main(argv=None) -> dict:
     p.add_argument("--window", type=int, default=448)
     p.add_argument("--prompt-len", type=int, default=32768)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="default: bf16 on a GPU, fp32 on the CPU")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on a GPU, fp32 on the CPU")
     p.add_argument("--rows", nargs="+", default=["ours", "hf_dynamic", "hf_static"])
     p.add_argument("--workdir", help="where the checkpoint and the export are written (default: a temporary dir)")
     p.add_argument("--out", default="analysis/results")
@@ -161,7 +157,7 @@ def main(argv=None) -> dict:
         args.model, args.prompt_len, args.new_tokens, args.sink, args.window = "tiny", 512, 8, 4, 60
         args.full_layers = [1]
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     card = torch.cuda.get_device_name(device).replace(" ", "_") if device.type == "cuda" else "cpu"
     name = Path(args.source).name if args.source else args.model
 
@@ -181,7 +177,7 @@ def main(argv=None) -> dict:
         rows = []
         for impl in args.rows:
             if impl == "ours":
-                rows.append(run_ours(checkpoint, prompt, args, device, dtype))
+                rows.append(run_ours(checkpoint, prompt, args, device, dtype, source_is_trained))
             else:
                 rows.append(run_hf(export, prompt, args, device, dtype, static=impl == "hf_static"))
             gc.collect()

@@ -30,10 +30,12 @@ import torch
 from . import checkpoint_io, hf
 from .layout import DEFAULT_SPARSE_PATTERN, layer_patterns
 from .patterns import AttnSink, BlockSparse
+from .recipe_config import DTYPES
 
 __all__ = ["export_hf", "resolve_checkpoint", "main"]
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: --dtype: the recipes' dtypes (flexgen_long.recipe_config.DTYPES) and fp16, which an inference export may use.
+_DTYPES = {**DTYPES, "fp16": torch.float16}
 #: config.json fields of the source that the exported config does not take over (ours replace them or they name the
 #: source's own class / recipe).
 _DROPPED = {"flexgen_long", "architectures", "model_type", "auto_map", "quantization_config", "transformers_version",
