@@ -8,7 +8,7 @@ pretrained model, measured here::
     scores = retrieval_scores(model, tokenizer)                 # copy score and needle mass per layer and head
     choice = choose_full_layers(scores, "retrieval", source=d)  # the budget's layers, best first, and the ranking
 
-**Scoring** (teacher forcing, no generation): passkey prompts (``flexgen_long.data.passkey_task``, the evaluation's
+**Scoring** (teacher forcing, no generation): passkey prompts (``flexgen_long.data.task_samples``, the evaluation's
 prompts) followed by their answer go through the model in batches. A forward hook on every layer's attention module
 recomputes, from the module's own input with its own projections and RoPE, the attention of the queries that produce
 the answer tokens in fp32 under the layer's own pattern (a sparse layer is scored on the keys it can see), then per
@@ -38,7 +38,6 @@ import dataclasses
 import json
 import math
 import os
-import random
 import sys
 import time
 from dataclasses import dataclass
@@ -49,20 +48,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .data import passkey_task
+from .data import ANSWER_ROOM, task_samples
 from .layout import is_retrieval, retrieval_budget
 
 __all__ = ["HeadScores", "FullLayerChoice", "RecomputeMismatch", "retrieval_scores", "choose_full_layers",
-           "rank_layers", "needle_positions", "copy_and_mass", "layer_probs", "passkey_prompts", "score_model_dir",
-           "default_length", "provisional_model_cfg", "check_config", "scoring_args", "choose_for_run",
-           "DEFAULT_DEPTHS", "SCORING_DEFAULTS", "CHOICE_FILE", "CHECKPOINT_KEY"]
+           "rank_layers", "copy_and_mass", "layer_probs", "passkey_prompts", "score_model_dir", "default_length",
+           "provisional_model_cfg", "check_config", "scoring_args", "choose_for_run", "DEFAULT_DEPTHS",
+           "SCORING_DEFAULTS", "CHOICE_FILE", "CHECKPOINT_KEY"]
 
 #: Needle depths of the scoring prompts (fractions of the filler), 8 prompts each by default: 40 prompts.
 DEFAULT_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
-#: Prompt length by default: this, or the model's max_seq_len - ANSWER_ROOM when that is shorter.
+#: Prompt length by default: this, or the model's max_seq_len - ANSWER_ROOM (flexgen_long.data) when that is shorter.
 DEFAULT_LENGTH = 4096
-#: Tokens after the prompt: the answer (" 12345." is 2-7 tokens) and slack.
-ANSWER_ROOM = 16
 #: Largest recompute error accepted, relative to the layer output's largest value: fp32 models agree to rounding; a
 #: bf16 model's kernels round q/k/v and the output to bf16 (a wrong mask or RoPE is an O(1) error).
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.1, torch.float16: 0.05}
@@ -86,32 +83,13 @@ class Prompt:
     needle: range
 
 
-def needle_positions(tokens: Sequence[int], needle: Sequence[int]) -> range:
-    """Where ``needle`` (the needle sentence's ids) lies in ``tokens``; it must occur exactly once."""
-    tokens, needle, n = list(tokens), list(needle), len(needle)
-    hits = [i for i in range(len(tokens) - n + 1) if tokens[i:i + n] == needle]
-    if len(hits) != 1:
-        raise ValueError(f"the needle occurs {len(hits)} times in the prompt, expected exactly once")
-    return range(hits[0], hits[0] + n)
-
-
 def passkey_prompts(tokenizer, length: int, samples_per_depth: int, depths: Sequence[float] = DEFAULT_DEPTHS,
                     seed: int = 0) -> list[Prompt]:
     """``samples_per_depth`` passkey prompts of ``length`` tokens per needle depth, each followed by its answer;
     seeded by (seed, length, depth), so every model is scored on the same prompts."""
-    prompts = []
-    for depth in depths:
-        rng = random.Random(f"heads/{seed}/{length}/{depth}")
-        for _ in range(samples_per_depth):
-            ids, trained = passkey_task(tokenizer, length, rng, depth=depth, prompt_only=True)
-            ids = ids[:-1]  # prompt + answer, without EOS
-            start = trained.index(True)
-            key = tokenizer.decode(ids[start:]).strip().rstrip(".")
-            # passkey_task's needle sentence, encoded as it encodes it (needle_positions fails loudly if that changes)
-            needle = tokenizer.encode(f" The pass key is {key}. Remember it. {key} is the pass key. ",
-                                      add_bos=False, add_eos=False)
-            prompts.append(Prompt(ids, start, needle_positions(ids, needle)))
-    return prompts
+    return [Prompt(s.prompt + s.answer, len(s.prompt), s.needle) for depth in depths
+            for s in task_samples(tokenizer, "passkey", length, depth, samples_per_depth,
+                                  f"heads/{seed}/{length}/{depth}")]
 
 
 # -- scores of one layer ---------------------------------------------------------------------------------------------------

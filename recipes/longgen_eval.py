@@ -53,7 +53,8 @@ from torchtune import utils
 from flexgen_long import checkpoint_io, cli, hf
 from flexgen_long import recipe_config as rc
 from flexgen_long.engine import Engine
-from flexgen_long.data import PYTHON_STDLIB_PACKAGES, SYNTHETIC_TASKS, joined_documents, read_text_file, text_files
+from flexgen_long.data import (ANSWER_ROOM, PYTHON_STDLIB_PACKAGES, SYNTHETIC_TASKS, joined_documents, read_text_file,
+                               task_samples, text_files)
 from flexgen_long.generation import generate
 from flexgen_long.policy import Policy
 from flexgen_long.models import relayout
@@ -82,8 +83,8 @@ class EvalConfig:
                                    "baseline); null: the model's own layout")
     tasks: list[Literal[tuple(SYNTHETIC_TASKS)]] = key(list(SYNTHETIC_TASKS), "retrieval tasks (may be empty)",
                                                          unique=True)
-    lengths: list[int] = key(REQUIRED, "prompt lengths in tokens; max + 16 must fit the model's max_seq_len",
-                             min=64, nonempty=True, unique=True)
+    lengths: list[int] = key(REQUIRED, f"prompt lengths in tokens; max + {ANSWER_ROOM} must fit the model's "
+                             "max_seq_len", min=64, nonempty=True, unique=True)
     depths: list[float] = key([0.0, 0.5, 1.0], "where the asked-for needle sits (0 = first, 1 = last)",
                               min=0, max=1, nonempty=True)
     samples_per_cell: int = key(1, "prompts per (task, length, depth), decoded as one batch", min=1)
@@ -148,16 +149,12 @@ def layout_summary(model: nn.Module) -> dict:
 # -- retrieval -----------------------------------------------------------------------------------------------------------
 def retrieval_samples(tokenizer, task: str, length: int, depth: float, n: int, seed: int):
     """``n`` (prompt ids, answer ids) of ``task`` with prompts of exactly ``length`` tokens and the asked-for needle
-    at ``depth``. Seeded by (seed, task, length, depth) -- a str seed is hashed deterministically -- so every model
-    and every run sees the same prompts."""
-    rng = random.Random(f"{seed}/{task}/{length}/{depth}")
-    out = []
-    for _ in range(n):
-        ids, trained = SYNTHETIC_TASKS[task](tokenizer, length, rng, depth=depth, prompt_only=True)
-        if trained[length - 1] or not trained[length]:
-            _fail("lengths", f"{length} is too short for the {task} task's intro, needles and question")
-        out.append((ids[:length], ids[length:-1]))  # the answer without its EOS
-    return out
+    at ``depth`` (``flexgen_long.data.task_samples``, the answer without its EOS). Seeded by (seed, task, length,
+    depth), so every model and every run sees the same prompts."""
+    samples = task_samples(tokenizer, task, length, depth, n, f"{seed}/{task}/{length}/{depth}")
+    if any(len(s.prompt) != length for s in samples):
+        _fail("lengths", f"{length} is too short for the {task} task's intro, needles and question")
+    return [(s.prompt, s.answer) for s in samples]
 
 
 def exact_match(predicted: list[list[int]], answers: list[list[int]]) -> float:
@@ -377,9 +374,8 @@ def evaluate(cfg: DictConfig) -> dict:
     json_path = check_output(Path(cfg.output_dir), name, ckpt, cfg.overwrite)
 
     model, ckpt = build_model(cfg, device, dtype)
-    answer_room = 16  # tokens after the longest prompt: the answers (" 12345." / " 1234567." in bytes) and slack
-    if max(lengths) + answer_room > model.max_seq_len:
-        _fail("lengths", f"max(lengths)={max(lengths)} + {answer_room} answer tokens exceeds the model's "
+    if max(lengths) + ANSWER_ROOM > model.max_seq_len:
+        _fail("lengths", f"max(lengths)={max(lengths)} + {ANSWER_ROOM} answer tokens exceeds the model's "
                          f"max_seq_len={model.max_seq_len} (its RoPE table); drop the longer lengths")
     tokenizer = rc.instantiate("tokenizer", cfg.tokenizer)
     rc.tokenizer_fits(tokenizer, model.tok_embeddings.num_embeddings)

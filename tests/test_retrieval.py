@@ -35,10 +35,17 @@ def test_copy_score_and_needle_mass_on_hand_made_attention():
     assert mass[0].tolist() == pytest.approx([0.93, 0.93, 0.03, 0.03])
 
 
-def test_needle_positions_requires_exactly_one_occurrence():
-    assert rt.needle_positions([5, 1, 2, 3, 6], [1, 2, 3]) == range(1, 4)
-    with pytest.raises(ValueError, match="occurs 2 times"):
-        rt.needle_positions([1, 2, 1, 2], [1, 2])
+def test_scoring_prompts_mark_the_needle_sentence_and_the_answer():
+    """Each scoring prompt: the passkey prompt and its answer (no EOS), the answer's start, and the needle -- the
+    sentence that holds the key, found by the task builder (flexgen_long.data.task_samples)."""
+    tok = ByteTokenizer()
+    prompts = rt.passkey_prompts(tok, 300, 2, (0.0, 0.6, 1.0))
+    assert len(prompts) == 6 and {p.answer_start for p in prompts} == {300}
+    for p in prompts:
+        key = tok.decode(p.ids[p.answer_start:]).strip().rstrip(".")
+        needle = tok.decode(p.ids[p.needle.start:p.needle.stop])
+        assert needle == f" The pass key is {key}. Remember it. {key} is the pass key. "
+        assert tok.decode(p.ids[:p.answer_start]).count(key) == 2          # the needle holds the key, nothing else does
 
 
 def _hybrid(seed=0):
