@@ -157,11 +157,11 @@ def retrieval_samples(tokenizer, task: str, length: int, depth: float, n: int, s
     return [(s.prompt, s.answer) for s in samples]
 
 
-def exact_match(predicted: list[list[int]], answers: list[list[int]]) -> float:
-    """Fraction of predictions whose first len(answer) tokens equal the answer."""
+def exact_matches(predicted: list[list[int]], answers: list[list[int]]) -> int:
+    """How many predictions have their first len(answer) tokens equal to the answer."""
     if len(predicted) != len(answers) or not answers:
-        raise ValueError(f"exact_match needs one prediction per answer, got {len(predicted)} for {len(answers)}")
-    return sum(list(p[:len(a)]) == list(a) for p, a in zip(predicted, answers)) / len(answers)
+        raise ValueError(f"exact_matches needs one prediction per answer, got {len(predicted)} for {len(answers)}")
+    return sum(list(p[:len(a)]) == list(a) for p, a in zip(predicted, answers))
 
 
 def token_accuracy(predicted: list[list[int]], answers: list[list[int]]) -> float:
@@ -195,21 +195,22 @@ def evaluate_retrieval(answer_fn: AnswerFn, tokenizer, tasks, lengths, depths, s
     for task in tasks:
         acc = [[None] * len(lengths) for _ in depths]
         tok_acc = [[None] * len(lengths) for _ in depths]
+        correct = [0] * len(lengths)
         examples = {}
         for j, length in enumerate(lengths):
             for i, depth in enumerate(depths):
                 samples = retrieval_samples(tokenizer, task, length, depth, samples_per_cell, seed)
                 answers = [a for _, a in samples]
                 predicted = answer_fn([p for p, _ in samples], max(map(len, answers)))
-                acc[i][j] = exact_match(predicted, answers)
+                k = exact_matches(predicted, answers)
+                acc[i][j] = k / len(answers)
+                correct[j] += k
                 tok_acc[i][j] = round(token_accuracy(predicted, answers), 4)
                 examples[f"{length}/{depth}"] = [[tokenizer.decode(list(p[:len(a)])), tokenizer.decode(list(a))]
                                                  for p, a in list(zip(predicted, answers))[:examples_per_cell]]
                 if bar is not None:
                     bar.set_description(f"{task} L={length} depth={depth}: {acc[i][j]:.2f}")
                     bar.update(1)
-        # every cell holds samples_per_cell prompts, so a cell's exact matches are its accuracy x samples_per_cell
-        correct = [sum(round(acc[i][j] * samples_per_cell) for i in range(len(depths))) for j in range(len(lengths))]
         n = samples_per_cell * len(depths)
         results[task] = {"lengths": list(lengths), "depths": list(depths), "accuracy": acc,
                          "mean_by_length": [sum(acc[i][j] for i in range(len(depths))) / len(depths)
