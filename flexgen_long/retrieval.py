@@ -53,8 +53,8 @@ from .layout import is_retrieval, retrieval_budget
 
 __all__ = ["HeadScores", "FullLayerChoice", "RecomputeMismatch", "retrieval_scores", "choose_full_layers",
            "rank_layers", "copy_and_mass", "layer_probs", "passkey_prompts", "score_model_dir", "default_length",
-           "provisional_model_cfg", "check_config", "scoring_args", "choose_for_run", "DEFAULT_DEPTHS",
-           "SCORING_DEFAULTS", "CHOICE_FILE", "CHECKPOINT_KEY"]
+           "provisional_model_cfg", "check_config", "choose_for_run", "DEFAULT_DEPTHS", "CHOICE_FILE",
+           "CHECKPOINT_KEY"]
 
 #: Needle depths of the scoring prompts (fractions of the filler), 8 prompts each by default: 40 prompts.
 DEFAULT_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -418,18 +418,6 @@ def provisional_model_cfg(model_cfg):
     return OmegaConf.merge(model_cfg, {"full_layers": list(range(start, start + n))})
 
 
-#: The recipe's optional ``retrieval_scoring`` section: its keys and defaults (``retrieval_scores``' arguments; length
-#: null = ``default_length``).
-SCORING_DEFAULTS = {"length": None, "samples_per_depth": 8, "batch_size": 8}
-
-
-def scoring_args(cfg) -> dict:
-    """``retrieval_scoring`` of a recipe config, its defaults filled in (checked by ``check_config``)."""
-    from .recipe_config import get
-
-    return {k: get(cfg, f"retrieval_scoring.{k}", v) for k, v in SCORING_DEFAULTS.items()}
-
-
 def check_config(cfg) -> None:
     """The recipe's check of ``model.full_layers: retrieval[...]`` before any work: its form and a pretrained base
     model to score (``checkpoint.base_dir``); the ``retrieval_scoring`` section's keys are the recipe schema's."""
@@ -449,8 +437,8 @@ def check_config(cfg) -> None:
 
 
 def choose_for_run(spec: str, *, base_dir, tokenizer, output_dir, resume: bool, resume_from, device, dtype,
-                   log: Callable[[str], None] = print, length: int | None = None, samples_per_depth: int = 8,
-                   batch_size: int = 8) -> FullLayerChoice:
+                   log: Callable[[str], None] = print, length: int | None, samples_per_depth: int,
+                   batch_size: int) -> FullLayerChoice:
     """The layers of one finetuning run, chosen once:
 
     * resuming from a checkpoint: the choice recorded in its config.json (``CHECKPOINT_KEY`` under the recipe
