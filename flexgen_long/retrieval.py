@@ -38,7 +38,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,47 +199,19 @@ def default_length(model: nn.Module) -> int:
     return min(DEFAULT_LENGTH, model.max_seq_len - ANSWER_ROOM)
 
 
-class _Progress:
-    """A tqdm bar on a terminal; elsewhere (a log file, a pipe) one line every ``every_s`` seconds and at the end."""
-
-    def __init__(self, total: int, desc: str, enabled: bool = True, every_s: float = 10.0, stream=None):
-        self.total, self.desc, self.enabled, self.every_s = total, desc, enabled, every_s
-        self.stream = stream or sys.stderr
-        self.done, self.t0, self.last = 0, time.perf_counter(), time.perf_counter()
-        self.bar = None
-        if enabled and getattr(self.stream, "isatty", lambda: False)():
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, desc=desc, file=self.stream)
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif self.enabled and (time.perf_counter() - self.last >= self.every_s or self.done == self.total):
-            self.last = time.perf_counter()
-            elapsed = self.last - self.t0
-            left = elapsed / self.done * (self.total - self.done)
-            print(f"{self.desc}: {self.done}/{self.total} ({elapsed:.0f} s, ~{left:.0f} s left)", file=self.stream,
-                  flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 @torch.no_grad()
 def retrieval_scores(model: nn.Module, tokenizer, length: int | None = None, samples_per_depth: int = 8,
                      depths: Sequence[float] = DEFAULT_DEPTHS, seed: int = 0, batch_size: int = 8,
                      progress: bool = True) -> HeadScores:
     """Copy score and needle mass of every (layer, query head) of ``model`` (see the module docstring), on the device
     and in the dtype the model is in; ``samples_per_depth`` prompts of ``length`` tokens (default ``default_length``)
-    per depth, ``batch_size`` prompts per forward pass. ``progress``: a bar (or periodic lines off a terminal) on
-    stderr. Raises ``RecomputeMismatch`` when the recomputed attention misses a layer's output by more than the
-    dtype's ``TOLERANCE``."""
-    layers = [layer.attn for layer in model.layers]
-    if not all(hasattr(a, "pattern") for a in layers):
-        raise ValueError("retrieval_scores needs a model built by flexgen_long.models (attention modules with a "
-                         "pattern)")
+    per depth, ``batch_size`` prompts per forward pass. ``progress``: ``flexgen_long.cli.progress`` on stderr (a bar
+    on a terminal, periodic lines elsewhere). Raises ``RecomputeMismatch`` when the recomputed attention misses a
+    layer's output by more than the dtype's ``TOLERANCE``."""
+    from .attention import attention_layers  # torch's flex attention: imported only when a model is scored
+    from .cli import progress as progress_bar
+
+    layers = attention_layers(model)
     length = default_length(model) if length is None else length
     if length < 128 or length + ANSWER_ROOM > model.max_seq_len:
         raise ValueError(f"length must be >= 128 (a passkey prompt needs ~120 tokens) and leave {ANSWER_ROOM} tokens "
@@ -271,7 +242,7 @@ def retrieval_scores(model: nn.Module, tokenizer, length: int | None = None, sam
     skip = getattr(model, "skip_output_layer", None)
     if skip is not None:
         model.skip_output_layer = True  # the final hidden states instead of [B, S, vocab] logits: scoring needs none
-    bar = _Progress(len(prompts), f"retrieval scores ({length} tokens, {device.type})", enabled=progress)
+    bar = progress_bar(len(prompts), f"retrieval scores ({length} tokens, {device.type})", enabled=progress)
     t0 = time.perf_counter()
     try:
         for start in range(0, len(prompts), batch_size):
