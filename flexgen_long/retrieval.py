@@ -37,7 +37,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -422,6 +421,7 @@ def choose_for_run(spec: str, *, base_dir, tokenizer, output_dir, resume: bool, 
 
     A checkpoint trained with other layers is refused, naming ``model.full_layers``."""
     from . import hf
+    from .checkpoint_io import write_atomic
     from .recipe_config import fail
 
     if resume_from is not None:
@@ -456,8 +456,6 @@ def choose_for_run(spec: str, *, base_dir, tokenizer, output_dir, resume: bool, 
     log(f"Retrieval scores of {base_dir}: {seconds:.1f} s with loading (recompute check "
         f"{scores.recompute_max_rel_error:.1e}):\n{choice.table()}")
     log(f"Full layers: {choice.summary()}")
-    tmp = path.with_name(f".{CHOICE_FILE}.tmp-{os.getpid()}")
     record = {"choice": choice.to_dict(), "scores": scores.to_dict(), "seconds_with_loading": seconds}
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, (json.dumps(record, indent=2) + "\n").encode())
     return choice
