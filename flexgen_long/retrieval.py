@@ -351,11 +351,14 @@ def score_model_dir(model_dir, tokenizer, *, device="cpu", dtype: torch.dtype = 
                     samples_per_depth: int = 8, batch_size: int = 8, seed: int = 0,
                     progress: bool = True) -> HeadScores:
     """``retrieval_scores`` of the model in an HF directory (``flexgen_long.hf.load_model``: a plain HF model with
-    every layer full, a finetuning checkpoint as it was trained), freed afterwards."""
+    every layer full, a finetuning checkpoint as it was trained), freed afterwards. A tokenizer whose ids reach past
+    the model's embedding table is refused (``flexgen_long.tokenizers.check_fits``, a ``ValueError``)."""
     from . import hf
+    from .tokenizers import check_fits
 
     model = hf.load_model(model_dir, device=device, dtype=dtype).eval()
     try:
+        check_fits(tokenizer, model.tok_embeddings.num_embeddings)
         return retrieval_scores(model, tokenizer, length, samples_per_depth, seed=seed, batch_size=batch_size,
                                 progress=progress)
     finally:

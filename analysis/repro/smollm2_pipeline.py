@@ -177,7 +177,7 @@ def heads(checkpoint: Path, name: str, args, p, out: Path) -> dict:
     import retrieval_heads
     argv = [str(checkpoint), "--out", str(out / f"heads_{name}"), "--name", name, "--device", p["device"],
             "--dtype", p["dtype"], "--length", str(p["heads_length"]), "--samples", str(p["heads_samples"]),
-            "--tokenizer-dir", str(model_dir(args))]
+            "--tokenizer", str(model_dir(args))]
     log("+ python analysis/repro/retrieval_heads.py " + " ".join(argv))
     res = retrieval_heads.main(argv)
     _free()
