@@ -33,6 +33,7 @@ import glob as globlib
 import os
 import random
 import sysconfig
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -43,7 +44,8 @@ from .tokenizers import sequence_start
 
 __all__ = ["PYTHON_STDLIB", "PYTHON_STDLIB_PACKAGES", "PackedDocuments", "long_documents", "hf_long_documents",
            "text_files", "read_text_file", "check_packing_args", "ON_INVALID_UTF8", "passkey_task",
-           "multikey_needle_task", "SYNTHETIC_TASKS", "CROSS_ENTROPY_IGNORE_INDEX", "joined_documents"]
+           "multikey_needle_task", "SYNTHETIC_TASKS", "TaskSample", "task_samples", "ANSWER_ROOM",
+           "CROSS_ENTROPY_IGNORE_INDEX", "joined_documents"]
 
 PYTHON_STDLIB = "python-stdlib"
 #: The standard library's *subpackages* (``email/``, ``asyncio/`` ...; no tests, no site-packages): files disjoint from
@@ -171,10 +173,12 @@ def _fill(tokenizer, n: int) -> list[int]:
 
 
 def _task(tokenizer, length: int, needles: list[str], question: str, answer: str, rng: random.Random, *,
-          depth: float | None = None, target: int = 0, prompt_only: bool = False) -> tuple[list[int], list[bool]]:
+          depth: float | None = None, target: int = 0, prompt_only: bool = False, needle_span: bool = False):
     """``start intro filler(needles at random depths) question answer EOS`` of exactly ``length`` tokens (or more
     when the needles alone exceed it); the trained mask covers the answer and EOS. ``start`` is what the tokenizer
-    begins plain text with (``tokenizers.sequence_start``: BOS, or nothing for SmolLM2).
+    begins plain text with (``tokenizers.sequence_start``: BOS, or nothing for SmolLM2). Returns (tokens, trained),
+    with ``needle_span`` (tokens, trained, span): ``span`` is the ``range`` of token positions that needle ``target``
+    (its sentence with the spaces around it) occupies.
 
     ``depth`` in [0, 1]: needle ``target`` (the one asked for) starts at that fraction of the filler (0 = right after
     the intro, 1 = right before the question); the others stay at random depths. ``prompt_only``: ``length`` counts
@@ -197,35 +201,44 @@ def _task(tokenizer, length: int, needles: list[str], question: str, answer: str
     else:  # as before: the sorted random cuts are dealt to the needles in order
         cuts, order = sorted(cuts), range(len(needles))
         cuts = dict(zip(order, cuts))
-    body, prev = [], 0
+    head = start + intro
+    body, prev, at = [], 0, 0
     for i in order:
-        body += filler[prev:cuts[i]] + needle_ids[i]
+        body += filler[prev:cuts[i]]
+        if i == target:
+            at = len(head) + len(body)
+        body += needle_ids[i]
         prev = cuts[i]
     body += filler[prev:]
-    prompt = start + intro + body + q
+    prompt = head + body + q
     tokens = prompt + a + [tokenizer.eos_id]
-    return tokens, [False] * len(prompt) + [True] * (len(a) + 1)
+    trained = [False] * len(prompt) + [True] * (len(a) + 1)
+    if needle_span:
+        return tokens, trained, range(at, at + len(needle_ids[target]))
+    return tokens, trained
 
 
 def passkey_task(tokenizer, length: int, rng: random.Random, *, depth: float | None = None,
-                 prompt_only: bool = False) -> tuple[list[int], list[bool]]:
+                 prompt_only: bool = False, needle_span: bool = False):
     """Passkey retrieval (Mohtashami & Jaggi 2023): a 5-digit key hidden at a random depth (or at ``depth``, a
-    fraction of the filler), asked for at the end. ``prompt_only``: see ``_task``."""
+    fraction of the filler), asked for at the end. ``prompt_only``, ``needle_span``: see ``_task``."""
     key = str(rng.randrange(10000, 100000))
     return _task(tokenizer, length, [f"The pass key is {key}. Remember it. {key} is the pass key."],
-                 "What is the pass key? The pass key is", f"{key}.", rng, depth=depth, prompt_only=prompt_only)
+                 "What is the pass key? The pass key is", f"{key}.", rng, depth=depth, prompt_only=prompt_only,
+                 needle_span=needle_span)
 
 
 def multikey_needle_task(tokenizer, length: int, rng: random.Random, num_keys: int = 4, *,
-                         depth: float | None = None, prompt_only: bool = False) -> tuple[list[int], list[bool]]:
+                         depth: float | None = None, prompt_only: bool = False, needle_span: bool = False):
     """Multi-key needle (RULER's MK-NIAH): ``num_keys`` key/value needles at random depths, one key asked for; with
-    ``depth``, the asked-for needle sits at that fraction of the filler. ``prompt_only``: see ``_task``."""
+    ``depth``, the asked-for needle sits at that fraction of the filler. ``prompt_only``, ``needle_span``: see
+    ``_task`` (the span is the asked-for needle's)."""
     keys = [f"{rng.choice(_WORDS)}-{rng.choice(_WORDS)}-{rng.randrange(100)}" for _ in range(num_keys)]
     values = [str(rng.randrange(1000000, 10000000)) for _ in keys]
     j = rng.randrange(num_keys)
     return _task(tokenizer, length, [f"One of the special magic numbers for {k} is: {v}." for k, v in zip(keys, values)],
                  f"What is the special magic number for {keys[j]}? The special magic number for {keys[j]} is:",
-                 f"{values[j]}.", rng, depth=depth, target=j, prompt_only=prompt_only)
+                 f"{values[j]}.", rng, depth=depth, target=j, prompt_only=prompt_only, needle_span=needle_span)
 
 
 _WORDS = ("amber", "basil", "cedar", "delta", "ember", "fjord", "garnet", "harbor", "indigo", "juniper", "kestrel",
@@ -233,6 +246,34 @@ _WORDS = ("amber", "basil", "cedar", "delta", "ember", "fjord", "garnet", "harbo
           "willow", "xenon", "yarrow", "zephyr")
 
 SYNTHETIC_TASKS: dict[str, Callable] = {"passkey": passkey_task, "multikey_needle": multikey_needle_task}
+#: Tokens after a task's prompt: its answer (" 12345." for a passkey, " 1234567." for a multi-key needle: at most 9
+#: byte-level tokens) and slack. A prompt of L tokens needs a model with max_seq_len >= L + ANSWER_ROOM.
+ANSWER_ROOM = 16
+
+
+@dataclass(frozen=True)
+class TaskSample:
+    """One synthetic task split for evaluation and scoring: ``prompt`` ids, ``answer`` ids (without EOS) and ``needle``,
+    the token positions of the asked-for needle sentence in the prompt."""
+
+    prompt: list[int]
+    answer: list[int]
+    needle: range
+
+
+def task_samples(tokenizer, task: str, length: int, depth: float, n: int, seed: str) -> list[TaskSample]:
+    """``n`` samples of ``task`` (a ``SYNTHETIC_TASKS`` name) with the asked-for needle at ``depth`` and prompts of
+    ``length`` tokens (``prompt_only``; longer where the intro, needles and question alone exceed it), drawn from
+    ``random.Random(seed)``: a str seed is hashed deterministically, so every model and every run gets the same
+    samples for the same ``seed``."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        ids, trained, needle = SYNTHETIC_TASKS[task](tokenizer, length, rng, depth=depth, prompt_only=True,
+                                                     needle_span=True)
+        start = trained.index(True)
+        out.append(TaskSample(ids[:start], ids[start:-1], needle))
+    return out
 
 
 # -- packing ------------------------------------------------------------------------------------------------------------

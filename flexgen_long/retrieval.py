@@ -8,7 +8,7 @@ pretrained model, measured here::
     scores = retrieval_scores(model, tokenizer)                 # copy score and needle mass per layer and head
     choice = choose_full_layers(scores, "retrieval", source=d)  # the budget's layers, best first, and the ranking
 
-**Scoring** (teacher forcing, no generation): passkey prompts (``flexgen_long.data.passkey_task``, the evaluation's
+**Scoring** (teacher forcing, no generation): passkey prompts (``flexgen_long.data.task_samples``, the evaluation's
 prompts) followed by their answer go through the model in batches. A forward hook on every layer's attention module
 recomputes, from the module's own input with its own projections and RoPE, the attention of the queries that produce
 the answer tokens in fp32 under the layer's own pattern (a sparse layer is scored on the keys it can see), then per
@@ -37,9 +37,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,20 +46,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .data import passkey_task
+from .data import ANSWER_ROOM, task_samples
 from .layout import is_retrieval, retrieval_budget
 
 __all__ = ["HeadScores", "FullLayerChoice", "RecomputeMismatch", "retrieval_scores", "choose_full_layers",
-           "rank_layers", "needle_positions", "copy_and_mass", "layer_probs", "passkey_prompts", "score_model_dir",
-           "default_length", "provisional_model_cfg", "check_config", "scoring_args", "choose_for_run",
-           "DEFAULT_DEPTHS", "SCORING_DEFAULTS", "CHOICE_FILE", "CHECKPOINT_KEY"]
+           "rank_layers", "copy_and_mass", "layer_probs", "passkey_prompts", "score_model_dir", "default_length",
+           "provisional_model_cfg", "check_config", "choose_for_run", "DEFAULT_DEPTHS", "CHOICE_FILE",
+           "CHECKPOINT_KEY"]
 
 #: Needle depths of the scoring prompts (fractions of the filler), 8 prompts each by default: 40 prompts.
 DEFAULT_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
-#: Prompt length by default: this, or the model's max_seq_len - ANSWER_ROOM when that is shorter.
+#: Prompt length by default: this, or the model's max_seq_len - ANSWER_ROOM (flexgen_long.data) when that is shorter.
 DEFAULT_LENGTH = 4096
-#: Tokens after the prompt: the answer (" 12345." is 2-7 tokens) and slack.
-ANSWER_ROOM = 16
 #: Largest recompute error accepted, relative to the layer output's largest value: fp32 models agree to rounding; a
 #: bf16 model's kernels round q/k/v and the output to bf16 (a wrong mask or RoPE is an O(1) error).
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.1, torch.float16: 0.05}
@@ -86,32 +81,13 @@ class Prompt:
     needle: range
 
 
-def needle_positions(tokens: Sequence[int], needle: Sequence[int]) -> range:
-    """Where ``needle`` (the needle sentence's ids) lies in ``tokens``; it must occur exactly once."""
-    tokens, needle, n = list(tokens), list(needle), len(needle)
-    hits = [i for i in range(len(tokens) - n + 1) if tokens[i:i + n] == needle]
-    if len(hits) != 1:
-        raise ValueError(f"the needle occurs {len(hits)} times in the prompt, expected exactly once")
-    return range(hits[0], hits[0] + n)
-
-
 def passkey_prompts(tokenizer, length: int, samples_per_depth: int, depths: Sequence[float] = DEFAULT_DEPTHS,
                     seed: int = 0) -> list[Prompt]:
     """``samples_per_depth`` passkey prompts of ``length`` tokens per needle depth, each followed by its answer;
     seeded by (seed, length, depth), so every model is scored on the same prompts."""
-    prompts = []
-    for depth in depths:
-        rng = random.Random(f"heads/{seed}/{length}/{depth}")
-        for _ in range(samples_per_depth):
-            ids, trained = passkey_task(tokenizer, length, rng, depth=depth, prompt_only=True)
-            ids = ids[:-1]  # prompt + answer, without EOS
-            start = trained.index(True)
-            key = tokenizer.decode(ids[start:]).strip().rstrip(".")
-            # passkey_task's needle sentence, encoded as it encodes it (needle_positions fails loudly if that changes)
-            needle = tokenizer.encode(f" The pass key is {key}. Remember it. {key} is the pass key. ",
-                                      add_bos=False, add_eos=False)
-            prompts.append(Prompt(ids, start, needle_positions(ids, needle)))
-    return prompts
+    return [Prompt(s.prompt + s.answer, len(s.prompt), s.needle) for depth in depths
+            for s in task_samples(tokenizer, "passkey", length, depth, samples_per_depth,
+                                  f"heads/{seed}/{length}/{depth}")]
 
 
 # -- scores of one layer ---------------------------------------------------------------------------------------------------
@@ -222,47 +198,19 @@ def default_length(model: nn.Module) -> int:
     return min(DEFAULT_LENGTH, model.max_seq_len - ANSWER_ROOM)
 
 
-class _Progress:
-    """A tqdm bar on a terminal; elsewhere (a log file, a pipe) one line every ``every_s`` seconds and at the end."""
-
-    def __init__(self, total: int, desc: str, enabled: bool = True, every_s: float = 10.0, stream=None):
-        self.total, self.desc, self.enabled, self.every_s = total, desc, enabled, every_s
-        self.stream = stream or sys.stderr
-        self.done, self.t0, self.last = 0, time.perf_counter(), time.perf_counter()
-        self.bar = None
-        if enabled and getattr(self.stream, "isatty", lambda: False)():
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, desc=desc, file=self.stream)
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif self.enabled and (time.perf_counter() - self.last >= self.every_s or self.done == self.total):
-            self.last = time.perf_counter()
-            elapsed = self.last - self.t0
-            left = elapsed / self.done * (self.total - self.done)
-            print(f"{self.desc}: {self.done}/{self.total} ({elapsed:.0f} s, ~{left:.0f} s left)", file=self.stream,
-                  flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 @torch.no_grad()
 def retrieval_scores(model: nn.Module, tokenizer, length: int | None = None, samples_per_depth: int = 8,
                      depths: Sequence[float] = DEFAULT_DEPTHS, seed: int = 0, batch_size: int = 8,
                      progress: bool = True) -> HeadScores:
     """Copy score and needle mass of every (layer, query head) of ``model`` (see the module docstring), on the device
     and in the dtype the model is in; ``samples_per_depth`` prompts of ``length`` tokens (default ``default_length``)
-    per depth, ``batch_size`` prompts per forward pass. ``progress``: a bar (or periodic lines off a terminal) on
-    stderr. Raises ``RecomputeMismatch`` when the recomputed attention misses a layer's output by more than the
-    dtype's ``TOLERANCE``."""
-    layers = [layer.attn for layer in model.layers]
-    if not all(hasattr(a, "pattern") for a in layers):
-        raise ValueError("retrieval_scores needs a model built by flexgen_long.models (attention modules with a "
-                         "pattern)")
+    per depth, ``batch_size`` prompts per forward pass. ``progress``: ``flexgen_long.cli.progress`` on stderr (a bar
+    on a terminal, periodic lines elsewhere). Raises ``RecomputeMismatch`` when the recomputed attention misses a
+    layer's output by more than the dtype's ``TOLERANCE``."""
+    from .attention import attention_layers  # torch's flex attention: imported only when a model is scored
+    from .cli import progress as progress_bar
+
+    layers = attention_layers(model)
     length = default_length(model) if length is None else length
     if length < 128 or length + ANSWER_ROOM > model.max_seq_len:
         raise ValueError(f"length must be >= 128 (a passkey prompt needs ~120 tokens) and leave {ANSWER_ROOM} tokens "
@@ -293,7 +241,7 @@ def retrieval_scores(model: nn.Module, tokenizer, length: int | None = None, sam
     skip = getattr(model, "skip_output_layer", None)
     if skip is not None:
         model.skip_output_layer = True  # the final hidden states instead of [B, S, vocab] logits: scoring needs none
-    bar = _Progress(len(prompts), f"retrieval scores ({length} tokens, {device.type})", enabled=progress)
+    bar = progress_bar(len(prompts), f"retrieval scores ({length} tokens, {device.type})", enabled=progress)
     t0 = time.perf_counter()
     try:
         for start in range(0, len(prompts), batch_size):
@@ -403,11 +351,14 @@ def score_model_dir(model_dir, tokenizer, *, device="cpu", dtype: torch.dtype = 
                     samples_per_depth: int = 8, batch_size: int = 8, seed: int = 0,
                     progress: bool = True) -> HeadScores:
     """``retrieval_scores`` of the model in an HF directory (``flexgen_long.hf.load_model``: a plain HF model with
-    every layer full, a finetuning checkpoint as it was trained), freed afterwards."""
+    every layer full, a finetuning checkpoint as it was trained), freed afterwards. A tokenizer whose ids reach past
+    the model's embedding table is refused (``flexgen_long.tokenizers.check_fits``, a ``ValueError``)."""
     from . import hf
+    from .tokenizers import check_fits
 
     model = hf.load_model(model_dir, device=device, dtype=dtype).eval()
     try:
+        check_fits(tokenizer, model.tok_embeddings.num_embeddings)
         return retrieval_scores(model, tokenizer, length, samples_per_depth, seed=seed, batch_size=batch_size,
                                 progress=progress)
     finally:
@@ -440,18 +391,6 @@ def provisional_model_cfg(model_cfg):
     return OmegaConf.merge(model_cfg, {"full_layers": list(range(start, start + n))})
 
 
-#: The recipe's optional ``retrieval_scoring`` section: its keys and defaults (``retrieval_scores``' arguments; length
-#: null = ``default_length``).
-SCORING_DEFAULTS = {"length": None, "samples_per_depth": 8, "batch_size": 8}
-
-
-def scoring_args(cfg) -> dict:
-    """``retrieval_scoring`` of a recipe config, its defaults filled in (checked by ``check_config``)."""
-    from .recipe_config import get
-
-    return {k: get(cfg, f"retrieval_scoring.{k}", v) for k, v in SCORING_DEFAULTS.items()}
-
-
 def check_config(cfg) -> None:
     """The recipe's check of ``model.full_layers: retrieval[...]`` before any work: its form and a pretrained base
     model to score (``checkpoint.base_dir``); the ``retrieval_scoring`` section's keys are the recipe schema's."""
@@ -471,8 +410,8 @@ def check_config(cfg) -> None:
 
 
 def choose_for_run(spec: str, *, base_dir, tokenizer, output_dir, resume: bool, resume_from, device, dtype,
-                   log: Callable[[str], None] = print, length: int | None = None, samples_per_depth: int = 8,
-                   batch_size: int = 8) -> FullLayerChoice:
+                   log: Callable[[str], None] = print, length: int | None, samples_per_depth: int,
+                   batch_size: int) -> FullLayerChoice:
     """The layers of one finetuning run, chosen once:
 
     * resuming from a checkpoint: the choice recorded in its config.json (``CHECKPOINT_KEY`` under the recipe
@@ -485,6 +424,7 @@ def choose_for_run(spec: str, *, base_dir, tokenizer, output_dir, resume: bool, 
 
     A checkpoint trained with other layers is refused, naming ``model.full_layers``."""
     from . import hf
+    from .checkpoint_io import write_atomic
     from .recipe_config import fail
 
     if resume_from is not None:
@@ -519,8 +459,6 @@ def choose_for_run(spec: str, *, base_dir, tokenizer, output_dir, resume: bool, 
     log(f"Retrieval scores of {base_dir}: {seconds:.1f} s with loading (recompute check "
         f"{scores.recompute_max_rel_error:.1e}):\n{choice.table()}")
     log(f"Full layers: {choice.summary()}")
-    tmp = path.with_name(f".{CHOICE_FILE}.tmp-{os.getpid()}")
     record = {"choice": choice.to_dict(), "scores": scores.to_dict(), "seconds_with_loading": seconds}
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, (json.dumps(record, indent=2) + "\n").encode())
     return choice

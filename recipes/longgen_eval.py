@@ -53,7 +53,8 @@ from torchtune import utils
 from flexgen_long import checkpoint_io, cli, hf
 from flexgen_long import recipe_config as rc
 from flexgen_long.engine import Engine
-from flexgen_long.data import PYTHON_STDLIB_PACKAGES, SYNTHETIC_TASKS, joined_documents, read_text_file, text_files
+from flexgen_long.data import (ANSWER_ROOM, PYTHON_STDLIB_PACKAGES, SYNTHETIC_TASKS, joined_documents, read_text_file,
+                               task_samples, text_files)
 from flexgen_long.generation import generate
 from flexgen_long.policy import Policy
 from flexgen_long.models import relayout
@@ -82,8 +83,8 @@ class EvalConfig:
                                    "baseline); null: the model's own layout")
     tasks: list[Literal[tuple(SYNTHETIC_TASKS)]] = key(list(SYNTHETIC_TASKS), "retrieval tasks (may be empty)",
                                                          unique=True)
-    lengths: list[int] = key(REQUIRED, "prompt lengths in tokens; max + 16 must fit the model's max_seq_len",
-                             min=64, nonempty=True, unique=True)
+    lengths: list[int] = key(REQUIRED, f"prompt lengths in tokens; max + {ANSWER_ROOM} must fit the model's "
+                             "max_seq_len", min=64, nonempty=True, unique=True)
     depths: list[float] = key([0.0, 0.5, 1.0], "where the asked-for needle sits (0 = first, 1 = last)",
                               min=0, max=1, nonempty=True)
     samples_per_cell: int = key(1, "prompts per (task, length, depth), decoded as one batch", min=1)
@@ -148,23 +149,19 @@ def layout_summary(model: nn.Module) -> dict:
 # -- retrieval -----------------------------------------------------------------------------------------------------------
 def retrieval_samples(tokenizer, task: str, length: int, depth: float, n: int, seed: int):
     """``n`` (prompt ids, answer ids) of ``task`` with prompts of exactly ``length`` tokens and the asked-for needle
-    at ``depth``. Seeded by (seed, task, length, depth) -- a str seed is hashed deterministically -- so every model
-    and every run sees the same prompts."""
-    rng = random.Random(f"{seed}/{task}/{length}/{depth}")
-    out = []
-    for _ in range(n):
-        ids, trained = SYNTHETIC_TASKS[task](tokenizer, length, rng, depth=depth, prompt_only=True)
-        if trained[length - 1] or not trained[length]:
-            _fail("lengths", f"{length} is too short for the {task} task's intro, needles and question")
-        out.append((ids[:length], ids[length:-1]))  # the answer without its EOS
-    return out
+    at ``depth`` (``flexgen_long.data.task_samples``, the answer without its EOS). Seeded by (seed, task, length,
+    depth), so every model and every run sees the same prompts."""
+    samples = task_samples(tokenizer, task, length, depth, n, f"{seed}/{task}/{length}/{depth}")
+    if any(len(s.prompt) != length for s in samples):
+        _fail("lengths", f"{length} is too short for the {task} task's intro, needles and question")
+    return [(s.prompt, s.answer) for s in samples]
 
 
-def exact_match(predicted: list[list[int]], answers: list[list[int]]) -> float:
-    """Fraction of predictions whose first len(answer) tokens equal the answer."""
+def exact_matches(predicted: list[list[int]], answers: list[list[int]]) -> int:
+    """How many predictions have their first len(answer) tokens equal to the answer."""
     if len(predicted) != len(answers) or not answers:
-        raise ValueError(f"exact_match needs one prediction per answer, got {len(predicted)} for {len(answers)}")
-    return sum(list(p[:len(a)]) == list(a) for p, a in zip(predicted, answers)) / len(answers)
+        raise ValueError(f"exact_matches needs one prediction per answer, got {len(predicted)} for {len(answers)}")
+    return sum(list(p[:len(a)]) == list(a) for p, a in zip(predicted, answers))
 
 
 def token_accuracy(predicted: list[list[int]], answers: list[list[int]]) -> float:
@@ -198,21 +195,22 @@ def evaluate_retrieval(answer_fn: AnswerFn, tokenizer, tasks, lengths, depths, s
     for task in tasks:
         acc = [[None] * len(lengths) for _ in depths]
         tok_acc = [[None] * len(lengths) for _ in depths]
+        correct = [0] * len(lengths)
         examples = {}
         for j, length in enumerate(lengths):
             for i, depth in enumerate(depths):
                 samples = retrieval_samples(tokenizer, task, length, depth, samples_per_cell, seed)
                 answers = [a for _, a in samples]
                 predicted = answer_fn([p for p, _ in samples], max(map(len, answers)))
-                acc[i][j] = exact_match(predicted, answers)
+                k = exact_matches(predicted, answers)
+                acc[i][j] = k / len(answers)
+                correct[j] += k
                 tok_acc[i][j] = round(token_accuracy(predicted, answers), 4)
                 examples[f"{length}/{depth}"] = [[tokenizer.decode(list(p[:len(a)])), tokenizer.decode(list(a))]
                                                  for p, a in list(zip(predicted, answers))[:examples_per_cell]]
                 if bar is not None:
                     bar.set_description(f"{task} L={length} depth={depth}: {acc[i][j]:.2f}")
                     bar.update(1)
-        # every cell holds samples_per_cell prompts, so a cell's exact matches are its accuracy x samples_per_cell
-        correct = [sum(round(acc[i][j] * samples_per_cell) for i in range(len(depths))) for j in range(len(lengths))]
         n = samples_per_cell * len(depths)
         results[task] = {"lengths": list(lengths), "depths": list(depths), "accuracy": acc,
                          "mean_by_length": [sum(acc[i][j] for i in range(len(depths))) / len(depths)
@@ -377,9 +375,8 @@ def evaluate(cfg: DictConfig) -> dict:
     json_path = check_output(Path(cfg.output_dir), name, ckpt, cfg.overwrite)
 
     model, ckpt = build_model(cfg, device, dtype)
-    answer_room = 16  # tokens after the longest prompt: the answers (" 12345." / " 1234567." in bytes) and slack
-    if max(lengths) + answer_room > model.max_seq_len:
-        _fail("lengths", f"max(lengths)={max(lengths)} + {answer_room} answer tokens exceeds the model's "
+    if max(lengths) + ANSWER_ROOM > model.max_seq_len:
+        _fail("lengths", f"max(lengths)={max(lengths)} + {ANSWER_ROOM} answer tokens exceeds the model's "
                          f"max_seq_len={model.max_seq_len} (its RoPE table); drop the longer lengths")
     tokenizer = rc.instantiate("tokenizer", cfg.tokenizer)
     rc.tokenizer_fits(tokenizer, model.tok_embeddings.num_embeddings)

@@ -384,7 +384,7 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
                 choice[0] = retrieval.choose_for_run(spec, base_dir=self._base_dir, tokenizer=self._tokenizer,
                                                      output_dir=self._output_dir, resume=self._resume,
                                                      resume_from=resume_from, device=self._device, dtype=self._dtype,
-                                                     log=log.info, **retrieval.scoring_args(cfg))
+                                                     log=log.info, **OmegaConf.to_container(cfg.retrieval_scoring))
             except Exception as e:  # every rank raises it (the others would wait for the choice forever)
                 choice[0] = e
         if self._world_size > 1:

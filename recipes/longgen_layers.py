@@ -23,6 +23,7 @@ import torch
 from flexgen_long import hf
 from flexgen_long import recipe_config as rc
 from flexgen_long import retrieval
+from flexgen_long.data import ANSWER_ROOM
 from flexgen_long.layout import retrieval_budget
 from flexgen_long.tokenizers import byte_tokenizer, hf_tokenizer
 
@@ -48,15 +49,13 @@ def main(argv=None) -> retrieval.FullLayerChoice:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, choices=sorted(rc.DTYPES), help="default bf16 on cuda, fp32 on cpu")
     ap.add_argument("--length", type=int, default=None,
-                    help="prompt length in tokens (default 4096, or the model's max_seq_len - 16 if shorter)")
+                    help=f"prompt length in tokens (default 4096, or the model's max_seq_len - {ANSWER_ROOM} if "
+                         "shorter)")
     ap.add_argument("--samples", type=int, default=8, help="prompts per needle depth (5 depths; default 8)")
     ap.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
     ap.add_argument("--tokenizer", default=None, help="an HF directory whose tokenizer to use, or 'bytes'")
     ap.add_argument("--json", default=None, help="also write the choice and every head's scores to this file")
     a = ap.parse_args(argv)
-    for name in ("samples", "batch_size"):
-        if getattr(a, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     with rc.user_errors():
         try:
             retrieval_budget(a.full_layers, None)
@@ -70,12 +69,11 @@ def main(argv=None) -> retrieval.FullLayerChoice:
         d = Path(a.model_dir)
         hf.read_config(d)  # a directory without a readable config.json is named before anything loads
         tokenizer = tokenizer_for(d, a.tokenizer)
-        model = hf.load_model(d, device=device, dtype=dtype).eval()
-        rc.tokenizer_fits(tokenizer, model.tok_embeddings.num_embeddings)
         try:
-            scores = retrieval.retrieval_scores(model, tokenizer, a.length, a.samples, batch_size=a.batch_size)
+            scores = retrieval.score_model_dir(d, tokenizer, device=device, dtype=dtype, length=a.length,
+                                               samples_per_depth=a.samples, batch_size=a.batch_size)
             choice = retrieval.choose_full_layers(scores, a.full_layers, source=str(d.resolve()))
-        except ValueError as e:  # a length the model cannot hold, a budget above its layer count
+        except ValueError as e:  # a tokenizer or length the model cannot hold, a budget above its layer count, ...
             raise rc.ConfigError(str(e)) from None
     print(f"Retrieval scores of {d}: {len(scores.copy_score)} layers ({', '.join(sorted(set(scores.patterns)))}), "
           f"{scores.prompts} passkey prompts of {scores.length} tokens, {scores.device} {scores.dtype}, "

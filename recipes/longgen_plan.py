@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
-from argparse import Namespace
 from pathlib import Path
 
 import torch

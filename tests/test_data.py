@@ -1,13 +1,14 @@
 """flexgen_long.data and flexgen_long.tokenizers against plain-Python references."""
 
 import random
+import re
 import sysconfig
 
 import pytest
 import torch
 
-from flexgen_long.data import (CROSS_ENTROPY_IGNORE_INDEX, PYTHON_STDLIB, long_documents, multikey_needle_task,
-                               pack_documents, passkey_task, text_files)
+from flexgen_long.data import (CROSS_ENTROPY_IGNORE_INDEX, PYTHON_STDLIB, SYNTHETIC_TASKS, TaskSample, long_documents,
+                               multikey_needle_task, pack_documents, passkey_task, task_samples, text_files)
 from flexgen_long.tokenizers import ByteTokenizer
 
 TOK = ByteTokenizer()
@@ -180,6 +181,37 @@ def test_synthetic_task_depth_and_prompt_length(task, depth):
     filler_span = question_at - intro_end  # filler + needles, in characters (= bytes: ASCII)
     frac = (needle_at - intro_end) / filler_span
     assert abs(frac - depth) < 0.12, (frac, depth)  # the needles' own lengths shift it a little
+
+
+@pytest.mark.parametrize("task", ["passkey", "multikey_needle"])
+@pytest.mark.parametrize("depth", [None, 0.0, 0.5, 1.0])
+def test_the_needle_span_is_the_asked_for_needle_sentence(task, depth):
+    """``needle_span``: the positions of the needle that holds the answer, its sentence and the spaces around it --
+    and the option draws nothing else from the rng (the same tokens as without it)."""
+    for seed in range(5):
+        ids, trained, span = SYNTHETIC_TASKS[task](TOK, 1500, random.Random(seed), depth=depth, prompt_only=True,
+                                                   needle_span=True)
+        assert (ids, trained) == SYNTHETIC_TASKS[task](TOK, 1500, random.Random(seed), depth=depth, prompt_only=True)
+        value = TOK.decode([t for t, m in zip(ids, trained) if m]).strip().rstrip(".")
+        text = TOK.decode(ids[span.start:span.stop])
+        if task == "passkey":
+            assert text == f" The pass key is {value}. Remember it. {value} is the pass key. "
+        else:
+            key = re.search(r"special magic number for (\S+)\? ", TOK.decode(ids)).group(1)
+            assert text == f" One of the special magic numbers for {key} is: {value}. "
+
+
+def test_task_samples_split_prompt_answer_and_needle():
+    """``task_samples``: the prompt (``length`` tokens), the answer without EOS and the needle span of each sample, the
+    same for the same seed."""
+    samples = task_samples(TOK, "passkey", 600, 0.5, 3, "s/600")
+    assert samples == task_samples(TOK, "passkey", 600, 0.5, 3, "s/600")
+    assert samples != task_samples(TOK, "passkey", 600, 0.5, 3, "s/601")
+    rng = random.Random("s/600")
+    for s in samples:
+        ids, trained, span = passkey_task(TOK, 600, rng, depth=0.5, prompt_only=True, needle_span=True)
+        assert s == TaskSample(ids[:600], ids[600:-1], span) and ids[-1] == TOK.eos_id
+        assert TOK.decode(s.answer).startswith(" ") and span.stop <= len(s.prompt)
 
 
 def test_synthetic_task_depth_refuses_out_of_range():

@@ -3,12 +3,12 @@ real attention (its output reproduced through the output projection on AttnSink 
 its probabilities equal to an independent dense-mask softmax); a model with a copy head planted by hand
 (tests/reference.py) is ranked with that layer first; the budget rules; the progress lines."""
 
-import io
 import math
 
 import pytest
 import torch
 
+from flexgen_long import cli
 from flexgen_long import retrieval as rt
 from flexgen_long.models import longgen_llama
 from flexgen_long.patterns import AttnSink, BlockSparse, Full
@@ -35,10 +35,17 @@ def test_copy_score_and_needle_mass_on_hand_made_attention():
     assert mass[0].tolist() == pytest.approx([0.93, 0.93, 0.03, 0.03])
 
 
-def test_needle_positions_requires_exactly_one_occurrence():
-    assert rt.needle_positions([5, 1, 2, 3, 6], [1, 2, 3]) == range(1, 4)
-    with pytest.raises(ValueError, match="occurs 2 times"):
-        rt.needle_positions([1, 2, 1, 2], [1, 2])
+def test_scoring_prompts_mark_the_needle_sentence_and_the_answer():
+    """Each scoring prompt: the passkey prompt and its answer (no EOS), the answer's start, and the needle -- the
+    sentence that holds the key, found by the task builder (flexgen_long.data.task_samples)."""
+    tok = ByteTokenizer()
+    prompts = rt.passkey_prompts(tok, 300, 2, (0.0, 0.6, 1.0))
+    assert len(prompts) == 6 and {p.answer_start for p in prompts} == {300}
+    for p in prompts:
+        key = tok.decode(p.ids[p.answer_start:]).strip().rstrip(".")
+        needle = tok.decode(p.ids[p.needle.start:p.needle.stop])
+        assert needle == f" The pass key is {key}. Remember it. {key} is the pass key. "
+        assert tok.decode(p.ids[:p.answer_start]).count(key) == 2          # the needle holds the key, nothing else does
 
 
 def _hybrid(seed=0):
@@ -159,15 +166,21 @@ def test_budget_choice_and_ranking_rules():
         rt.choose_full_layers(s, "retrieval:10")
 
 
-def test_progress_off_a_terminal_is_periodic_lines():
-    out = io.StringIO()  # not a TTY: no bar, a line every every_s seconds and one at the end
-    bar = rt._Progress(5, "scores", every_s=3600, stream=out)
+def test_progress_off_a_terminal_is_periodic_lines(monkeypatch, capsys):
+    """Scoring reports progress through cli.progress: stderr captured here is not a TTY, so no bar but a line every
+    10 s and one at the end."""
+    rt.retrieval_scores(_hybrid(), ByteTokenizer(), 300, samples_per_depth=1, depths=(0.5,))
+    assert capsys.readouterr().err.splitlines()[-1].startswith("retrieval scores (300 tokens, cpu): 1/1 (")
+    bar = cli.progress(5, "scores")
     for _ in range(5):
         bar.update(1)
     bar.close()
-    assert out.getvalue().count("\n") == 1 and out.getvalue().startswith("scores: 5/5 (")
-    out = io.StringIO()
-    bar = rt._Progress(3, "scores", every_s=0, stream=out)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("scores: 5/5 (")
+    clock = iter(range(0, 1000, 11))  # every reading 11 s after the one before
+    monkeypatch.setattr(cli.time, "monotonic", lambda: next(clock))
+    bar = cli.progress(3, "scores")
     for _ in range(3):
         bar.update(1)
-    assert [line.split(" (")[0] for line in out.getvalue().splitlines()] == ["scores: 1/3", "scores: 2/3", "scores: 3/3"]
+    assert [line.split(" (")[0] for line in capsys.readouterr().err.splitlines()] == ["scores: 1/3", "scores: 2/3",
+                                                                                     "scores: 3/3"]

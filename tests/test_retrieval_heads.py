@@ -34,21 +34,25 @@ def test_cli_writes_json_and_figure_and_suggests_layers(tmp_path, monkeypatch):
     model = config.instantiate(OmegaConf.create(cfg))
     ckpt = checkpoint_io.save_checkpoint(tmp_path / "run", 1, model.state_dict(), checkpoint_io.hf_config(model, cfg))
     copy = [0.5, 0.0, 0.0, 0.3, 0.35, 0.1]
-    measured = rh.retrieval_scores
+    measured = rh.score_model_dir
 
     def fake(*a, **k):
         s = measured(*a, **k)
         return dataclasses.replace(s, copy_score=[[c, 0.0] for c in copy])
-    monkeypatch.setattr(rh, "retrieval_scores", fake)
+    monkeypatch.setattr(rh, "score_model_dir", fake)
     out = tmp_path / "heads"
-    res = rh.main([str(ckpt), "--out", str(out), "--samples", "1", "--device", "cpu", "--dtype", "fp32"])
+    res = rh.main([str(ckpt), "--out", str(out), "--samples", "1", "--device", "cpu", "--dtype", "fp32",
+                   "--tokenizer", "bytes"])
     assert res["length"] == 496                              # max_seq_len - 16: room for the answer
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved["layout"]["full_layers"] == [0, 1, 2, 3, 4, 5] and saved["recompute_max_rel_error"] < 1e-3
     assert saved["suggested_full_layers"] == {"n": 2, "top": [0, 4], "contiguous": [3, 4]} and saved["ranking"][:2] == [0, 4]
     assert saved["layer_copy_score"] == copy and len(saved["needle_mass"]) == 6 and len(saved["needle_mass"][0]) == 2
     assert out.with_suffix(".png").stat().st_size > 10_000
-    with pytest.raises(SystemExit):
-        rh.main([str(ckpt), "--out", str(out), "--length", "600", "--device", "cpu"])   # no room for the answer
-    with pytest.raises(SystemExit):
-        rh.main([str(ckpt), "--out", str(out), "--length", "100", "--device", "cpu"])   # no room for a prompt
+    bytes_ = ["--tokenizer", "bytes", "--device", "cpu"]
+    with pytest.raises(SystemExit, match=r"^error: length must be >= 128 .* within max_seq_len=512, got 600"):
+        rh.main([str(ckpt), "--out", str(out), "--length", "600", *bytes_])   # no room for the answer
+    with pytest.raises(SystemExit, match=r"^error: length must be >= 128 .*, got 100"):
+        rh.main([str(ckpt), "--out", str(out), "--length", "100", *bytes_])   # no room for a prompt
+    with pytest.raises(SystemExit, match=r"^error: .*\(MODEL_DIR\) holds neither tokenizer.json nor tokenizer.model"):
+        rh.main([str(ckpt), "--out", str(out), "--device", "cpu"])    # no tokenizer: named, never bytes by default

@@ -6,12 +6,14 @@ Used by the pipelines to see where retrieval lives before and after length exten
 runs ``python recipes/longgen_layers.py MODEL_DIR`` (the same scores, the ranking and the config line) or the
 finetuning recipe with ``model.full_layers=retrieval``.
 
-    python analysis/repro/retrieval_heads.py CHECKPOINT_DIR --out analysis/results/repro/heads_s1 [--length 1008]
+    python analysis/repro/retrieval_heads.py MODEL_DIR --out analysis/results/repro/heads_s1 --tokenizer bytes
     python analysis/repro/retrieval_heads.py outputs/smollm2/train_b/step_150 --out heads_b \
-        --tokenizer-dir outputs/smollm2-135m-instruct      # a finetuned HF-tokenizer model (checkpoints hold none)
+        --tokenizer outputs/smollm2-135m-instruct      # a finetuned HF-tokenizer model (checkpoints hold none)
 
-Tokenizer: ``--tokenizer-dir`` (an HF directory, ``flexgen_long.tokenizers.hf_tokenizer``), else the checkpoint's own
-when it holds one (tokenizer.json / tokenizer.model: a plain HF model directory), else bytes (the repro's models).
+The model is loaded and scored by ``flexgen_long.retrieval.score_model_dir`` and the tokenizer chosen as
+recipes/longgen_layers.py chooses it (``tokenizer_for``): ``--tokenizer DIR`` (an HF directory), ``--tokenizer bytes``
+(the repro's byte-level models), else the checkpoint's own (a plain HF model directory holds one); a checkpoint
+without one is refused, naming ``--tokenizer``.
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from flexgen_long import hf  # noqa: E402
-from flexgen_long.recipe_config import TOKENIZER_FILES  # noqa: E402
-from flexgen_long.retrieval import choose_full_layers, default_length, retrieval_scores  # noqa: E402
-from flexgen_long.tokenizers import byte_tokenizer, hf_tokenizer  # noqa: E402
-from recipes.longgen_eval import layout_summary  # noqa: E402
+from flexgen_long import recipe_config as rc  # noqa: E402
+from flexgen_long.data import ANSWER_ROOM  # noqa: E402
+from flexgen_long.patterns import Full  # noqa: E402
+from flexgen_long.retrieval import choose_full_layers, score_model_dir  # noqa: E402
+from recipes.longgen_layers import tokenizer_for  # noqa: E402
 
 
 def best_window(layer_scores: list[float], n: int) -> list[int]:
@@ -43,15 +45,11 @@ def best_window(layer_scores: list[float], n: int) -> list[int]:
     return list(range(start, start + n))
 
 
-def pick_tokenizer(checkpoint, tokenizer_dir=None):
-    """``tokenizer_dir``'s HF tokenizer; else the checkpoint's own if it holds one; else bytes (see the docstring)."""
-    if tokenizer_dir is not None:
-        if not any((Path(tokenizer_dir) / f).is_file() for f in TOKENIZER_FILES):
-            raise SystemExit(f"--tokenizer-dir {tokenizer_dir}: holds none of {list(TOKENIZER_FILES)}")
-        return hf_tokenizer(tokenizer_dir)
-    if any((Path(checkpoint) / f).is_file() for f in TOKENIZER_FILES):
-        return hf_tokenizer(checkpoint)
-    return byte_tokenizer()
+def layout(patterns: list[str]) -> dict:
+    """The layout the heads were scored under, from the scored layers' patterns (``HeadScores.patterns``): as
+    recipes/longgen_eval.py's ``layout_summary`` reports a model's."""
+    return {"num_layers": len(patterns), "full_layers": [i for i, p in enumerate(patterns) if p == repr(Full())],
+            "patterns": list(patterns)}
 
 
 def plot(result: dict, title: str, path: Path) -> None:
@@ -82,43 +80,40 @@ def plot(result: dict, title: str, path: Path) -> None:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoint", help="a recipe checkpoint directory (step_N, with config.json)")
+    ap.add_argument("checkpoint", metavar="MODEL_DIR",
+                    help="a recipe checkpoint directory (step_N, with config.json) or an HF model directory")
     ap.add_argument("--out", required=True, help="output path without suffix: writes OUT.json and OUT.png")
     ap.add_argument("--length", type=int, default=None,
-                    help="prompt length in tokens (default: min(4096, the model's max_seq_len - 16), room for the answer)")
+                    help=f"prompt length in tokens (default: min(4096, the model's max_seq_len - {ANSWER_ROOM}), room "
+                         "for the answer)")
     ap.add_argument("--samples", type=int, default=8, help="prompts per needle depth (5 depths; default 8)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--name", default=None, help="title of the figure (default: the checkpoint path)")
-    ap.add_argument("--tokenizer-dir", default=None,
-                    help="HF directory whose tokenizer to use (default: the checkpoint's own, else bytes)")
+    ap.add_argument("--tokenizer", default=None,
+                    help="an HF directory whose tokenizer to use, or 'bytes' (default: the checkpoint's own)")
     args = ap.parse_args(argv)
-    if args.length is not None and args.length < 128:
-        ap.error(f"--length must be >= 128 (a passkey prompt needs ~120 tokens), got {args.length}")
-    if args.samples < 1:
-        ap.error(f"--samples must be >= 1, got {args.samples}")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    model = hf.load_model(args.checkpoint, device=args.device, dtype=dtype).eval()
-    if args.length is None:
-        args.length = default_length(model)
-    if args.length + 16 > model.max_seq_len:
-        ap.error(f"--length {args.length} leaves no room for the answer: at most max_seq_len - 16 = "
-                 f"{model.max_seq_len - 16}")
-    tokenizer = pick_tokenizer(args.checkpoint, args.tokenizer_dir)
-    scores = retrieval_scores(model, tokenizer, args.length, args.samples)  # RecomputeMismatch if the check fails
+    with rc.user_errors():
+        tokenizer = tokenizer_for(Path(args.checkpoint), args.tokenizer)
+        try:  # RecomputeMismatch (not a user error) if the recompute check fails
+            scores = score_model_dir(args.checkpoint, tokenizer, device=args.device, dtype=dtype, length=args.length,
+                                     samples_per_depth=args.samples)
+        except ValueError as e:  # a tokenizer, length or sample count the model cannot take
+            raise rc.ConfigError(str(e)) from None
     top = choose_full_layers(scores, "retrieval").layers  # as many full layers as LongGen's "middle third" has
     result = {**scores.to_dict(), "checkpoint": str(args.checkpoint),
               "card": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-              "layout": layout_summary(model), "suggested_full_layers": {
+              "layout": layout(scores.patterns), "suggested_full_layers": {
                   "n": len(top), "top": top, "contiguous": best_window(scores.layer_copy_score, len(top))}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, f"retrieval heads: {args.name or args.checkpoint} ({args.length} tokens, {result['card']})",
+    plot(result, f"retrieval heads: {args.name or args.checkpoint} ({scores.length} tokens, {result['card']})",
          out.with_suffix(".png"))
     per_layer = ", ".join(f"{i}:{x:.2f}" for i, x in enumerate(result["layer_copy_score"]))
-    print(f"retrieval heads ({args.length} tokens, {result['prompts']} prompts): best copy score per layer {per_layer}; "
-          f"suggested full layers {result['suggested_full_layers']}; recompute check "
+    print(f"retrieval heads ({scores.length} tokens, {result['prompts']} prompts): best copy score per layer "
+          f"{per_layer}; suggested full layers {result['suggested_full_layers']}; recompute check "
           f"{result['recompute_max_rel_error']:.2e}; {out.with_suffix('.json')}, {out.with_suffix('.png')}")
     return result
 

@@ -213,7 +213,8 @@ def run_heads(name: str, args) -> None:
     if ckpt is None:
         raise SystemExit(f"no checkpoint in {out}: run stage {'s1' if name == 's1' else 's2 ' + name} first")
     extra = ["--device", "cpu", "--dtype", "fp32", "--samples", "1"] if args.toy else []
-    retrieval_heads.main([str(ckpt), "--out", str(Path(args.results) / f"heads_{name}"), "--name", name, *extra])
+    retrieval_heads.main([str(ckpt), "--out", str(Path(args.results) / f"heads_{name}"), "--name", name,
+                          "--tokenizer", "bytes", *extra])
 
 
 def calibrate(args) -> None:

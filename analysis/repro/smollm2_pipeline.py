@@ -177,7 +177,7 @@ def heads(checkpoint: Path, name: str, args, p, out: Path) -> dict:
     import retrieval_heads
     argv = [str(checkpoint), "--out", str(out / f"heads_{name}"), "--name", name, "--device", p["device"],
             "--dtype", p["dtype"], "--length", str(p["heads_length"]), "--samples", str(p["heads_samples"]),
-            "--tokenizer-dir", str(model_dir(args))]
+            "--tokenizer", str(model_dir(args))]
     log("+ python analysis/repro/retrieval_heads.py " + " ".join(argv))
     res = retrieval_heads.main(argv)
     _free()
@@ -233,10 +233,9 @@ def stage_train(unit: str, args, p, out: Path) -> dict:
 
 
 def eval_cfg(name: str, args, p, out: Path):
-    """The eval recipe's config for ``name`` (an inference variant or a unit V_sS): eval_32k.yaml + overrides, parsed
-    as `tune run` parses them."""
-    from torchtune.config._parse import TuneRecipeArgumentParser as Parser  # `tune run`'s own parse and merge
-    from torchtune.config._utils import _merge_yaml_and_cli_args
+    """The eval recipe's config for ``name`` (an inference variant or a unit V_sS): eval_32k.yaml + overrides, merged
+    as `tune run` merges them (``flexgen_long.cli.load_config``)."""
+    from flexgen_long import cli
     base = model_dir(args)
     over = [f"output_dir={out}", f"name=eval_{name}", f"tokenizer.checkpoint_dir={base}", f"device={p['device']}",
             f"dtype={p['dtype']}", "lengths=" + json.dumps(p["eval_lengths"]).replace(" ", ""),
@@ -252,8 +251,7 @@ def eval_cfg(name: str, args, p, out: Path):
             over += [f"streaming_llm.sink={s['sink']}", f"streaming_llm.window={s['window']}"]
     else:
         over.append(f"checkpoint_dir={run_dir(args, name)}")
-    yaml_args, cli_args = Parser(description="").parse_known_args(["--config", str(REPO / EVAL_CONFIG), *over])
-    return _merge_yaml_and_cli_args(yaml_args, cli_args), over
+    return cli.load_config(REPO / EVAL_CONFIG, over), over
 
 
 def stage_eval(name: str, args, p, out: Path) -> dict:
@@ -296,9 +294,8 @@ def stage_unit(unit: str, args, p, out: Path) -> None:
 
 
 def _write(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    from flexgen_long.checkpoint_io import write_atomic
+    write_atomic(path, (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode())
 
 
 def _free() -> None:
