@@ -26,7 +26,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -62,9 +62,11 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
-def verify_checksums(checkpoint_dir: str | os.PathLike) -> bool:
-    """Check every file that ``checksums.sha256`` lists against its recorded SHA-256; a missing, changed or damaged
-    file is a ``CheckpointError`` naming it. False when the directory has no checksum file (not ours)."""
+def verify_checksums(checkpoint_dir: str | os.PathLike, which: Callable[[str], bool] | None = None) -> bool:
+    """Check the files that ``checksums.sha256`` lists against their recorded SHA-256: every one, or those whose
+    name ``which`` accepts (the files a caller reads: ``load_model`` hashes no optimizer state it does not read). A
+    missing, changed or damaged file is a ``CheckpointError`` naming it. False when the directory has no checksum
+    file (not ours)."""
     d = Path(checkpoint_dir)
     listing = d / CHECKSUM_FILE
     if not listing.is_file():
@@ -73,6 +75,8 @@ def verify_checksums(checkpoint_dir: str | os.PathLike) -> bool:
         want, _, name = line.partition("  ")
         if not name or len(want) != 64:
             raise CheckpointError(f"{listing}: not a sha256sum listing (line {line[:80]!r}); the file is damaged")
+        if which is not None and not which(name):
+            continue
         f = d / name
         if not f.is_file():
             raise CheckpointError(f"{f}: missing, but {listing.name} lists it; the checkpoint is incomplete")
@@ -327,6 +331,12 @@ def check_model(model: nn.Module, config: Mapping, where: str | os.PathLike, sec
                               "the model section")
 
 
+def _model_file(name: str) -> bool:
+    """Whether loading a checkpoint's model reads its file ``name``: config.json and the weights do; a finetuning
+    checkpoint's recipe_state.pt (optimizer state, read only by a resumed run, which checks it) does not."""
+    return name in (CONFIG_FILE, INDEX_FILE) or name.endswith(".safetensors")
+
+
 def load_model(checkpoint_dir: str | os.PathLike, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None, model_cfg: Mapping | None = None) -> nn.Module:
     """The model of an HF checkpoint directory with its weights (checked, strict).
@@ -342,7 +352,7 @@ def load_model(checkpoint_dir: str | os.PathLike, device: str | torch.device = "
     from .models import from_hf_config  # models builds on this module; imported here, not at the top
 
     d = Path(checkpoint_dir)
-    verify_checksums(d)  # before anything is read from it
+    verify_checksums(d, _model_file)  # before anything is read from it
     config = read_config(d)
     if model_cfg is None and is_recipe_checkpoint(config):
         model_cfg = config["flexgen_long"]["model"]

@@ -312,6 +312,8 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
             dist.barrier()
         self._claimed = True
         resume_from = ckpt.latest_checkpoint(self._output_dir) if self._resume else None
+        if resume_from is not None:
+            self._verify_checkpoint(resume_from)  # before anything reads it
         choice = self._choose_full_layers(cfg, resume_from)
         # saved in every checkpoint's config.json and compared on resume; from_hf_config is written out in full, so
         # that a checkpoint rebuilds without the base model's directory
@@ -370,6 +372,21 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
                 log.info(f"Data: skipped {s['skipped_files']} file(s) that are not UTF-8 text "
                          f"(dataset.on_invalid_utf8=skip): {', '.join(names[:5])}"
                          + (f", ... ({len(names) - 5} more)" if len(names) > 5 else ""))
+
+    def _verify_checkpoint(self, path: Path) -> None:
+        """Every file of the checkpoint resumed from against its checksums (flexgen_long.hf.verify_checksums), once:
+        on rank 0, its error raised on every rank (the others would wait for rank 0 forever). Its files are read
+        unverified after this."""
+        error = [None]
+        if self._is_rank_zero:
+            try:
+                hf.verify_checksums(path)
+            except Exception as e:  # noqa: BLE001 -- raised on every rank below
+                error[0] = e
+        if self._world_size > 1:
+            dist.broadcast_object_list(error, src=0)
+        if error[0] is not None:
+            raise error[0]
 
     def _choose_full_layers(self, cfg: DictConfig, resume_from: Path | None):
         """``model.full_layers: retrieval[:n or :f]``: the layers of the base model's retrieval heads, chosen once
@@ -592,7 +609,7 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
             dist.barrier()
 
     def _load_recipe_state(self, path: Path) -> None:
-        sd, _ = hf.load_hf_state_dict(path)  # checks every file against the checkpoint's checksums first
+        sd, _ = hf.load_hf_state_dict(path, verify=False)  # every file was checked in setup (_verify_checkpoint)
         try:
             state = torch.load(path / ckpt.STATE_FILE, map_location="cpu", weights_only=False)
         except (OSError, RuntimeError, EOFError, ValueError) as e:  # truncated zip, unpickling errors
