@@ -191,8 +191,6 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, tune_state_dict: d
 def _write_error(e: Exception, tmp: Path, final: Path) -> Exception:
     """The error of a failed checkpoint write as an ``OSError`` naming the file and the cause. torch.save reports a
     full disk as a zip-writer ``RuntimeError`` ("file write failed"): the free space tells that cause."""
-    if isinstance(e, FloatingPointError):
-        return e
     where = str(getattr(e, "filename", None) or final).replace(str(tmp), str(final))
     cause = (e.strerror or str(e)) if isinstance(e, OSError) else " ".join(str(e).split())[:200]
     try:
