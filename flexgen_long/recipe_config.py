@@ -33,7 +33,7 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Mapping, Union
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
@@ -87,12 +87,13 @@ class Component(dict):
 
 
 def key(default: Any = REQUIRED, help: str = "", *, min=None, max=None, above=None, nonempty: bool = False,
-        unique: bool = False, positional: int = 0, passed: tuple[str, ...] = (), hint: str = "", check=None):
+        unique: bool = False, positional: int = 0, passed: dict[str, str] | None = None, hint: str = "", check=None):
     """A schema field: ``default`` (``REQUIRED``: none), its one-line meaning, and its range -- ``min`` / ``max``
     inclusive, ``above`` exclusive (numbers, or each item of a list); ``nonempty`` / ``unique`` for lists;
     ``positional``: how many leading arguments the recipe passes a ``Component`` itself (an optimizer's
-    parameters) and ``passed`` which keyword arguments; ``hint``: added to its error (how to write the value); ``check(cfg, name)``: a check of its own
-    after the type's (``device_field``: the device exists on this machine)."""
+    parameters) and ``passed`` which keyword arguments, each with the config key it comes from (the section may not
+    give them); ``hint``: added to its error (how to write the value); ``check(cfg, name)``: a check of its own after
+    the type's (``device_field``: the device exists on this machine)."""
     meta = {"help": help, "min": min, "max": max, "above": above, "nonempty": nonempty, "unique": unique,
             "positional": positional, "passed": passed, "hint": hint, "check": check}
     if isinstance(default, (list, dict)):
@@ -235,7 +236,7 @@ def check(cfg: DictConfig, schema: type, prefix: str = "") -> None:
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         v = _field_get(cfg, prefix, f.name, _ABSENT if default is REQUIRED else default)
         if _is_component(tp) and v is not None:
-            check_component(field, v, m.get("positional", 0), m.get("passed", ()))
+            check_component(field, v, m.get("positional", 0), m.get("passed"))
         else:
             _check_value(field, v, tp, m)
         if m.get("check"):
@@ -395,15 +396,17 @@ def _field_get(node, prefix: str, name: str, default: Any = _ABSENT):
         raise ConfigError(str(e).replace(f"config field '{name}'", f"config field '{prefix}{name}'", 1)) from None
 
 
-def check_component(section: str, node, positional: int = 0, passed: tuple[str, ...] = ()) -> None:
+def check_component(section: str, node, positional: int = 0, passed: Mapping[str, str] | None = None) -> None:
     """Check a ``_component_`` section against the component's signature before anything is instantiated: the
     component imports, every key is one of its arguments (unless it takes ``**kwargs``), every argument without a
     default is given, and every value has a type its annotation or default allows (nested ``_component_`` sections
     are checked the same way). ``positional``: how many leading arguments the recipe passes itself (e.g. the
-    optimizer's parameters); ``passed``: the keyword arguments it passes (the LR schedule's num_training_steps)."""
+    optimizer's parameters); ``passed``: the keyword arguments it passes, each with the config key it comes from
+    (the LR schedule's num_training_steps, from max_steps), which the section must not give."""
     if not isinstance(node, (DictConfig, dict)) or "_component_" not in node:
         fail(section, f"must be a section with a _component_ (a dotted import path), got {node!r}")
     component = _component(section, _field_get(node, section + ".", "_component_"))
+    passed = passed or {}
     try:
         params = list(inspect.signature(component).parameters.values())
     except (TypeError, ValueError):
@@ -414,6 +417,8 @@ def check_component(section: str, node, positional: int = 0, passed: tuple[str, 
         if key == "_component_":
             continue
         field = f"{section}.{key}"
+        if key in passed:
+            fail(field, f"is set by the recipe from {passed[key]}; remove it")
         if key not in named:
             if takes_kwargs:
                 continue

@@ -109,7 +109,7 @@ class FinetuneConfig:
     optimizer: Component = key(REQUIRED, "torch.optim.AdamW (lr, betas, weight_decay) or torchao.optim.AdamW8bit",
                                positional=1)
     lr_scheduler: Component = key(REQUIRED, "torchtune's get_cosine_schedule_with_warmup (num_warmup_steps)",
-                                  positional=1, passed=("num_training_steps",))
+                                  positional=1, passed={"num_training_steps": "max_steps"})
     clip_grad_norm: Optional[float] = key(None, "gradient clipping's max norm; null: no clipping", above=0)
     on_nonfinite: Literal["stop", "skip"] = key("stop", "a step whose loss or gradient norm is NaN or Inf: stop the "
                                                         "run there, or skip its update")
@@ -145,8 +145,6 @@ def validate_config(cfg: DictConfig) -> None:
         if not (d / hf.CONFIG_FILE).is_file():
             _fail("checkpoint.base_dir", f"{base!r} has no {hf.CONFIG_FILE} (expected an HF model directory)")
         rc.hf_dir("checkpoint.base_dir", base)  # config.json parses and is a Llama's; weight files are there
-    if "num_training_steps" in cfg.lr_scheduler:
-        _fail("lr_scheduler.num_training_steps", "is set by the recipe from max_steps; remove it")
     warmup = rc.get(cfg, "lr_scheduler.num_warmup_steps", 0)  # (its type: the schedule's signature, int)
     if isinstance(warmup, int) and warmup < 0:
         _fail("lr_scheduler.num_warmup_steps", f"must be an int >= 0, got {warmup}")
