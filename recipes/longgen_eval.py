@@ -110,33 +110,35 @@ def validate_config(cfg: DictConfig) -> None:
             AttnSink(sink=s["sink"], window=s["window"])
         except ValueError as e:
             _fail("streaming_llm", str(e))
-    ckpt = rc.checkpoint_dir_field(cfg)
-    if ckpt is not None and not (ckpt / hf.CONFIG_FILE).is_file():  # an output_dir: its latest checkpoint, if any yet
-        ckpt = checkpoint_io.latest_checkpoint(ckpt) or ckpt  # (none is refused when the model is built)
-    rc.check_model_sections(cfg, ckpt)
+    # an output_dir without a checkpoint yet passes here (a pipeline validates its evals before it trains); it is
+    # refused when evaluate resolves it
+    rc.check_model_sections(cfg, resolve_checkpoint(cfg.checkpoint_dir, required=False))
 
 
 # -- model ---------------------------------------------------------------------------------------------------------------
-def resolve_checkpoint(path) -> Path:
-    """A checkpoint directory (holds config.json), or a finetuning output_dir (its latest step_<N>)."""
+def resolve_checkpoint(path, required: bool = True) -> Path | None:
+    """``checkpoint_dir``: None for null; a checkpoint directory (holds config.json); a finetuning output_dir: its
+    latest step_<N> -- when it has none, an error, or (not ``required``) the output_dir itself."""
+    if path is None:
+        return None
     p = rc.existing_dir("checkpoint_dir", str(path), "an HF model directory, a checkpoint or a finetuning output_dir")
     if (p / hf.CONFIG_FILE).is_file():
         return p
     latest = checkpoint_io.latest_checkpoint(p)
-    if latest is None:
+    if latest is None and required:
         _fail("checkpoint_dir", f"{str(path)!r} is neither a checkpoint (no {hf.CONFIG_FILE}) nor an "
                                 "output_dir with step_<N> checkpoints")
-    return latest
+    return latest or p
 
 
-def build_model(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, str | None]:
-    """The model to evaluate, in eval mode, with the StreamingLLM override applied when configured."""
-    ckpt = resolve_checkpoint(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+def build_model(cfg: DictConfig, ckpt: Path | None, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The model to evaluate (``ckpt``: ``resolve_checkpoint``'s), in eval mode, with the StreamingLLM override
+    applied when configured."""
     model = rc.build_model(cfg, ckpt, device, dtype, log=log.info)
     s = cfg.streaming_llm
     if s is not None:
         relayout(model, "none", AttnSink(sink=s["sink"], window=s["window"]))
-    return model.eval(), (str(ckpt) if ckpt else None)
+    return model.eval()
 
 
 def layout_summary(model: nn.Module) -> dict:
@@ -299,7 +301,7 @@ def evaluate_perplexity(model: nn.Module, docs: list[list[int]], lengths, prefil
 
 
 @torch.inference_mode()
-def check_finite_logits(model: nn.Module, tokenizer, ckpt: str | None) -> None:
+def check_finite_logits(model: nn.Module, tokenizer, ckpt: Path | None) -> None:
     """One short forward before the grid: a model whose logits are NaN or infinite would decode garbage (and score 0)
     and give a NaN perplexity; say so instead, naming the checkpoint."""
     ids = tokenizer.encode("def main():\n    return 0\n", add_bos=True, add_eos=False)
@@ -372,11 +374,11 @@ def evaluate(cfg: DictConfig) -> dict:
     device, dtype = rc.device_field(cfg), rc.dtype_field(cfg)
     lengths, tasks, depths, chunk = list(cfg.lengths), list(cfg.tasks), [float(d) for d in cfg.depths], \
         cfg.prefill_chunk
-    ckpt = resolve_checkpoint(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    ckpt = resolve_checkpoint(cfg.checkpoint_dir)
     name = result_name(cfg, ckpt)
     json_path = check_output(Path(cfg.output_dir), name, ckpt, cfg.overwrite)
 
-    model, ckpt = build_model(cfg, device, dtype)
+    model = build_model(cfg, ckpt, device, dtype)
     answer_room = 16  # tokens after the longest prompt: the answers (" 12345." / " 1234567." in bytes) and slack
     if max(lengths) + answer_room > model.max_seq_len:
         _fail("lengths", f"max(lengths)={max(lengths)} + {answer_room} answer tokens exceeds the model's "
@@ -400,7 +402,7 @@ def evaluate(cfg: DictConfig) -> dict:
     perplexity = evaluate_perplexity(model, docs, lengths, chunk, bar) if docs else None
     bar.close()
 
-    result = {"name": name, "checkpoint": ckpt, "layout": layout,
+    result = {"name": name, "checkpoint": str(ckpt) if ckpt else None, "layout": layout,
               "streaming_llm": OmegaConf.to_container(cfg.streaming_llm) if cfg.streaming_llm else None,
               "scoring": SCORING, "retrieval": retrieval, "perplexity": perplexity,
               "perplexity_source": cfg.perplexity_source if docs else None,
