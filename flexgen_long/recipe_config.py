@@ -3,9 +3,10 @@
 A recipe declares its keys as a dataclass (``recipes/longgen_finetune.py``'s ``FinetuneConfig``): each field's type
 annotation, default (``REQUIRED`` for none), allowed range and one-line meaning (``key(...)``); nested dataclasses are
 sections (``checkpoint.*``), and ``Component`` fields are torchtune ``_component_`` sections, checked against the
-component's own signature. ``check(cfg, Schema)`` then checks a whole config before a recipe builds, reads or writes
-anything, and fills in the defaults; every error is one line naming the field, the value and what is allowed
-(``ConfigError``, a ``ValueError``)::
+component's own signature. Keys several recipes have come from base classes the schemas inherit: ``RuntimeKeys``
+(device, dtype) and ``InferenceModelKeys`` (checkpoint_dir, model, tokenizer). ``check(cfg, Schema)`` then checks a
+whole config before a recipe builds, reads or writes anything, and fills in the defaults; every error is one line
+naming the field, the value and what is allowed (``ConfigError``, a ``ValueError``)::
 
     config field 'optimizer.lr': must be a number, got 'abc'
     unknown config key 'max_step' (did you mean 'max_steps'?); the recipe's --help lists every key
@@ -33,7 +34,7 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Mapping, Union
+from typing import Any, Literal, Mapping, NamedTuple, Optional, Union
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
@@ -42,7 +43,8 @@ from omegaconf.errors import InterpolationResolutionError
 __all__ = ["ConfigError", "fail", "get", "REQUIRED", "key", "section", "Component", "check", "help_text", "fields",
            "integer", "boolean", "device_field", "dtype_field", "DTYPES", "check_component", "instantiate",
            "existing_dir", "existing_file", "hf_dir", "check_hf_sections", "tokenizer_fits", "checkpoint_dir_field",
-           "uses_model_section", "check_model_sections", "build_model", "user_errors", "Interrupted"]
+           "uses_model_section", "check_model_sections", "build_model", "user_errors", "Interrupted", "RuntimeKeys",
+           "InferenceModelKeys", "TOKENIZER_HELP", "load_for_inference", "Loaded"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 REQUIRED = dataclasses.MISSING
@@ -315,6 +317,27 @@ def dtype_field(cfg, field: str = "dtype", default: str = "fp32") -> torch.dtype
     v = get(cfg, field, default)
     _check_value(field, v, Literal[tuple(DTYPES)], {})
     return DTYPES[v]
+
+
+# -- keys several recipes share (a recipe's schema inherits them) ------------------------------------------------------
+TOKENIZER_HELP = "flexgen_long.tokenizers.byte_tokenizer, hf_tokenizer or a torchtune one"
+
+
+@dataclasses.dataclass(kw_only=True)
+class RuntimeKeys:
+    """Where and in which dtype a recipe runs its model."""
+    device: str = key("cpu", "cpu, cuda or cuda:<index> (must exist on this machine)", check=device_field)
+    dtype: Literal[tuple(DTYPES)] = key("fp32", "weights' dtype (bf16 on GPUs)")
+
+
+@dataclasses.dataclass(kw_only=True)
+class InferenceModelKeys:
+    """The model and tokenizer of an inference recipe (``load_for_inference``)."""
+    checkpoint_dir: Optional[str] = key(None, "an HF model directory or a checkpoint of recipes/longgen_finetune.py; "
+                                              "null: the model section with random weights")
+    model: Optional[Component] = key(None, "the model builder: without checkpoint_dir, or a layout for an HF "
+                                           "directory (flexgen_long.models.from_hf_config)")
+    tokenizer: Component = key(REQUIRED, TOKENIZER_HELP)
 
 
 def _existing(field: str, path, what: str, directory: bool) -> Path:
@@ -592,3 +615,24 @@ def build_model(cfg: DictConfig, checkpoint: Path | None, device: torch.device, 
     with torch.device(device):
         model = instantiate("model", cfg.model)
     return model.to(dtype=dtype).eval()
+
+
+class Loaded(NamedTuple):
+    """What ``load_for_inference`` returns."""
+    model: torch.nn.Module
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+
+
+def load_for_inference(cfg: DictConfig, checkpoint: Path | None, build=build_model, log=print) -> Loaded:
+    """The model and tokenizer of an inference recipe whose config was ``check``ed against a schema of
+    ``InferenceModelKeys``, ``RuntimeKeys`` (device and dtype are taken as checked there) and a ``seed``: torch seeded
+    (random weights, sampling), the model built in eval mode by ``build(cfg, checkpoint, device, dtype, log)``
+    (``build_model``, or a recipe's own around it), then the tokenizer, which must fit the model's vocabulary."""
+    torch.manual_seed(cfg.seed)
+    device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
+    model = build(cfg, checkpoint, device, dtype, log)
+    tokenizer = instantiate("tokenizer", cfg.tokenizer)
+    tokenizer_fits(tokenizer, model.tok_embeddings.num_embeddings)
+    return Loaded(model, tokenizer, device, dtype)

@@ -59,7 +59,7 @@ from flexgen_long.policy import Policy
 from flexgen_long.models import relayout
 from flexgen_long.patterns import AttnSink, Full
 from flexgen_long.stats import format_rate, wilson_interval
-from flexgen_long.recipe_config import REQUIRED, Component, key
+from flexgen_long.recipe_config import REQUIRED, key
 
 log = utils.get_logger("INFO")
 
@@ -69,15 +69,12 @@ _fail = rc.fail
 
 
 @dataclass(kw_only=True)
-class EvalConfig:
+class EvalConfig(rc.RuntimeKeys, rc.InferenceModelKeys):  # --help: the model's keys, the device's, then these
     """The recipe's keys: the one source of its checks, its --help and its documentation."""
-    output_dir: str = key(REQUIRED, "where <name>.json and <name>_retrieval.png go")
-    name: Optional[str] = key(None, "the files' name; null: the checkpoint's run directory name (or 'random')")
     checkpoint_dir: Optional[str] = key(None, "a finetuning checkpoint or output_dir (its latest step), or an HF model "
                                               "directory; null: the model section with random weights")
-    model: Optional[Component] = key(None, "the model builder: without checkpoint_dir, or a layout for an HF "
-                                           "directory (flexgen_long.models.from_hf_config)")
-    tokenizer: Component = key(REQUIRED, "flexgen_long.tokenizers.byte_tokenizer, hf_tokenizer or a torchtune one")
+    output_dir: str = key(REQUIRED, "where <name>.json and <name>_retrieval.png go")
+    name: Optional[str] = key(None, "the files' name; null: the checkpoint's run directory name (or 'random')")
     streaming_llm: Any = key(None, "{sink: S, window: W}: every layer AttnSink(S, W) at inference (the StreamingLLM "
                                    "baseline); null: the model's own layout")
     tasks: list[Literal[tuple(SYNTHETIC_TASKS)]] = key(list(SYNTHETIC_TASKS), "retrieval tasks (may be empty)",
@@ -94,8 +91,6 @@ class EvalConfig:
     prefill_chunk: Optional[int] = key(None, "tokens per prefill chunk; null: whole prompts", min=1)
     overwrite: bool = key(False, "replace an existing <name>.json that holds another checkpoint's result")
     seed: int = key(0, "seeds the prompts and the documents' choice", min=0)
-    device: str = key("cpu", "cpu, cuda or cuda:<index> (must exist on this machine)", check=rc.device_field)
-    dtype: Literal["fp32", "bf16"] = key("fp32", "weights' dtype (bf16 on GPUs)")
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -131,10 +126,11 @@ def resolve_checkpoint(path, required: bool = True) -> Path | None:
     return latest or p
 
 
-def build_model(cfg: DictConfig, ckpt: Path | None, device: torch.device, dtype: torch.dtype) -> nn.Module:
+def build_model(cfg: DictConfig, ckpt: Path | None, device: torch.device, dtype: torch.dtype,
+                log=log.info) -> nn.Module:
     """The model to evaluate (``ckpt``: ``resolve_checkpoint``'s), in eval mode, with the StreamingLLM override
     applied when configured."""
-    model = rc.build_model(cfg, ckpt, device, dtype, log=log.info)
+    model = rc.build_model(cfg, ckpt, device, dtype, log=log)
     s = cfg.streaming_llm
     if s is not None:
         relayout(model, "none", AttnSink(sink=s["sink"], window=s["window"]))
@@ -370,21 +366,17 @@ def check_output(out_dir: Path, name: str, ckpt: Path | None, overwrite: bool) -
 def evaluate(cfg: DictConfig) -> dict:
     """The whole recipe (steps 1-4 of the module docstring); returns what it wrote to JSON."""
     validate_config(cfg)
-    torch.manual_seed(cfg.seed)
-    device, dtype = rc.device_field(cfg), rc.dtype_field(cfg)
     lengths, tasks, depths, chunk = list(cfg.lengths), list(cfg.tasks), [float(d) for d in cfg.depths], \
         cfg.prefill_chunk
     ckpt = resolve_checkpoint(cfg.checkpoint_dir)
     name = result_name(cfg, ckpt)
     json_path = check_output(Path(cfg.output_dir), name, ckpt, cfg.overwrite)
 
-    model = build_model(cfg, ckpt, device, dtype)
+    model, tokenizer, device, _ = rc.load_for_inference(cfg, ckpt, build=build_model, log=log.info)
     answer_room = 16  # tokens after the longest prompt: the answers (" 12345." / " 1234567." in bytes) and slack
     if max(lengths) + answer_room > model.max_seq_len:
         _fail("lengths", f"max(lengths)={max(lengths)} + {answer_room} answer tokens exceeds the model's "
                          f"max_seq_len={model.max_seq_len} (its RoPE table); drop the longer lengths")
-    tokenizer = rc.instantiate("tokenizer", cfg.tokenizer)
-    rc.tokenizer_fits(tokenizer, model.tok_embeddings.num_embeddings)
     for task in tasks:  # a length too short for a task fails here, before any model work
         for length in lengths:
             retrieval_samples(tokenizer, task, length, 0.0, 1, cfg.seed)

@@ -92,13 +92,13 @@ class RetrievalScoringConfig:
 
 
 @dataclass(kw_only=True)
-class FinetuneConfig:
+class FinetuneConfig(rc.RuntimeKeys):
     """The recipe's keys: the one source of its checks, its --help and its documentation."""
     output_dir: str = key(REQUIRED, "where the checkpoints go; locked for the run")
     seq_len: int = key(REQUIRED, "packed training length (tokens), at most the model's max_seq_len", min=2)
     model: Component = key(REQUIRED, "the model builder (flexgen_long.models.*): sizes, max_seq_len, rope_base, "
                                      "full_layers, sparse_pattern")
-    tokenizer: Component = key(REQUIRED, "flexgen_long.tokenizers.byte_tokenizer, hf_tokenizer or a torchtune one")
+    tokenizer: Component = key(REQUIRED, rc.TOKENIZER_HELP)
     dataset: Component = key(REQUIRED, "flexgen_long.data.long_documents (source, max_tokens, synthetic_share, ...) "
                                        "or hf_long_documents", positional=2)
     seed: Optional[int] = key(0, "seeds weights, data order and sampling; null: torchtune draws one",
@@ -117,8 +117,6 @@ class FinetuneConfig:
                           "CEWithChunkedOutputLoss or flexgen_long.losses.ChunkedLinearCrossEntropy")
     checkpoint: CheckpointConfig = section(CheckpointConfig)
     retrieval_scoring: RetrievalScoringConfig = section(RetrievalScoringConfig)
-    device: str = key("cpu", "cpu, cuda or cuda:<index> (must exist on this machine)", check=rc.device_field)
-    dtype: Literal["fp32", "bf16"] = key("fp32", "parameter dtype (bf16 on GPUs)")
     compile: bool = key(False, "torch.compile each layer and the loss")
     enable_activation_checkpointing: bool = key(False, "recompute each layer's activations in backward")
     fsdp_cpu_offload: bool = key(False, "FSDP2: parameters and optimizer states on the CPU (several GPUs)")

@@ -101,7 +101,7 @@ def test_eval_refuses_a_model_with_non_finite_logits_and_writes_nothing(tmp_path
     model = longgen_tiny(vocab_size=259, max_seq_len=1024).eval()
     with torch.no_grad():
         model.layers[2].mlp.w1.weight[0, 0] = float("nan")
-    monkeypatch.setattr(ev, "build_model", lambda cfg, ckpt, device, dtype: model)
+    monkeypatch.setattr(ev, "build_model", lambda cfg, ckpt, device, dtype, log: model)
     with pytest.raises(FloatingPointError, match="logits are NaN or infinite"):
         ev.evaluate(_cfg(output_dir=str(tmp_path / "eval"), lengths=[500]))
     assert not list((tmp_path / "eval").iterdir())  # checked writable before the work, nothing written
