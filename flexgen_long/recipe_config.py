@@ -103,20 +103,33 @@ def key(default: Any = REQUIRED, help: str = "", *, min=None, max=None, above=No
     return dataclasses.field(default=default, metadata=meta)
 
 
-def section(schema: type, help: str = ""):
-    """A nested section (``checkpoint.*``) whose keys are the dataclass ``schema``'s; absent = all its defaults."""
-    return dataclasses.field(default_factory=schema, metadata={"help": help, "section": True})
+def section(schema, help: str = "", *, check=None):
+    """A nested section (``checkpoint.*``) whose keys are the dataclass ``schema``'s; absent = all its defaults.
+    ``Optional[schema]``: the section may be null, and is by default. ``check(cfg, name)``: a check of the whole
+    section after its keys' (as ``key``'s)."""
+    meta = {"help": help, "section": True, "check": check}
+    if _section_schema(schema) is not schema:
+        return dataclasses.field(default=None, metadata=meta)
+    return dataclasses.field(default_factory=schema, metadata=meta)
+
+
+def _section_schema(tp) -> type:
+    """The dataclass of a section of type ``tp``: ``tp`` itself, or X of ``Optional[X]``."""
+    if typing.get_origin(tp) in _UNIONS:
+        return next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp
 
 
 def fields(schema: type, prefix: str = ""):
-    """(dotted name, type, field) of every key of ``schema``, sections flattened, in declaration order."""
+    """(dotted name, type, field) of every key of ``schema``, sections flattened, in declaration order; an optional
+    section (null by default) is also listed itself, before its keys."""
     hints = typing.get_type_hints(schema)
     for f in dataclasses.fields(schema):
+        tp = hints[f.name]
+        if not f.metadata.get("section") or _section_schema(tp) is not tp:
+            yield f"{prefix}{f.name}", tp, f
         if f.metadata.get("section"):
-            yield from fields(hints[f.name], f"{prefix}{f.name}.")
-        else:
-            yield f"{prefix}{f.name}", hints[f.name], f
-
+            yield from fields(_section_schema(tp), f"{prefix}{f.name}.")
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
@@ -179,6 +192,8 @@ def describe(tp, m: dict | None = None, plural: bool = False) -> str:
         return ", ".join(parts[:-1]) + " or " + parts[-1]
     if tp is type(None):
         return "null"
+    if dataclasses.is_dataclass(tp):
+        return f"a section of keys {', '.join(g.name for g in dataclasses.fields(tp))}"
     if origin is Literal:
         if len(args) == 1:
             return repr(args[0])
@@ -227,24 +242,36 @@ def check(cfg: DictConfig, schema: type, prefix: str = "") -> None:
     for f in sorted(dataclasses.fields(schema), key=order):
         field, tp, m = prefix + f.name, hints[f.name], f.metadata
         if m.get("section"):
-            node = _field_get(cfg, prefix, f.name, None)
-            if node is None:
-                _set(cfg, f.name, {})
-                node = cfg[f.name]
-            if not isinstance(node, (DictConfig, dict)):
-                fail(field, f"must be a section of keys {[g.name for g in dataclasses.fields(tp)]}, got {node!r}")
-            check(node, tp, field + ".")
-            continue
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        v = _field_get(cfg, prefix, f.name, _ABSENT if default is REQUIRED else default)
-        if _is_component(tp) and v is not None:
-            check_component(field, v, m.get("positional", 0), m.get("passed"))
+            _check_section(cfg, prefix, f.name, tp)
         else:
-            _check_value(field, v, tp, m)
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            v = _field_get(cfg, prefix, f.name, _ABSENT if default is REQUIRED else default)
+            if _is_component(tp) and v is not None:
+                check_component(field, v, m.get("positional", 0), m.get("passed"))
+            else:
+                _check_value(field, v, tp, m)
+            if f.name not in cfg:
+                _set(cfg, f.name, default)
         if m.get("check"):
             m["check"](cfg, f.name)
-        if f.name not in cfg:
-            _set(cfg, f.name, default)
+
+
+def _check_section(cfg, prefix: str, name: str, tp) -> None:
+    """``check`` of the section ``name`` of type ``tp`` (a dataclass, or ``Optional`` of one); an absent one is
+    filled in: null if optional, else all its defaults."""
+    schema, field = _section_schema(tp), prefix + name
+    optional = schema is not tp
+    node = _field_get(cfg, prefix, name, None)
+    if node is None and optional:
+        _set(cfg, name, None)
+        return
+    if node is None:
+        _set(cfg, name, {})
+        node = cfg[name]
+    if not isinstance(node, (DictConfig, dict)):
+        fail(field, f"must be {'null or ' if optional else ''}a section of keys "
+                    f"{[g.name for g in dataclasses.fields(schema)]}, got {node!r}")
+    check(node, schema, field + ".")
 
 
 def _set(cfg, name: str, value) -> None:

@@ -42,7 +42,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -59,13 +59,30 @@ from flexgen_long.policy import Policy
 from flexgen_long.models import relayout
 from flexgen_long.patterns import AttnSink, Full
 from flexgen_long.stats import format_rate, wilson_interval
-from flexgen_long.recipe_config import REQUIRED, key
+from flexgen_long.recipe_config import REQUIRED, key, section
 
 log = utils.get_logger("INFO")
 
 SCORING = ("greedy decoding (flexgen_long.generation.generate, temperature 0) of as many tokens as the answer has; "
            "exact match of the answer's token ids")
 _fail = rc.fail
+
+
+def _check_streaming_llm(cfg: DictConfig, name: str) -> None:
+    """``streaming_llm`` makes a valid ``AttnSink`` (its own checks: sink >= 0, window >= 1)."""
+    s = cfg[name]
+    if s is not None:
+        try:
+            AttnSink(sink=s.sink, window=s.window)
+        except ValueError as e:
+            _fail(name, str(e))
+
+
+@dataclass(kw_only=True)
+class StreamingLLMConfig:
+    """``streaming_llm``: every layer ``AttnSink(sink, window)`` at inference."""
+    sink: int = key(REQUIRED, "the first keys every layer keeps (attention sinks)")
+    window: int = key(REQUIRED, "the most recent keys every layer keeps")
 
 
 @dataclass(kw_only=True)
@@ -75,8 +92,9 @@ class EvalConfig(rc.RuntimeKeys, rc.InferenceModelKeys):  # --help: the model's 
                                               "directory; null: the model section with random weights")
     output_dir: str = key(REQUIRED, "where <name>.json and <name>_retrieval.png go")
     name: Optional[str] = key(None, "the files' name; null: the checkpoint's run directory name (or 'random')")
-    streaming_llm: Any = key(None, "{sink: S, window: W}: every layer AttnSink(S, W) at inference (the StreamingLLM "
-                                   "baseline); null: the model's own layout")
+    streaming_llm: Optional[StreamingLLMConfig] = section(
+        Optional[StreamingLLMConfig], "every layer AttnSink(sink, window) at inference (the StreamingLLM baseline); "
+        "null: the model's own layout", check=_check_streaming_llm)
     tasks: list[Literal[tuple(SYNTHETIC_TASKS)]] = key(list(SYNTHETIC_TASKS), "retrieval tasks (may be empty)",
                                                          unique=True)
     lengths: list[int] = key(REQUIRED, "prompt lengths in tokens; max + 16 must fit the model's max_seq_len",
@@ -94,17 +112,9 @@ class EvalConfig(rc.RuntimeKeys, rc.InferenceModelKeys):  # --help: the model's 
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """Every field that needs no model: the schema (unknown keys, types, ranges, defaults filled in), the device,
-    the StreamingLLM override, the checkpoint directory and the model and tokenizer sections."""
+    """Every field that needs no model: the schema (unknown keys, types, ranges, defaults filled in; the device, the
+    StreamingLLM override), the checkpoint directory and the model and tokenizer sections."""
     rc.check(cfg, EvalConfig)
-    s = cfg.streaming_llm
-    if s is not None:
-        if not isinstance(s, (dict, DictConfig)) or set(s.keys()) != {"sink", "window"}:
-            _fail("streaming_llm", f"must be null or {{sink: int, window: int}}, got {s!r}")
-        try:
-            AttnSink(sink=s["sink"], window=s["window"])
-        except ValueError as e:
-            _fail("streaming_llm", str(e))
     # an output_dir without a checkpoint yet passes here (a pipeline validates its evals before it trains); it is
     # refused when evaluate resolves it
     rc.check_model_sections(cfg, resolve_checkpoint(cfg.checkpoint_dir, required=False))

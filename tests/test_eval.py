@@ -212,7 +212,7 @@ def test_perplexity_equals_exp_mean_nll_of_an_independent_forward():
     ({"lengths": []}, r"config field 'lengths': must be a non-empty list of distinct ints >= 64"),
     ({"depths": [0.5, 2.0]}, r"config field 'depths'"),
     ({"tasks": ["sudoku"]}, r"config field 'tasks'"),
-    ({"streaming_llm": {"sink": 4}}, r"config field 'streaming_llm'"),
+    ({"streaming_llm": {"sink": 4}}, r"config field 'streaming_llm.window': is required"),
     ({"streaming_llm": {"sink": 4, "window": 0}}, r"config field 'streaming_llm': AttnSink.window"),
     ({"lengths": [1020]}, r"config field 'lengths': max\(lengths\)=1020 \+ 16 answer tokens exceeds"),
     ({"lengths": [100]}, r"config field 'lengths': 100 is too short for the passkey task"),
