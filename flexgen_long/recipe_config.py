@@ -131,6 +131,12 @@ def fields(schema: type, prefix: str = ""):
         if f.metadata.get("section"):
             yield from fields(_section_schema(tp), f"{prefix}{f.name}.")
 
+
+def _default(f: dataclasses.Field):
+    """The default of a schema field (``REQUIRED``: none)."""
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -244,7 +250,7 @@ def check(cfg: DictConfig, schema: type, prefix: str = "") -> None:
         if m.get("section"):
             _check_section(cfg, prefix, f.name, tp)
         else:
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            default = _default(f)
             v = _field_get(cfg, prefix, f.name, _ABSENT if default is REQUIRED else default)
             if _is_component(tp) and v is not None:
                 check_component(field, v, m.get("positional", 0), m.get("passed"))
@@ -295,7 +301,7 @@ def help_text(schema: type, cfg: DictConfig | None = None) -> str:
     it means -- the recipe's ``--help``."""
     lines = []
     for name, tp, f in fields(schema):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        default = _default(f)
         shown = "required" if default is REQUIRED else _show(default)
         if cfg is not None:
             v = OmegaConf.select(cfg, name, default=_ABSENT, throw_on_missing=False)
