@@ -3,7 +3,8 @@
     python analysis/plot_speedups.py [--results 'analysis/results/bench_*.json'] [--out figures] [--overwrite]
 
 Runs on a CPU from the committed JSON; writes into ``--out`` (default ``./figures``) and never replaces an existing
-file unless ``--overwrite`` (the committed figures are redrawn with ``--out analysis/figures --overwrite``).
+file unless ``--overwrite`` (the committed figures are redrawn with ``--out analysis/figures --overwrite``): where one
+of its figures exists already, it writes none.
 
 For each ``bench.py ours`` result (one card, one model shape) it draws, into ``--out``:
 
@@ -32,6 +33,8 @@ import argparse
 import glob
 import json
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -101,12 +104,10 @@ def _footnote(fig, notes):
         fig.text(0.01, 0.01, "not plotted: " + "; ".join(sorted(set(notes))), fontsize=6, wrap=True, va="bottom")
 
 
-OVERWRITE = False  # --overwrite: replace existing figures (the committed ones in analysis/figures included)
-
-
 def _savefig(fig, path: Path) -> None:
-    """Write the PNG, never over an existing file unless ``OVERWRITE`` (``--overwrite``) says so."""
-    if path.exists() and not OVERWRITE:
+    """Write the PNG, never over an existing file (``main`` moves the figures into --out, replacing files there only
+    with --overwrite)."""
+    if path.exists():
         raise SystemExit(f"error: {path} exists; give another --out, or --overwrite to replace it")
     fig.savefig(path, dpi=110)
 
@@ -519,13 +520,30 @@ def plot_generate(results: list[dict], out_dir: Path) -> dict:
     return drawn
 
 
-def _show(drawn: dict, none_message: str) -> None:
-    """Print each written figure's path and close it; no figure at all is an error (``none_message``)."""
-    for fig, path, _ in drawn.values():
-        print(path)
-        plt.close(fig)
+def _draw(a, out_dir: Path) -> list[tuple]:
+    """The figures ``main``'s arguments ``a`` ask for, written into ``out_dir``: [(figure, path)]. No figure at all
+    is an error naming what matched nothing."""
+    if a.generate:
+        drawn, none = plot_generate(load(a.generate), out_dir).values(), \
+            f"--generate: no bench_generation.py --generate results match {a.generate!r}"
+    elif a.batch_decode:
+        drawn, none = plot_batch_decode(load(a.batch_decode), out_dir).values(), \
+            f"--batch-decode: no bench_batch_decode.py results match {a.batch_decode!r}"
+    elif a.served:
+        try:
+            res = json.loads(Path(a.served).read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--served {a.served}: cannot read a bench_served.py JSON file ({e})")
+        drawn, none = [plot_served(res, out_dir)], ""
+    elif a.finetune:
+        drawn, none = plot_finetune(load(a.finetune), out_dir).values(), \
+            f"no bench_finetune.py results match {a.finetune!r}"
+    else:
+        drawn, none = [v for d in plot_all(a.results, str(out_dir)) for v in d.values()], \
+            f"no bench.py 'ours' results match {a.results!r}"
     if not drawn:
-        raise SystemExit(none_message)
+        raise SystemExit(none)
+    return [(fig, path) for fig, path, _ in drawn]
 
 
 def main(argv=None):
@@ -543,32 +561,22 @@ def main(argv=None):
     ap.add_argument("--overwrite", action="store_true", help="replace existing figures (e.g. the committed ones, "
                                                              "with --out analysis/figures)")
     a = ap.parse_args(argv)
-    global OVERWRITE
-    OVERWRITE = a.overwrite
-    if a.generate:
-        return _show(plot_generate(load(a.generate), Path(a.out)),
-                     f"--generate: no bench_generation.py --generate results match {a.generate!r}")
-    if a.batch_decode:
-        return _show(plot_batch_decode(load(a.batch_decode), Path(a.out)),
-                     f"--batch-decode: no bench_batch_decode.py results match {a.batch_decode!r}")
-    if a.served:
-        try:
-            res = json.loads(Path(a.served).read_text())
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"--served {a.served}: cannot read a bench_served.py JSON file ({e})")
-        fig, path, _ = plot_served(res, Path(a.out))
-        print(path)
-        plt.close(fig)
-        return
-    if a.finetune:
-        return _show(plot_finetune(load(a.finetune), Path(a.out)), f"no bench_finetune.py results match {a.finetune!r}")
-    drawn = plot_all(a.results, a.out)
-    for d in drawn:
-        for name, (fig, path, _) in d.items():
-            print(path)
+    out = Path(a.out)
+    # Every figure is drawn into a temporary folder first: an existing one in --out is refused (unless --overwrite)
+    # before anything is written there, never after some figures were.
+    with tempfile.TemporaryDirectory(prefix="plot_speedups-") as staging:
+        figures = _draw(a, Path(staging))
+        targets = [out / path.name for _, path in figures]
+        existing = [str(t) for t in targets if t.exists()]
+        if existing and not a.overwrite:
+            also = f"; so do {', '.join(existing[1:])}" if existing[1:] else ""
+            raise SystemExit(f"error: {existing[0]} exists{also}; nothing was written: give another --out, or "
+                             "--overwrite to replace them")
+        out.mkdir(parents=True, exist_ok=True)
+        for (fig, path), target in zip(figures, targets):
+            shutil.move(path, target)
+            print(target)
             plt.close(fig)
-    if not drawn:
-        raise SystemExit(f"no bench.py 'ours' results match {a.results!r}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ A checkpoint is a directory ``<output_dir>/step_<N>/``::
     model.safetensors    weights under HF Llama names (torchtune.models.convert_weights.tune_to_hf)
     config.json          HF LlamaConfig fields + "flexgen_long": {"model": <the recipe's model config>, "step": N}
     recipe_state.pt      optimizer, LR schedule, data position, RNG (absent in weights-only exports)
-    checksums.sha256     each file's SHA-256 (``sha256sum`` format), checked whenever flexgen_long.hf loads it
+    checksums.sha256     each file's SHA-256 (``sha256sum`` format), checked before a file is read: those a load
+                         reads (flexgen_long.hf), all of them when a run resumes from the checkpoint
 
 It is written into a hidden sibling ``.step_<N>.tmp-<pid>``, every file fsync'ed, then renamed into place (rename is
 atomic on POSIX) and the parent directory fsync'ed (``write_dir_atomic``). A kill at any moment leaves either the
@@ -217,8 +218,6 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, tune_state_dict: d
 def _write_error(e: Exception, tmp: Path, final: Path) -> Exception:
     """The error of a failed checkpoint write as an ``OSError`` naming the file and the cause. torch.save reports a
     full disk as a zip-writer ``RuntimeError`` ("file write failed"): the free space tells that cause."""
-    if isinstance(e, FloatingPointError):
-        return e
     where = str(getattr(e, "filename", None) or final).replace(str(tmp), str(final))
     cause = (e.strerror or str(e)) if isinstance(e, OSError) else " ".join(str(e).split())[:200]
     try:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import signal
 import sys
 import time
@@ -32,16 +31,19 @@ from .recipe_config import Interrupted, user_errors
 __all__ = ["parse", "load_config", "resolve_config", "user_errors", "Interrupted", "stop_on_signals", "progress"]
 
 
+def _shipped(configs: Path) -> list[Path]:
+    """A recipe's shipped configs: the YAML files in ``configs``, by name."""
+    return sorted(configs.glob("*.yaml"))
+
+
 def resolve_config(value: str, configs: Path) -> Path:
     """``--config`` as given: a YAML file, or the name of one of the recipe's shipped configs in ``configs``
     (``tiny_longgen`` for ``recipes/configs/tiny_longgen.yaml``, torchtune's short form)."""
     for p in (Path(value).expanduser(), configs / value, configs / f"{value}.yaml"):
         if p.is_file():
             return p
-    shipped = sorted(p.stem for p in configs.glob("*.yaml"))
     raise rc.ConfigError(f"--config {value!r}: no such file (a YAML path, or one of this recipe's configs in "
-                         f"{_shown(configs)}: {', '.join(shipped)})")
-
+                         f"{_shown(configs)}: {', '.join(p.stem for p in _shipped(configs))})")
 
 def _shown(path: Path) -> str:
     """``path`` relative to the current directory when it lies inside it (as a user would type it)."""
@@ -108,12 +110,12 @@ def parse(schema: type, recipe_file: str, configs: str = "") -> Callable:
                 if wants_help:
                     print(f"usage: tune run {_shown(recipe)} --config <file or name> [key=value ...]\n"
                           f"{(main.__doc__ or '').strip()}\nconfigs in {_shown(config_dir)}: "
-                          f"{', '.join(sorted(p.stem for p in config_dir.glob('*.yaml')))}\n"
+                          f"{', '.join(p.stem for p in _shipped(config_dir))}\n"
                           f"keys ({'value in ' + config + ', ' if config else ''}what is allowed, meaning):\n"
                           + rc.help_text(schema, cfg))
                     return 0
                 if cfg is None:
-                    shipped = sorted(config_dir.glob("*.yaml"), key=lambda p: "tiny" not in p.stem)
+                    shipped = sorted(_shipped(config_dir), key=lambda p: "tiny" not in p.stem)
                     raise rc.ConfigError(f"--config is required (e.g. --config {_shown(shipped[0])}); --help lists "
                                          "every key")
                 main(cfg)

@@ -62,9 +62,11 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
-def verify_checksums(checkpoint_dir: str | os.PathLike) -> bool:
-    """Check every file that ``checksums.sha256`` lists against its recorded SHA-256; a missing, changed or damaged
-    file is a ``CheckpointError`` naming it. False when the directory has no checksum file (not ours)."""
+def verify_checksums(checkpoint_dir: str | os.PathLike, which: Callable[[str], bool] | None = None) -> bool:
+    """Check the files that ``checksums.sha256`` lists against their recorded SHA-256: every one, or those whose
+    name ``which`` accepts (the files a caller reads: ``load_model`` hashes no optimizer state it does not read). A
+    missing, changed or damaged file is a ``CheckpointError`` naming it. False when the directory has no checksum
+    file (not ours)."""
     d = Path(checkpoint_dir)
     listing = d / CHECKSUM_FILE
     if not listing.is_file():
@@ -73,6 +75,8 @@ def verify_checksums(checkpoint_dir: str | os.PathLike) -> bool:
         want, _, name = line.partition("  ")
         if not name or len(want) != 64:
             raise CheckpointError(f"{listing}: not a sha256sum listing (line {line[:80]!r}); the file is damaged")
+        if which is not None and not which(name):
+            continue
         f = d / name
         if not f.is_file():
             raise CheckpointError(f"{f}: missing, but {listing.name} lists it; the checkpoint is incomplete")
@@ -331,6 +335,12 @@ def check_model(model: nn.Module, config: Mapping, where: str | os.PathLike, sec
                               "the model section")
 
 
+def _model_file(name: str) -> bool:
+    """Whether loading a checkpoint's model reads its file ``name``: config.json and the weights do; a finetuning
+    checkpoint's recipe_state.pt (optimizer state, read only by a resumed run, which checks it) does not."""
+    return name in (CONFIG_FILE, INDEX_FILE) or name.endswith(".safetensors")
+
+
 def load_model(checkpoint_dir: str | os.PathLike, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None, model_cfg: Mapping | None = None) -> nn.Module:
     """The model of an HF checkpoint directory with its weights (checked, strict).
@@ -341,7 +351,7 @@ def load_model(checkpoint_dir: str | os.PathLike, device: str | torch.device = "
     any other HF Llama directory is ``flexgen_long.models.from_hf_config``: the original model, every layer full. The
     model is first built on the meta device, so a mismatch fails before any memory is allocated."""
     d = Path(checkpoint_dir)
-    verify_checksums(d)  # before anything is read from it
+    verify_checksums(d, _model_file)  # the files it reads, before anything is read from them
     config = read_config(d)
     build = architecture(d, config, model_cfg)
     sd, _ = load_hf_state_dict(d, config, verify=False)  # verified above

@@ -3,9 +3,10 @@
 A recipe declares its keys as a dataclass (``recipes/longgen_finetune.py``'s ``FinetuneConfig``): each field's type
 annotation, default (``REQUIRED`` for none), allowed range and one-line meaning (``key(...)``); nested dataclasses are
 sections (``checkpoint.*``), and ``Component`` fields are torchtune ``_component_`` sections, checked against the
-component's own signature. ``check(cfg, Schema)`` then checks a whole config before a recipe builds, reads or writes
-anything, and fills in the defaults; every error is one line naming the field, the value and what is allowed
-(``ConfigError``, a ``ValueError``)::
+component's own signature. Keys several recipes have come from base classes the schemas inherit: ``RuntimeKeys``
+(device, dtype) and ``InferenceModelKeys`` (checkpoint_dir, model, tokenizer). ``check(cfg, Schema)`` then checks a
+whole config before a recipe builds, reads or writes anything, and fills in the defaults; every error is one line
+naming the field, the value and what is allowed (``ConfigError``, a ``ValueError``)::
 
     config field 'optimizer.lr': must be a number, got 'abc'
     unknown config key 'max_step' (did you mean 'max_steps'?); the recipe's --help lists every key
@@ -33,7 +34,7 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Mapping, NamedTuple, Optional, Union
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
@@ -42,7 +43,8 @@ from omegaconf.errors import InterpolationResolutionError
 __all__ = ["ConfigError", "fail", "get", "REQUIRED", "key", "section", "Component", "check", "help_text", "fields",
            "integer", "boolean", "device_field", "dtype_field", "DTYPES", "check_component", "instantiate",
            "existing_dir", "existing_file", "hf_dir", "check_hf_sections", "tokenizer_fits", "checkpoint_dir_field",
-           "uses_model_section", "check_model_sections", "build_model", "user_errors", "Interrupted"]
+           "uses_model_section", "check_model_sections", "build_model", "user_errors", "Interrupted", "RuntimeKeys",
+           "InferenceModelKeys", "TOKENIZER_HELP", "load_for_inference", "Loaded"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 REQUIRED = dataclasses.MISSING
@@ -87,12 +89,13 @@ class Component(dict):
 
 
 def key(default: Any = REQUIRED, help: str = "", *, min=None, max=None, above=None, nonempty: bool = False,
-        unique: bool = False, positional: int = 0, passed: tuple[str, ...] = (), hint: str = "", check=None):
+        unique: bool = False, positional: int = 0, passed: dict[str, str] | None = None, hint: str = "", check=None):
     """A schema field: ``default`` (``REQUIRED``: none), its one-line meaning, and its range -- ``min`` / ``max``
     inclusive, ``above`` exclusive (numbers, or each item of a list); ``nonempty`` / ``unique`` for lists;
     ``positional``: how many leading arguments the recipe passes a ``Component`` itself (an optimizer's
-    parameters) and ``passed`` which keyword arguments; ``hint``: added to its error (how to write the value); ``check(cfg, name)``: a check of its own
-    after the type's (``device_field``: the device exists on this machine)."""
+    parameters) and ``passed`` which keyword arguments, each with the config key it comes from (the section may not
+    give them); ``hint``: added to its error (how to write the value); ``check(cfg, name)``: a check of its own after
+    the type's (``device_field``: the device exists on this machine)."""
     meta = {"help": help, "min": min, "max": max, "above": above, "nonempty": nonempty, "unique": unique,
             "positional": positional, "passed": passed, "hint": hint, "check": check}
     if isinstance(default, (list, dict)):
@@ -100,19 +103,38 @@ def key(default: Any = REQUIRED, help: str = "", *, min=None, max=None, above=No
     return dataclasses.field(default=default, metadata=meta)
 
 
-def section(schema: type, help: str = ""):
-    """A nested section (``checkpoint.*``) whose keys are the dataclass ``schema``'s; absent = all its defaults."""
-    return dataclasses.field(default_factory=schema, metadata={"help": help, "section": True})
+def section(schema, help: str = "", *, check=None):
+    """A nested section (``checkpoint.*``) whose keys are the dataclass ``schema``'s; absent = all its defaults.
+    ``Optional[schema]``: the section may be null, and is by default. ``check(cfg, name)``: a check of the whole
+    section after its keys' (as ``key``'s)."""
+    meta = {"help": help, "section": True, "check": check}
+    if _section_schema(schema) is not schema:
+        return dataclasses.field(default=None, metadata=meta)
+    return dataclasses.field(default_factory=schema, metadata=meta)
+
+
+def _section_schema(tp) -> type:
+    """The dataclass of a section of type ``tp``: ``tp`` itself, or X of ``Optional[X]``."""
+    if typing.get_origin(tp) in _UNIONS:
+        return next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp
 
 
 def fields(schema: type, prefix: str = ""):
-    """(dotted name, type, field) of every key of ``schema``, sections flattened, in declaration order."""
+    """(dotted name, type, field) of every key of ``schema``, sections flattened, in declaration order; an optional
+    section (null by default) is also listed itself, before its keys."""
     hints = typing.get_type_hints(schema)
     for f in dataclasses.fields(schema):
+        tp = hints[f.name]
+        if not f.metadata.get("section") or _section_schema(tp) is not tp:
+            yield f"{prefix}{f.name}", tp, f
         if f.metadata.get("section"):
-            yield from fields(hints[f.name], f"{prefix}{f.name}.")
-        else:
-            yield f"{prefix}{f.name}", hints[f.name], f
+            yield from fields(_section_schema(tp), f"{prefix}{f.name}.")
+
+
+def _default(f: dataclasses.Field):
+    """The default of a schema field (``REQUIRED``: none)."""
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def _is_int(v) -> bool:
@@ -176,6 +198,8 @@ def describe(tp, m: dict | None = None, plural: bool = False) -> str:
         return ", ".join(parts[:-1]) + " or " + parts[-1]
     if tp is type(None):
         return "null"
+    if dataclasses.is_dataclass(tp):
+        return f"a section of keys {', '.join(g.name for g in dataclasses.fields(tp))}"
     if origin is Literal:
         if len(args) == 1:
             return repr(args[0])
@@ -224,24 +248,36 @@ def check(cfg: DictConfig, schema: type, prefix: str = "") -> None:
     for f in sorted(dataclasses.fields(schema), key=order):
         field, tp, m = prefix + f.name, hints[f.name], f.metadata
         if m.get("section"):
-            node = _field_get(cfg, prefix, f.name, None)
-            if node is None:
-                _set(cfg, f.name, {})
-                node = cfg[f.name]
-            if not isinstance(node, (DictConfig, dict)):
-                fail(field, f"must be a section of keys {[g.name for g in dataclasses.fields(tp)]}, got {node!r}")
-            check(node, tp, field + ".")
-            continue
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        v = _field_get(cfg, prefix, f.name, _ABSENT if default is REQUIRED else default)
-        if _is_component(tp) and v is not None:
-            check_component(field, v, m.get("positional", 0), m.get("passed", ()))
+            _check_section(cfg, prefix, f.name, tp)
         else:
-            _check_value(field, v, tp, m)
+            default = _default(f)
+            v = _field_get(cfg, prefix, f.name, _ABSENT if default is REQUIRED else default)
+            if _is_component(tp) and v is not None:
+                check_component(field, v, m.get("positional", 0), m.get("passed"))
+            else:
+                _check_value(field, v, tp, m)
+            if f.name not in cfg:
+                _set(cfg, f.name, default)
         if m.get("check"):
             m["check"](cfg, f.name)
-        if f.name not in cfg:
-            _set(cfg, f.name, default)
+
+
+def _check_section(cfg, prefix: str, name: str, tp) -> None:
+    """``check`` of the section ``name`` of type ``tp`` (a dataclass, or ``Optional`` of one); an absent one is
+    filled in: null if optional, else all its defaults."""
+    schema, field = _section_schema(tp), prefix + name
+    optional = schema is not tp
+    node = _field_get(cfg, prefix, name, None)
+    if node is None and optional:
+        _set(cfg, name, None)
+        return
+    if node is None:
+        _set(cfg, name, {})
+        node = cfg[name]
+    if not isinstance(node, (DictConfig, dict)):
+        fail(field, f"must be {'null or ' if optional else ''}a section of keys "
+                    f"{[g.name for g in dataclasses.fields(schema)]}, got {node!r}")
+    check(node, schema, field + ".")
 
 
 def _set(cfg, name: str, value) -> None:
@@ -265,7 +301,7 @@ def help_text(schema: type, cfg: DictConfig | None = None) -> str:
     it means -- the recipe's ``--help``."""
     lines = []
     for name, tp, f in fields(schema):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        default = _default(f)
         shown = "required" if default is REQUIRED else _show(default)
         if cfg is not None:
             v = OmegaConf.select(cfg, name, default=_ABSENT, throw_on_missing=False)
@@ -314,6 +350,27 @@ def dtype_field(cfg, field: str = "dtype", default: str = "fp32") -> torch.dtype
     v = get(cfg, field, default)
     _check_value(field, v, Literal[tuple(DTYPES)], {})
     return DTYPES[v]
+
+
+# -- keys several recipes share (a recipe's schema inherits them) ------------------------------------------------------
+TOKENIZER_HELP = "flexgen_long.tokenizers.byte_tokenizer, hf_tokenizer or a torchtune one"
+
+
+@dataclasses.dataclass(kw_only=True)
+class RuntimeKeys:
+    """Where and in which dtype a recipe runs its model."""
+    device: str = key("cpu", "cpu, cuda or cuda:<index> (must exist on this machine)", check=device_field)
+    dtype: Literal[tuple(DTYPES)] = key("fp32", "weights' dtype (bf16 on GPUs)")
+
+
+@dataclasses.dataclass(kw_only=True)
+class InferenceModelKeys:
+    """The model and tokenizer of an inference recipe (``load_for_inference``)."""
+    checkpoint_dir: Optional[str] = key(None, "an HF model directory or a checkpoint of recipes/longgen_finetune.py; "
+                                              "null: the model section with random weights")
+    model: Optional[Component] = key(None, "the model builder: without checkpoint_dir, or a layout for an HF "
+                                           "directory (flexgen_long.models.from_hf_config)")
+    tokenizer: Component = key(REQUIRED, TOKENIZER_HELP)
 
 
 def _existing(field: str, path, what: str, directory: bool) -> Path:
@@ -395,15 +452,17 @@ def _field_get(node, prefix: str, name: str, default: Any = _ABSENT):
         raise ConfigError(str(e).replace(f"config field '{name}'", f"config field '{prefix}{name}'", 1)) from None
 
 
-def check_component(section: str, node, positional: int = 0, passed: tuple[str, ...] = ()) -> None:
+def check_component(section: str, node, positional: int = 0, passed: Mapping[str, str] | None = None) -> None:
     """Check a ``_component_`` section against the component's signature before anything is instantiated: the
     component imports, every key is one of its arguments (unless it takes ``**kwargs``), every argument without a
     default is given, and every value has a type its annotation or default allows (nested ``_component_`` sections
     are checked the same way). ``positional``: how many leading arguments the recipe passes itself (e.g. the
-    optimizer's parameters); ``passed``: the keyword arguments it passes (the LR schedule's num_training_steps)."""
+    optimizer's parameters); ``passed``: the keyword arguments it passes, each with the config key it comes from
+    (the LR schedule's num_training_steps, from max_steps), which the section must not give."""
     if not isinstance(node, (DictConfig, dict)) or "_component_" not in node:
         fail(section, f"must be a section with a _component_ (a dotted import path), got {node!r}")
     component = _component(section, _field_get(node, section + ".", "_component_"))
+    passed = passed or {}
     try:
         params = list(inspect.signature(component).parameters.values())
     except (TypeError, ValueError):
@@ -414,6 +473,8 @@ def check_component(section: str, node, positional: int = 0, passed: tuple[str, 
         if key == "_component_":
             continue
         field = f"{section}.{key}"
+        if key in passed:
+            fail(field, f"is set by the recipe from {passed[key]}; remove it")
         if key not in named:
             if takes_kwargs:
                 continue
@@ -587,3 +648,24 @@ def build_model(cfg: DictConfig, checkpoint: Path | None, device: torch.device, 
     with torch.device(device):
         model = instantiate("model", cfg.model)
     return model.to(dtype=dtype).eval()
+
+
+class Loaded(NamedTuple):
+    """What ``load_for_inference`` returns."""
+    model: torch.nn.Module
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+
+
+def load_for_inference(cfg: DictConfig, checkpoint: Path | None, build=build_model, log=print) -> Loaded:
+    """The model and tokenizer of an inference recipe whose config was ``check``ed against a schema of
+    ``InferenceModelKeys``, ``RuntimeKeys`` (device and dtype are taken as checked there) and a ``seed``: torch seeded
+    (random weights, sampling), the model built in eval mode by ``build(cfg, checkpoint, device, dtype, log)``
+    (``build_model``, or a recipe's own around it), then the tokenizer, which must fit the model's vocabulary."""
+    torch.manual_seed(cfg.seed)
+    device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
+    model = build(cfg, checkpoint, device, dtype, log)
+    tokenizer = instantiate("tokenizer", cfg.tokenizer)
+    tokenizer_fits(tokenizer, model.tok_embeddings.num_embeddings)
+    return Loaded(model, tokenizer, device, dtype)

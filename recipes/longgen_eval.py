@@ -42,7 +42,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +60,7 @@ from flexgen_long.policy import Policy
 from flexgen_long.models import relayout
 from flexgen_long.patterns import AttnSink, Full
 from flexgen_long.stats import format_rate, wilson_interval
-from flexgen_long.recipe_config import REQUIRED, Component, key
+from flexgen_long.recipe_config import REQUIRED, key, section
 
 log = utils.get_logger("INFO")
 
@@ -69,18 +69,33 @@ SCORING = ("greedy decoding (flexgen_long.generation.generate, temperature 0) of
 _fail = rc.fail
 
 
+def _check_streaming_llm(cfg: DictConfig, name: str) -> None:
+    """``streaming_llm`` makes a valid ``AttnSink`` (its own checks: sink >= 0, window >= 1)."""
+    s = cfg[name]
+    if s is not None:
+        try:
+            AttnSink(sink=s.sink, window=s.window)
+        except ValueError as e:
+            _fail(name, str(e))
+
+
 @dataclass(kw_only=True)
-class EvalConfig:
+class StreamingLLMConfig:
+    """``streaming_llm``: every layer ``AttnSink(sink, window)`` at inference."""
+    sink: int = key(REQUIRED, "the first keys every layer keeps (attention sinks)")
+    window: int = key(REQUIRED, "the most recent keys every layer keeps")
+
+
+@dataclass(kw_only=True)
+class EvalConfig(rc.RuntimeKeys, rc.InferenceModelKeys):  # --help: the model's keys, the device's, then these
     """The recipe's keys: the one source of its checks, its --help and its documentation."""
-    output_dir: str = key(REQUIRED, "where <name>.json and <name>_retrieval.png go")
-    name: Optional[str] = key(None, "the files' name; null: the checkpoint's run directory name (or 'random')")
     checkpoint_dir: Optional[str] = key(None, "a finetuning checkpoint or output_dir (its latest step), or an HF model "
                                               "directory; null: the model section with random weights")
-    model: Optional[Component] = key(None, "the model builder: without checkpoint_dir, or a layout for an HF "
-                                           "directory (flexgen_long.models.from_hf_config)")
-    tokenizer: Component = key(REQUIRED, "flexgen_long.tokenizers.byte_tokenizer, hf_tokenizer or a torchtune one")
-    streaming_llm: Any = key(None, "{sink: S, window: W}: every layer AttnSink(S, W) at inference (the StreamingLLM "
-                                   "baseline); null: the model's own layout")
+    output_dir: str = key(REQUIRED, "where <name>.json and <name>_retrieval.png go")
+    name: Optional[str] = key(None, "the files' name; null: the checkpoint's run directory name (or 'random')")
+    streaming_llm: Optional[StreamingLLMConfig] = section(
+        Optional[StreamingLLMConfig], "every layer AttnSink(sink, window) at inference (the StreamingLLM baseline); "
+        "null: the model's own layout", check=_check_streaming_llm)
     tasks: list[Literal[tuple(SYNTHETIC_TASKS)]] = key(list(SYNTHETIC_TASKS), "retrieval tasks (may be empty)",
                                                          unique=True)
     lengths: list[int] = key(REQUIRED, f"prompt lengths in tokens; max + {ANSWER_ROOM} must fit the model's "
@@ -95,49 +110,42 @@ class EvalConfig:
     prefill_chunk: Optional[int] = key(None, "tokens per prefill chunk; null: whole prompts", min=1)
     overwrite: bool = key(False, "replace an existing <name>.json that holds another checkpoint's result")
     seed: int = key(0, "seeds the prompts and the documents' choice", min=0)
-    device: str = key("cpu", "cpu, cuda or cuda:<index> (must exist on this machine)", check=rc.device_field)
-    dtype: Literal["fp32", "bf16"] = key("fp32", "weights' dtype (bf16 on GPUs)")
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """Every field that needs no model: the schema (unknown keys, types, ranges, defaults filled in), the device,
-    the StreamingLLM override, the checkpoint directory and the model and tokenizer sections."""
+    """Every field that needs no model: the schema (unknown keys, types, ranges, defaults filled in; the device, the
+    StreamingLLM override), the checkpoint directory and the model and tokenizer sections."""
     rc.check(cfg, EvalConfig)
-    s = cfg.streaming_llm
-    if s is not None:
-        if not isinstance(s, (dict, DictConfig)) or set(s.keys()) != {"sink", "window"}:
-            _fail("streaming_llm", f"must be null or {{sink: int, window: int}}, got {s!r}")
-        try:
-            AttnSink(sink=s["sink"], window=s["window"])
-        except ValueError as e:
-            _fail("streaming_llm", str(e))
-    ckpt = rc.checkpoint_dir_field(cfg)
-    if ckpt is not None and not (ckpt / hf.CONFIG_FILE).is_file():  # an output_dir: its latest checkpoint, if any yet
-        ckpt = checkpoint_io.latest_checkpoint(ckpt) or ckpt  # (none is refused when the model is built)
-    rc.check_model_sections(cfg, ckpt)
+    # an output_dir without a checkpoint yet passes here (a pipeline validates its evals before it trains); it is
+    # refused when evaluate resolves it
+    rc.check_model_sections(cfg, resolve_checkpoint(cfg.checkpoint_dir, required=False))
 
 
 # -- model ---------------------------------------------------------------------------------------------------------------
-def resolve_checkpoint(path) -> Path:
-    """A checkpoint directory (holds config.json), or a finetuning output_dir (its latest step_<N>)."""
+def resolve_checkpoint(path, required: bool = True) -> Path | None:
+    """``checkpoint_dir``: None for null; a checkpoint directory (holds config.json); a finetuning output_dir: its
+    latest step_<N> -- when it has none, an error, or (not ``required``) the output_dir itself."""
+    if path is None:
+        return None
     p = rc.existing_dir("checkpoint_dir", str(path), "an HF model directory, a checkpoint or a finetuning output_dir")
     if (p / hf.CONFIG_FILE).is_file():
         return p
     latest = checkpoint_io.latest_checkpoint(p)
-    if latest is None:
+    if latest is None and required:
         _fail("checkpoint_dir", f"{str(path)!r} is neither a checkpoint (no {hf.CONFIG_FILE}) nor an "
                                 "output_dir with step_<N> checkpoints")
-    return latest
+    return latest or p
 
 
-def build_model(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, str | None]:
-    """The model to evaluate, in eval mode, with the StreamingLLM override applied when configured."""
-    ckpt = resolve_checkpoint(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
-    model = rc.build_model(cfg, ckpt, device, dtype, log=log.info)
+def build_model(cfg: DictConfig, ckpt: Path | None, device: torch.device, dtype: torch.dtype,
+                log=log.info) -> nn.Module:
+    """The model to evaluate (``ckpt``: ``resolve_checkpoint``'s), in eval mode, with the StreamingLLM override
+    applied when configured."""
+    model = rc.build_model(cfg, ckpt, device, dtype, log=log)
     s = cfg.streaming_llm
     if s is not None:
         relayout(model, "none", AttnSink(sink=s["sink"], window=s["window"]))
-    return model.eval(), (str(ckpt) if ckpt else None)
+    return model.eval()
 
 
 def layout_summary(model: nn.Module) -> dict:
@@ -297,7 +305,7 @@ def evaluate_perplexity(model: nn.Module, docs: list[list[int]], lengths, prefil
 
 
 @torch.inference_mode()
-def check_finite_logits(model: nn.Module, tokenizer, ckpt: str | None) -> None:
+def check_finite_logits(model: nn.Module, tokenizer, ckpt: Path | None) -> None:
     """One short forward before the grid: a model whose logits are NaN or infinite would decode garbage (and score 0)
     and give a NaN perplexity; say so instead, naming the checkpoint."""
     ids = tokenizer.encode("def main():\n    return 0\n", add_bos=True, add_eos=False)
@@ -366,20 +374,16 @@ def check_output(out_dir: Path, name: str, ckpt: Path | None, overwrite: bool) -
 def evaluate(cfg: DictConfig) -> dict:
     """The whole recipe (steps 1-4 of the module docstring); returns what it wrote to JSON."""
     validate_config(cfg)
-    torch.manual_seed(cfg.seed)
-    device, dtype = rc.device_field(cfg), rc.dtype_field(cfg)
     lengths, tasks, depths, chunk = list(cfg.lengths), list(cfg.tasks), [float(d) for d in cfg.depths], \
         cfg.prefill_chunk
-    ckpt = resolve_checkpoint(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    ckpt = resolve_checkpoint(cfg.checkpoint_dir)
     name = result_name(cfg, ckpt)
     json_path = check_output(Path(cfg.output_dir), name, ckpt, cfg.overwrite)
 
-    model, ckpt = build_model(cfg, device, dtype)
+    model, tokenizer, device, _ = rc.load_for_inference(cfg, ckpt, build=build_model, log=log.info)
     if max(lengths) + ANSWER_ROOM > model.max_seq_len:
         _fail("lengths", f"max(lengths)={max(lengths)} + {ANSWER_ROOM} answer tokens exceeds the model's "
                          f"max_seq_len={model.max_seq_len} (its RoPE table); drop the longer lengths")
-    tokenizer = rc.instantiate("tokenizer", cfg.tokenizer)
-    rc.tokenizer_fits(tokenizer, model.tok_embeddings.num_embeddings)
     for task in tasks:  # a length too short for a task fails here, before any model work
         for length in lengths:
             retrieval_samples(tokenizer, task, length, 0.0, 1, cfg.seed)
@@ -397,7 +401,7 @@ def evaluate(cfg: DictConfig) -> dict:
     perplexity = evaluate_perplexity(model, docs, lengths, chunk, bar) if docs else None
     bar.close()
 
-    result = {"name": name, "checkpoint": ckpt, "layout": layout,
+    result = {"name": name, "checkpoint": str(ckpt) if ckpt else None, "layout": layout,
               "streaming_llm": OmegaConf.to_container(cfg.streaming_llm) if cfg.streaming_llm else None,
               "scoring": SCORING, "retrieval": retrieval, "perplexity": perplexity,
               "perplexity_source": cfg.perplexity_source if docs else None,

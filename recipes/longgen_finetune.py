@@ -92,13 +92,13 @@ class RetrievalScoringConfig:
 
 
 @dataclass(kw_only=True)
-class FinetuneConfig:
+class FinetuneConfig(rc.RuntimeKeys):
     """The recipe's keys: the one source of its checks, its --help and its documentation."""
     output_dir: str = key(REQUIRED, "where the checkpoints go; locked for the run")
     seq_len: int = key(REQUIRED, "packed training length (tokens), at most the model's max_seq_len", min=2)
     model: Component = key(REQUIRED, "the model builder (flexgen_long.models.*): sizes, max_seq_len, rope_base, "
                                      "full_layers, sparse_pattern")
-    tokenizer: Component = key(REQUIRED, "flexgen_long.tokenizers.byte_tokenizer, hf_tokenizer or a torchtune one")
+    tokenizer: Component = key(REQUIRED, rc.TOKENIZER_HELP)
     dataset: Component = key(REQUIRED, "flexgen_long.data.long_documents (source, max_tokens, synthetic_share, ...) "
                                        "or hf_long_documents", positional=2)
     seed: Optional[int] = key(0, "seeds weights, data order and sampling; null: torchtune draws one",
@@ -109,7 +109,7 @@ class FinetuneConfig:
     optimizer: Component = key(REQUIRED, "torch.optim.AdamW (lr, betas, weight_decay) or torchao.optim.AdamW8bit",
                                positional=1)
     lr_scheduler: Component = key(REQUIRED, "torchtune's get_cosine_schedule_with_warmup (num_warmup_steps)",
-                                  positional=1, passed=("num_training_steps",))
+                                  positional=1, passed={"num_training_steps": "max_steps"})
     clip_grad_norm: Optional[float] = key(None, "gradient clipping's max norm; null: no clipping", above=0)
     on_nonfinite: Literal["stop", "skip"] = key("stop", "a step whose loss or gradient norm is NaN or Inf: stop the "
                                                         "run there, or skip its update")
@@ -117,8 +117,6 @@ class FinetuneConfig:
                           "CEWithChunkedOutputLoss or flexgen_long.losses.ChunkedLinearCrossEntropy")
     checkpoint: CheckpointConfig = section(CheckpointConfig)
     retrieval_scoring: RetrievalScoringConfig = section(RetrievalScoringConfig)
-    device: str = key("cpu", "cpu, cuda or cuda:<index> (must exist on this machine)", check=rc.device_field)
-    dtype: Literal["fp32", "bf16"] = key("fp32", "parameter dtype (bf16 on GPUs)")
     compile: bool = key(False, "torch.compile each layer and the loss")
     enable_activation_checkpointing: bool = key(False, "recompute each layer's activations in backward")
     fsdp_cpu_offload: bool = key(False, "FSDP2: parameters and optimizer states on the CPU (several GPUs)")
@@ -145,8 +143,6 @@ def validate_config(cfg: DictConfig) -> None:
         if not (d / hf.CONFIG_FILE).is_file():
             _fail("checkpoint.base_dir", f"{base!r} has no {hf.CONFIG_FILE} (expected an HF model directory)")
         rc.hf_dir("checkpoint.base_dir", base)  # config.json parses and is a Llama's; weight files are there
-    if "num_training_steps" in cfg.lr_scheduler:
-        _fail("lr_scheduler.num_training_steps", "is set by the recipe from max_steps; remove it")
     warmup = rc.get(cfg, "lr_scheduler.num_warmup_steps", 0)  # (its type: the schedule's signature, int)
     if isinstance(warmup, int) and warmup < 0:
         _fail("lr_scheduler.num_warmup_steps", f"must be an int >= 0, got {warmup}")
@@ -312,6 +308,8 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
             dist.barrier()
         self._claimed = True
         resume_from = ckpt.latest_checkpoint(self._output_dir) if self._resume else None
+        if resume_from is not None:
+            self._verify_checkpoint(resume_from)  # before anything reads it
         choice = self._choose_full_layers(cfg, resume_from)
         # saved in every checkpoint's config.json and compared on resume; from_hf_config is written out in full, so
         # that a checkpoint rebuilds without the base model's directory
@@ -370,6 +368,21 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
                 log.info(f"Data: skipped {s['skipped_files']} file(s) that are not UTF-8 text "
                          f"(dataset.on_invalid_utf8=skip): {', '.join(names[:5])}"
                          + (f", ... ({len(names) - 5} more)" if len(names) > 5 else ""))
+
+    def _verify_checkpoint(self, path: Path) -> None:
+        """Every file of the checkpoint resumed from against its checksums (flexgen_long.hf.verify_checksums), once:
+        on rank 0, its error raised on every rank (the others would wait for rank 0 forever). Its files are read
+        unverified after this."""
+        error = [None]
+        if self._is_rank_zero:
+            try:
+                hf.verify_checksums(path)
+            except Exception as e:  # noqa: BLE001 -- raised on every rank below
+                error[0] = e
+        if self._world_size > 1:
+            dist.broadcast_object_list(error, src=0)
+        if error[0] is not None:
+            raise error[0]
 
     def _choose_full_layers(self, cfg: DictConfig, resume_from: Path | None):
         """``model.full_layers: retrieval[:n or :f]``: the layers of the base model's retrieval heads, chosen once
@@ -592,7 +605,7 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
             dist.barrier()
 
     def _load_recipe_state(self, path: Path) -> None:
-        sd, _ = hf.load_hf_state_dict(path)  # checks every file against the checkpoint's checksums first
+        sd, _ = hf.load_hf_state_dict(path, verify=False)  # every file was checked in setup (_verify_checkpoint)
         try:
             state = torch.load(path / ckpt.STATE_FILE, map_location="cpu", weights_only=False)
         except (OSError, RuntimeError, EOFError, ValueError) as e:  # truncated zip, unpickling errors

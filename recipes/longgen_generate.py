@@ -16,15 +16,15 @@ stop token stops its clock there). Every key: ``GenerateConfig`` (``--help``).
 
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Optional, Union
 
-import torch
 from omegaconf import DictConfig
 from torchtune import utils
 
 from flexgen_long import cli
 from flexgen_long import recipe_config as rc
-from flexgen_long.recipe_config import REQUIRED, Component, key
+from flexgen_long.recipe_config import REQUIRED, key
 from flexgen_long.cache import plan_cache
 from flexgen_long.generation import batch_decode_s, batch_tokens_per_s, generate
 from flexgen_long.models import fuse_projections
@@ -35,13 +35,8 @@ log = utils.get_logger("INFO")
 
 
 @dataclass(kw_only=True)
-class GenerateConfig:
+class GenerateConfig(rc.RuntimeKeys, rc.InferenceModelKeys):  # --help: the model's keys, the device's, then these
     """The recipe's keys: the one source of its checks, its --help and its documentation."""
-    checkpoint_dir: Optional[str] = key(None, "an HF model directory or a checkpoint of recipes/longgen_finetune.py; "
-                                              "null: the model section with random weights")
-    model: Optional[Component] = key(None, "the model builder: without checkpoint_dir, or a layout for an HF "
-                                           "directory (flexgen_long.models.from_hf_config)")
-    tokenizer: Component = key(REQUIRED, "flexgen_long.tokenizers.byte_tokenizer, hf_tokenizer or a torchtune one")
     prompts: list[str] = key(REQUIRED, "the prompts, generated as one batch", nonempty=True,
                              hint='on the command line: prompts=\'["def main(", "import os"]\'')
     max_new_tokens: int = key(64, "tokens generated per prompt (fewer where a stop token comes first)", min=1)
@@ -55,28 +50,25 @@ class GenerateConfig:
                                                            min=1)
     compile: Optional[bool] = key(None, "compile each layer's work around attention; null: on a GPU, not on a CPU")
     seed: int = key(0, "seeds the sampling (and random weights)", min=0)
-    device: str = key("cpu", "cpu, cuda or cuda:<index> (must exist on this machine)", check=rc.device_field)
-    dtype: Literal["fp32", "bf16"] = key("fp32", "weights' dtype (bf16 on GPUs)")
 
 
-def validate_config(cfg: DictConfig) -> None:
-    """Every field, before a model is built (the schema, the device, the model and tokenizer sections)."""
+def validate_config(cfg: DictConfig) -> Path | None:
+    """Every field, before a model is built (the schema, the device, the model and tokenizer sections); returns
+    checkpoint_dir (None: random weights)."""
     rc.check(cfg, GenerateConfig)
-    rc.check_model_sections(cfg, rc.checkpoint_dir_field(cfg))
+    checkpoint = rc.checkpoint_dir_field(cfg)
+    rc.check_model_sections(cfg, checkpoint)
+    return checkpoint
 
 
 def generate_text(cfg: DictConfig) -> None:
     """The whole recipe (see the module docstring)."""
-    validate_config(cfg)
-    torch.manual_seed(cfg.seed)
-    device, dtype = rc.device_field(cfg), rc.dtype_field(cfg)
+    checkpoint = validate_config(cfg)
     compiled = cfg.compile
-    model = rc.build_model(cfg, rc.checkpoint_dir_field(cfg), device, dtype, log=log.info)
+    model, tokenizer, _, dtype = rc.load_for_inference(cfg, checkpoint, log=log.info)
     # one q/k/v and one gate/up matrix product per layer (same weights, no extra memory; this recipe saves nothing):
     # the fastest measured decode with the compiled layers (analysis/README.md, "The user's path")
     fuse_projections(model)
-    tokenizer = rc.instantiate("tokenizer", cfg.tokenizer)
-    rc.tokenizer_fits(tokenizer, model.tok_embeddings.num_embeddings)
     prompts = [tokenizer.encode(p, add_bos=True, add_eos=False) for p in cfg.prompts]
     max_new = cfg.max_new_tokens
     log.info("\n" + str(plan_cache(model, len(prompts), max(map(len, prompts)) + max_new, dtype)))

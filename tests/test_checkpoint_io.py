@@ -171,9 +171,12 @@ def test_a_flipped_bit_is_found_and_the_file_named(tmp_path, model, name):
     data[len(data) // 2] ^= 0x10
     f.write_bytes(bytes(data))
     with pytest.raises(hf.CheckpointError, match=rf"{f}: its SHA-256 differs from the one recorded"):
-        hf.verify_checksums(path)
-    with pytest.raises(hf.CheckpointError, match=rf"{f}: its SHA-256 differs"):
+        hf.verify_checksums(path)  # every file: what a resumed run checks
+    if name == ckpt.STATE_FILE:  # a load of the model (generate, eval) reads config.json and the weights only
         hf.load_model(path)
+    else:
+        with pytest.raises(hf.CheckpointError, match=rf"{f}: its SHA-256 differs"):
+            hf.load_model(path)
 
 
 def test_a_missing_listed_file_is_named(tmp_path, model):

@@ -101,7 +101,7 @@ def test_eval_refuses_a_model_with_non_finite_logits_and_writes_nothing(tmp_path
     model = longgen_tiny(vocab_size=259, max_seq_len=1024).eval()
     with torch.no_grad():
         model.layers[2].mlp.w1.weight[0, 0] = float("nan")
-    monkeypatch.setattr(ev, "build_model", lambda cfg, device, dtype: (model, None))
+    monkeypatch.setattr(ev, "build_model", lambda cfg, ckpt, device, dtype, log: model)
     with pytest.raises(FloatingPointError, match="logits are NaN or infinite"):
         ev.evaluate(_cfg(output_dir=str(tmp_path / "eval"), lengths=[500]))
     assert not list((tmp_path / "eval").iterdir())  # checked writable before the work, nothing written
@@ -111,11 +111,11 @@ def test_eval_refuses_a_model_with_non_finite_logits_and_writes_nothing(tmp_path
 
 
 def test_streaming_llm_switches_every_layer_to_sink_window_ring_caches(tmp_path):
-    from recipes.longgen_eval import build_model
+    from recipes.longgen_eval import build_model, resolve_checkpoint
 
     _tiny_checkpoint(tmp_path)
     cfg = _cfg(checkpoint_dir=str(tmp_path), streaming_llm={"sink": 8, "window": 40})
-    model, _ = build_model(cfg, torch.device("cpu"), torch.float32)
+    model = build_model(cfg, resolve_checkpoint(cfg.checkpoint_dir), torch.device("cpu"), torch.float32)
     assert all(layer.attn.pattern == AttnSink(8, 40) for layer in model.layers)
     cache = ModelCache(model, 1, 700, torch.float32, "cpu")
     assert [c.slots for c in cache.layers.values()] == [48] * len(model.layers)  # ring of sink + window, not 700
@@ -212,7 +212,7 @@ def test_perplexity_equals_exp_mean_nll_of_an_independent_forward():
     ({"lengths": []}, r"config field 'lengths': must be a non-empty list of distinct ints >= 64"),
     ({"depths": [0.5, 2.0]}, r"config field 'depths'"),
     ({"tasks": ["sudoku"]}, r"config field 'tasks'"),
-    ({"streaming_llm": {"sink": 4}}, r"config field 'streaming_llm'"),
+    ({"streaming_llm": {"sink": 4}}, r"config field 'streaming_llm.window': is required"),
     ({"streaming_llm": {"sink": 4, "window": 0}}, r"config field 'streaming_llm': AttnSink.window"),
     ({"lengths": [1020]}, r"config field 'lengths': max\(lengths\)=1020 \+ 16 answer tokens exceeds"),
     ({"lengths": [100]}, r"config field 'lengths': 100 is too short for the passkey task"),

@@ -692,6 +692,19 @@ def test_resume_from_a_damaged_checkpoint_names_the_file(tmp_path):
         _run(_cfg(tmp_path, "max_steps=3", "checkpoint.resume=true"))
 
 
+def test_resume_checks_every_file_before_reading_any(tmp_path):
+    """A damaged config.json or weights file is refused, naming it, before the run reads it (config.json is read
+    first of all: the resume's config comparison)."""
+    _run(_cfg(tmp_path, "max_steps=2"))
+    for name in (ckpt.CONFIG_FILE, ckpt.WEIGHTS_FILE):
+        f = tmp_path / "step_2" / name
+        good = f.read_bytes()
+        f.write_bytes(good[:len(good) // 2] + bytes([good[len(good) // 2] ^ 0x10]) + good[len(good) // 2 + 1:])
+        with pytest.raises(hf.CheckpointError, match=rf"{f}: its SHA-256 differs"):
+            _run(_cfg(tmp_path, "max_steps=3", "checkpoint.resume=true"))
+        f.write_bytes(good)
+
+
 def test_a_failure_after_the_claim_leaves_nothing_that_blocks_the_corrected_rerun(tmp_path):
     with pytest.raises(ValueError, match=r"config field 'batch_size': 200 x 1 rank\(s\) exceeds the dataset's"):
         _run(_cfg(tmp_path, "max_steps=1", "batch_size=200"))
