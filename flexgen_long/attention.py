@@ -19,6 +19,7 @@ from torch.nn.attention.bias import causal_lower_right
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torchtune.modules import MultiHeadAttention, TransformerSelfAttentionLayer
 
+from . import kv_fp8
 from .masks import build_block_mask, build_cached_block_mask, dense_mask, position_mask
 from .patterns import Documents, Full, Pattern, check_doc_ids
 from .policy import Policy
@@ -169,11 +170,23 @@ def _sdpa_lower_right(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 # -- the kernels: (layer, q, k, v, context, route) -> output; q [B, Hq, C, D], k/v [B, Hkv, C, D] after RoPE ------------
 
+def _keys_so_far(at, k, v, ctx, n: int | None = None) -> tuple[Tensor, Tensor]:
+    """A full layer's keys and values at positions 0 .. offset + C - 1 over its cache: the buffer's first ``n`` slots
+    (default offset + C; the chunk was written before), or under FP8 the earlier chunks' dequantised followed by the
+    chunk's own as computed."""
+    c, T = ctx.cache[at], ctx.offset + k.shape[2]
+    if not c.fp8:
+        return c.k[ctx.row:ctx.row + 1, :, :n or T], c.v[ctx.row:ctx.row + 1, :, :n or T]
+    if ctx.offset == 0:
+        return k, v
+    kp, vp = c.prefix(ctx.row, ctx.offset, k.dtype)
+    return torch.cat([kp, k], dim=2), torch.cat([vp, v], dim=2)
+
+
 def _causal(at, q, k, v, ctx, r):
-    """Causal SDPA over the keys so far: the sequence's own, or a cache buffer's (the chunk written before)."""
+    """Causal SDPA over the keys so far: the sequence's own, or the cache's (``_keys_so_far``)."""
     if isinstance(ctx, KVStep):
-        c, T = ctx.cache[at], ctx.offset + q.shape[2]
-        k, v = c.k[ctx.row:ctx.row + 1, :, :T], c.v[ctx.row:ctx.row + 1, :, :T]
+        k, v = _keys_so_far(at, k, v, ctx)
     return _sdpa_lower_right(q, k, v)
 
 
@@ -195,12 +208,12 @@ def _mask(at, q, ctx, r):
 
 
 def _flex_full_chunk(at, q, k, v, ctx, r):
-    c, (pq, pk), C = ctx.cache[at], r.shape, q.shape[2]
+    (pq, pk), C = r.shape, q.shape[2]
     bm = ctx.memo(("full_chunk", pq, pk), lambda: build_block_mask(
         Full(), C, ctx.offset + C, q_offset=ctx.offset, num_heads=at.num_heads, num_kv_heads=at.num_kv_heads,
         block_size=BLOCK, device=q.device, padded_lengths=(pq, pk)))
     # contiguous copies: a slice keeps the buffer's strides, which differ with every cache size (dynamo guards them)
-    kk, vv = (t[ctx.row:ctx.row + 1, :, :pk].contiguous() for t in (c.k, c.v))
+    kk, vv = (t.contiguous() for t in _keys_so_far(at, k, v, ctx, n=pk))
     return flex_attend(q, kk, vv, bm)
 
 
@@ -245,10 +258,18 @@ def _decode_masked(at, q, k, v, ctx, r):
     return F.scaled_dot_product_attention(q, c.k, c.v, attn_mask=mask, enable_gqa=True)
 
 
+def _decode_fp8(at, q, k, v, ctx, r):
+    """A full layer's FP8 cache read as stored: each row's slots 0 .. its position (written before)."""
+    c = ctx.cache[at]
+    lengths = ctx.memo(("lengths",), lambda: ctx.pos + 1)
+    return kv_fp8.decode_attention(q, c.k, c.k_scale, c.v, c.v_scale, lengths)
+
+
 #: The route table's kernels by name.
 KERNELS = {"sdpa_causal": _causal, "sdpa_dense_mask": _dense, "flex": _flex_seq, "sdpa_lower_right": _causal,
            "flex_full_chunk": _flex_full_chunk, "flex_over_slots": _flex_over_slots,
-           "sdpa_over_slots": _sdpa_over_slots, "sdpa_exact": _decode_exact, "sdpa_masked": _decode_masked}
+           "sdpa_over_slots": _sdpa_over_slots, "sdpa_exact": _decode_exact, "sdpa_masked": _decode_masked,
+           "fp8_decode": _decode_fp8}
 
 
 class HybridAttention(MultiHeadAttention):

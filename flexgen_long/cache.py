@@ -2,6 +2,8 @@
 
 A cache is a set of *slots*: ``k``/``v`` [B, Hkv, slots, D] plus ``pos`` [B, Hp, slots] int32, the absolute position each
 slot holds (-1 = empty; Hp = Hkv for a head-dependent pattern, else 1), in the pattern's layout (flexgen_long.patterns).
+Under ``Policy(kv_cache_dtype="fp8")`` a full layer's ``k``/``v`` are float8 e4m3 with fp32 ``k_scale``/``v_scale``
+[B, Hkv, slots] (flexgen_long.kv_fp8).
 Keys are stored after RoPE at absolute positions, and attention masks slots by the pattern's token rule on ``pos``:
 stale slots are never copied or cleared. The memory plan: ``plan_cache`` (exact), the activation estimates (they err
 high; their attention term is the route table's ``Route.bytes``), ``choose_prefill_chunk``, ``serving_capacity``.
@@ -16,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import HybridAttention, attention_layers
+from .kv_fp8 import FP8, dequantize, quantize
 from .masks import position_mask
 from .patterns import Pattern
 from .policy import Policy
@@ -31,7 +34,8 @@ class LayerPlan:
     layer: int
     pattern: Pattern
     slots: int
-    bytes: int  # k + v + pos
+    bytes: int  # k + v (+ their scales) + pos
+    fp8: bool = False
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,7 @@ class CachePlan:
     def __str__(self) -> str:
         rows = [f"KV cache plan: batch {self.batch_size}, max_len {self.max_len}, {self.dtype}"]
         rows += [f"  layer {lp.layer:3d} {type(lp.pattern).__name__:11s} {lp.slots:>9d} slots "
-                 f"{lp.bytes / 2**20:10.2f} MiB" for lp in self.layers]
+                 f"{lp.bytes / 2**20:10.2f} MiB{' fp8' if lp.fp8 else ''}" for lp in self.layers]
         rows.append(f"  total {self.total_bytes / 2**30:.3f} GiB ({self.total_bytes} bytes)")
         return "\n".join(rows)
 
@@ -64,18 +68,19 @@ def _itemsize(dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def plan_cache(model: nn.Module, batch_size: int, max_len: int, dtype: torch.dtype = torch.bfloat16) -> CachePlan:
+def plan_cache(model: nn.Module, batch_size: int, max_len: int, dtype: torch.dtype = torch.bfloat16,
+               policy: Policy | None = None) -> CachePlan:
     """Bytes per layer and in total of the caches for ``batch_size`` sequences of up to ``max_len`` tokens, from
-    shapes only (the model may live on the meta device)."""
+    shapes only (the model may live on the meta device); ``policy.kv_cache_dtype`` picks the full layers' storage."""
     _positive("batch_size", batch_size)
     _positive("max_len", max_len)
-    a = _itemsize(dtype)
+    a, policy = _itemsize(dtype), policy or Policy()
     plans = []
     for i, at in enumerate(attention_layers(model)):
         p = at.pattern.bind_heads(at.num_kv_heads)
-        slots, hp = p.cache_slots(max_len), at.num_kv_heads if p.head_dependent else 1
-        plans.append(LayerPlan(i, at.pattern, slots, batch_size * slots * (2 * at.num_kv_heads * at.head_dim * a
-                                                                            + hp * 4)))
+        slots, hp, fp8 = p.cache_slots(max_len), at.num_kv_heads if p.head_dependent else 1, policy.stores_fp8(p)
+        per_head = 2 * at.head_dim + 2 * 4 if fp8 else 2 * at.head_dim * a  # FP8 values + two fp32 scales
+        plans.append(LayerPlan(i, at.pattern, slots, batch_size * slots * (at.num_kv_heads * per_head + hp * 4), fp8))
     return CachePlan(tuple(plans), batch_size, max_len, dtype)
 
 
@@ -230,7 +235,7 @@ def serving_capacity(model: nn.Module, prompt_len: int, new_tokens: int, budget_
     max_len = prompt_len + new_tokens
     chunk = min(prefill_chunk or prompt_len, prompt_len)
     prefill = prefill_activation_bytes(model, chunk, dtype, prompt_len, max_len, device, policy)
-    kv_row = plan_cache(model, 1, max_len, dtype).total_bytes  # every cache term is linear in the batch
+    kv_row = plan_cache(model, 1, max_len, dtype, policy).total_bytes  # every cache term is linear in the batch
 
     def need(b: int) -> tuple[int, int]:  # (total, decode activations) of a batch of b
         dec = decode_activation_bytes(model, b, max_len, dtype, policy)
@@ -251,19 +256,47 @@ class LayerCache:
     (static shapes, device-side positions: CUDA-graph safe)."""
 
     def __init__(self, pattern: Pattern, batch_size: int, num_kv_heads: int, head_dim: int, max_len: int,
-                 dtype: torch.dtype, device):
+                 dtype: torch.dtype, device, fp8: bool = False):
         self.pattern = pattern.bind_heads(num_kv_heads)
-        self.max_len, self.num_kv_heads = max_len, num_kv_heads
+        self.max_len, self.num_kv_heads, self.dtype, self.fp8 = max_len, num_kv_heads, dtype, fp8
         self.slots = self.pattern.cache_slots(max_len)
         hp = num_kv_heads if self.pattern.head_dependent else 1
-        self.k = torch.zeros(batch_size, num_kv_heads, self.slots, head_dim, dtype=dtype, device=device)
+        shape = (batch_size, num_kv_heads, self.slots, head_dim)
+        self.k = torch.zeros(shape, dtype=FP8 if fp8 else dtype, device=device)
         self.v = torch.zeros_like(self.k)
+        # FP8: one fp32 scale per slot and KV head (ones: an unwritten slot dequantises to zeros)
+        self.k_scale = torch.ones(shape[:3], dtype=torch.float32, device=device) if fp8 else None
+        self.v_scale = torch.ones_like(self.k_scale) if fp8 else None
         self.pos = torch.full((batch_size, hp, self.slots), -1, dtype=torch.int32, device=device)
         self._heads = torch.arange(hp, device=device) if self.pattern.head_dependent else 0  # per-head rules
 
     @property
+    def tensors(self) -> list[Tensor]:
+        """Every tensor of the cache (the values, their scales under FP8, the positions)."""
+        return [t for t in (self.k, self.v, self.k_scale, self.v_scale, self.pos) if t is not None]
+
+    @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes + self.pos.nbytes
+        return sum(t.nbytes for t in self.tensors)
+
+    def _stored(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """What a write stores: k/v as given, or under FP8 their e4m3 values (as uint8: index_copy_ and scatter_ take
+        no float8) and scales."""
+        if not self.fp8:
+            return k, v, None, None
+        (k8, ks), (v8, vs) = quantize(k), quantize(v)
+        return k8.view(torch.uint8), v8.view(torch.uint8), ks, vs
+
+    def _targets(self) -> tuple[Tensor, Tensor]:
+        return (self.k.view(torch.uint8), self.v.view(torch.uint8)) if self.fp8 else (self.k, self.v)
+
+    def prefix(self, row: int, n: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Row ``row``'s first ``n`` slots of K and V [1, Hkv, n, D] in ``dtype`` (dequantised under FP8)."""
+        k, v = self.k[row:row + 1, :, :n], self.v[row:row + 1, :, :n]
+        if not self.fp8:
+            return k, v
+        return (dequantize(k, self.k_scale[row:row + 1, :, :n], dtype),
+                dequantize(v, self.v_scale[row:row + 1, :, :n], dtype))
 
     def slot_of(self, p: Tensor) -> Tensor:
         """Slots of positions ``p`` (any shape [...]) -> [..., Hp] (one column per KV head of a per-head pattern)."""
@@ -279,12 +312,17 @@ class LayerCache:
         slot = self.slot_of(p)  # [C, Hp]
         kept = self.pattern.kept(p.unsqueeze(-1), offset + C, self._heads).expand_as(slot)
         hp = slot.shape[1]
+        k, v, ks, vs = self._stored(k, v)
+        tk, tv = self._targets()
         for h in range(hp):
             sel = kept[:, h].nonzero().squeeze(1)
             s = slot[sel, h]
             heads = slice(None) if hp == 1 else slice(h, h + 1)
-            self.k[row, heads].index_copy_(1, s, k[0, heads][:, sel])
-            self.v[row, heads].index_copy_(1, s, v[0, heads][:, sel])
+            tk[row, heads].index_copy_(1, s, k[0, heads][:, sel])
+            tv[row, heads].index_copy_(1, s, v[0, heads][:, sel])
+            if self.fp8:
+                self.k_scale[row, heads].index_copy_(1, s, ks[0, heads][:, sel])
+                self.v_scale[row, heads].index_copy_(1, s, vs[0, heads][:, sel])
             self.pos[row, h].index_copy_(0, s, p[sel].to(torch.int32))
 
     def write_step(self, k: Tensor, v: Tensor, pos: Tensor) -> None:
@@ -292,8 +330,13 @@ class LayerCache:
         slot = self.slot_of(pos)  # [B, Hp]
         B, Hkv, _, D = k.shape
         idx = (slot.expand(B, Hkv) if slot.shape[1] == 1 else slot).view(B, Hkv, 1, 1).expand(B, Hkv, 1, D)
-        self.k.scatter_(2, idx, k)
-        self.v.scatter_(2, idx, v)
+        k, v, ks, vs = self._stored(k, v)
+        tk, tv = self._targets()
+        tk.scatter_(2, idx, k)
+        tv.scatter_(2, idx, v)
+        if self.fp8:
+            self.k_scale.scatter_(2, idx[..., 0], ks)
+            self.v_scale.scatter_(2, idx[..., 0], vs)
         self.pos.scatter_(2, slot.unsqueeze(-1), pos.view(-1, 1, 1).expand(B, slot.shape[1], 1).to(torch.int32))
 
     def visible(self, qpos: Tensor, kpos: Tensor) -> Tensor:
@@ -305,15 +348,15 @@ class ModelCache:
     """One LayerCache per attention layer of a model, planned and checked against free memory before allocation."""
 
     def __init__(self, model: nn.Module, batch_size: int, max_len: int, dtype: torch.dtype, device,
-                 check_memory: bool = True):
+                 check_memory: bool = True, policy: Policy | None = None):
         if max_len > model.max_seq_len:
             raise ValueError(f"max_len {max_len} exceeds model.max_seq_len={model.max_seq_len} (the RoPE table length)")
-        self.plan = plan_cache(model, batch_size, max_len, dtype)
+        self.plan = plan_cache(model, batch_size, max_len, dtype, policy)
         if check_memory:
             check_fits(self.plan, device)  # before a single byte is allocated
         self.batch_size, self.max_len = batch_size, max_len
-        self.layers = {a: LayerCache(a.pattern, batch_size, a.num_kv_heads, a.head_dim, max_len, dtype, device)
-                       for a in attention_layers(model)}
+        self.layers = {a: LayerCache(a.pattern, batch_size, a.num_kv_heads, a.head_dim, max_len, dtype, device,
+                                     fp8=lp.fp8) for a, lp in zip(attention_layers(model), self.plan.layers)}
 
     @property
     def nbytes(self) -> int:
@@ -323,7 +366,7 @@ class ModelCache:
     def copy_row(self, src: int, dst: int) -> None:
         """Make row ``dst`` of every layer a copy of row ``src`` (a prompt prefilled once, decoded as many rows)."""
         for c in self.layers.values():
-            for t in (c.k, c.v, c.pos):
+            for t in c.tensors:
                 t[dst].copy_(t[src])
 
     def __getitem__(self, layer: HybridAttention) -> LayerCache:

@@ -60,7 +60,7 @@ class Engine:
         if max_len > self.model.max_seq_len:
             raise ValueError(f"max_len {max_len} (longest prompt + new tokens) exceeds model.max_seq_len="
                              f"{self.model.max_seq_len}")
-        plan = plan_cache(self.model, batch_size, max_len, self.dtype)
+        plan = plan_cache(self.model, batch_size, max_len, self.dtype, self.policy)
         free = free_memory_bytes(self.device)
         check_fits(plan, self.device, free_bytes=free)
         if self.policy.prefill_chunk != "auto":
@@ -75,7 +75,8 @@ class Engine:
         ``policy.compile_decode`` the decode step for this batch size is compiled here, on a one-token cache."""
         self.chunk = self.plan_chunk(batch_size, max_len, longest_prompt or max_len)
         self.cache = None  # the previous caches go before the new ones are allocated
-        self.cache = ModelCache(self.model, batch_size, max_len, self.dtype, self.device, check_memory=False)
+        self.cache = ModelCache(self.model, batch_size, max_len, self.dtype, self.device, check_memory=False,
+                                policy=self.policy)
         self.lengths = [0] * batch_size
         self._pos = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # static buffers (CUDA graphs)
         self._tokens = torch.zeros(batch_size, dtype=torch.long, device=self.device)
@@ -90,7 +91,7 @@ class Engine:
         """Compile the decode step's layers for ``batch_size`` on a throwaway one-token cache (the graphs do not depend
         on the cache): compilation stays out of decode timings."""
         t = time.perf_counter()
-        tmp = ModelCache(self.model, batch_size, 1, self.dtype, self.device, check_memory=False)
+        tmp = ModelCache(self.model, batch_size, 1, self.dtype, self.device, check_memory=False, policy=self.policy)
         zeros = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self._forward_decode(tmp, zeros, zeros, 0)
         self._sync()

@@ -17,6 +17,7 @@ import torch
 
 __all__ = ["Policy"]
 
+KV_CACHE_DTYPES = (None, "fp8")
 _TRISTATE = ("compile_prefill", "compile_decode", "cuda_graphs", "lookahead", "chunk_flex")
 
 
@@ -38,7 +39,10 @@ class Policy:
     ``dense_mask_max_len``: sparse or packed sequences up to this many tokens run SDPA with the pattern's dense bool
     mask instead of compiled flex (without a gradient; with one on a CPU always, flex has no CPU backward).
     ``compile_backend`` / ``compile_options``: torch.compile's backend for the layers, and Inductor options of the
-    decode step (a dict, e.g. ``{"coordinate_descent_tuning": True}``)."""
+    decode step (a dict, e.g. ``{"coordinate_descent_tuning": True}``).
+    ``kv_cache_dtype``: ``"fp8"`` stores the full layers' keys and values as float8 e4m3 with one scale per token and
+    KV head (flexgen_long.kv_fp8: half the bytes, read as stored by the decode kernel); ``None``: the model's dtype.
+    The sparse layers' caches, bounded by their pattern, keep the model's dtype."""
 
     prefill_chunk: int | str | None = "auto"
     compile_prefill: bool | None = None
@@ -49,6 +53,7 @@ class Policy:
     dense_mask_max_len: int | None = None
     compile_backend: str | Callable = "inductor"
     compile_options: dict | tuple | None = None
+    kv_cache_dtype: str | None = None
 
     def __post_init__(self):
         def bad(field, allowed):
@@ -64,6 +69,8 @@ class Policy:
             bad("dense_mask_max_len", "None (2048 on a CPU, 0 elsewhere) or an int >= 0")
         if not (isinstance(self.compile_backend, str) or callable(self.compile_backend)):
             bad("compile_backend", "a torch.compile backend (a name or a callable)")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            bad("kv_cache_dtype", f"one of {KV_CACHE_DTYPES} (None: the model's dtype)")
         opts = self.compile_options
         if isinstance(opts, dict):  # stored as sorted pairs: a Policy is hashable and keys compiled graphs
             object.__setattr__(self, "compile_options", tuple(sorted(opts.items())))
@@ -71,11 +78,18 @@ class Policy:
                                                                    for o in opts))):
             bad("compile_options", "None or a dict of Inductor options")
 
+    def stores_fp8(self, pattern) -> bool:
+        """Whether a layer of ``pattern`` keeps its keys and values in FP8 under this policy (full layers only)."""
+        return self.kv_cache_dtype == "fp8" and pattern.is_full
+
     def on(self, device) -> "Policy":
         """This policy with every None resolved for ``device``'s type; refuses CUDA graphs off CUDA."""
         cuda = torch.device(device).type == "cuda"
         if self.cuda_graphs and not cuda:
             raise ValueError(f"Policy.cuda_graphs=True needs a CUDA device, the model is on {device}")
+        if self.kv_cache_dtype == "fp8" and cuda and torch.cuda.get_device_capability(device) < (8, 9):
+            raise ValueError(f"Policy.kv_cache_dtype='fp8' needs a GPU of compute capability >= 8.9 (FP8 "
+                             f"conversions), {device} has {torch.cuda.get_device_capability(device)}")
         fill = {name: cuda for name in _TRISTATE if getattr(self, name) is None}
         if self.dense_mask_max_len is None:
             fill["dense_mask_max_len"] = 2048 if torch.device(device).type == "cpu" else 0

@@ -17,9 +17,13 @@ later      full layer, ``policy.chunk_flex``                          ``flex_ful
            full layer, otherwise                                      ``sdpa_lower_right``: causal SDPA, exact
            sparse layer, ``policy.chunk_flex``                        ``flex_over_slots``: over [cached slots ; chunk]
            sparse layer, otherwise                                    ``sdpa_over_slots``: SDPA, dense mask, exact
-decode     the cache holds exactly the visible keys                   ``sdpa_exact``: SDPA over the slots, no mask
+decode     a full layer whose cache is FP8 (``policy.kv_cache_dtype``)  ``fp8_decode``: flexgen_long.kv_fp8's kernel
+           the cache holds exactly the visible keys                   ``sdpa_exact``: SDPA over the slots, no mask
            otherwise                                                  ``sdpa_masked``: SDPA, mask from positions
 =========  =========================================================  ==============================================
+
+A full layer with an FP8 cache takes the same prefill routes: its chunk attends to its own keys as computed and to
+the earlier chunks' keys dequantised (their bytes are in the route's), and its keys are stored quantised.
 
 "first" is a prompt's first prefill chunk and the no-cache inference forward; "train" the same with a gradient;
 "later" a prefill chunk at an offset; "decode" one token per row.
@@ -31,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .kv_fp8 import default_num_splits
 from .patterns import Pattern
 from .policy import Policy
 from .shapes import BLOCK, padded_len
@@ -41,7 +46,8 @@ PHASES = ("train", "first", "later", "decode")
 #: Bytes per element of a mask built from positions: an int64 difference and three bools (rule, comparisons, mask).
 MASK_BUILD_BYTES = 8 + 3
 #: Kernels that, over a cache, read the new tokens' keys from it: the tokens are written first.
-BUFFER_KERNELS = frozenset({"sdpa_causal", "sdpa_lower_right", "flex_full_chunk", "sdpa_exact", "sdpa_masked"})
+BUFFER_KERNELS = frozenset({"sdpa_causal", "sdpa_lower_right", "flex_full_chunk", "sdpa_exact", "sdpa_masked",
+                            "fp8_decode"})
 
 
 @dataclass(frozen=True)
@@ -70,16 +76,26 @@ def route(pattern: Pattern, phase: str, *, device, policy: Policy, q_len: int, o
     Hp = Hkv if pattern.head_dependent else 1  # a position index's heads
     lse = H * padded_len(C) * 4  # flash / cuDNN / flex log-sum-exp rows
 
+    fp8 = policy.stores_fp8(pattern) and phase != "train"  # training keeps no cache
+    # an FP8 cache: the chunk's keys quantised (fp32 work) and the earlier chunks' dequantised (fp32 work, then a)
+    stored = 2 * Hkv * C * D * 4 if fp8 else 0
+    earlier = 2 * Hkv * offset * D * (a + 4) if fp8 else 0
+
     def flex(kernel, pq, pk, extra=0):  # padded q, k, v and output copies
-        return Route(kernel, (pq, pk), (2 * H * pq + 2 * Hkv * pk) * D * a + lse + extra)
+        return Route(kernel, (pq, pk), (2 * H * pq + 2 * Hkv * pk) * D * a + lse + extra + stored + earlier)
 
     if phase == "decode":
+        if fp8:  # stage 1's fp32 partials; on a CPU the reference's dequantised, expanded K/V of one row in fp32
+            splits = default_num_splits(batch, Hkv, slots)
+            cpu_ref = 3 * H * slots * D * 4 + 2 * Hkv * slots * D * 4 if cpu else 0
+            return Route("fp8_decode", None, batch * H * splits * (D + 1) * 4 + batch * 8 + cpu_ref
+                         + 2 * batch * Hkv * D * 4)
         if pattern.holds_exactly(lo, slots):
             return Route("sdpa_exact", None, 0)
         return Route("sdpa_masked", None, batch * H * slots * MASK_BUILD_BYTES)  # the mask, per query head
     if phase in ("train", "first"):
         if pattern.is_full and not packed:
-            return Route("sdpa_causal", None, lse)
+            return Route("sdpa_causal", None, lse + stored)
         if (phase == "train" and cpu) or C <= policy.dense_mask_max_len:
             return Route("sdpa_dense_mask", None, Hm * C * C * (MASK_BUILD_BYTES + a))
         return flex("flex", padded_len(C), padded_len(C))
@@ -87,7 +103,8 @@ def route(pattern: Pattern, phase: str, *, device, policy: Policy, q_len: int, o
     if pattern.is_full:
         if policy.chunk_flex:
             return flex("flex_full_chunk", pc, padded_len(T))
-        return Route("sdpa_lower_right", None, 2 * H * T * D * a + C * T * (2 + 2 * a))  # K/V expanded, [C, T] mask
+        return Route("sdpa_lower_right", None, 2 * H * T * D * a + C * T * (2 + 2 * a)  # K/V expanded, [C, T] mask
+                     + stored + earlier + (2 * Hkv * T * D * a if fp8 else 0))  # FP8: [earlier ; chunk] concatenated
     if policy.chunk_flex:
         # the slots that positions < offset can occupy, padded: a bounded cache (a ring) always to its most, so one
         # graph serves every offset; a growing one to the bucket of the slots in use
