@@ -171,16 +171,13 @@ def _sdpa_lower_right(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 # -- the kernels: (layer, q, k, v, context, route) -> output; q [B, Hq, C, D], k/v [B, Hkv, C, D] after RoPE ------------
 
 def _keys_so_far(at, k, v, ctx, n: int | None = None) -> tuple[Tensor, Tensor]:
-    """A full layer's keys and values at positions 0 .. offset + C - 1 over its cache: the buffer's first ``n`` slots
-    (default offset + C; the chunk was written before), or under FP8 the earlier chunks' dequantised followed by the
-    chunk's own as computed."""
+    """A full layer's keys and values at positions 0 .. offset + C - 1 as its cache holds them (the chunk was written
+    before): the buffer's first ``n`` slots (default offset + C), or under FP8 the first offset + C dequantised -- so
+    a prefill attends to what every later step reads, and chunking changes memory, not results."""
     c, T = ctx.cache[at], ctx.offset + k.shape[2]
-    if not c.fp8:
-        return c.k[ctx.row:ctx.row + 1, :, :n or T], c.v[ctx.row:ctx.row + 1, :, :n or T]
-    if ctx.offset == 0:
-        return k, v
-    kp, vp = c.prefix(ctx.row, ctx.offset, k.dtype)
-    return torch.cat([kp, k], dim=2), torch.cat([vp, v], dim=2)
+    if c.fp8:
+        return c.prefix(ctx.row, T, k.dtype)
+    return c.k[ctx.row:ctx.row + 1, :, :n or T], c.v[ctx.row:ctx.row + 1, :, :n or T]
 
 
 def _causal(at, q, k, v, ctx, r):

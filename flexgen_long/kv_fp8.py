@@ -66,9 +66,9 @@ def quantize(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def dequantize(stored: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
-    """The values ``quantize`` stored, in ``dtype``."""
-    work = torch.promote_types(dtype, torch.float32)
-    return (stored.to(work) * scale.to(work).unsqueeze(-1)).to(dtype)
+    """The values ``quantize`` stored, computed in ``dtype`` (no wider temporary: a 16-bit product rounds at 2^-9
+    relative, far below e4m3's 2^-4)."""
+    return stored.to(dtype).mul_(scale.to(dtype).unsqueeze(-1))
 
 
 def default_num_splits(batch: int, kv_heads: int, seq_len: int) -> int:

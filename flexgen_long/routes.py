@@ -22,8 +22,8 @@ decode     a full layer whose cache is FP8 (``policy.kv_cache_dtype``)  ``fp8_de
            otherwise                                                  ``sdpa_masked``: SDPA, mask from positions
 =========  =========================================================  ==============================================
 
-A full layer with an FP8 cache takes the same prefill routes: its chunk attends to its own keys as computed and to
-the earlier chunks' keys dequantised (their bytes are in the route's), and its keys are stored quantised.
+A full layer with an FP8 cache takes the same prefill routes over its keys as stored: the chunk is quantised into the
+cache, then every key so far is read back dequantised (both in the route's bytes).
 
 "first" is a prompt's first prefill chunk and the no-cache inference forward; "train" the same with a gradient;
 "later" a prefill chunk at an offset; "decode" one token per row.
@@ -77,12 +77,11 @@ def route(pattern: Pattern, phase: str, *, device, policy: Policy, q_len: int, o
     lse = H * padded_len(C) * 4  # flash / cuDNN / flex log-sum-exp rows
 
     fp8 = policy.stores_fp8(pattern) and phase != "train"  # training keeps no cache
-    # an FP8 cache: the chunk's keys quantised (fp32 work) and the earlier chunks' dequantised (fp32 work, then a)
-    stored = 2 * Hkv * C * D * 4 if fp8 else 0
-    earlier = 2 * Hkv * offset * D * (a + 4) if fp8 else 0
+    # an FP8 cache: the chunk's keys quantised (fp32 work), then the keys so far read back dequantised
+    stored = 2 * Hkv * C * D * 4 + 2 * Hkv * (offset + C) * D * a if fp8 else 0
 
     def flex(kernel, pq, pk, extra=0):  # padded q, k, v and output copies
-        return Route(kernel, (pq, pk), (2 * H * pq + 2 * Hkv * pk) * D * a + lse + extra + stored + earlier)
+        return Route(kernel, (pq, pk), (2 * H * pq + 2 * Hkv * pk) * D * a + lse + extra + stored)
 
     if phase == "decode":
         if fp8:  # stage 1's fp32 partials; on a CPU the reference's dequantised, expanded K/V of one row in fp32
@@ -104,7 +103,7 @@ def route(pattern: Pattern, phase: str, *, device, policy: Policy, q_len: int, o
         if policy.chunk_flex:
             return flex("flex_full_chunk", pc, padded_len(T))
         return Route("sdpa_lower_right", None, 2 * H * T * D * a + C * T * (2 + 2 * a)  # K/V expanded, [C, T] mask
-                     + stored + earlier + (2 * Hkv * T * D * a if fp8 else 0))  # FP8: [earlier ; chunk] concatenated
+                     + stored)
     if policy.chunk_flex:
         # the slots that positions < offset can occupy, padded: a bounded cache (a ring) always to its most, so one
         # graph serves every offset; a growing one to the bucket of the slots in use

@@ -185,7 +185,7 @@ def test_policy_field():
 
 def test_routes_under_fp8():
     """Decode: a full layer's FP8 cache takes fp8_decode, a sparse layer keeps SDPA; prefill keeps its kernels and adds
-    the bytes of quantising the chunk and dequantising the earlier chunks."""
+    the bytes of quantising the chunk and reading every key so far back dequantised."""
     kw = dict(device="cpu", heads=(8, 2, 128))
     bf16, fp8 = Policy().on("cpu"), FP8.on("cpu")
     assert route(Full(), "decode", policy=fp8, q_len=1, slots=1000, lo=999, **kw).kernel == "fp8_decode"
@@ -193,10 +193,11 @@ def test_routes_under_fp8():
     sink = AttnSink(4, 60).bind_heads(2)
     assert route(sink, "decode", policy=fp8, q_len=1, slots=64, lo=999, **kw) == \
         route(sink, "decode", policy=bf16, q_len=1, slots=64, lo=999, **kw)
-    a = route(Full(), "later", policy=bf16, q_len=100, offset=900, chunk=100, slots=1000, **kw)
-    b = route(Full(), "later", policy=fp8, q_len=100, offset=900, chunk=100, slots=1000, **kw)
-    assert a.kernel == b.kernel == "sdpa_lower_right"
-    assert b.bytes - a.bytes == 2 * 2 * 100 * 128 * 4 + 2 * 2 * 900 * 128 * (2 + 4) + 2 * 2 * 1000 * 128 * 2
+    for phase, offset in (("first", 0), ("later", 900)):
+        a = route(Full(), phase, policy=bf16, q_len=100, offset=offset, chunk=100, slots=1000, **kw)
+        b = route(Full(), phase, policy=fp8, q_len=100, offset=offset, chunk=100, slots=1000, **kw)
+        assert a.kernel == b.kernel
+        assert b.bytes - a.bytes == 2 * 2 * 100 * 128 * 4 + 2 * 2 * (offset + 100) * 128 * 2
     assert route(Full(), "train", policy=fp8, q_len=100, **kw) == route(Full(), "train", policy=bf16, q_len=100, **kw)
 
 
@@ -239,10 +240,9 @@ def test_copy_row_copies_scales(hybrid):
 
 
 def test_generate_fp8_against_model_dtype(hybrid):
-    """Teacher-forced over 30 decode steps of two rows at different positions: the FP8 engine's logits within 2e-2
-    (relative) of the fp32 engine's, the same argmax; a whole prompt's prefill gives the same logits (its chunk
-    attends to its keys as computed); chunked prefill differs only by FP8's rounding of the earlier chunks; greedy
-    generate() agrees on these prompts."""
+    """Two rows at different positions, teacher-forced over 30 decode steps: the FP8 engine's logits within 2e-2
+    (relative) of the fp32 engine's with the same argmax, from the prefill on (it attends to the keys as stored);
+    chunking the prefill changes nothing but rounding; greedy generate() agrees on these prompts."""
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 256, (n,), generator=g) for n in (333, 64)]
     engines = [Engine(hybrid), Engine(hybrid, FP8), Engine(hybrid, FP8.replace(prefill_chunk=128))]
@@ -250,12 +250,12 @@ def test_generate_fp8_against_model_dtype(hybrid):
     for e in engines:
         e.reserve(2, 400)
         first.append([e.prefill(p, i) for i, p in enumerate(prompts)])
-    assert all(torch.equal(a, b) for a, b in zip(first[0], first[1]))
-    assert max(rel_err(a, b) for a, b in zip(first[0], first[2])) < 2e-2
+    for a, b, c in zip(*first):
+        assert rel_err(b, a) < 2e-2 and rel_err(c, b) < 1e-5
     for t in range(30):
         tok = torch.randint(0, 256, (2,), generator=g)
         a, b, c = (e.step(tok) for e in engines)
-        assert rel_err(b, a) < 2e-2 and rel_err(c, a) < 2e-2
+        assert rel_err(b, a) < 2e-2 and rel_err(c, b) < 1e-5
         assert torch.equal(a.argmax(-1), b.argmax(-1))
     want = generate(hybrid, [p.tolist() for p in prompts], max_new_tokens=12)
     got = generate(hybrid, [p.tolist() for p in prompts], max_new_tokens=12, policy=FP8)
