@@ -17,7 +17,8 @@ CUDA-graph replays included; capture and the decode step's compilation recorded 
 0 8192``: the policy's ``prefill_chunk``, 0 = the whole prompt. ``--modes``: the rows per layout, each ``plain`` (eager
 layers) or a ``+``-joined set of ``compile_decode``, ``fuse_projections`` (``models.fuse_projections``),
 ``compile_prefill``; without it, the products of ``--compile-decode`` / ``--fuse-projections`` /
-``--compile-prefill``. ``--layouts``: hybrid and/or dense.
+``--compile-prefill``. ``--layouts``: hybrid and/or dense. ``--kv-cache-dtypes``: each row per cache storage
+(``Policy.kv_cache_dtype``: ``model`` = the model's dtype, ``fp8``).
 
     python analysis/bench_generation.py --generate --out gen.json --contexts 131072 --shapes llama2_7b --chunks 0 8192
 """
@@ -126,13 +127,14 @@ def user_path(model, ctx: int, policy: Policy, new_tokens: int) -> dict:
     row["tokens_per_s"] = g.tokens_per_s
     row["same_tokens_as_first_call"] = g.tokens == first.tokens
     row["peak_alloc_GiB"] = torch.cuda.max_memory_allocated() / 2**30
-    row["kv_bytes"] = plan_cache(model, 1, ctx + new_tokens, torch.bfloat16).total_bytes
+    row["kv_bytes"] = plan_cache(model, 1, ctx + new_tokens, torch.bfloat16, policy).total_bytes
     torch.cuda.empty_cache()
     return row
 
 
 #: What a hybrid row shares with the dense row its ratios are taken against: shape, prompt and every mode.
-PAIRED_BY = ("shape", "ctx", "prefill_chunk", "compile_decode", "compile_prefill", "fused_projections")
+PAIRED_BY = ("shape", "ctx", "prefill_chunk", "compile_decode", "compile_prefill", "fused_projections",
+             "kv_cache_dtype")
 
 
 def run_user_path(args) -> None:
@@ -153,15 +155,17 @@ def run_user_path(args) -> None:
         full_idx = [i for i, l in enumerate(model.layers) if l.attn.pattern.is_full]
         for ctx in args.contexts:
             for chunk in args.chunks:
-                layouts = [("hybrid", p, m) for p in sparse for m in modes if "hybrid" in args.layouts] + \
-                    [("dense", None, m) for m in modes if "dense" in args.layouts]
-                for layout, pat, (cd, fp, cp) in layouts:
+                layouts = [("hybrid", p, m, kv) for p in sparse for m in modes for kv in args.kv_cache_dtypes
+                           if "hybrid" in args.layouts] + \
+                    [("dense", None, m, kv) for m in modes for kv in args.kv_cache_dtypes if "dense" in args.layouts]
+                for layout, pat, (cd, fp, cp), kv in layouts:
                     relayout(model, full_idx if pat is not None else "all", pat or SPARSE)
                     (fuse_projections if fp else unfuse_projections)(model)
                     policy = Policy(prefill_chunk=chunk or None, compile_decode=cd, compile_prefill=cp,
-                                    compile_options=args.compile_options)
+                                    compile_options=args.compile_options,
+                                    kv_cache_dtype=None if kv == "model" else kv)
                     r = {"shape": shape, "layout": layout, "sparse_pattern": repr(pat) if pat else None,
-                         "fused_projections": fp}
+                         "fused_projections": fp, "kv_cache_dtype": kv}
                     try:
                         r.update(user_path(model, ctx, policy, args.new_tokens))
                     except (torch.OutOfMemoryError, MemoryError) as e:
@@ -186,6 +190,7 @@ def run_user_path(args) -> None:
           f"{'peak GiB':>8s}")
     for r in res["rows"]:
         mode = "+".join(k for k in ("compile_decode", "fused_projections", "compile_prefill") if r.get(k)) or "plain"
+        mode += "" if r.get("kv_cache_dtype", "model") == "model" else f" kv:{r['kv_cache_dtype']}"
         print(f"{r['shape']:12s} {r['layout']:7s} {r.get('ctx', 0):7d} {str(r.get('prefill_chunk', '')):>6s} "
               f"{mode:28s} {r.get('prefill_s', float('nan')):9.3f} {r.get('decode_ms_per_token', float('nan')):8.3f} "
               f"{r.get('peak_alloc_GiB', float('nan')):8.2f}" + (f"  {r['error']}" if "error" in r else ""))
@@ -240,6 +245,9 @@ def main():
     ap.add_argument("--chunks", type=int, nargs="+", default=[0, 8192],
                     help="with --generate: the policy's prefill_chunk values, 0 = whole prompt")
     ap.add_argument("--new-tokens", type=int, default=128, help="with --generate: tokens generated per call")
+    ap.add_argument("--kv-cache-dtypes", nargs="+", default=["model"], choices=["model", "fp8"],
+                    help="with --generate: each row per KV-cache storage (Policy.kv_cache_dtype; model: the model's "
+                         "dtype)")
     ap.add_argument("--sparse", nargs="+", default=["64,1984", "128,1920"],
                     help="with --generate: the hybrid rows' AttnSink patterns, as sink,window")
     args = ap.parse_args()
