@@ -108,6 +108,8 @@ class EvalConfig(rc.RuntimeKeys, rc.InferenceModelKeys):  # --help: the model's 
     perplexity_documents: int = key(1, "documents with >= max(lengths) tokens; 0: no perplexity", min=0)
     perplexity_join_files: bool = key(False, "a document = one directory's files joined (longer than any one file)")
     prefill_chunk: Optional[int] = key(None, "tokens per prefill chunk; null: whole prompts", min=1)
+    kv_cache_dtype: Optional[Literal["fp8"]] = key(None, "fp8: the full layers' KV caches in float8 e4m3 with a "
+                                                         "scale per token and head; null: the model's dtype")
     overwrite: bool = key(False, "replace an existing <name>.json that holds another checkpoint's result")
     seed: int = key(0, "seeds the prompts and the documents' choice", min=0)
 
@@ -183,12 +185,14 @@ def token_accuracy(predicted: list[list[int]], answers: list[list[int]]) -> floa
 AnswerFn = Callable[[list[list[int]], int], list[list[int]]]
 
 
-def greedy_answers(model: nn.Module, prefill_chunk: int | None = None) -> AnswerFn:
-    """(prompts, max_new_tokens) -> generated ids: one batch through flexgen_long.generation.generate, greedy.
-    No CUDA graphs: an answer is a handful of tokens, fewer than a graph capture's warm-up costs."""
+def greedy_answers(model: nn.Module, policy: Policy | None = None) -> AnswerFn:
+    """(prompts, max_new_tokens) -> generated ids: one batch through flexgen_long.generation.generate, greedy, under
+    ``policy`` (default: whole prompts). No CUDA graphs: an answer is a handful of tokens, fewer than a graph
+    capture's warm-up costs."""
+    policy = (policy or Policy(prefill_chunk=None)).replace(cuda_graphs=False)
+
     def answer(prompts, max_new_tokens):
-        outs = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
-                        policy=Policy(prefill_chunk=prefill_chunk, cuda_graphs=False))
+        outs = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=0.0, policy=policy)
         return [o.tokens for o in outs]
     return answer
 
@@ -273,20 +277,21 @@ def heldout_documents(tokenizer, source: str, min_tokens: int, n: int, seed: int
 
 
 @torch.inference_mode()
-def sequence_nll(model: nn.Module, tokens: list[int], prefill_chunk: int | None = None) -> torch.Tensor:
-    """NLL [n-1] of tokens[1:] given their prefix, through the model's cached prefill (generation's code path)."""
-    engine = Engine(model, Policy(prefill_chunk=prefill_chunk, compile_prefill=False))
+def sequence_nll(model: nn.Module, tokens: list[int], policy: Policy | None = None) -> torch.Tensor:
+    """NLL [n-1] of tokens[1:] given their prefix, through the model's cached prefill (generation's code path) under
+    ``policy`` (default: the whole sequence in one chunk)."""
+    engine = Engine(model, (policy or Policy(prefill_chunk=None)).replace(compile_prefill=False))
     engine.reserve(1, len(tokens))
     x = torch.tensor(tokens, device=engine.device)
     logits = engine.prefill(x, row=0, all_logits=True)
     return F.cross_entropy(logits[:-1].float(), x[1:], reduction="none")
 
 
-def evaluate_perplexity(model: nn.Module, docs: list[list[int]], lengths, prefill_chunk: int | None = None,
+def evaluate_perplexity(model: nn.Module, docs: list[list[int]], lengths, policy: Policy | None = None,
                         bar=None) -> dict:
     ppl, ppl_half, nll = [], [], []
     for length in lengths:
-        losses = torch.stack([sequence_nll(model, d[:length], prefill_chunk) for d in docs])  # [docs, L-1]
+        losses = torch.stack([sequence_nll(model, d[:length], policy) for d in docs])  # [docs, L-1]
         if not torch.isfinite(losses).all():  # NaN is no perplexity (and not valid JSON): stop, say where
             bad = (~torch.isfinite(losses)).sum(dim=1)
             raise FloatingPointError(
@@ -396,9 +401,10 @@ def evaluate(cfg: DictConfig) -> dict:
                              cfg.perplexity_join_files) if cfg.perplexity_documents else []
     t0 = time.perf_counter()
     bar = cli.progress(len(tasks) * len(lengths) * len(depths) + (len(lengths) if docs else 0), "eval")
-    retrieval = evaluate_retrieval(greedy_answers(model, chunk), tokenizer, tasks, lengths, depths,
+    policy = Policy(prefill_chunk=chunk, kv_cache_dtype=cfg.kv_cache_dtype)
+    retrieval = evaluate_retrieval(greedy_answers(model, policy), tokenizer, tasks, lengths, depths,
                                    cfg.samples_per_cell, cfg.seed, bar)
-    perplexity = evaluate_perplexity(model, docs, lengths, chunk, bar) if docs else None
+    perplexity = evaluate_perplexity(model, docs, lengths, policy, bar) if docs else None
     bar.close()
 
     result = {"name": name, "checkpoint": str(ckpt) if ckpt else None, "layout": layout,
@@ -406,7 +412,7 @@ def evaluate(cfg: DictConfig) -> dict:
               "scoring": SCORING, "retrieval": retrieval, "perplexity": perplexity,
               "perplexity_source": cfg.perplexity_source if docs else None,
               "perplexity_join_files": cfg.perplexity_join_files if docs else None,
-              "seed": cfg.seed, "device": str(device), "card": torch.cuda.get_device_name(device)
+              "kv_cache_dtype": cfg.kv_cache_dtype, "seed": cfg.seed, "device": str(device), "card": torch.cuda.get_device_name(device)
               if device.type == "cuda" else "cpu", "dtype": cfg.dtype, "torch": torch.__version__,
               "seconds": round(time.perf_counter() - t0, 2)}
     # strict JSON (never a NaN), written whole or not at all

@@ -49,6 +49,9 @@ class GenerateConfig(rc.RuntimeKeys, rc.InferenceModelKeys):  # --help: the mode
                                                                    "if they fit next to the KV caches), null (whole)",
                                                            min=1)
     compile: Optional[bool] = key(None, "compile each layer's work around attention; null: on a GPU, not on a CPU")
+    kv_cache_dtype: Optional[Literal["fp8"]] = key(None, "fp8: the full layers' KV caches in float8 e4m3 with a "
+                                                         "scale per token and head (half their bytes); null: the "
+                                                         "model's dtype")
     seed: int = key(0, "seeds the sampling (and random weights)", min=0)
 
 
@@ -71,7 +74,9 @@ def generate_text(cfg: DictConfig) -> None:
     fuse_projections(model)
     prompts = [tokenizer.encode(p, add_bos=True, add_eos=False) for p in cfg.prompts]
     max_new = cfg.max_new_tokens
-    log.info("\n" + str(plan_cache(model, len(prompts), max(map(len, prompts)) + max_new, dtype)))
+    policy = Policy(prefill_chunk=cfg.prefill_chunk, compile_decode=compiled, compile_prefill=compiled,
+                    kv_cache_dtype=cfg.kv_cache_dtype)
+    log.info("\n" + str(plan_cache(model, len(prompts), max(map(len, prompts)) + max_new, dtype, policy)))
 
     # The results on stdout: each prompt with its continuation. On a terminal, one prompt's tokens are also shown on
     # stderr as they arrive (a batch decodes its rows together, token by token across rows: no readable stream).
@@ -87,7 +92,7 @@ def generate_text(cfg: DictConfig) -> None:
                     stop_tokens=(getattr(tokenizer, "stop_tokens", None) or [tokenizer.eos_id])
                     if cfg.stop_on_eos else None,
                     on_token=stream if live else None,
-                    policy=Policy(prefill_chunk=cfg.prefill_chunk, compile_decode=compiled, compile_prefill=compiled))
+                    policy=policy)
     if live:
         print(file=sys.stderr, flush=True)
     for i, (p, o) in enumerate(zip(cfg.prompts, outs)):

@@ -341,6 +341,15 @@ def test_generate_recipe_runs_as_typed_and_loads_a_checkpoint(tmp_path):
     from flexgen_long.tokenizers import ByteTokenizer
     assert f"=== [0] abc{ByteTokenizer().decode(want)}" in r.stdout
 
+    # kv_cache_dtype=fp8: the plan shows the FP8 full layers, the text is the library's under the same policy
+    r = subprocess.run([tune, "run", "recipes/longgen_generate.py", "--config", cfg, "max_new_tokens=8",
+                        "temperature=0", f"checkpoint_dir={path}", "prompts=[abc]", "kv_cache_dtype=fp8"], cwd=repo,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert " fp8\n" in r.stderr + r.stdout
+    want = generate(model, [prompt], max_new_tokens=8, policy=Policy(kv_cache_dtype="fp8"))[0].tokens
+    assert f"=== [0] abc{ByteTokenizer().decode(want)}" in r.stdout
+
 
 @pytest.mark.parametrize("overrides,message", [
     (["prompts=hello"], r"config field 'prompts': must be a non-empty list of non-empty strings .*got 'hello'"),
@@ -353,6 +362,7 @@ def test_generate_recipe_runs_as_typed_and_loads_a_checkpoint(tmp_path):
     (["prefill_chunk=whole"], r"config field 'prefill_chunk': must be null, 'auto' or an int >= 1, got 'whole'"),
     (["prefill_chunk=0"], r"config field 'prefill_chunk': must be null, 'auto' or an int >= 1, got 0"),
     (["compile=always"], r"config field 'compile': must be null, true or false, got 'always'"),
+    (["kv_cache_dtype=int8"], r"config field 'kv_cache_dtype': must be null or 'fp8', got 'int8'"),
     *([] if torch.cuda.is_available() else [(["device=cuda"], r"config field 'device': 'cuda' was requested")]),
 ])
 def test_generate_recipe_refuses_bad_config_naming_the_field(overrides, message):
