@@ -50,7 +50,7 @@ SCHEMES = {
     "int4wo": "int4 weights, a scale and zero per row and group of input columns",
 }
 #: (CUDA capability, dtype) each CUDA-only scheme needs, and why.
-_NEEDS = {"fp8": ((8, 9), "float8 matrix products (torch._scaled_mm) need sm_89 or newer"),
+_NEEDS = {"fp8": ((8, 9), "torch._scaled_mm's float8 products need sm_89 or newer"),
           "int4wo": ((8, 0), "tinygemm's int4 kernel needs sm_80 or newer")}
 INT4_GROUPS = (128, 64, 32)
 
@@ -61,20 +61,20 @@ def check_scheme(scheme, device, dtype: torch.dtype) -> None:
     if scheme is None:
         return
     if scheme not in SCHEMES:
-        raise ValueError(f"quantize must be null or one of {list(SCHEMES)}, got {scheme!r}")
+        raise ValueError(f"scheme must be None or one of {list(SCHEMES)}, got {scheme!r}")
     if scheme not in _NEEDS:
         return
     (need, why), device = _NEEDS[scheme], torch.device(device)
     if device.type != "cuda":
-        raise ValueError(f"quantize={scheme!r} needs a CUDA device of capability >= {need} ({why}); the model is on "
-                         f"{device}: use 'int8wo' or null")
+        raise ValueError(f"scheme {scheme!r} needs a CUDA device of capability >= {need} ({why}); the model is on "
+                         f"{device} (int8wo runs on any device)")
     have = torch.cuda.get_device_capability(device)
     if have < need:
-        raise ValueError(f"quantize={scheme!r} needs CUDA capability >= {need} ({why}); {device} "
-                         f"({torch.cuda.get_device_name(device)}) has {have}: use 'int8wo' or null")
+        raise ValueError(f"scheme {scheme!r} needs CUDA capability >= {need} ({why}); {device} "
+                         f"({torch.cuda.get_device_name(device)}) has {have} (int8wo runs on any device)")
     if dtype != torch.bfloat16:
-        raise ValueError(f"quantize={scheme!r} needs bf16 weights (torchao's {scheme} kernels take bf16), the model's "
-                         f"are {dtype}: use dtype bf16")
+        raise ValueError(f"scheme {scheme!r} needs bf16 weights (torchao's {scheme} kernels take bf16), the model's "
+                         f"are {dtype}")
 
 
 def _config(scheme: str, group: int | None = None):
@@ -168,20 +168,20 @@ def _check_sizes(scheme: str, targets: list[tuple[str, torch.Size, list[int] | N
     if scheme == "fp8":
         for name, (n, k), _ in targets:
             if n % 16 or k % 16:
-                raise ValueError(f"quantize='fp8' needs every matrix's sizes to be multiples of 16 (torch._scaled_mm); "
+                raise ValueError(f"scheme 'fp8' needs every matrix's sizes to be multiples of 16 (torch._scaled_mm); "
                                  f"{name} is [{n}, {k}]")
     if scheme != "int4wo":
         return None
     for name, _, rows in targets:  # tinygemm packs 8 output rows together: a fused matrix is sliced at multiples of 8
         if rows is not None and any(r % 8 for r in rows):
-            raise ValueError(f"quantize='int4wo' slices the fused matrix {name} into rows {rows}: each must be a "
+            raise ValueError(f"scheme 'int4wo' slices the fused matrix {name} into rows {rows}: each must be a "
                              "multiple of 8 (tinygemm packs 8 rows together); quantize the unfused model")
     ins = {k for _, (_, k), _ in targets}
     for group in INT4_GROUPS:
         if all(k % group == 0 for k in ins):
             return group
     name, (n, k), _ = next(t for t in targets if t[1][1] % INT4_GROUPS[-1])
-    raise ValueError(f"quantize='int4wo' needs every matrix's input size to be a multiple of {INT4_GROUPS[-1]} (its "
+    raise ValueError(f"scheme 'int4wo' needs every matrix's input size to be a multiple of {INT4_GROUPS[-1]} (its "
                      f"group); {name} is [{n}, {k}]")
 
 
