@@ -6,8 +6,9 @@
 
 Schemes (``SCHEMES``), all torchao tensor subclasses put in place by ``torchao.quantization.quantize_``:
 
-- ``"int8wo"``: int8 weights, symmetric, one scale per output row (``Int8WeightOnlyConfig(version=2)``:
-  ``Int8Tensor``); the product runs in the activations' dtype. Any device and dtype (the meta device too: plans).
+- ``"int8wo"``: int8 weights, symmetric, one float32 scale per output row (``Int8WeightOnlyConfig(version=2)``:
+  ``Int8Tensor``, made from a float32 copy: see ``_quantize_matrix``); the product runs in the activations' dtype. Any
+  device and dtype (the meta device too: plans).
 - ``"fp8"``: float8 e4m3 weights with one scale per output row, and each token's activations quantized the same way
   at every product (``Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())``: ``torch._scaled_mm``). CUDA
   capability >= (8, 9), bf16 weights, every matrix's sizes multiples of 16.
@@ -132,34 +133,44 @@ def quantize_weights(model: nn.Module, scheme: str | None) -> nn.Module:
     if is_quantized(model):
         raise ValueError(f"quantize_weights: the model's weights are quantized already; load it again to quantize "
                          f"it as {scheme!r}")
-    from torchao.quantization import quantize_
-
     groups = _fused_groups(model)
     members = {id(lin) for _, _, lins in groups for lin in lins}
+    plain = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in members]
     names = {id(m): n for n, m in model.named_modules()}
-    targets = [(f"{names[id(m)]}.{b}", getattr(m, b), [lin.weight.shape[0] for lin in lins]) for m, b, lins in groups]
-    targets += [(f"{n}.weight", m.weight, None) for n, m in model.named_modules()
-                if isinstance(m, nn.Linear) and id(m) not in members]
-    group = _check_sizes(scheme, [(n, w.shape, rows) for n, w, rows in targets])
-    config = _config(scheme, group)
+    targets = [(f"{names[id(m)]}.{b}", getattr(m, b).shape, [lin.weight.shape[0] for lin in lins])
+               for m, b, lins in groups] + [(f"{n}.weight", m.weight.shape, None) for n, m in plain]
+    config = _config(scheme, _check_sizes(scheme, targets))
 
-    for m, buffer, lins in groups:  # each fused matrix as one linear's weight, then its row slices
-        shell = nn.Linear(1, 1, bias=False, device="meta")
-        shell.weight = nn.Parameter(getattr(m, buffer).detach(), requires_grad=False)
-        quantize_(shell, config)
-        fused = shell.weight.detach()
+    for m, buffer, lins in groups:  # each fused matrix quantized whole, its projections pointed at its rows
+        fused = _quantize_matrix(getattr(m, buffer), scheme, config)
         setattr(m, buffer, fused)
         row = 0
         for lin in lins:
             n = lin.weight.shape[0]
             lin.weight = nn.Parameter(fused[row: row + n], requires_grad=False)
             row += n
-    quantize_(model, config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and id(m) not in members)
-    left = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not _quantized(m.weight)]
-    if left:  # torchao skips what its kernel cannot take; _check_sizes should have refused it first
-        raise RuntimeError(f"quantize_weights: torchao left {left[0]} unquantized under {scheme!r}")
+    for _, lin in plain:  # one matrix at a time: the transient copies stay one matrix large
+        lin.weight = nn.Parameter(_quantize_matrix(lin.weight, scheme, config), requires_grad=False)
     model.register_forward_pre_hook(_refuse_grad)
     return model
+
+
+def _quantize_matrix(w: Tensor, scheme: str, config) -> Tensor:
+    """``w`` [out, in] quantized by ``torchao.quantization.quantize_`` with ``config`` (as the weight of a bias-free
+    linear), as a plain tensor subclass (no Parameter). int8wo quantizes a float32 copy: torchao 0.15's ``Int8Tensor``
+    clamps its scales at the eps of the weight's dtype, 2**-7 for bf16, which would leave rows whose largest weight is
+    below 1 (most rows of an LLM) with a small part of the int8 range; its scales are then float32 and its products
+    still run in the activations' dtype. torchao skips a matrix its kernel cannot take (``_check_sizes`` refuses those
+    first): refused here too."""
+    from torchao.quantization import quantize_
+
+    shell = nn.Linear(1, 1, bias=False, device="meta")
+    shell.weight = nn.Parameter(w.detach().float() if scheme == "int8wo" else w.detach(), requires_grad=False)
+    quantize_(shell, config)
+    if not _quantized(shell.weight):
+        raise RuntimeError(f"quantize_weights: torchao left a [{w.shape[0]}, {w.shape[1]}] matrix unquantized under "
+                           f"{scheme!r}")
+    return shell.weight.detach()
 
 
 def _check_sizes(scheme: str, targets: list[tuple[str, torch.Size, list[int] | None]]) -> int | None:
