@@ -15,7 +15,8 @@ Schemes (``SCHEMES``), all torchao tensor subclasses put in place by ``torchao.q
 - ``"int4wo"``: 4-bit weights, asymmetric, one scale and zero per output row and group of input columns
   (``Int4WeightOnlyConfig`` with tinygemm's tile-packed layout: ``aten._weight_int4pack_mm``). CUDA capability >= 8.0,
   bf16 weights; the group is the largest of 128, 64, 32 that divides every matrix's input size, and tinygemm pads
-  the input size to a multiple of 1024 (held as padded: ``weight_bytes`` counts it).
+  the input size to a multiple of 1024 (held as padded: ``weight_bytes`` counts it). torchao 0.15 floors its bf16
+  scales at 2**-7: a group whose weights span less than 15 * 2**-7 (about 0.12) is rounded with that coarser step.
 
 What is quantized: every ``nn.Linear`` weight -- attention and MLP projections and an untied output layer.
 Embeddings, norms and a tied output layer (it is the embedding) keep their dtype. torchao skips a matrix its kernel
@@ -24,12 +25,14 @@ cannot take (with a log line); here that is refused before anything changes.
 Fused projections (``flexgen_long.models.fuse_projections``): fuse first, then quantize. Each fused matrix is
 quantized as one, and each projection's weight becomes a row slice of it (a view: no byte is held twice, and the
 original weights are freed). Every scheme's scales belong to one output row, so a row slice of the quantized fused
-matrix is exactly the quantization of that projection alone: fused and unfused models compute the same. Fusing or
+matrix is exactly the quantization of that projection alone: fused and unfused models compute the same. The fused
+matrix is what runs (an int4 slice's scales are not contiguous, which tinygemm's product refuses). Fusing or
 unfusing quantized weights is refused.
 
 Inference only: the quantized weights take no gradient, and a forward of the quantized model with gradients enabled
 raises (a training step would silently update only the embeddings and norms). Nothing here saves a quantized model:
-quantize after loading.
+quantize after loading, on the device the model runs on (moving a quantized model copies each projection's slice
+apart from its fused matrix).
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ SCHEMES = {
     "fp8": "float8 e4m3 weights and per-token activations, one scale per row",
     "int4wo": "int4 weights, a scale and zero per row and group of input columns",
 }
-#: (CUDA capability, dtype) each CUDA-only scheme needs, and why.
+#: The CUDA capability each CUDA-only scheme needs, and why.
 _NEEDS = {"fp8": ((8, 9), "torch._scaled_mm's float8 products need sm_89 or newer"),
           "int4wo": ((8, 0), "tinygemm's int4 kernel needs sm_80 or newer")}
 INT4_GROUPS = (128, 64, 32)
@@ -114,6 +117,7 @@ def _fused_groups(model: nn.Module) -> list[tuple[nn.Module, str, list[nn.Linear
 
 
 def _refuse_grad(module: nn.Module, args) -> None:
+    """The quantized model's forward pre-hook: no forward with gradients enabled."""
     if torch.is_grad_enabled():
         raise RuntimeError("the model's weights are quantized (flexgen_long.quantize), for inference only: run it "
                            "under torch.inference_mode() or torch.no_grad(); a training step would update only the "
