@@ -22,6 +22,7 @@ from .kv_fp8 import FP8, dequantize, quantize
 from .masks import position_mask
 from .patterns import Pattern
 from .policy import Policy
+from .quantize import dequantized_transient_bytes, weight_bytes
 from .routes import route
 
 __all__ = ["LayerCache", "ModelCache", "CachePlan", "LayerPlan", "plan_cache", "free_memory_bytes", "check_fits",
@@ -155,7 +156,8 @@ def prefill_activation_bytes(model: nn.Module, chunk_len: int, dtype: torch.dtyp
     tokens at a time into caches of ``cache_len`` (default ``prompt_len``), beyond weights and caches, on ``device``'s
     routes (None: the worse of CPU and GPU). Shapes only. The worse of the first chunk and the last full one; per layer
     the residual stream plus the largest of RMSNorm (fp32), attention (q/k/v, RoPE in fp32, output and projection,
-    cache write, ``Route.bytes``) and the MLP (``_chunk_bytes``). Times ``PREFILL_SAFETY_FACTOR``, plus
+    cache write, ``Route.bytes``) and the MLP (``_chunk_bytes``); plus a quantized product's dequantized weight
+    (``quantize.dequantized_transient_bytes``). Times ``PREFILL_SAFETY_FACTOR``, plus
     ``PREFILL_SLACK_BYTES``; tests/test_cache.py checks it bounds the CPU allocator's measured peak."""
     _positive("chunk_len", chunk_len)
     prompt_len = chunk_len if prompt_len is None else prompt_len
@@ -169,6 +171,7 @@ def prefill_activation_bytes(model: nn.Module, chunk_len: int, dtype: torch.dtyp
         need = max(need, _chunk_bytes(model, first, first, cache_len, a, dev, pol))
         if prompt_len > chunk_len:
             need = max(need, _chunk_bytes(model, chunk_len, prompt_len, cache_len, a, dev, pol))
+    need += dequantized_transient_bytes(model, dtype)
     return int(need * PREFILL_SAFETY_FACTOR) + PREFILL_SLACK_BYTES
 
 
@@ -217,7 +220,8 @@ def decode_activation_bytes(model: nn.Module, batch_size: int, max_len: int, dty
                   heads=(H, Hkv, D), itemsize=a)
         attention = B * (H + 2 * Hkv) * D * a + 2 * B * H * D * a + r.bytes
         peak = max(peak, 3 * B * E * a + max(attention, 3 * B * F * a + 2 * B * E * 4))
-    return int((peak + B * V * (a + 8)) * PREFILL_SAFETY_FACTOR) + PREFILL_SLACK_BYTES
+    peak += B * V * (a + 8) + dequantized_transient_bytes(model, dtype)
+    return int(peak * PREFILL_SAFETY_FACTOR) + PREFILL_SLACK_BYTES
 
 
 def serving_capacity(model: nn.Module, prompt_len: int, new_tokens: int, budget_bytes: int,
@@ -225,13 +229,15 @@ def serving_capacity(model: nn.Module, prompt_len: int, new_tokens: int, budget_
                      policy: Policy | None = None) -> dict:
     """The largest batch of ``prompt_len``-token prompts, each generating ``new_tokens``, that fits ``budget_bytes``:
     weights + caches + the larger of the prefill's activations (a row at a time, ``prefill_chunk`` tokens at a time,
-    None = whole) and a decode step's. Shapes only; errs high. Returns ``batch`` (0: none fits) and every term."""
+    None = whole) and a decode step's. Weights: ``quantize.weight_bytes`` (the bytes the model's tensors hold,
+    quantized ones as stored; plain ones as if in ``dtype``). Shapes only; errs high. Returns ``batch`` (0: none fits)
+    and every term."""
     _positive("prompt_len", prompt_len)
     _positive("new_tokens", new_tokens)
     _positive("budget_bytes", budget_bytes)
     if prefill_chunk is not None:
         _positive("prefill_chunk", prefill_chunk)
-    weights = sum(p.numel() for p in model.parameters()) * _itemsize(dtype)
+    weights = weight_bytes(model, dtype)
     max_len = prompt_len + new_tokens
     chunk = min(prefill_chunk or prompt_len, prompt_len)
     prefill = prefill_activation_bytes(model, chunk, dtype, prompt_len, max_len, device, policy)

@@ -37,7 +37,8 @@ from .attention import HybridAttention, HybridLayer, KVStep, MaskSet, attention_
 from .layout import DEFAULT_SPARSE_PATTERN, layer_patterns
 from .patterns import AttnSink, check_doc_ids
 
-__all__ = ["HybridDecoder", "longgen_llama", "fuse_projections", "unfuse_projections", "GateUpFeedForward", "from_hf_config", "builder_config", "doc_ids_from_seq_lens", "relayout", "longgen_llama2_7b", "longgen_llama2_13b",
+__all__ = ["HybridDecoder", "longgen_llama", "fuse_projections", "unfuse_projections", "FUSED_MATRICES",
+           "GateUpFeedForward", "from_hf_config", "builder_config", "doc_ids_from_seq_lens", "relayout", "longgen_llama2_7b", "longgen_llama2_13b",
            "longgen_llama2_70b", "longgen_llama3_1_8b", "longgen_llama3_1_70b", "longgen_llama3_2_1b",
            "longgen_llama3_2_3b", "longgen_tiny", "LLAMA3_1_ROPE_SCALING", "LLAMA3_2_ROPE_SCALING"]
 
@@ -135,9 +136,23 @@ class GateUpFeedForward(FeedForward):
         return self.w2(self.activation(gate) * up)
 
 
+#: The matrices ``fuse_projections`` makes: buffer name -> the linears whose weights are its row blocks, in order.
+FUSED_MATRICES = {"_wqkv": ("q_proj", "k_proj", "v_proj"), "_w13": ("w1", "w3")}
+
+
+def _plain_weights(linears, what: str) -> None:
+    """Refuse weights of a tensor subclass (quantized: flexgen_long.quantize), whose storage cannot be re-pointed."""
+    odd = [type(l.weight).__name__ for l in linears if type(l.weight) is not nn.Parameter]
+    if odd:
+        raise ValueError(f"{what}: the weights are {odd[0]}, not plain parameters (quantized weights cannot be fused "
+                         "or unfused: fuse first, then quantize -- flexgen_long.quantize.quantize_weights quantizes "
+                         "the fused matrices)")
+
+
 def _fuse_rows(linears: list[nn.Linear]) -> Tensor:
     """One matrix whose row blocks are the linears' weights, each weight's data re-pointed to its block (the modules,
     parameters and state-dict keys stay; no memory is added once the old storages are freed)."""
+    _plain_weights(linears, "fuse_projections")
     fused = torch.cat([l.weight.detach() for l in linears], dim=0)
     row = 0
     for l in linears:
@@ -157,7 +172,8 @@ def fuse_projections(model: nn.Module) -> nn.Module:
     trains every weight). The fused parameters share storage, so save checkpoints from an unfused model (safetensors
     refuses shared tensors): ``unfuse_projections`` gives each weight its own storage back. Moving the model to
     another device or dtype afterwards keeps values consistent (the fused matrices are non-persistent buffers and move
-    with it) but undoes the sharing: fuse after ``.to()``."""
+    with it) but undoes the sharing: fuse after ``.to()``. Quantize after fusing (``flexgen_long.quantize``: it
+    quantizes the fused matrices); quantized weights are refused here."""
     for a in attention_layers(model):
         lin = [a.q_proj, a.k_proj, a.v_proj]
         if any(not isinstance(l, nn.Linear) or l.bias is not None for l in lin):
@@ -174,10 +190,12 @@ def fuse_projections(model: nn.Module) -> nn.Module:
 
 
 def unfuse_projections(model: nn.Module) -> nn.Module:
-    """Undo ``fuse_projections``: every weight in its own storage again, the fused matrices dropped."""
+    """Undo ``fuse_projections``: every weight in its own storage again, the fused matrices dropped. Refuses quantized
+    weights (reload the model instead)."""
     for m in model.modules():
-        for name, linears in (("_wqkv", ("q_proj", "k_proj", "v_proj")), ("_w13", ("w1", "w3"))):
+        for name, linears in FUSED_MATRICES.items():
             if getattr(m, name, None) is not None:
+                _plain_weights([getattr(m, ln) for ln in linears], "unfuse_projections")
                 for ln in linears:
                     w = getattr(m, ln).weight
                     w.data = w.data.clone()

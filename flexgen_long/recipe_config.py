@@ -40,6 +40,8 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError
 
+from .quantize import SCHEMES
+
 __all__ = ["ConfigError", "fail", "get", "REQUIRED", "key", "section", "Component", "check", "help_text", "fields",
            "integer", "boolean", "device_field", "dtype_field", "DTYPES", "check_component", "instantiate",
            "existing_dir", "existing_file", "hf_dir", "check_hf_sections", "tokenizer_fits", "checkpoint_dir_field",
@@ -363,14 +365,27 @@ class RuntimeKeys:
     dtype: Literal[tuple(DTYPES)] = key("fp32", "weights' dtype (bf16 on GPUs)")
 
 
+def _check_quantize(cfg, name: str) -> None:
+    """``quantize`` runs on the recipe's device with its dtype (``flexgen_long.quantize.check_scheme``)."""
+    from .quantize import check_scheme
+
+    try:
+        check_scheme(cfg[name], device_field(cfg), dtype_field(cfg))
+    except ValueError as e:
+        fail(name, str(e))
+
+
 @dataclasses.dataclass(kw_only=True)
 class InferenceModelKeys:
-    """The model and tokenizer of an inference recipe (``load_for_inference``)."""
+    """The model and tokenizer of an inference recipe, and how its weights are quantized (``load_for_inference``)."""
     checkpoint_dir: Optional[str] = key(None, "an HF model directory or a checkpoint of recipes/longgen_finetune.py; "
                                               "null: the model section with random weights")
     model: Optional[Component] = key(None, "the model builder: without checkpoint_dir, or a layout for an HF "
                                            "directory (flexgen_long.models.from_hf_config)")
     tokenizer: Component = key(REQUIRED, TOKENIZER_HELP)
+    quantize: Optional[Literal[tuple(SCHEMES)]] = key(
+        None, "weights quantized for inference by torchao (flexgen_long.quantize): int8wo (int8, a scale per row), "
+              "fp8 (CUDA capability >= 8.9, bf16), int4wo (CUDA, bf16); null: as loaded", check=_check_quantize)
 
 
 def _existing(field: str, path, what: str, directory: bool) -> Path:
@@ -662,10 +677,22 @@ def load_for_inference(cfg: DictConfig, checkpoint: Path | None, build=build_mod
     """The model and tokenizer of an inference recipe whose config was ``check``ed against a schema of
     ``InferenceModelKeys``, ``RuntimeKeys`` (device and dtype are taken as checked there) and a ``seed``: torch seeded
     (random weights, sampling), the model built in eval mode by ``build(cfg, checkpoint, device, dtype, log)``
-    (``build_model``, or a recipe's own around it), then the tokenizer, which must fit the model's vocabulary."""
+    (``build_model``, or a recipe's own around it: one that fuses projections gets its fused matrices quantized), its
+    weights quantized by ``quantize`` (one log line: what, and the weight bytes before and after), then the
+    tokenizer, which must fit the model's vocabulary."""
     torch.manual_seed(cfg.seed)
     device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
     model = build(cfg, checkpoint, device, dtype, log)
+    if cfg.quantize is not None:
+        from .quantize import quantize_weights, quantized_matrices, weight_bytes
+
+        before = weight_bytes(model)
+        quantize_weights(model, cfg.quantize)
+        after, names = weight_bytes(model), quantized_matrices(model)
+        fused = sum(n.endswith(("._wqkv", "._w13")) for n in names)
+        log(f"quantize={cfg.quantize}: {len(names)} weight matrices ({fused} of them fused q/k/v or gate/up) hold "
+            f"{SCHEMES[cfg.quantize]}; embeddings and norms stay {cfg.dtype}; weight bytes {before:,} -> {after:,} "
+            f"({after / before:.2f}x)")
     tokenizer = instantiate("tokenizer", cfg.tokenizer)
     tokenizer_fits(tokenizer, model.tok_embeddings.num_embeddings)
     return Loaded(model, tokenizer, device, dtype)

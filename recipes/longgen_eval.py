@@ -17,7 +17,7 @@ Steps, top to bottom:
    model's vocabulary (``flexgen_long.tokenizers.check_fits``). With ``streaming_llm: {sink, window}`` every layer is
    switched to ``AttnSink(sink, window)`` at inference (``flexgen_long.models.relayout``): the StreamingLLM baseline,
    a model trained with full attention whose KV caches keep only sink + window keys per layer (ring caches,
-   flexgen_long.cache).
+   flexgen_long.cache). With ``quantize`` its weights are quantized by torchao (``flexgen_long.quantize``).
 2. Retrieval: for each task (``passkey``, ``multikey_needle`` -- flexgen_long.data's generators), context length L
    and depth d, ``samples_per_cell`` prompts of exactly L tokens with the asked-for needle at depth d (seeded by
    (seed, task, L, d): every model sees the same prompts). Scoring: the answer is greedy-decoded with
@@ -32,7 +32,8 @@ Steps, top to bottom:
    generation (so the StreamingLLM baseline is scored with its ring caches). ppl = exp(mean NLL); also over the
    second half of the positions alone, where context beyond a sparse window matters most. For lengths beyond the
    longest files, ``perplexity_join_files: true`` makes each document the files of one directory joined in order.
-4. Writes ``<output_dir>/<name>.json`` and ``<output_dir>/<name>_retrieval.png`` (a heatmap per task).
+4. Writes ``<output_dir>/<name>.json`` and ``<output_dir>/<name>_retrieval.png`` (a heatmap per task); the default
+   name of a quantized model's result ends in ``_<quantize>``.
 """
 
 import json
@@ -351,12 +352,12 @@ def plot_heatmaps(retrieval: dict, title: str, path: Path) -> None:
 
 def result_name(cfg: DictConfig, ckpt: Path | None) -> str:
     """``name``, else the run directory of a finetune checkpoint (``<run>/step_<N>``), else the model directory's own
-    name, else ``random``."""
+    name, else ``random`` -- followed by ``_<quantize>`` for quantized weights (a quantized model's result never
+    takes the unquantized one's default name)."""
     if cfg.name:
         return cfg.name
-    if ckpt is None:
-        return "random"
-    return ckpt.parent.name if ckpt.name.startswith("step_") else ckpt.name
+    name = "random" if ckpt is None else ckpt.parent.name if ckpt.name.startswith("step_") else ckpt.name
+    return f"{name}_{cfg.quantize}" if cfg.quantize else name
 
 
 def check_output(out_dir: Path, name: str, ckpt: Path | None, overwrite: bool) -> Path:
@@ -409,6 +410,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
     result = {"name": name, "checkpoint": str(ckpt) if ckpt else None, "layout": layout,
               "streaming_llm": OmegaConf.to_container(cfg.streaming_llm) if cfg.streaming_llm else None,
+              "quantize": cfg.quantize,
               "scoring": SCORING, "retrieval": retrieval, "perplexity": perplexity,
               "perplexity_source": cfg.perplexity_source if docs else None,
               "perplexity_join_files": cfg.perplexity_join_files if docs else None,

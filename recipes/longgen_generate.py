@@ -6,7 +6,8 @@ Run from the repository root::
     tune run recipes/longgen_generate.py --config recipes/configs/generate/smollm2_135m.yaml    # a real model
 
 Steps: build the model and load its weights (see ``build_model``), lay out its q/k/v and gate/up weights as one
-matrix each (``models.fuse_projections``: one matrix product per group), check that the tokenizer fits the model's
+matrix each (``models.fuse_projections``: one matrix product per group), quantize its weights when ``quantize`` says
+so (``flexgen_long.quantize``: the fused matrices as they are), check that the tokenizer fits the model's
 vocabulary, print the KV-cache memory plan (checked against free memory before anything is allocated), tokenize the
 prompts (starting as the tokenizer starts plain text: SmolLM2 adds no BOS), generate them as one batch, print each
 prompt with its continuation (stdout), then the speed (stderr): the batch's prefill time, its decode rate over all
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Literal, Optional, Union
 
 from omegaconf import DictConfig
+from torch import nn
 from torchtune import utils
 
 from flexgen_long import cli
@@ -64,14 +66,18 @@ def validate_config(cfg: DictConfig) -> Path | None:
     return checkpoint
 
 
+def build_fused(cfg: DictConfig, checkpoint: Path | None, device, dtype, log) -> nn.Module:
+    """``rc.build_model``, then one q/k/v and one gate/up matrix product per layer (same weights, no extra memory; this
+    recipe saves nothing): the fastest measured decode with the compiled layers (analysis/README.md, "The user's
+    path"). Before ``quantize``, which then quantizes the fused matrices."""
+    return fuse_projections(rc.build_model(cfg, checkpoint, device, dtype, log))
+
+
 def generate_text(cfg: DictConfig) -> None:
     """The whole recipe (see the module docstring)."""
     checkpoint = validate_config(cfg)
     compiled = cfg.compile
-    model, tokenizer, _, dtype = rc.load_for_inference(cfg, checkpoint, log=log.info)
-    # one q/k/v and one gate/up matrix product per layer (same weights, no extra memory; this recipe saves nothing):
-    # the fastest measured decode with the compiled layers (analysis/README.md, "The user's path")
-    fuse_projections(model)
+    model, tokenizer, _, dtype = rc.load_for_inference(cfg, checkpoint, build=build_fused, log=log.info)
     prompts = [tokenizer.encode(p, add_bos=True, add_eos=False) for p in cfg.prompts]
     max_new = cfg.max_new_tokens
     policy = Policy(prefill_chunk=cfg.prefill_chunk, compile_decode=compiled, compile_prefill=compiled,

@@ -261,7 +261,7 @@ def test_serving_capacity_is_the_largest_batch_that_fits():
     with torch.device("meta"):
         hyb = longgen_llama3_1_8b(max_seq_len=131072 + 128)
         dense = longgen_llama3_1_8b(max_seq_len=131072 + 128, full_layers="all")
-    weights = sum(p.numel() for p in hyb.parameters()) * 2
+    weights = sum(t.numel() for t in (*hyb.parameters(), *hyb.buffers())) * 2  # bf16 weights and RoPE table
     for model in (hyb, dense):
         r = serving_capacity(model, 131072, 128, 79 * GiB)
         b = r["batch"]

@@ -124,6 +124,23 @@ def test_streaming_llm_switches_every_layer_to_sink_window_ring_caches(tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
 
 
+def test_quantized_eval_runs_on_int8_weights_and_names_its_result_apart(tmp_path):
+    """quantize=int8wo: the checkpoint is evaluated with int8 weights (its perplexity moves, by less than 1%), the JSON
+    says so, and its default name ends in _int8wo, beside the unquantized result's."""
+    from recipes.longgen_eval import evaluate
+
+    _tiny_checkpoint(tmp_path / "run")
+    out = tmp_path / "eval"
+    cells = dict(checkpoint_dir=str(tmp_path / "run"), output_dir=str(out), tasks=["passkey"], lengths=[200],
+                 depths=[0.5], samples_per_cell=1, perplexity_documents=1)
+    plain, got = evaluate(_cfg(**cells)), evaluate(_cfg(**cells, quantize="int8wo"))
+    assert (plain["name"], got["name"]) == ("run", "run_int8wo") and (plain["quantize"], got["quantize"]) == (None,
+                                                                                                         "int8wo")
+    assert json.loads((out / "run_int8wo.json").read_text())["quantize"] == "int8wo" and (out / "run.json").is_file()
+    ppl, ppl_q = plain["perplexity"]["ppl"][0], got["perplexity"]["ppl"][0]
+    assert ppl != ppl_q and abs(ppl_q / ppl - 1) < 0.01
+
+
 def _oracle(prompts, max_new):
     """A perfect reader: finds the asked-for value in the prompt text by regex, independent of the task code."""
     outs = []
@@ -220,6 +237,9 @@ def test_perplexity_equals_exp_mean_nll_of_an_independent_forward():
     ({"samples_per_cell": "abc"}, r"config field 'samples_per_cell': must be an int >= 1, got 'abc'"),
     ({"seed": "abc"}, r"config field 'seed': must be an int >= 0, got 'abc'"),
     ({"device": "tpu"}, r"config field 'device': must be 'cpu', 'cuda' or 'cuda:<index>', got 'tpu'"),
+    ({"quantize": "int8_weight_only"}, r"config field 'quantize': must be null or one of \['int8wo', 'fp8', 'int4wo'\]"),
+    ({"quantize": "fp8"}, r"config field 'quantize': scheme 'fp8' needs (a CUDA device of capability|CUDA capability"
+                          r"|bf16 weights)"),
     ({"model": {"_component_": "flexgen_long.models.longgen_tiny", "max_seq_len": "long"}},
      r"config field 'model.max_seq_len': must be an int, got 'long'"),
     *([] if torch.cuda.is_available() else [({"device": "cuda"}, r"config field 'device': 'cuda' was requested")]),

@@ -363,6 +363,8 @@ def test_generate_recipe_runs_as_typed_and_loads_a_checkpoint(tmp_path):
     (["prefill_chunk=0"], r"config field 'prefill_chunk': must be null, 'auto' or an int >= 1, got 0"),
     (["compile=always"], r"config field 'compile': must be null, true or false, got 'always'"),
     (["kv_cache_dtype=int8"], r"config field 'kv_cache_dtype': must be null or 'fp8', got 'int8'"),
+    (["quantize=int8"], r"config field 'quantize': must be null or one of \['int8wo', 'fp8', 'int4wo'\], got 'int8'"),
+    (["quantize=int4wo"], r"config field 'quantize': scheme 'int4wo' needs .*CUDA|needs bf16 weights"),
     *([] if torch.cuda.is_available() else [(["device=cuda"], r"config field 'device': 'cuda' was requested")]),
 ])
 def test_generate_recipe_refuses_bad_config_naming_the_field(overrides, message):
