@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+from .flex_backend import BACKENDS as FLEX_BACKENDS, resolve as resolve_flex_backend
+
 __all__ = ["Policy"]
 
 _TRISTATE = ("compile_prefill", "compile_decode", "cuda_graphs", "lookahead", "chunk_flex")
@@ -38,7 +40,10 @@ class Policy:
     ``dense_mask_max_len``: sparse or packed sequences up to this many tokens run SDPA with the pattern's dense bool
     mask instead of compiled flex (without a gradient; with one on a CPU always, flex has no CPU backward).
     ``compile_backend`` / ``compile_options``: torch.compile's backend for the layers, and Inductor options of the
-    decode step (a dict, e.g. ``{"coordinate_descent_tuning": True}``)."""
+    decode step (a dict, e.g. ``{"coordinate_descent_tuning": True}``).
+    ``flex_backend``: the kernels of compiled flex (prefill and training; decode never runs flex): ``"triton"``,
+    ``"flash"`` (flash-attn-4, the ``flash`` extra; CUDA sm90+), or ``None``: FLASH where it can run, else Triton
+    (flexgen_long.flex_backend)."""
 
     prefill_chunk: int | str | None = "auto"
     compile_prefill: bool | None = None
@@ -49,6 +54,7 @@ class Policy:
     dense_mask_max_len: int | None = None
     compile_backend: str | Callable = "inductor"
     compile_options: dict | tuple | None = None
+    flex_backend: str | None = None
 
     def __post_init__(self):
         def bad(field, allowed):
@@ -70,15 +76,22 @@ class Policy:
         elif not (opts is None or (isinstance(opts, tuple) and all(isinstance(o, tuple) and len(o) == 2
                                                                    for o in opts))):
             bad("compile_options", "None or a dict of Inductor options")
+        if self.flex_backend not in (None, *FLEX_BACKENDS):
+            bad("flex_backend", "None (FLASH where flash_attn.cute imports on CUDA sm90+, else Triton), 'triton' or "
+                                "'flash'")
 
     def on(self, device) -> "Policy":
-        """This policy with every None resolved for ``device``'s type; refuses CUDA graphs off CUDA."""
+        """This policy with every None resolved for ``device``'s type; refuses CUDA graphs off CUDA and FLASH where it
+        cannot run."""
         cuda = torch.device(device).type == "cuda"
         if self.cuda_graphs and not cuda:
             raise ValueError(f"Policy.cuda_graphs=True needs a CUDA device, the model is on {device}")
         fill = {name: cuda for name in _TRISTATE if getattr(self, name) is None}
         if self.dense_mask_max_len is None:
             fill["dense_mask_max_len"] = 2048 if torch.device(device).type == "cpu" else 0
+        backend = resolve_flex_backend(self.flex_backend, device)
+        if backend != self.flex_backend:
+            fill["flex_backend"] = backend
         return dataclasses.replace(self, **fill) if fill else self
 
     def replace(self, **changes) -> "Policy":
