@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
-import importlib.util
 import sys
 
 import torch
@@ -59,8 +58,6 @@ def _cuda_flash_status(index: int | None) -> tuple[bool, str]:
     major, minor = torch.cuda.get_device_capability(index)
     if major < 9:
         return False, f"sm{major}{minor}: FLASH needs sm90 or newer"
-    if importlib.util.find_spec("torch._inductor.kernel.flex.flex_flash_attention") is None:
-        return False, f"torch {torch.__version__} has no FLASH flex backend"
     try:
         import flash_attn.cute  # noqa: F401
     except Exception as e:  # a missing package, a CUDA library that does not load, a frontend that fails to start
