@@ -124,9 +124,10 @@ class MaskSet:
                 r = Route("flex", r.shape, r.bytes, flex_route_backend(policy, dtype.itemsize)) if kind == "block" \
                     else Route("sdpa_dense_mask", r.shape, r.bytes)
             if grad and r.backend == "flash":
+                rows = None if doc_ids is None else doc_ids.reshape(-1, seq_len).shape[0]  # [S] is one row
                 r = dataclasses.replace(r, backend=train_backend(
                     p.bind_heads(num_kv_heads), num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                    dtype=dtype, device=device, doc_batch=None if doc_ids is None else doc_ids.shape[0]))
+                    dtype=dtype, device=device, doc_batch=rows))
             self.routes[p] = (r, _sequence_mask(p, r.kernel, seq_len, num_heads, num_kv_heads, device, doc_ids))
 
     def route(self, pattern: Pattern) -> Route:

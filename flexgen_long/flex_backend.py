@@ -6,11 +6,11 @@ them). ``Policy.flex_backend`` names one; ``None`` resolves here (``resolve``): 
 capability 9.0 or newer where ``flash_attn.cute`` imports, else Triton. The import is tried once per process and
 device, and one line on stderr says which backend flex uses and why.
 
-What FLASH takes, checked per call by ``check_call``: 128 x 128 blocks (its tile on Hopper: ``shapes.BLOCK``), the
-full blocks listed (every BlockMask of flexgen_long.masks lists them), q / k / v of one 16-bit dtype (the route table
-sends float32 to Triton), torch.compile with ``dynamic=False`` (``shapes.compiled``), and mask_mods whose per-call
-values are device tensors (flexgen_long.masks says which are). It has no split-KV decode on sm90: decode stays on
-SDPA.
+What FLASH takes: 128 x 128 blocks (its tile on Hopper: ``shapes.BLOCK``), the full blocks listed (every BlockMask of
+flexgen_long.masks lists them) and q / k / v of one 16-bit dtype (the route table sends float32 to Triton) --
+``check_call`` refuses a call without them -- and torch.compile with ``dynamic=False`` (``shapes.compiled``) and
+mask_mods whose per-call values are device tensors, since it bakes captured Python scalars into the kernel
+(flexgen_long.masks says why ours qualify). It has no split-KV decode on sm90: decode stays on SDPA.
 
 Training: ``train_backend`` runs FLASH's forward and backward once per mask kind on a two-block problem and compares
 them with dense SDPA; where either fails, the training route runs Triton (flexgen_long.attention.MaskSet), and one
@@ -35,8 +35,8 @@ from .shapes import BLOCK, compiled, flex_graph_key
 __all__ = ["BACKENDS", "flash_status", "resolve", "kernel_options", "check_call", "backward_error", "train_backend"]
 
 BACKENDS = ("triton", "flash")
-#: Largest relative L2 error of FLASH's output or gradients against fp32 dense SDPA that ``backward_error`` accepts
-#: (16-bit inputs; bf16 rounding alone gives about 0.004-0.01).
+#: Largest relative L2 error of FLASH's output or gradients against fp32 dense SDPA that ``backward_error`` accepts:
+#: above what 16-bit rounding gives, far below what a wrong mask or a wrong gradient gives.
 PROBE_TOL = 0.05
 
 

@@ -176,6 +176,8 @@ def test_mask_set_routes_by_dtype_and_trains_on_triton_where_flash_backward_fail
         assert r.route(SINK).backend == r.route(Full()).backend == "triton"
         assert isinstance(r[SINK], BlockMask)
     assert probed[-1][1]["doc_batch"] == 2
+    ms(grad=True, doc_ids=doc[0])
+    assert probed[-1][1]["doc_batch"] == 1  # one layout for the batch
     assert said() == [f"flex attention: Triton backend for training {p!r} ({verdict['why']})" for p in (SINK, Full())]
     assert ms(grad=True, dtype=torch.float32).route(SINK).backend == "triton"
 

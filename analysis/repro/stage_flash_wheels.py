@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
-import os
 import shutil
 import subprocess
 import sys

@@ -1,5 +1,5 @@
-"""On the GPU machine (no network): put together the parts that ``stage_flash_wheels.py`` made and install FlexAttention's
-FLASH backend from them. Standard library and pip only. Run from the repo root, one call per part, each call carrying
+"""On the GPU machine (no network): put together the parts that ``stage_flash_wheels.py`` made and install
+FlexAttention's FLASH backend from them. Standard library and pip only. Run from the repo root, one call per part, each call carrying
 its part and ``.flash/parts/SHA256SUMS``:
 
     python3 analysis/repro/unstage_flash_wheels.py park       # copy the parts carried now to /tmp, where they stay
