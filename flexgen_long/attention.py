@@ -10,6 +10,7 @@ sequences longer than ``FLEX_EAGER_MAX_LEN``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterable
 
 import torch
@@ -20,10 +21,11 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torchtune.modules import MultiHeadAttention, TransformerSelfAttentionLayer
 
 from . import kv_fp8
+from .flex_backend import BACKENDS, check_call, kernel_options, train_backend
 from .masks import build_block_mask, build_cached_block_mask, dense_mask, position_mask
 from .patterns import Documents, Full, Pattern, check_doc_ids
 from .policy import Policy
-from .routes import BUFFER_KERNELS, Route, route
+from .routes import BUFFER_KERNELS, Route, flex_route_backend, route
 from .shapes import BLOCK, compiled, flex_graph_key, pad_seq, padded_len
 
 __all__ = ["HybridAttention", "HybridLayer", "MaskSet", "KVStep", "KERNELS", "FlexNotCompiledError",
@@ -37,28 +39,34 @@ class FlexNotCompiledError(RuntimeError):
     """flex_attention was about to run uncompiled on a long sequence."""
 
 
-def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask) -> Tensor:
+def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask, backend: str = "triton") -> Tensor:
     if not torch.compiler.is_compiling() and max(q.shape[-2], k.shape[-2]) > FLEX_EAGER_MAX_LEN:
         raise FlexNotCompiledError(
             f"flex_attention would run uncompiled on q_len={q.shape[-2]}, kv_len={k.shape[-2]} (> "
             f"FLEX_EAGER_MAX_LEN={FLEX_EAGER_MAX_LEN}), materialising the full score matrix: compilation is disabled "
             "or was abandoned for this call (run with TORCH_LOGS=recompiles,graph_breaks)")
-    return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
+    return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True, kernel_options=kernel_options(backend))
 
 
-def flex_attend(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask) -> Tensor:
+def flex_attend(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask, backend: str = "triton") -> Tensor:
     """Compiled flex attention under the shape policy: q [B, Hq, S, D], k/v [B, Hkv, T, D] zero-padded to the
-    BlockMask's lengths, the compiled graph of the call's shape key, the output cut back to S rows. Inside an outer
-    compiled region flex is traced into that region's graph instead."""
+    BlockMask's lengths, the compiled graph of the call's shape key and ``backend`` (``"triton"`` or ``"flash"``,
+    flexgen_long.flex_backend), the output cut back to S rows. Inside an outer compiled region flex is traced into
+    that region's graph instead."""
+    if backend not in BACKENDS:
+        raise ValueError(f"flex backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "flash":
+        check_call(q, k, v, block_mask)
     pq, pk = block_mask.seq_lengths
     S, T = q.shape[-2], k.shape[-2]
     if S > pq or T > pk:
         raise ValueError(f"BlockMask is for {pq} queries x {pk} keys, got {S} x {T}")
     q, k, v = pad_seq(q, pq), pad_seq(k, pk), pad_seq(v, pk)
     if torch.compiler.is_compiling():
-        out = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
+        out = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True, kernel_options=kernel_options(backend))
     else:
-        out = compiled(_flex, flex_graph_key(q, k, v, block_mask), dynamic=False, fullgraph=True)(q, k, v, block_mask)
+        out = compiled(_flex, flex_graph_key(q, k, v, block_mask, backend), dynamic=False, fullgraph=True)(
+            q, k, v, block_mask, backend)
     return out if S == pq else out[:, :, :S]
 
 
@@ -94,11 +102,14 @@ def _sequence_mask(pattern: Pattern, kernel: str, seq_len: int, num_heads: int, 
 class MaskSet:
     """The routes and masks of one no-cache forward: per distinct pattern its route (phase "train" when ``grad``, else
     "first") and the mask it needs (a BlockMask for flex, a bool mask for SDPA, none for causal SDPA). ``kind``
-    overrides every masked pattern's kernel: ``"block"`` (flex) or ``"dense"`` (SDPA with the bool mask)."""
+    overrides every masked pattern's kernel: ``"block"`` (flex) or ``"dense"`` (SDPA with the bool mask).
+    ``dtype`` / ``head_dim``: the layers' q / k / v dtype and head dim. They choose a flex route's backend: FLASH takes
+    16-bit dtypes only (the default, float32, keeps Triton), and trains where its backward passes a check at these
+    (flexgen_long.flex_backend)."""
 
     def __init__(self, patterns: Iterable[Pattern], seq_len: int, *, num_heads: int, num_kv_heads: int, device,
                  doc_ids: Tensor | None = None, kind: str | None = None, grad: bool = False,
-                 policy: Policy | None = None):
+                 policy: Policy | None = None, dtype: torch.dtype = torch.float32, head_dim: int = 128):
         if kind not in (None, "block", "dense"):
             raise ValueError(f"MaskSet kind must be None (the route table's choice), 'block' or 'dense', got {kind!r}")
         if doc_ids is not None:
@@ -108,9 +119,16 @@ class MaskSet:
         self.routes: dict[Pattern, tuple[Route, Tensor | BlockMask | None]] = {}
         for p in dict.fromkeys(patterns):  # distinct, in layer order
             r = route(p.bind_heads(num_kv_heads), "train" if grad else "first", device=device, policy=policy,
-                      q_len=seq_len, packed=doc_ids is not None, heads=(num_heads, num_kv_heads, 1))
+                      q_len=seq_len, packed=doc_ids is not None, heads=(num_heads, num_kv_heads, 1),
+                      itemsize=dtype.itemsize)
             if kind is not None and r.kernel != "sdpa_causal":
-                r = Route("flex" if kind == "block" else "sdpa_dense_mask", r.shape, r.bytes)
+                r = Route("flex", r.shape, r.bytes, flex_route_backend(policy, dtype.itemsize)) if kind == "block" \
+                    else Route("sdpa_dense_mask", r.shape, r.bytes)
+            if grad and r.backend == "flash":
+                rows = None if doc_ids is None else doc_ids.reshape(-1, seq_len).shape[0]  # [S] is one row
+                r = dataclasses.replace(r, backend=train_backend(
+                    p.bind_heads(num_kv_heads), num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                    dtype=dtype, device=device, doc_batch=rows))
             self.routes[p] = (r, _sequence_mask(p, r.kernel, seq_len, num_heads, num_kv_heads, device, doc_ids))
 
     def route(self, pattern: Pattern) -> Route:
@@ -192,7 +210,7 @@ def _dense(at, q, k, v, ctx, r):
 
 
 def _flex_seq(at, q, k, v, ctx, r):
-    return flex_attend(q, k, v, _mask(at, q, ctx, r))
+    return flex_attend(q, k, v, _mask(at, q, ctx, r), r.backend)
 
 
 def _mask(at, q, ctx, r):
@@ -211,7 +229,7 @@ def _flex_full_chunk(at, q, k, v, ctx, r):
         block_size=BLOCK, device=q.device, padded_lengths=(pq, pk)))
     # contiguous copies: a slice keeps the buffer's strides, which differ with every cache size (dynamo guards them)
     kk, vv = (t.contiguous() for t in _keys_so_far(at, k, v, ctx, n=pk))
-    return flex_attend(q, kk, vv, bm)
+    return flex_attend(q, kk, vv, bm, r.backend)
 
 
 def _flex_over_slots(at, q, k, v, ctx, r):
@@ -230,7 +248,7 @@ def _flex_over_slots(at, q, k, v, ctx, r):
         out[:, :, ps:ps + C] = new
         return out
 
-    return flex_attend(q, keys(c.k, k), keys(c.v, v), bm)
+    return flex_attend(q, keys(c.k, k), keys(c.v, v), bm, r.backend)
 
 
 def _sdpa_over_slots(at, q, k, v, ctx, r):
@@ -310,7 +328,7 @@ class HybridAttention(MultiHeadAttention):
         else:
             if mask is None:  # a layer used on its own: unpacked, masks for this layer only
                 mask = MaskSet([self.pattern], s, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-                               device=x.device, grad=torch.is_grad_enabled())
+                               device=x.device, grad=torch.is_grad_enabled(), dtype=q.dtype, head_dim=self.head_dim)
             out = self.attend(q, k, v, mask)
         return self.output_proj(out.transpose(1, 2).reshape(b, s, -1))
 

@@ -10,6 +10,14 @@ chunk's own keys] at arbitrary positions: the rectangle rule per (query block, k
 each key block holds, and a mask_mod that reads the positions from a tensor.
 
 ``dense_mask`` applies the token rule to every (query, key) pair. It is the oracle of the tests, not for long sequences.
+
+Both BlockMask builders suit flex's FLASH backend (flexgen_long.flex_backend) as well as Triton: they list full
+blocks, and their mask_mods (``Pattern.mask_mod`` with or without documents, ``Pattern.positional_mask_mod`` with one
+key-position row or one per KV head) read every per-call value -- the query offset, the document layout, the key
+positions -- from tensors on the mask's device, which FLASH passes to its kernel; the Python values they capture (the
+bound pattern's sizes, the GQA group, whether the layout is per row) are fixed for a compiled graph's key, so FLASH
+baking them in recompiles nothing. A ``Pattern.mask_mod`` built by hand with an int offset captures a 0-d CPU tensor,
+which FLASH refuses on a GPU: the builders here pass the offset on the mask's device.
 """
 
 from __future__ import annotations

@@ -79,11 +79,13 @@ class HybridDecoder(TransformerDecoder):
                              "sequence at a time)")
         if doc_ids is not None:
             check_doc_ids(doc_ids, seq_len, batch=tokens.shape[0])
+        h = self.tok_embeddings(tokens)
         if kv is None and mask is None:
             attn = attention_layers(self)
             grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
             mask = MaskSet([a.pattern for a in attn], seq_len, num_heads=attn[0].num_heads,
-                           num_kv_heads=attn[0].num_kv_heads, device=tokens.device, doc_ids=doc_ids, grad=grad)
+                           num_kv_heads=attn[0].num_kv_heads, device=tokens.device, doc_ids=doc_ids, grad=grad,
+                           dtype=h.dtype, head_dim=attn[0].head_dim)
         elif kv is None and not isinstance(mask, MaskSet):
             raise ValueError("mask must be None or a flexgen_long.attention.MaskSet; pass packing as doc_ids "
                              "(torchtune masks would override the per-layer patterns; generation over KV caches goes "
@@ -93,7 +95,6 @@ class HybridDecoder(TransformerDecoder):
         if input_pos is None and mask is not None and mask.doc_ids is not None:
             input_pos = positions_in_documents(mask.doc_ids)
 
-        h = self.tok_embeddings(tokens)
         hidden = []
         for i, layer in enumerate(self.layers):
             if i in self.output_hidden_states:

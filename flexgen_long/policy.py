@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+from .flex_backend import BACKENDS as FLEX_BACKENDS, resolve as resolve_flex_backend
+
 __all__ = ["Policy"]
 
 KV_CACHE_DTYPES = (None, "fp8")
@@ -42,7 +44,10 @@ class Policy:
     decode step (a dict, e.g. ``{"coordinate_descent_tuning": True}``).
     ``kv_cache_dtype``: ``"fp8"`` stores the full layers' keys and values as float8 e4m3 with one scale per token and
     KV head (flexgen_long.kv_fp8: half the bytes, read as stored by the decode kernel); ``None``: the model's dtype.
-    The sparse layers' caches, bounded by their pattern, keep the model's dtype."""
+    The sparse layers' caches, bounded by their pattern, keep the model's dtype.
+    ``flex_backend``: the kernels of compiled flex (prefill and training; decode never runs flex): ``"triton"``,
+    ``"flash"`` (flash-attn-4, the ``flash`` extra; CUDA sm90+), or ``None``: FLASH where it can run, else Triton
+    (flexgen_long.flex_backend)."""
 
     prefill_chunk: int | str | None = "auto"
     compile_prefill: bool | None = None
@@ -54,6 +59,7 @@ class Policy:
     compile_backend: str | Callable = "inductor"
     compile_options: dict | tuple | None = None
     kv_cache_dtype: str | None = None
+    flex_backend: str | None = None
 
     def __post_init__(self):
         def bad(field, allowed):
@@ -77,13 +83,17 @@ class Policy:
         elif not (opts is None or (isinstance(opts, tuple) and all(isinstance(o, tuple) and len(o) == 2
                                                                    for o in opts))):
             bad("compile_options", "None or a dict of Inductor options")
+        if self.flex_backend not in (None, *FLEX_BACKENDS):
+            bad("flex_backend", "None (FLASH where flash_attn.cute imports on CUDA sm90+, else Triton), 'triton' or "
+                                "'flash'")
 
     def stores_fp8(self, pattern) -> bool:
         """Whether a layer of ``pattern`` keeps its keys and values in FP8 under this policy (full layers only)."""
         return self.kv_cache_dtype == "fp8" and pattern.is_full
 
     def on(self, device) -> "Policy":
-        """This policy with every None resolved for ``device``'s type; refuses CUDA graphs off CUDA."""
+        """This policy with every None resolved for ``device``'s type; refuses CUDA graphs off CUDA and FLASH where it
+        cannot run."""
         cuda = torch.device(device).type == "cuda"
         if self.cuda_graphs and not cuda:
             raise ValueError(f"Policy.cuda_graphs=True needs a CUDA device, the model is on {device}")
@@ -93,6 +103,9 @@ class Policy:
         fill = {name: cuda for name in _TRISTATE if getattr(self, name) is None}
         if self.dense_mask_max_len is None:
             fill["dense_mask_max_len"] = 2048 if torch.device(device).type == "cpu" else 0
+        backend = resolve_flex_backend(self.flex_backend, device)
+        if backend != self.flex_backend:
+            fill["flex_backend"] = backend
         return dataclasses.replace(self, **fill) if fill else self
 
     def replace(self, **changes) -> "Policy":

@@ -27,6 +27,11 @@ cache, then every key so far is read back dequantised (both in the route's bytes
 
 "first" is a prompt's first prefill chunk and the no-cache inference forward; "train" the same with a gradient;
 "later" a prefill chunk at an offset; "decode" one token per row.
+
+A flex route runs on ``Route.backend`` (``flex_route_backend``): ``policy.flex_backend`` (``"flash"``: flash-attn-4's
+kernels, ``"triton"``: flex's own) for 16-bit inputs, Triton for float32, which FLASH does not take. For training,
+``attention.MaskSet`` moves a FLASH route to Triton where FLASH's backward fails for the mask
+(``flex_backend.train_backend``, probed once per mask kind, said once).
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from .patterns import Pattern
 from .policy import Policy
 from .shapes import BLOCK, padded_len
 
-__all__ = ["Route", "route", "PHASES", "MASK_BUILD_BYTES", "BUFFER_KERNELS"]
+__all__ = ["Route", "route", "flex_route_backend", "PHASES", "MASK_BUILD_BYTES", "BUFFER_KERNELS"]
 
 PHASES = ("train", "first", "later", "decode")
 #: Bytes per element of a mask built from positions: an int64 difference and three bools (rule, comparisons, mask).
@@ -53,11 +58,19 @@ BUFFER_KERNELS = frozenset({"sdpa_causal", "sdpa_lower_right", "flex_full_chunk"
 @dataclass(frozen=True)
 class Route:
     """``kernel``: a name in ``attention.KERNELS``; ``shape``: the (query, key) lengths a compiled flex kernel runs at
-    (None: nothing compiled); ``bytes``: the kernel path's transient memory beyond q, k, v and the output."""
+    (None: nothing compiled); ``bytes``: the kernel path's transient memory beyond q, k, v and the output;
+    ``backend``: a flex kernel's backend, ``"triton"`` or ``"flash"`` (None: not flex)."""
 
     kernel: str
     shape: tuple[int, int] | None
     bytes: int
+    backend: str | None = None
+
+
+def flex_route_backend(policy: Policy, itemsize: int) -> str:
+    """The backend of a flex route: the policy's for 16-bit q / k / v, Triton for any other width (FLASH takes float16
+    and bfloat16 only)."""
+    return (policy.flex_backend or "triton") if itemsize == 2 else "triton"
 
 
 def route(pattern: Pattern, phase: str, *, device, policy: Policy, q_len: int, offset: int = 0,
@@ -81,7 +94,8 @@ def route(pattern: Pattern, phase: str, *, device, policy: Policy, q_len: int, o
     stored = 2 * Hkv * C * D * 4 + 2 * Hkv * (offset + C) * D * a if fp8 else 0
 
     def flex(kernel, pq, pk, extra=0):  # padded q, k, v and output copies
-        return Route(kernel, (pq, pk), (2 * H * pq + 2 * Hkv * pk) * D * a + lse + extra + stored)
+        return Route(kernel, (pq, pk), (2 * H * pq + 2 * Hkv * pk) * D * a + lse + extra + stored,
+                     flex_route_backend(policy, a))
 
     if phase == "decode":
         if fp8:  # stage 1's fp32 partials; on a CPU the reference's dequantised, expanded K/V of one row in fp32

@@ -133,11 +133,12 @@ def compiled_graphs(prefix: str | None = None) -> list[GraphInfo]:
     return [info for (_, qual, _), (_, info) in _COMPILED.items() if prefix is None or qual.startswith(prefix)]
 
 
-def flex_graph_key(q: Tensor, k: Tensor, v: Tensor, block_mask) -> tuple:
+def flex_graph_key(q: Tensor, k: Tensor, v: Tensor, block_mask, backend: str = "triton") -> tuple:
     """Everything a compiled flex call's graph depends on: shapes, strides (dynamo guards on them: a view into a larger
     buffer must not share a key with a packed tensor), dtypes, device, whether it records gradients, the
-    BlockMask's tensor shapes and block size, and the mask_mod's own key (set by ``Pattern.mask_mod``: the bound
-    pattern, the GQA group, the document layout's shape) -- or, for a foreign mask_mod, its code."""
+    BlockMask's tensor shapes and block size, the mask_mod's own key (set by ``Pattern.mask_mod``: the bound
+    pattern, the GQA group, the document layout's shape) -- or, for a foreign mask_mod, its code -- and the kernel
+    backend (flexgen_long.flex_backend), so that Triton and FLASH graphs of one shape live side by side."""
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     mm = block_mask.mask_mod
     mask_key = getattr(mm, "graph_key", None) or (getattr(mm, "__code__", None), getattr(mm, "__qualname__", None))
@@ -146,4 +147,4 @@ def flex_graph_key(q: Tensor, k: Tensor, v: Tensor, block_mask) -> tuple:
             str(q.device), grad, mask_key,
             tuple(block_mask.kv_num_blocks.shape), tuple(block_mask.kv_indices.shape),
             None if full is None else tuple(full.shape), tuple(block_mask.BLOCK_SIZE),
-            tuple(block_mask.seq_lengths))
+            tuple(block_mask.seq_lengths), backend)

@@ -73,7 +73,7 @@ def test_dispatch_picks_the_kernel(monkeypatch):
     """Full + unpacked needs no mask (SDPA is_causal); sparse or packed use the mask the MaskSet holds."""
     calls = []
     import flexgen_long.attention as A
-    monkeypatch.setattr(A, "flex_attend", lambda q, k, v, m: calls.append(("flex", m)) or q)
+    monkeypatch.setattr(A, "flex_attend", lambda q, k, v, m, backend: calls.append(("flex", m, backend)) or q)
     real_sdpa = A.F.scaled_dot_product_attention
     monkeypatch.setattr(A.F, "scaled_dot_product_attention",
                         lambda q, k, v, **kw: calls.append(("sdpa", kw.get("is_causal"), kw.get("attn_mask")))
@@ -93,6 +93,7 @@ def test_dispatch_picks_the_kernel(monkeypatch):
     make_attn(sink).attend(q, k, k, dense)
     assert calls[0] == ("sdpa", True, None)
     assert calls[1][0] == "flex" and calls[1][1] is unpacked[sink] and isinstance(calls[1][1], BlockMask)
+    assert calls[1][2] == "triton"  # a CPU policy's backend, from the route
     assert calls[2][0] == "flex" and calls[2][1] is packed[Full()]
     assert calls[3][0] == "sdpa" and calls[3][2] is dense[sink] and calls[3][2].dtype == torch.bool
 

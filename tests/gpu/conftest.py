@@ -65,6 +65,14 @@ def pytest_sessionfinish(session, exitstatus):
     _write(finished=True)
 
 
+def _flex_backend() -> dict:
+    """What compiled flex runs by default on this machine, and why (flexgen_long.flex_backend)."""
+    from flexgen_long.flex_backend import flash_status
+
+    ok, why = flash_status("cuda")
+    return {"backend": "flash" if ok else "triton", "why": why}
+
+
 def _write(finished: bool) -> None:
     path = os.environ.get("FLEXGEN_GPU_RESULTS")
     if not path or not torch.cuda.is_available() or not _RESULTS or _worker() != "main":
@@ -89,6 +97,7 @@ def _write(finished: bool) -> None:
         "processes": len(last),
         # summed over processes; first calls that raised (the guard test runs a compiled function eagerly on purpose)
         # have no time
+        "flex_backend_default": _flex_backend(),
         "compiled_graphs_total": sum(r["process_graphs"] for r in last.values()),
         "compile_s_total": round(sum(r["process_compile_s"] for r in last.values()), 1),
         "cases": _RESULTS,

@@ -1,6 +1,8 @@
 """The attention layer's compiled flex path on the GPU at lengths 1..300 (odd values, block boundaries +-1), fp32 and
 bf16, MHA and GQA, AttnSink with block-aligned and unaligned sinks, BlockSparse with and without per-head shifts,
-packed documents; inference and training. Oracle: SDPA over the dense token-rule mask in fp32 on the same inputs."""
+packed documents; inference and training; on both flex backends, Triton and FLASH (bf16 cases; FLASH takes 16-bit
+inputs only, and its cases are skipped, with the reason, where flash_attn.cute does not import). Oracle: SDPA over the
+dense token-rule mask in fp32 on the same inputs; FLASH is also compared with Triton."""
 
 from __future__ import annotations
 
@@ -9,9 +11,11 @@ import torch
 import torch.nn.functional as F
 from torchtune.modules import RotaryPositionalEmbeddings
 
+import flexgen_long.flex_backend as FB
 from flexgen_long.attention import FLEX_EAGER_MAX_LEN, FlexNotCompiledError, HybridAttention, MaskSet, flex_attend
 from flexgen_long.masks import build_block_mask, dense_mask
 from flexgen_long.patterns import AttnSink, BlockSparse, Full
+from flexgen_long.policy import Policy
 from reference import rel_err
 from flexgen_long.shapes import bucket_count, compiled_graphs, padded_len
 
@@ -29,7 +33,8 @@ CONFIGS = {  # id: (pattern, dtype, query heads, KV heads, packed)
     "sink_packed_fp32_mha": (AttnSink(4, 60), torch.float32, 2, 2, True),
 }
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}  # relative L2 error against the fp32 reference
-
+FLASH_OK, FLASH_WHY = FB.flash_status(DEV) if torch.cuda.is_available() else (False, "no CUDA")
+BACKENDS = ["triton", pytest.param("flash", marks=pytest.mark.skipif(not FLASH_OK, reason=f"FLASH: {FLASH_WHY}"))]
 
 
 def layer(pattern, hq, hkv) -> HybridAttention:
@@ -71,57 +76,134 @@ def flex_graphs() -> int:
     return len(compiled_graphs("_flex"))
 
 
+def masks_for(pattern, S, dtype, hq, hkv, doc, backend, grad=False) -> MaskSet:
+    """The layer's MaskSet with flex forced (kind="block") on ``backend``."""
+    return MaskSet([pattern], S, num_heads=hq, num_kv_heads=hkv, device=DEV, doc_ids=doc, kind="block", grad=grad,
+                   policy=Policy(flex_backend=backend), dtype=dtype, head_dim=D)
+
+
+def skip_float32_on_flash(backend, dtype):
+    if backend == "flash" and dtype == torch.float32:
+        pytest.skip("float32 routes to Triton (FLASH takes float16 / bfloat16): the Triton case covers it")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cfg", list(CONFIGS), ids=str)
-def test_inference_lengths_1_to_300(cfg, record_property):
+def test_inference_lengths_1_to_300(cfg, backend, record_property):
     pattern, dtype, hq, hkv, packed = CONFIGS[cfg]
+    skip_float32_on_flash(backend, dtype)
     attn = layer(pattern, hq, hkv)
-    before, worst = flex_graphs(), 0.0
+    before, worst, vs_triton = flex_graphs(), 0.0, 0.0
     with torch.no_grad():
         for S in LENGTHS:
             q, k, v, doc = inputs(S, dtype, hq, hkv, packed, seed=S)
-            masks = MaskSet([pattern], S, num_heads=hq, num_kv_heads=hkv, device=DEV, doc_ids=doc, kind="block")
+            masks = masks_for(pattern, S, dtype, hq, hkv, doc, backend)
+            assert masks.route(pattern).backend == backend
             out = attn.attend(q, k, v, masks)
             assert out.shape == q.shape and out.dtype == dtype
             assert torch.isfinite(out).all(), f"S={S}: non-finite output"
             err = rel_err(out, reference(pattern, q, k, v, doc))
             worst = max(worst, err)
             assert err < TOL[dtype], f"S={S}: relative error {err:.2e}"
+            if backend == "flash":
+                triton = attn.attend(q, k, v, masks_for(pattern, S, dtype, hq, hkv, doc, "triton"))
+                vs_triton = max(vs_triton, rel_err(out, triton))
+                assert vs_triton < TOL[dtype], f"S={S}: FLASH vs Triton {vs_triton:.2e}"
     graphs = flex_graphs() - before
     record_property("max_rel_err", worst)
+    record_property("flash_vs_triton_max_rel_err", vs_triton)
     record_property("compiled_graphs", graphs)
-    uses_flex = not isinstance(pattern, Full) or packed
-    assert graphs <= (bucket_count(max(LENGTHS)) if uses_flex else 0)
+    assert graphs <= (2 if backend == "flash" else 1) * bucket_count(max(LENGTHS))  # FLASH: Triton's graphs too
 
 
+def forward_backward(attn, pattern, q, k, v, doc, masks, seed):
+    """Output and the three input gradients of the layer's attention under ``masks``, for a fixed output gradient."""
+    out = attn.attend(q, k, v, masks)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(DEV, q.dtype)
+    return (out, *torch.autograd.grad(out, (q, k, v), g)), g
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cfg", ["sink_unaligned_fp32_gqa", "blocksparse_perhead_fp32_gqa", "blocksparse_bf16_gqa",
-                                 "full_packed_bf16_gqa"], ids=str)
-def test_training_lengths(cfg, record_property):
+                                 "full_packed_bf16_gqa", "sink_aligned_bf16_mha"], ids=str)
+def test_training_lengths(cfg, backend, record_property):
     """Forward + backward through the compiled flex path: output and all three input gradients against autograd of
-    the fp32 dense-mask reference."""
+    the fp32 dense-mask reference, and FLASH's against Triton's. A FLASH training route keeps FLASH where its
+    backward passed flex_backend's probe for the mask, else runs Triton (recorded as ``train_backend``)."""
     pattern, dtype, hq, hkv, packed = CONFIGS[cfg]
+    skip_float32_on_flash(backend, dtype)
     attn = layer(pattern, hq, hkv)
-    before, worst = flex_graphs(), 0.0
+    before, worst, vs_triton, used = flex_graphs(), 0.0, 0.0, set()
     for S in TRAIN_LENGTHS:
         q, k, v, doc = inputs(S, dtype, hq, hkv, packed, seed=100 + S, grad=True)
-        masks = MaskSet([pattern], S, num_heads=hq, num_kv_heads=hkv, device=DEV, doc_ids=doc, kind="block")
-        out = attn.attend(q, k, v, masks)
-        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(S)).to(DEV, dtype)
-        got = torch.autograd.grad(out, (q, k, v), g)
+        masks = masks_for(pattern, S, dtype, hq, hkv, doc, backend, grad=True)
+        used.add(masks.route(pattern).backend)
+        got, g = forward_backward(attn, pattern, q, k, v, doc, masks, S)
         leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
         ref_out = reference(pattern, *leaves, doc)
-        want = torch.autograd.grad(ref_out, leaves, g.float())
-        for name, a, b in zip(("out", "dq", "dk", "dv"), (out, *got), (ref_out, *want)):
+        want = (ref_out, *torch.autograd.grad(ref_out, leaves, g.float()))
+        triton = forward_backward(attn, pattern, q, k, v, doc, masks_for(pattern, S, dtype, hq, hkv, doc, "triton",
+                                                                         grad=True), S)[0] \
+            if backend == "flash" else got
+        for name, a, b, t in zip(("out", "dq", "dk", "dv"), got, want, triton):
             assert torch.isfinite(a).all(), f"S={S} {name}: non-finite"
             err = rel_err(a, b)
-            worst = max(worst, err)
+            worst, vs_triton = max(worst, err), max(vs_triton, rel_err(a, t))
             assert err < 2 * TOL[dtype], f"S={S} {name}: relative error {err:.2e}"
+            assert vs_triton < 2 * TOL[dtype], f"S={S} {name}: FLASH vs Triton {vs_triton:.2e}"
     graphs = flex_graphs() - before
     record_property("max_rel_err", worst)
+    record_property("flash_vs_triton_max_rel_err", vs_triton)
+    record_property("train_backend", sorted(used))
     record_property("compiled_graphs", graphs)
-    assert graphs <= bucket_count(max(TRAIN_LENGTHS))
+    assert len(used) == 1  # one verdict per mask kind
+    assert graphs <= (2 if backend == "flash" else 1) * bucket_count(max(TRAIN_LENGTHS))
 
 
-def test_chunk_over_a_prefix_with_q_offset(record_property):
+@pytest.mark.skipif(not FLASH_OK, reason=f"FLASH: {FLASH_WHY}")
+def test_training_falls_back_to_triton_where_flash_backward_fails(monkeypatch, capsys, record_property):
+    """Where flex_backend's probe finds FLASH's backward failing for a mask (forced here: the probe's verdict is
+    replaced), the training route runs Triton -- gradients exactly Triton's -- and one line says so, whatever the
+    number of forwards; the inference route of the same mask stays on FLASH."""
+    pattern, dtype, hq, hkv, packed = CONFIGS["blocksparse_bf16_gqa"]
+    why = "FLASH backward failed: NotImplementedError: forced by the test"
+    monkeypatch.setattr(FB, "backward_error", lambda *a, **kw: why)
+    FB.log_once.cache_clear()
+    capsys.readouterr()
+    attn = layer(pattern, hq, hkv)
+    for S in (100, 257):
+        q, k, v, doc = inputs(S, dtype, hq, hkv, packed, seed=S, grad=True)
+        masks = masks_for(pattern, S, dtype, hq, hkv, doc, "flash", grad=True)
+        assert masks.route(pattern).backend == "triton"
+        got = forward_backward(attn, pattern, q, k, v, doc, masks, S)[0]
+        want = forward_backward(attn, pattern, q, k, v, doc, masks_for(pattern, S, dtype, hq, hkv, doc, "triton",
+                                                                        grad=True), S)[0]
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("flex attention:")]
+    assert lines == [f"flex attention: Triton backend for training {pattern.bind_heads(hkv)!r} ({why})"]
+    assert masks_for(pattern, 100, dtype, hq, hkv, None, "flash").route(pattern).backend == "flash"
+    record_property("said", lines)
+
+
+@pytest.mark.skipif(not FLASH_OK, reason=f"FLASH: {FLASH_WHY}")
+def test_flash_backward_probe_on_every_mask_kind(record_property):
+    """flex_backend's probe (FLASH forward + backward of 256 tokens against fp32 dense SDPA) on each bf16 mask kind
+    the suite trains, packed and not: its verdicts, recorded (None: FLASH trains that kind)."""
+    verdicts = {}
+    for pattern, hq, hkv, head_dim in [(AttnSink(128, 64), 4, 4, 64), (AttnSink(4, 60), 8, 2, 128),
+                                       (BlockSparse(64, 2, 3), 8, 2, 64),
+                                       (BlockSparse(32, 1, 4, per_head=True), 8, 4, 64), (Full(), 4, 2, 64)]:
+        for doc_batch in (None, 2):
+            kind = dict(num_heads=hq, num_kv_heads=hkv, head_dim=head_dim, dtype=torch.bfloat16, device=DEV,
+                        doc_batch=doc_batch)
+            verdicts[f"{pattern!r} heads {hq}/{hkv} D {head_dim} docs {doc_batch}"] = FB.backward_error(
+                pattern.bind_heads(hkv), **kind)
+    record_property("flash_backward_verdicts", verdicts)
+    assert all(v is None or v.startswith("FLASH ") for v in verdicts.values())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chunk_over_a_prefix_with_q_offset(backend, record_property):
     """A padded query block at an offset over a longer key range (77 queries at 8192 over 8269 keys, the shape of a
     ragged last prefill chunk): the padded mask keeps the real rows exact."""
     worst = 0.0
@@ -134,7 +216,7 @@ def test_chunk_over_a_prefix_with_q_offset(record_property):
         bm = build_block_mask(pattern, C, T, q_offset=o, num_heads=8, num_kv_heads=2, device=DEV,
                               padded_lengths=(padded_len(C), padded_len(T)))
         with torch.no_grad():
-            out = flex_attend(q, k, v, bm)
+            out = flex_attend(q, k, v, bm, backend)
         m = dense_mask(pattern, C, T, q_offset=o, num_heads=8, num_kv_heads=2, device=DEV)
         want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m, enable_gqa=True)
         err = rel_err(out, want)
@@ -149,3 +231,12 @@ def test_guard_refuses_long_uncompiled_flex():
     x = torch.randn(1, 1, S, 64, device=DEV)
     with torch.compiler.set_stance("force_eager"), pytest.raises(FlexNotCompiledError, match="uncompiled"):
         flex_attend(x, x, x, bm)
+
+
+def test_the_policy_resolves_flash_where_it_imports():
+    """None resolves to FLASH exactly where flash_attn.cute imports on this sm90+ card; an explicit FLASH elsewhere
+    is refused in one line."""
+    assert Policy().on(DEV).flex_backend == ("flash" if FLASH_OK else "triton")
+    if not FLASH_OK:
+        with pytest.raises(ValueError, match="^Policy.flex_backend='flash' cannot run on cuda: "):
+            Policy(flex_backend="flash").on(DEV)

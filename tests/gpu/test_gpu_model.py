@@ -2,7 +2,9 @@
 prompts, a ragged last prefill chunk, many distinct prompt lengths in one process), 50+ distinct lengths through the
 no-cache forward, training steps and generate(), batches of mixed lengths, and the memory plan's free-memory count.
 Every case checks values: against the dense-mask path of the same model (SDPA with the token rule's bool mask), or the
-no-cache forward."""
+no-cache forward. Prefill chunks (first and later) and training run on both flex backends, Triton and FLASH (bf16;
+FLASH cases are skipped, with the reason, where flash_attn.cute does not import); the defaults take FLASH where it
+imports."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import flexgen_long.flex_backend as FB
 from flexgen_long import AttnSink, BlockSparse, longgen_llama, longgen_tiny
 from flexgen_long.attention import MaskSet, attention_layers
 from flexgen_long.cache import check_fits, free_memory_bytes, plan_cache
@@ -25,6 +28,8 @@ from flexgen_long.shapes import bucket_count, compiled_graphs, padded_len
 DEV = "cuda"
 #: eager layers (the CUDA defaults compile the prefill's and the decode step's layers)
 EAGER = Policy(compile_decode=False, compile_prefill=False)
+FLASH_OK, FLASH_WHY = FB.flash_status(DEV) if torch.cuda.is_available() else (False, "no CUDA")
+NEEDS_FLASH = pytest.mark.skipif(not FLASH_OK, reason=f"FLASH: {FLASH_WHY}")
 
 
 def prefilled(model, prompt, chunk=None, max_len=None, all_logits=False, policy=EAGER):
@@ -104,18 +109,21 @@ def test_short_forward_backward(small_bf16, record_property):
         small_bf16.to(torch.bfloat16).eval()
 
 
-@pytest.mark.parametrize("dtype,tail,chunk", [(torch.bfloat16, 77, 8192), (torch.bfloat16, 1, 8192),
-                                              (torch.bfloat16, 300, 8192), (torch.float32, 1290 - 1280, 256)])
-def test_ragged_last_prefill_chunk(dtype, tail, chunk, record_property):
+@pytest.mark.parametrize("dtype,tail,chunk,backend", [
+    (torch.bfloat16, 77, 8192, "triton"), (torch.bfloat16, 1, 8192, "triton"), (torch.bfloat16, 300, 8192, "triton"),
+    (torch.float32, 1290 - 1280, 256, "triton"), pytest.param(torch.bfloat16, 77, 8192, "flash", marks=NEEDS_FLASH),
+    pytest.param(torch.bfloat16, 300, 8192, "flash", marks=NEEDS_FLASH)])
+def test_ragged_last_prefill_chunk(dtype, tail, chunk, backend, record_property):
     """Was: a 77-token last chunk after 8192 (bf16, head_dim 128) and a 1,290-token prompt chunked by 256 (fp32)
-    failed in flex's decoding lowering. The chunked prefill's logits against the no-cache forward."""
+    failed in flex's decoding lowering. The chunked prefill's logits (first chunk and the later one by compiled flex
+    on ``backend``) against the no-cache forward with dense masks."""
     torch.manual_seed(0)
     model = longgen_llama(1000, 4, 8, 2, 1024, 2048, 32768, sparse_pattern=AttnSink(4, 60)).to(DEV, dtype).eval()
     n = (8192 if chunk == 8192 else 1280) + tail
     prompt = torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(n), device="cpu").to(DEV)
     with torch.no_grad():
-        want = model(prompt[None])[0, -1]
-        _, got = prefilled(model, prompt, chunk, n + 1)
+        want = model(prompt[None], mask=masks_of(model, n, "dense"))[0, -1]
+        _, got = prefilled(model, prompt, chunk, n + 1, policy=EAGER.replace(flex_backend=backend))
     err = rel_err(got, want)
     record_property("prefill_vs_forward_rel_err", err)
     assert err < (2e-2 if dtype == torch.bfloat16 else 1e-4)
@@ -244,16 +252,19 @@ def test_mixed_batch_equals_each_alone(tiny):
         assert got.tokens == generate(tiny, [p], max_new_tokens=6)[0].tokens == greedy_by_forward(tiny, p, 6)
 
 
-@pytest.mark.parametrize("pattern,dtype", [(AttnSink(4, 60), torch.float32),
-                                           (BlockSparse(64, 2, 4, per_head=True), torch.float32),
-                                           (AttnSink(64, 448), torch.bfloat16)], ids=repr)
-def test_sparse_later_chunks_many_lengths_and_offsets(pattern, dtype, record_property):
+@pytest.mark.parametrize("pattern,dtype,backend", [
+    (AttnSink(4, 60), torch.float32, "triton"), (BlockSparse(64, 2, 4, per_head=True), torch.float32, "triton"),
+    (AttnSink(64, 448), torch.bfloat16, "triton"), pytest.param(AttnSink(64, 448), torch.bfloat16, "flash",
+                                                                marks=NEEDS_FLASH),
+    pytest.param(BlockSparse(64, 2, 4, per_head=True), torch.bfloat16, "flash", marks=NEEDS_FLASH)], ids=repr)
+def test_sparse_later_chunks_many_lengths_and_offsets(pattern, dtype, backend, record_property):
     """Chunked prefill of a sparse model (GQA, full middle layers) over 18 prompt lengths and 4 chunk sizes -- many
     offsets, ragged last chunks, caches of many sizes: every token's logits equal the no-cache forward's, and the
     sparse layers' later chunks (flex over [used slots ; chunk], positional mask_mod) compile at most one graph per
     (chunk bucket, slot part's padded length), never one per offset, prompt length or cache size: an AttnSink ring is
     padded to sink + window (one graph per chunk bucket: chunks 100 and 128 -> 128, 200 and 256 -> 256), a
-    BlockSparse store to the bucket of the slots in use."""
+    BlockSparse store to the bucket of the slots in use. The no-cache reference runs SDPA with dense masks; the chunks
+    run compiled flex on ``backend``."""
     torch.manual_seed(0)
     model = longgen_llama(256, 4, 4, 2, 256, 512, 4096, full_layers="middle", sparse_pattern=pattern).to(
         DEV, dtype).eval()
@@ -264,12 +275,13 @@ def test_sparse_later_chunks_many_lengths_and_offsets(pattern, dtype, record_pro
         chunk = chunks[i % len(chunks)]
         prompt = torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)).to(DEV)
         with torch.no_grad():
-            want = model(prompt[None])[0]
-            engine, got = prefilled(model, prompt, chunk, n + 1 + 37 * i, all_logits=True)  # cache sizes vary too
+            want = model(prompt[None], mask=masks_of(model, n, "dense"))[0]
+            engine, got = prefilled(model, prompt, chunk, n + 1 + 37 * i, all_logits=True,  # cache sizes vary too
+                                    policy=EAGER.replace(flex_backend=backend))
             del engine
         worst = max(worst, rel_err(got, want))
-        keys |= {route(pattern.bind_heads(2), "later", device=DEV, policy=Policy().on(DEV), q_len=chunk, offset=o,
-                       chunk=chunk).shape for o in range(chunk, n, chunk)}
+        keys |= {route(pattern.bind_heads(2), "later", device=DEV, policy=Policy(flex_backend=backend).on(DEV),
+                       q_len=chunk, offset=o, chunk=chunk).shape for o in range(chunk, n, chunk)}
     graphs = sparse_chunk_graphs() - before
     record_property("prefill_vs_forward_max_rel_err", worst)
     record_property("sparse_chunk_graphs", graphs)
@@ -278,6 +290,40 @@ def test_sparse_later_chunks_many_lengths_and_offsets(pattern, dtype, record_pro
     assert 1 <= graphs <= len(keys)
     if isinstance(pattern, AttnSink):
         assert len(keys) == 2
+
+
+@NEEDS_FLASH
+@pytest.mark.parametrize("sparse", [AttnSink(64, 192), BlockSparse(128, 1, 3, per_head=True)], ids=repr)
+def test_training_on_flash_matches_triton_and_dense(sparse, record_property):
+    """Forward + backward of a small bf16 hybrid (GQA 4/2, head dim 128, the middle layer full) at odd lengths in one
+    process, packed and not: every parameter's gradient with the training routes on FLASH against the same on Triton
+    and on SDPA with dense masks. The FLASH routes stay on FLASH where its backward passes flex_backend's probe
+    (recorded as ``train_backend``), else run Triton."""
+    torch.manual_seed(0)
+    model = longgen_llama(256, 3, 4, 2, 512, 512, 4096, sparse_pattern=sparse).to(DEV, torch.bfloat16).train()
+    patterns = [a.pattern for a in attention_layers(model)]
+    worst, used = {}, set()
+    for i, S in enumerate((100, 257, 700)):
+        tokens = torch.randint(0, 256, (2, S), generator=torch.Generator().manual_seed(S)).to(DEV)
+        doc = (torch.arange(S, device=DEV) * 3 // S).expand(2, S) if i % 2 else None
+        grads = {}
+        for name in ("flash", "triton", "dense"):
+            masks = MaskSet(patterns, S, num_heads=4, num_kv_heads=2, device=DEV, doc_ids=doc, grad=True,
+                            kind="dense" if name == "dense" else None, dtype=torch.bfloat16, head_dim=128,
+                            policy=Policy(flex_backend="triton" if name == "dense" else name))
+            if name == "flash":
+                used |= {r.backend for r, _ in masks.routes.values() if r.kernel == "flex"}
+            model.zero_grad()
+            logits = model(tokens, mask=masks)
+            F.cross_entropy(logits[:, :-1].float().reshape(-1, 256), tokens[:, 1:].reshape(-1)).backward()
+            grads[name] = torch.cat([p.grad.float().flatten() for p in model.parameters()])
+        assert torch.isfinite(grads["flash"]).all()
+        for pair in (("flash", "triton"), ("flash", "dense"), ("triton", "dense")):
+            worst[pair] = max(worst.get(pair, 0.0), rel_err(grads[pair[0]], grads[pair[1]]))
+            assert worst[pair] < 5e-2, f"S={S} {pair}: {worst[pair]:.2e}"  # bf16 through three layers and back
+    record_property("grad_max_rel_err", {" vs ".join(k): v for k, v in worst.items()})
+    record_property("train_backend", sorted(used))
+    model.zero_grad(set_to_none=True)
 
 
 # ---- memory plan ----------------------------------------------------------------------------------------------------------
