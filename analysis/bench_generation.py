@@ -18,7 +18,8 @@ CUDA-graph replays included; capture and the decode step's compilation recorded 
 layers) or a ``+``-joined set of ``compile_decode``, ``fuse_projections`` (``models.fuse_projections``),
 ``compile_prefill``; without it, the products of ``--compile-decode`` / ``--fuse-projections`` /
 ``--compile-prefill``. ``--layouts``: hybrid and/or dense. ``--kv-cache-dtypes``: each row per cache storage
-(``Policy.kv_cache_dtype``: ``model`` = the model's dtype, ``fp8``).
+(``Policy.kv_cache_dtype``: ``model`` = the model's dtype, ``fp8``); ``--quantize``: each row per weight format
+(``none``, ``int8wo``, ...; quantized after fusing in fused modes).
 
     python analysis/bench_generation.py --generate --out gen.json --contexts 131072 --shapes llama2_7b --chunks 0 8192
 """
@@ -38,6 +39,7 @@ from flexgen_long.models import (fuse_projections, longgen_llama, longgen_llama2
                                  unfuse_projections)
 from flexgen_long.patterns import AttnSink
 from flexgen_long.policy import Policy
+from flexgen_long.quantize import quantize_weights, weight_bytes
 from flexgen_long import timing
 
 SPARSE = AttnSink(sink=64, window=1984)  # 2048 keys per query (the paper's ~1/64 of 128K), the records' pattern; the
@@ -134,7 +136,7 @@ def user_path(model, ctx: int, policy: Policy, new_tokens: int) -> dict:
 
 #: What a hybrid row shares with the dense row its ratios are taken against: shape, prompt and every mode.
 PAIRED_BY = ("shape", "ctx", "prefill_chunk", "compile_decode", "compile_prefill", "fused_projections",
-             "kv_cache_dtype")
+             "kv_cache_dtype", "quantize")
 
 
 def run_user_path(args) -> None:
@@ -149,23 +151,35 @@ def run_user_path(args) -> None:
            "compile_options": args.compile_options, "commit": args.commit,
            "full_layers": "middle third", "dtype": "bf16", "batch": 1, "rows": []}
     torch.set_default_dtype(torch.bfloat16)
-    for shape in args.shapes:
+    # quantized weights cannot be unfused or restored: one model per (shape, scheme, fused), freed before the next
+    builds = [(shape, q, fp) for shape in args.shapes for q in args.quantize
+              for fp in sorted({m[1] for m in modes}) if q != "none"]
+    builds = [(shape, "none", None) for shape in args.shapes if "none" in args.quantize] + builds
+    for shape, q, fused in builds:
         with torch.device("cuda"):
             model = SHAPES[shape](max_seq_len=max(args.contexts) + args.new_tokens).eval()
         full_idx = [i for i, l in enumerate(model.layers) if l.attn.pattern.is_full]
+        if q != "none":
+            if fused:
+                fuse_projections(model)
+            quantize_weights(model, q)
         for ctx in args.contexts:
             for chunk in args.chunks:
-                layouts = [("hybrid", p, m, kv) for p in sparse for m in modes for kv in args.kv_cache_dtypes
+                rows_modes = [m for m in modes if q == "none" or m[1] == fused]
+                layouts = [("hybrid", p, m, kv) for p in sparse for m in rows_modes for kv in args.kv_cache_dtypes
                            if "hybrid" in args.layouts] + \
-                    [("dense", None, m, kv) for m in modes for kv in args.kv_cache_dtypes if "dense" in args.layouts]
+                    [("dense", None, m, kv) for m in rows_modes for kv in args.kv_cache_dtypes
+                     if "dense" in args.layouts]
                 for layout, pat, (cd, fp, cp), kv in layouts:
                     relayout(model, full_idx if pat is not None else "all", pat or SPARSE)
-                    (fuse_projections if fp else unfuse_projections)(model)
+                    if q == "none":
+                        (fuse_projections if fp else unfuse_projections)(model)
                     policy = Policy(prefill_chunk=chunk or None, compile_decode=cd, compile_prefill=cp,
                                     compile_options=args.compile_options,
                                     kv_cache_dtype=None if kv == "model" else kv)
                     r = {"shape": shape, "layout": layout, "sparse_pattern": repr(pat) if pat else None,
-                         "fused_projections": fp, "kv_cache_dtype": kv}
+                         "fused_projections": fp, "kv_cache_dtype": kv, "quantize": q,
+                         "weight_bytes": weight_bytes(model)}
                     try:
                         r.update(user_path(model, ctx, policy, args.new_tokens))
                     except (torch.OutOfMemoryError, MemoryError) as e:
@@ -191,6 +205,7 @@ def run_user_path(args) -> None:
     for r in res["rows"]:
         mode = "+".join(k for k in ("compile_decode", "fused_projections", "compile_prefill") if r.get(k)) or "plain"
         mode += "" if r.get("kv_cache_dtype", "model") == "model" else f" kv:{r['kv_cache_dtype']}"
+        mode += "" if r.get("quantize", "none") == "none" else f" w:{r['quantize']}"
         print(f"{r['shape']:12s} {r['layout']:7s} {r.get('ctx', 0):7d} {str(r.get('prefill_chunk', '')):>6s} "
               f"{mode:28s} {r.get('prefill_s', float('nan')):9.3f} {r.get('decode_ms_per_token', float('nan')):8.3f} "
               f"{r.get('peak_alloc_GiB', float('nan')):8.2f}" + (f"  {r['error']}" if "error" in r else ""))
@@ -245,6 +260,9 @@ def main():
     ap.add_argument("--chunks", type=int, nargs="+", default=[0, 8192],
                     help="with --generate: the policy's prefill_chunk values, 0 = whole prompt")
     ap.add_argument("--new-tokens", type=int, default=128, help="with --generate: tokens generated per call")
+    ap.add_argument("--quantize", nargs="+", default=["none"], choices=["none", "int8wo", "fp8", "int4wo"],
+                    help="with --generate: each row per weight format (flexgen_long.quantize.quantize_weights, after "
+                         "fuse_projections in fused modes; a fresh model per format)")
     ap.add_argument("--kv-cache-dtypes", nargs="+", default=["model"], choices=["model", "fp8"],
                     help="with --generate: each row per KV-cache storage (Policy.kv_cache_dtype; model: the model's "
                          "dtype)")
