@@ -87,9 +87,12 @@ def parse_spec(spec: str) -> tuple[str, int]:
     return m.group(1), int(m.group(2)) * 1024
 
 
-def run_args(name: str, seq: int, layout: str, nproc: int, steps: int, out_dir: str, log_dir: str) -> list[str]:
-    """The `tune run` command of one run."""
+def run_args(name: str, seq: int, layout: str, nproc: int, steps: int, out_dir: str, log_dir: str,
+             backend: str = "default") -> list[str]:
+    """The `tune run` command of one run; ``backend``: the recipe's ``flex_backend`` (default: its own choice)."""
     config, overrides = model_args(name, layout)
+    if backend != "default":
+        overrides = [*overrides, f"flex_backend={backend}"]
     max_tokens = max(2_000_000, seq * (steps + 2) * nproc * 2)
     return ["tune", "run"] + (["--nproc_per_node", str(nproc)] if nproc > 1 else []) + [
         "recipes/longgen_finetune.py", "--config", config, *overrides,
@@ -156,6 +159,17 @@ def summarize(runs: list[dict]) -> dict:
     scaling efficiency of each (model, seq_len, layout) measured at several GPU counts: tokens/s per GPU at n GPUs
     over tokens/s per GPU at the fewest (each GPU trains one sequence per step, so 1.0 is perfect scaling)."""
     ok = [r for r in runs if "step_s_median" in r]
+    backends: dict = {}
+    for r in ok:
+        backends.setdefault((r["model"], r["seq_len"], r["nproc"], r["layout"]), {})[r.get("flex_backend",
+                                                                                            "default")] = r
+    flash_vs_triton = [{"model": m, "seq_len": s, "nproc": n, "layout": lay,
+                        "triton_step_s": d["triton"]["step_s_median"],
+                        "flash_step_s": d["flash"]["step_s_median"],
+                        "speedup": d["triton"]["step_s_median"] / d["flash"]["step_s_median"],
+                        "loss": {b: d[b].get("loss") for b in ("triton", "flash")}}
+                       for (m, s, n, lay), d in sorted(backends.items()) if {"triton", "flash"} <= set(d)]
+    ok = [r for r in ok if r.get("flex_backend", "default") in ("default", "triton")]  # hybrid vs full: one backend
     by: dict = {}
     for r in ok:
         by.setdefault((r["model"], r["seq_len"], r["nproc"]), {})[r["layout"]] = r
@@ -178,7 +192,7 @@ def summarize(runs: list[dict]) -> dict:
             base = rs[0]["tokens_per_s_per_rank_median"]
             scaling.append({"model": model, "seq_len": seq, "layout": layout, "base_nproc": rs[0]["nproc"],
                             "efficiency": {str(r["nproc"]): r["tokens_per_s_per_rank_median"] / base for r in rs}})
-    return {"hybrid_vs_full": pairs, "scaling": scaling}
+    return {"hybrid_vs_full": pairs, "scaling": scaling, "flash_vs_triton": flash_vs_triton}
 
 
 def _run(args: list[str], timeout_s: float | None) -> tuple[int, str, bool]:
@@ -194,13 +208,18 @@ def _run(args: list[str], timeout_s: float | None) -> tuple[int, str, bool]:
         return 124, out, True
 
 
-def run_one(name: str, seq: int, layout: str, nproc: int, steps: int, scratch: Path, timeout_s) -> dict:
-    tag = f"{name}-{seq // 1024}k-{layout}-x{nproc}"
+def run_tag(name: str, seq: int, layout: str, nproc: int, backend: str = "default") -> str:
+    return f"{name}-{seq // 1024}k-{layout}-x{nproc}" + ("" if backend == "default" else f"-{backend}")
+
+
+def run_one(name: str, seq: int, layout: str, nproc: int, steps: int, scratch: Path, timeout_s,
+            backend: str = "default") -> dict:
+    tag = run_tag(name, seq, layout, nproc, backend)
     out_dir, log_dir = scratch / "out" / tag, scratch / "logs" / tag
     shutil.rmtree(log_dir, ignore_errors=True)
-    args = run_args(name, seq, layout, nproc, steps, str(out_dir), str(log_dir))
+    args = run_args(name, seq, layout, nproc, steps, str(out_dir), str(log_dir), backend)
     row = {"spec": tag, "model": name, "seq_len": seq, "layout": layout, "nproc": nproc, "steps": steps,
-           "command": shlex.join(args)}
+           "flex_backend": backend, "command": shlex.join(args)}
     try:
         plan = plan_run(args)
         row.update(plan_peak_gib=round(plan.peak / 2**30, 3), plan_phase=plan.peak_phase)
@@ -254,11 +273,15 @@ def main(argv=None):
     ap.add_argument("--gpu-memory-gib", type=float, default=None, help="with --plan-only: fail a plan above it "
                                                                        "(default: an H200, 139.8)")
     ap.add_argument("--commit", default="unknown")
+    ap.add_argument("--flex-backends", nargs="+", default=["default"], choices=["default", "triton", "flash"],
+                    help="each run per compiled-flex backend (the recipe's flex_backend; default: its own choice, "
+                         "FLASH where flash-attn-4 imports); triton + flash adds their comparison to the summary")
     a = ap.parse_args(argv)
     specs = [parse_spec(s) for s in a.specs]
     if any(n < 1 for n in a.nproc):
         ap.error(f"--nproc: GPU counts must be >= 1, got {a.nproc}")
-    grid = [(name, seq, layout, n) for name, seq in specs for n in a.nproc for layout in a.layouts]
+    grid = [(name, seq, layout, n, b) for name, seq in specs for n in a.nproc for layout in a.layouts
+            for b in a.flex_backends]
 
     if a.plan_only:
         from flexgen_long import recipe_config as rc
@@ -266,8 +289,8 @@ def main(argv=None):
 
         gib = a.gpu_memory_gib or train_plan.H200_GIB
         with rc.user_errors():
-            for name, seq, layout, n in grid:
-                args = run_args(name, seq, layout, n, a.steps, "/tmp/plan-only", "/tmp/plan-only-logs")
+            for name, seq, layout, n, b in grid:
+                args = run_args(name, seq, layout, n, a.steps, "/tmp/plan-only", "/tmp/plan-only-logs", b)
                 plan = plan_run(args, validate=True)
                 print(f"\n### {name}-{seq // 1024}k {layout} on {n} GPU(s)\n$ {shlex.join(args)}\n"
                       f"{plan.describe(gib)}")
@@ -288,9 +311,9 @@ def main(argv=None):
     if max(a.nproc) > res["gpus"]:
         ap.error(f"--nproc {max(a.nproc)} exceeds this machine's {res['gpus']} GPU(s)")
     scratch = Path(a.scratch)
-    for name, seq, layout, n in grid:
-        tag = f"{name}-{seq // 1024}k-{layout}-x{n}"
-        res["runs"].append(done.get(tag) or run_one(name, seq, layout, n, a.steps, scratch, a.timeout_s))
+    for name, seq, layout, n, b in grid:
+        tag = run_tag(name, seq, layout, n, b)
+        res["runs"].append(done.get(tag) or run_one(name, seq, layout, n, a.steps, scratch, a.timeout_s, b))
         res["summary"] = summarize(res["runs"])
         res["complete"] = all(r["rc"] == 0 for r in res["runs"]) and len(res["runs"]) == len(grid)
         Path(a.out).write_text(json.dumps(res, indent=1))

@@ -36,6 +36,7 @@ from . import hf
 from .attention import HybridAttention, HybridLayer, KVStep, MaskSet, attention_layers, positions_in_documents
 from .layout import DEFAULT_SPARSE_PATTERN, layer_patterns
 from .patterns import AttnSink, check_doc_ids
+from .policy import Policy
 
 __all__ = ["HybridDecoder", "longgen_llama", "fuse_projections", "unfuse_projections", "FUSED_MATRICES",
            "GateUpFeedForward", "from_hf_config", "builder_config", "doc_ids_from_seq_lens", "relayout", "longgen_llama2_7b", "longgen_llama2_13b",
@@ -57,6 +58,9 @@ class HybridDecoder(TransformerDecoder):
     #: still makes every chunk's logits inside forward). A mode set by the recipe, like ``set_num_output_chunks``, so
     #: that every wrapper (FSDP2, activation checkpointing, compile) sees the same forward signature.
     skip_output_layer: bool = False
+    #: The runtime policy of a forward without caches (its masks' routes: e.g. ``flex_backend``); None: ``Policy()``.
+    #: Set by the finetuning recipe; generation passes its own through the engine.
+    policy: Policy | None = None
 
     def forward(self, tokens: Tensor, *, mask: MaskSet | None = None, input_pos: Tensor | None = None,
                 doc_ids: Tensor | None = None, kv: KVStep | None = None):
@@ -85,7 +89,7 @@ class HybridDecoder(TransformerDecoder):
             grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
             mask = MaskSet([a.pattern for a in attn], seq_len, num_heads=attn[0].num_heads,
                            num_kv_heads=attn[0].num_kv_heads, device=tokens.device, doc_ids=doc_ids, grad=grad,
-                           dtype=h.dtype, head_dim=attn[0].head_dim)
+                           dtype=h.dtype, head_dim=attn[0].head_dim, policy=self.policy)
         elif kv is None and not isinstance(mask, MaskSet):
             raise ValueError("mask must be None or a flexgen_long.attention.MaskSet; pass packing as doc_ids "
                              "(torchtune masks would override the per-layer patterns; generation over KV caches goes "

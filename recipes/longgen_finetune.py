@@ -65,6 +65,7 @@ from flexgen_long import retrieval, train_plan
 from flexgen_long.data import CROSS_ENTROPY_IGNORE_INDEX
 from flexgen_long.losses import ChunkedLinearCrossEntropy
 from flexgen_long.models import builder_config
+from flexgen_long.policy import Policy
 from flexgen_long.recipe_config import REQUIRED, Component, key, section
 
 log = utils.get_logger("INFO")
@@ -118,6 +119,9 @@ class FinetuneConfig(rc.RuntimeKeys):
     checkpoint: CheckpointConfig = section(CheckpointConfig)
     retrieval_scoring: RetrievalScoringConfig = section(RetrievalScoringConfig)
     compile: bool = key(False, "torch.compile each layer and the loss")
+    flex_backend: Optional[Literal["triton", "flash"]] = key(None, "compiled flex's kernels: triton, flash "
+                                                                   "(flash-attn-4, the flash extra, sm90+); null: "
+                                                                   "FLASH where it imports, else Triton")
     enable_activation_checkpointing: bool = key(False, "recompute each layer's activations in backward")
     fsdp_cpu_offload: bool = key(False, "FSDP2: parameters and optimizer states on the CPU (several GPUs)")
     metric_logger: Component = key({"_component_": "torchtune.training.metric_logging.StdoutLogger"},
@@ -150,6 +154,10 @@ def validate_config(cfg: DictConfig) -> None:
         rc.existing_file("tokenizer.path", rc.get(cfg, "tokenizer.path"), "the tokenizer's model file")
     rc.check_hf_sections(cfg)  # from_hf_config's and hf_tokenizer's directories
     retrieval.check_config(cfg)  # model.full_layers: retrieval needs a base model to score
+    try:  # flex_backend=flash where flash-attn-4 cannot run
+        Policy(flex_backend=cfg.flex_backend).on(rc.device_field(cfg))
+    except ValueError as e:
+        _fail("flex_backend", str(e).removeprefix("Policy.flex_backend="))
     _check_dataset(cfg, cfg.seq_len)
     # Dry runs on one dummy CPU parameter: the components' own range checks (e.g. "Invalid learning rate: -1"), in
     # microseconds, instead of after the data and the model are ready. (CPU: a CUDA tensor here would open a context
@@ -408,6 +416,7 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
         return choice[0]
 
     def _setup_model(self, cfg: DictConfig) -> nn.Module:
+        policy = Policy(flex_backend=cfg.flex_backend).on(self._device)  # refuses flash where it cannot run, first
         base_sd = hf.load_hf_state_dict(self._base_dir)[0] if self._base_dir else None
         compile_model = cfg.compile
         act_ckpt = cfg.enable_activation_checkpointing
@@ -440,6 +449,7 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
             training.load_from_full_model_state_dict(model, base_sd, self._device, strict=True,
                                                      cpu_offload=cfg.fsdp_cpu_offload)
             training.validate_no_params_on_meta_device(model)
+        model.policy = policy
         if self._is_rank_zero:
             n = sum(p.numel() for p in model.parameters()) * (self._world_size if self._world_size > 1 else 1)
             full = [i for i, layer in enumerate(model.layers) if layer.attn.pattern.is_full]

@@ -57,7 +57,9 @@ def validate(cfg: DictConfig) -> torch.nn.Module:
             torch.device(device)
         except (RuntimeError, TypeError):
             rc.fail("device", f"must be 'cpu', 'cuda' or 'cuda:<index>', got {device!r}")
-        checked = OmegaConf.merge(cfg, {"device": "cpu"})  # planned for a GPU machine: the rest is checked here
+        # planned for a GPU machine: the rest is checked here (flex_backend=flash: whether it imports is the GPU's)
+        checked = OmegaConf.merge(cfg, {"device": "cpu", **({"flex_backend": None}
+                                                            if rc.get(cfg, "flex_backend", None) == "flash" else {})})
     recipe.validate_config(checked)
     with training.set_default_dtype(rc.dtype_field(cfg)), torch.device("meta"):
         # full_layers: retrieval is chosen when the run starts; the plan counts as many full layers (the same memory)

@@ -67,7 +67,7 @@ def test_json_is_written_after_each_run_and_continued(tmp_path, monkeypatch, cap
     fixture = {r["spec"]: r for r in json.loads(FIXTURE.read_text())["runs"]}
     calls = []
 
-    def fake_run(name, seq, layout, nproc, steps, scratch, timeout_s):
+    def fake_run(name, seq, layout, nproc, steps, scratch, timeout_s, backend="default"):
         tag = f"{name}-{seq // 1024}k-{layout}-x{nproc}"
         calls.append(tag)
         return dict(fixture[tag])

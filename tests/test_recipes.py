@@ -468,6 +468,7 @@ BAD = [
      r"config field 'dataset.min_document_tokens': must be null \(one file = one document\) or an int >= 2"),
     (["device=tpu"], ValueError, r"config field 'device': must be 'cpu', 'cuda' or 'cuda:<index>', got 'tpu'"),
     (["dtype=fp16"], ValueError, r"config field 'dtype': must be one of \['fp32', 'bf16'\], got 'fp16'"),
+    (["flex_backend=cudnn"], ValueError, r"config field 'flex_backend': must be null or one of \['triton', 'flash'\], got 'cudnn'"),
     (["log_peak_memory_stats=2"], ValueError, r"config field 'log_peak_memory_stats': must be true or false, got 2"),
     (["metric_logger._component_=torchtune.training.metric_logging.DiskLogger"], ValueError,
      r"config field 'metric_logger': torchtune.training.metric_logging.DiskLogger needs log_dir, which the section "
@@ -478,6 +479,7 @@ BAD = [
                                            r"model's vocabulary has 256"),
 ]
 if not torch.cuda.is_available():
+    BAD.append((["flex_backend=flash"], ValueError, r"config field 'flex_backend': 'flash' cannot run on cpu: the model is on cpu"))
     BAD.append((["device=cuda"], ValueError, r"config field 'device': 'cuda' was requested but this machine has no "
                                              r"usable CUDA device"))
 
