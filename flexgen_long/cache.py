@@ -203,23 +203,25 @@ def choose_prefill_chunk(model: nn.Module, prompt_len: int, free_bytes: int, dty
 
 
 def decode_activation_bytes(model: nn.Module, batch_size: int, max_len: int, dtype: torch.dtype = torch.bfloat16,
-                            policy: Policy | None = None) -> int:
-    """Estimated peak transient bytes of a decode step of ``batch_size`` rows over caches of ``max_len``: per layer the
-    residual stream and MLP, q/k/v and the route's bytes (every layer assumed masked); then the logits. Times
-    ``PREFILL_SAFETY_FACTOR``, plus ``PREFILL_SLACK_BYTES``."""
+                            policy: Policy | None = None, device=None) -> int:
+    """Estimated peak transient bytes of a decode step of ``batch_size`` rows over caches of ``max_len`` on
+    ``device``'s routes (None: the worse of a CPU's and a GPU's): per layer the residual stream and MLP, q/k/v and the
+    route's bytes (every layer assumed masked); then the logits. Times ``PREFILL_SAFETY_FACTOR``, plus
+    ``PREFILL_SLACK_BYTES``."""
     _positive("batch_size", batch_size)
     _positive("max_len", max_len)
     a, B = _itemsize(dtype), batch_size
     E, V = model.tok_embeddings.embedding_dim, model.tok_embeddings.num_embeddings
-    pol, peak = (policy or Policy()).on("cpu"), 0
-    for layer in model.layers:
-        at, F = layer.attn, layer.mlp.w1.out_features
-        H, Hkv, D = at.num_heads, at.num_kv_heads, at.head_dim
-        p = at.pattern.bind_heads(Hkv)
-        r = route(p, "decode", device="cpu", policy=pol, q_len=1, slots=p.cache_slots(max_len), lo=-1, batch=B,
-                  heads=(H, Hkv, D), itemsize=a)
-        attention = B * (H + 2 * Hkv) * D * a + 2 * B * H * D * a + r.bytes
-        peak = max(peak, 3 * B * E * a + max(attention, 3 * B * F * a + 2 * B * E * 4))
+    peak = 0
+    for dev, pol in _paths(device, policy):
+        for layer in model.layers:
+            at, F = layer.attn, layer.mlp.w1.out_features
+            H, Hkv, D = at.num_heads, at.num_kv_heads, at.head_dim
+            p = at.pattern.bind_heads(Hkv)
+            r = route(p, "decode", device=dev, policy=pol, q_len=1, slots=p.cache_slots(max_len), lo=-1, batch=B,
+                      heads=(H, Hkv, D), itemsize=a)
+            attention = B * (H + 2 * Hkv) * D * a + 2 * B * H * D * a + r.bytes
+            peak = max(peak, 3 * B * E * a + max(attention, 3 * B * F * a + 2 * B * E * 4))
     peak += B * V * (a + 8) + dequantized_transient_bytes(model, dtype)
     return int(peak * PREFILL_SAFETY_FACTOR) + PREFILL_SLACK_BYTES
 
@@ -244,7 +246,7 @@ def serving_capacity(model: nn.Module, prompt_len: int, new_tokens: int, budget_
     kv_row = plan_cache(model, 1, max_len, dtype, policy).total_bytes  # every cache term is linear in the batch
 
     def need(b: int) -> tuple[int, int]:  # (total, decode activations) of a batch of b
-        dec = decode_activation_bytes(model, b, max_len, dtype, policy)
+        dec = decode_activation_bytes(model, b, max_len, dtype, policy, device)
         return weights + b * kv_row + max(prefill, dec), dec
 
     lo, hi = 0, max(1, (budget_bytes - weights) // max(kv_row, 1) + 1)

@@ -97,7 +97,9 @@ class Policy:
         cuda = torch.device(device).type == "cuda"
         if self.cuda_graphs and not cuda:
             raise ValueError(f"Policy.cuda_graphs=True needs a CUDA device, the model is on {device}")
-        if self.kv_cache_dtype == "fp8" and cuda and torch.cuda.get_device_capability(device) < (8, 9):
+        # (a plan for a GPU made where there is none checks nothing here)
+        if self.kv_cache_dtype == "fp8" and cuda and torch.cuda.is_available() and \
+                torch.cuda.get_device_capability(device) < (8, 9):
             raise ValueError(f"Policy.kv_cache_dtype='fp8' needs a GPU of compute capability >= 8.9 (FP8 "
                              f"conversions), {device} has {torch.cuda.get_device_capability(device)}")
         fill = {name: cuda for name in _TRISTATE if getattr(self, name) is None}
