@@ -649,6 +649,9 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
             self._metric_logger.close()
         self.release()
         if self._world_size > 1:
+            # every rank idle before any tears the group down: a rank destroying gloo's pairs while its peer still
+            # uses them aborted the peer at exit ("terminate called without an active exception"), on a loaded CPU
+            dist.barrier()
             dist.destroy_process_group()
 
     def stopped(self, e: KeyboardInterrupt, resume: str) -> str:
