@@ -416,7 +416,8 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
         return choice[0]
 
     def _setup_model(self, cfg: DictConfig) -> nn.Module:
-        policy = Policy(flex_backend=cfg.flex_backend).on(self._device)  # refuses flash where it cannot run, first
+        policy = Policy(flex_backend=cfg.flex_backend)
+        policy.on(self._device)  # refuses flash where it cannot run, before anything is built (and says which runs)
         base_sd = hf.load_hf_state_dict(self._base_dir)[0] if self._base_dir else None
         compile_model = cfg.compile
         act_ckpt = cfg.enable_activation_checkpointing
