@@ -60,7 +60,7 @@ def rel(a, b) -> float:
 
 
 def case(name, hq, hkv, B, S, reps, configs):
-    gen = torch.Generator(device="cuda").manual_seed(hash((name, B, S)) % 2**31)
+    gen = torch.Generator(device="cuda").manual_seed(sum(map(ord, name)) * 1000 + B * 7 + S)  # fixed per case
     q = torch.randn(B, hq, 1, D, device="cuda", dtype=torch.bfloat16, generator=gen)
     k = torch.randn(B, hkv, S, D, device="cuda", dtype=torch.bfloat16, generator=gen)
     v = torch.randn(B, hkv, S, D, device="cuda", dtype=torch.bfloat16, generator=gen)
