@@ -90,6 +90,14 @@ def kernel_config(group: int, head_dim: int) -> dict:
 if triton is not None:
 
     @triton.jit
+    def _split_range(Lens, b, split, S, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Row b's keys [lo, hi) of this split: L[b] (clamped into 0..S) cut into NUM_SPLITS BLOCK_N-aligned chunks."""
+        L = tl.minimum(tl.maximum(tl.load(Lens + b).to(tl.int32), 0), S)
+        chunk = tl.cdiv(tl.cdiv(L, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        lo = split * chunk
+        return lo, tl.minimum(lo + chunk, L)
+
+    @triton.jit
     def _split_kernel(Q, K, V, KS, VS, Lens, PartO, PartLse, sm_scale_log2,
                       sqb, sqh, sqd, skb, skh, skn, skd, svb, svh, svn, svd, ssb, ssh, ssn,
                       S, Hq, D, G: tl.constexpr, NUM_SPLITS: tl.constexpr,
@@ -100,10 +108,7 @@ if triton is not None:
         hkv = tl.program_id(1).to(tl.int64)
         split = tl.program_id(2)
 
-        L = tl.minimum(tl.maximum(tl.load(Lens + b).to(tl.int32), 0), S)
-        chunk = tl.cdiv(tl.cdiv(L, NUM_SPLITS), BLOCK_N) * BLOCK_N
-        lo = split * chunk
-        hi = tl.minimum(lo + chunk, L)
+        lo, hi = _split_range(Lens, b, split, S, NUM_SPLITS, BLOCK_N)
 
         g = tl.arange(0, BLOCK_G)
         d = tl.arange(0, BLOCK_D)
@@ -156,10 +161,7 @@ if triton is not None:
         h = tl.program_id(1).to(tl.int64)
         split = tl.program_id(2)
 
-        L = tl.minimum(tl.maximum(tl.load(Lens + b).to(tl.int32), 0), S)
-        chunk = tl.cdiv(tl.cdiv(L, NUM_SPLITS), BLOCK_N) * BLOCK_N
-        lo = split * chunk
-        hi = tl.minimum(lo + chunk, L)
+        lo, hi = _split_range(Lens, b, split, S, NUM_SPLITS, BLOCK_N)
 
         d = tl.arange(0, BLOCK_D)
         d_ok = d < D

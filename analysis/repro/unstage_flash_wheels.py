@@ -16,7 +16,6 @@ stays warm: a fresh machine needs every part again.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import lzma
 import shutil
 import subprocess
@@ -25,17 +24,10 @@ import sysconfig
 import tarfile
 from pathlib import Path
 
-ARCHIVE = "flash_wheels.tar.xz"
-MIB = 1 << 20
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stage_flash_wheels import ARCHIVE, MIB, sha256  # noqa: E402  (its imports are the standard library's)
+
 HOOK = "flexgen_flash_site.pth"
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(MIB), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def sums(folder: Path) -> dict[str, str]:
