@@ -67,8 +67,10 @@ def summarize(results: dict, out: Path, card: str) -> dict:
     from flexgen_long.stats import difference_interval, format_rate, wilson_interval
 
     base = results["bf16"]
-    summ = {"card": card, "variants": {}}
-    lines = [f"# Byte-saving options against bf16 ({card})", "",
+    dtype = base.get("dtype", "bf16")  # the baseline row is named bf16; a CPU run keeps the weights in fp32
+    summ = {"card": card, "baseline_dtype": dtype, "variants": {}}
+    lines = [f"# Byte-saving options against the unquantized model ({card}; its weights in {dtype}: the row 'bf16')",
+             "",
              "| variant | task | length | accuracy (95% interval) | minus bf16 (95% interval) | within |",
              "|---|---|---|---|---|---|"]
     for name, r in results.items():
@@ -131,14 +133,16 @@ def plot(summ: dict, path: Path) -> None:
         ax.set_ylim(-0.05, 1.05)
         ax.set_xlabel("prompt tokens")
     ax = axes[-1]
-    for name in names[1:]:
+    for j, name in enumerate(names[1:], start=1):  # each variant in its colour of the accuracy panels
         ppl = summ["variants"][name]["perplexity"]
-        ax.plot(list(ppl), [100 * x["relative_to_bf16"] for x in ppl.values()], "o-", label=name)
-    ax.axhspan(-100 * PPL_GATE, 100 * PPL_GATE, color="0.9")
-    ax.set_title("perplexity vs bf16 (%)")
+        ax.plot(list(ppl), [100 * x["relative_to_bf16"] for x in ppl.values()], "o-", color=f"C{j}", label=name)
+    ax.axhspan(-100 * PPL_GATE, 100 * PPL_GATE, color="0.9", label=f"gate +-{PPL_GATE:.0%}")
+    ax.legend()
+    ax.set_title("perplexity vs the unquantized model (%)")
     ax.set_xlabel("tokens")
     axes[0].legend()
-    fig.suptitle(f"int8 weights / FP8 KV against bf16 -- {summ['card']}")
+    fig.suptitle(f"int8 weights / FP8 KV against the unquantized model ({summ.get('baseline_dtype', 'bf16')} "
+                 f"weights: the 'bf16' points) -- {summ['card']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
