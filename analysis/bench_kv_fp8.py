@@ -75,7 +75,7 @@ def case(name, hq, hkv, B, S, reps, configs):
     sdpa = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
     ref_bf16 = sdpa()
     row["sdpa_bf16_ms"] = graph_ms(sdpa, reps)
-    bytes_bf16, bytes_fp8 = B * hkv * S * 4 * D, B * hkv * S * (2 * D + 8)
+    bytes_bf16, bytes_fp8 = B * hkv * S * 4 * D, B * hkv * S * kv_fp8.stored_bytes(D)
     row["sdpa_bf16_TBps"] = bytes_bf16 / row["sdpa_bf16_ms"] / 1e9
     # correctness at the default config, on a sub-batch (the float64 reference is slow at 128K)
     out = kv_fp8.decode_attention(q, k8, ks, v8, vs, lengths)

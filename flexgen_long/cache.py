@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import HybridAttention, attention_layers
-from .kv_fp8 import FP8, dequantize, quantize
+from .kv_fp8 import FP8, dequantize, quantize, stored_bytes
 from .masks import position_mask
 from .patterns import Pattern
 from .policy import Policy
@@ -80,7 +80,7 @@ def plan_cache(model: nn.Module, batch_size: int, max_len: int, dtype: torch.dty
     for i, at in enumerate(attention_layers(model)):
         p = at.pattern.bind_heads(at.num_kv_heads)
         slots, hp, fp8 = p.cache_slots(max_len), at.num_kv_heads if p.head_dependent else 1, policy.stores_fp8(p)
-        per_head = 2 * at.head_dim + 2 * 4 if fp8 else 2 * at.head_dim * a  # FP8 values + two fp32 scales
+        per_head = stored_bytes(at.head_dim) if fp8 else 2 * at.head_dim * a
         plans.append(LayerPlan(i, at.pattern, slots, batch_size * slots * (at.num_kv_heads * per_head + hp * 4), fp8))
     return CachePlan(tuple(plans), batch_size, max_len, dtype)
 
@@ -266,7 +266,7 @@ class LayerCache:
     def __init__(self, pattern: Pattern, batch_size: int, num_kv_heads: int, head_dim: int, max_len: int,
                  dtype: torch.dtype, device, fp8: bool = False):
         self.pattern = pattern.bind_heads(num_kv_heads)
-        self.max_len, self.num_kv_heads, self.dtype, self.fp8 = max_len, num_kv_heads, dtype, fp8
+        self.max_len, self.num_kv_heads, self.fp8 = max_len, num_kv_heads, fp8
         self.slots = self.pattern.cache_slots(max_len)
         hp = num_kv_heads if self.pattern.head_dependent else 1
         shape = (batch_size, num_kv_heads, self.slots, head_dim)

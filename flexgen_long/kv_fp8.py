@@ -45,7 +45,7 @@ try:
 except ImportError:  # CPU installs without triton: decode_attention then takes the reference path on CPU tensors
     triton = None
 
-__all__ = ["FP8", "FP8_MAX", "quantize", "dequantize", "decode_attention", "decode_attention_reference",
+__all__ = ["FP8", "FP8_MAX", "quantize", "dequantize", "stored_bytes", "decode_attention", "decode_attention_reference",
            "default_num_splits", "kernel_config", "compile_kernels"]
 
 FP8 = torch.float8_e4m3fn
@@ -63,6 +63,11 @@ def quantize(x: Tensor) -> tuple[Tensor, Tensor]:
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero vector stores zeros
     stored = (x.float() / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8)  # clamp: rounding past 448 is NaN
     return stored, scale
+
+
+def stored_bytes(head_dim: int) -> int:
+    """Bytes a token's key and value take per KV head: the e4m3 values and their two fp32 scales."""
+    return 2 * head_dim + 2 * 4
 
 
 def dequantize(stored: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:

@@ -416,8 +416,6 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
         return choice[0]
 
     def _setup_model(self, cfg: DictConfig) -> nn.Module:
-        policy = Policy(flex_backend=cfg.flex_backend)
-        policy.on(self._device)  # refuses flash where it cannot run, before anything is built (and says which runs)
         base_sd = hf.load_hf_state_dict(self._base_dir)[0] if self._base_dir else None
         compile_model = cfg.compile
         act_ckpt = cfg.enable_activation_checkpointing
@@ -450,7 +448,8 @@ class LongGenFinetuneRecipe(FTRecipeInterface):
             training.load_from_full_model_state_dict(model, base_sd, self._device, strict=True,
                                                      cpu_offload=cfg.fsdp_cpu_offload)
             training.validate_no_params_on_meta_device(model)
-        model.policy = policy
+        # resolved per forward (flexgen_long.flex_backend says once which runs); validate_config refused an impossible one
+        model.policy = Policy(flex_backend=cfg.flex_backend)
         if self._is_rank_zero:
             n = sum(p.numel() for p in model.parameters()) * (self._world_size if self._world_size > 1 else 1)
             full = [i for i, layer in enumerate(model.layers) if layer.attn.pattern.is_full]
