@@ -13,8 +13,8 @@ before any training (which can move retrieval around).
         [--scores LAYERS_JSON] [--device cpu|cuda] [--dtype fp32|bf16] [--only VARIANT ...] [--summary-only]
 
 Stages (each skipped when its JSON exists, so a cut run resumes):
-- ``scores.json``: the base model's retrieval scores (``flexgen_long.retrieval.score_model_dir``, the finetuning
-  recipe's defaults), or those of ``--scores`` (a ``recipes/longgen_layers.py --json`` file of the same model).
+- ``scores.json``: the base model's retrieval scores (``flexgen_long.retrieval.score_model_dir``, at the finetuning
+  recipe's defaults unless ``--score-length`` / ``--score-samples``), or those of ``--scores`` (a ``recipes/longgen_layers.py --json`` file of the same model).
 - ``eval_<variant>.json``: the eval recipe (``recipes/configs/smollm2/eval_32k.yaml`` with overrides) on ``full``,
   and for each budget n ``retrieval_<n>`` and ``middle_<n>``; with ``--controls`` also ``bottom_<n>`` (the n layers
   that score lowest: what the ranking says matters least).
@@ -74,18 +74,17 @@ def layer_scores(args, out: Path) -> dict:
                "device": src["scores"].get("device"), "dtype": src["scores"].get("dtype"),
                "from": Path(args.scores).name}
     else:
-        import torch
         from flexgen_long import retrieval
         from flexgen_long import recipe_config as rc
         from flexgen_long.tokenizers import hf_tokenizer
         log(f"scoring {args.model_dir} for retrieval heads")
         s = retrieval.score_model_dir(args.model_dir, hf_tokenizer(str(args.model_dir)), device=args.device,
-                                      dtype=rc.DTYPES[args.dtype])
+                                      dtype=rc.DTYPES[args.dtype], length=args.score_length,
+                                      samples_per_depth=args.score_samples)
         c = retrieval.choose_full_layers(s, "retrieval:1")
         rec = {"ranking": c.ranking, "layer_copy_score": c.layer_copy_score, "layer_needle_mass": c.layer_needle_mass,
                "prompts": c.prompts, "length": c.length, "seconds": round(s.seconds, 1), "device": args.device,
                "dtype": args.dtype}
-        del torch
     _write(f, rec)
     return rec
 
@@ -296,6 +295,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--tasks", nargs="+", default=["passkey"], choices=list(TASK_NAMES))
     ap.add_argument("--controls", action="store_true", help="also the n lowest-scoring layers full")
     ap.add_argument("--scores", default=None, help="a recipes/longgen_layers.py --json file of the same model")
+    ap.add_argument("--score-length", type=int, default=None,
+                    help="scoring prompt tokens (default: the finetuning recipe's, 4096 or the model's RoPE table)")
+    ap.add_argument("--score-samples", type=int, default=8, help="scoring prompts per depth (default 8, as the recipe)")
     ap.add_argument("--only", nargs="+", default=None, help="run only these variants (then the summary)")
     ap.add_argument("--summary-only", action="store_true", help="evaluate nothing: the summary of what exists")
     ap.add_argument("--device", default="cpu")
@@ -319,6 +321,9 @@ def main(argv=None) -> dict:
         run_eval(v, full, args, args.out)
         log(f"{v}: {time.perf_counter() - t0:.0f} s")
     s = build_summary(args.out, scores, names)
+    if not s["variants"]:
+        log(f"no variant evaluated yet in {args.out}: no summary")
+        return s
     _write(args.out / "summary.json", s)
     md = summary_markdown(s)
     (args.out / "summary.md").write_text(md)

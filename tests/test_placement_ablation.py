@@ -88,26 +88,37 @@ def test_a_missing_model_dir_and_a_bad_scores_file_fail_in_one_line(tmp_path):
         pa.main(["--model-dir", str(tmp_path / "m"), "--out", str(tmp_path / "o"), "--scores", str(tmp_path / "s.json")])
 
 
+def test_scores_from_a_longgen_layers_file(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    src = tmp_path / "layers.json"
+    src.write_text(json.dumps({"choice": _scores(), "scores": {"seconds": 1.0, "device": "cpu", "dtype": "float32"}}))
+    s = pa.main(["--model-dir", str(tmp_path / "m"), "--out", str(tmp_path / "o"), "--scores", str(src),
+                 "--summary-only"])
+    kept = json.loads((tmp_path / "o" / "scores.json").read_text())
+    assert kept["ranking"] == RANKING and kept["from"] == "layers.json" and kept["prompts"] == 40
+    assert s["variants"] == {} and not list((tmp_path / "o").glob("eval_*.json"))  # --summary-only evaluates nothing
+
+
 def test_end_to_end_on_the_real_model_at_a_tiny_size(tmp_path, smollm2_dir, capsys):
-    scores = tmp_path / "layers.json"
-    c = _scores()
-    scores.write_text(json.dumps({"choice": c, "scores": {"seconds": 1.0, "device": "cpu", "dtype": "fp32"}}))
     out = tmp_path / "out"
-    argv = ["--model-dir", str(smollm2_dir), "--out", str(out), "--budgets", "10", "--length", "256",
-            "--samples-per-cell", "1", "--perplexity-documents", "1", "--scores", str(scores)]
+    argv = ["--model-dir", str(smollm2_dir), "--out", str(out), "--budgets", "4", "--length", "256",
+            "--samples-per-cell", "1", "--perplexity-documents", "1", "--score-length", "256", "--score-samples", "1"]
     # the config's AttnSink(64, 448) is not sparse at 256 tokens: the test checks the plumbing, not the outcome
     s = pa.main(argv)
-    assert set(s["variants"]) == {"retrieval_10", "middle_10", "full"}
-    for v, layers in (("retrieval_10", sorted(RANKING[:10])), ("middle_10", list(range(10, 20))),
+    scores = json.loads((out / "scores.json").read_text())
+    assert sorted(scores["ranking"]) == list(range(30)) and (scores["prompts"], scores["length"]) == (5, 256)
+    assert list(s["variants"]) == ["retrieval_4", "middle_4", "full"]
+    for v, layers in (("retrieval_4", sorted(scores["ranking"][:4])), ("middle_4", [13, 14, 15, 16]),
                       ("full", list(range(30)))):
         e = json.loads((out / f"eval_{v}.json").read_text())
         assert e["layout"]["full_layers"] == layers
         assert e["retrieval"]["passkey"]["prompts_by_length"] == 5
         assert e["retrieval"]["passkey"]["lengths"] == [256]
-    assert json.loads((out / "scores.json").read_text())["ranking"] == RANKING
-    assert (out / "summary.png").stat().st_size > 10_000 and "retrieval_10 - middle_10" in (out / "summary.md").read_text()
-    before = {f: f.stat().st_mtime_ns for f in out.glob("eval_*.json")}
+        assert s["variants"][v]["retrieval"]["passkey"]["beyond"]["prompts"] == 3
+    assert (out / "summary.png").stat().st_size > 10_000 and "retrieval_4 - middle_4" in (out / "summary.md").read_text()
+    before = {f: f.stat().st_mtime_ns for f in out.glob("*.json") if f.name != "summary.json"}
     capsys.readouterr()
     pa.main(argv)
-    assert "+ tune run" not in capsys.readouterr().out  # nothing evaluated again
-    assert before == {f: f.stat().st_mtime_ns for f in out.glob("eval_*.json")}
+    assert "+ tune run" not in capsys.readouterr().out  # nothing scored or evaluated again
+    assert before == {f: f.stat().st_mtime_ns for f in out.glob("*.json") if f.name != "summary.json"}
