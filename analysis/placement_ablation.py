@@ -19,8 +19,8 @@ Stages (each skipped when its JSON exists, so a cut run resumes):
   and for each budget n ``retrieval_<n>`` and ``middle_<n>``; with ``--controls`` also ``bottom_<n>`` (the n layers
   that score lowest: what the ranking says matters least).
 - ``summary.json``, ``summary.md`` and ``summary.png``: each accuracy with its 95% Wilson interval, over every depth
-  and over the depths whose needle lies beyond every sparse layer's reach (0 < depth < 1: after the sinks, before the
-  window; there only the full layers see it); retrieval - middle, retrieval - full, middle - full (and retrieval -
+  over the depths whose needle lies beyond every sparse layer's reach (0 < depth < 1: after the sinks, before the
+  window; there only the full layers see it) and at depth 1 (right before the question); retrieval - middle, retrieval - full, middle - full (and retrieval -
   bottom) per budget, task and scope with Newcombe's interval and whether it excludes 0; the accuracy by depth.
 """
 
@@ -130,16 +130,24 @@ def run_eval(name: str, full, args, out: Path) -> None:
 
 
 # -- summary -----------------------------------------------------------------------------------------------------------
-#: The two scopes of each accuracy: every depth, and the depths whose needle lies beyond every sparse layer's reach
-#: (after the sinks, before the window: 0 < depth < 1), where only the full layers can see it.
-SCOPES = {"all": "all depths", "beyond": "needle beyond the sinks and the window"}
+#: The scopes of each accuracy, by the needle's depth in the prompt: every depth; the depths whose needle lies beyond
+#: every sparse layer's reach (after the sinks, before the window: there only the full layers see it); and depth 1,
+#: the needle right before the question, inside every window.
+SCOPES = {"all": "all depths", "beyond": "needle beyond the sinks and the window",
+          "end": "needle right before the question"}
+_IN_SCOPE = {"all": lambda d: True, "beyond": lambda d: 0 < d < 1, "end": lambda d: d == 1}
 
 
 def _scope_counts(task: dict) -> dict[str, tuple[int, int]]:
     """scope -> (exact matches, prompts) of one task at its single length."""
     per = task["samples_per_cell"]
-    inner = [round(row[0] * per) for d, row in zip(task["depths"], task["accuracy"]) if 0 < d < 1]
-    return {"all": (task["correct_by_length"][0], task["prompts_by_length"]), "beyond": (sum(inner), per * len(inner))}
+    correct = [round(row[0] * per) for row in task["accuracy"]]
+    out = {}
+    for scope, inside in _IN_SCOPE.items():
+        ks = [k for d, k in zip(task["depths"], correct) if inside(d)]
+        out[scope] = (sum(ks), per * len(ks))
+    assert out["all"] == (task["correct_by_length"][0], task["prompts_by_length"]), "counts disagree with the eval"
+    return out
 
 
 def build_summary(out: Path, scores: dict, names: dict) -> dict:
@@ -153,7 +161,7 @@ def build_summary(out: Path, scores: dict, names: dict) -> dict:
         e = evals[v] = _load(f)
         rows[v] = {"full_layers": e["layout"]["full_layers"], "seconds": e.get("seconds"), "retrieval": {}}
         for task, r in e["retrieval"].items():
-            row = rows[v]["retrieval"][task] = {"depths": r["depths"],
+            row = rows[v]["retrieval"][task] = {"depths": r["depths"], "samples_per_cell": r["samples_per_cell"],
                                                 "accuracy_by_depth": [a[0] for a in r["accuracy"]]}
             for scope, (k, n) in _scope_counts(r).items():
                 if n:
@@ -222,6 +230,8 @@ def plot_summary(s: dict, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from flexgen_long.stats import wilson_interval
+
     tasks = _tasks(s)
     names = list(s["variants"])
     budgets = [v.split("_")[1] for v in names if "_" in v]
@@ -233,28 +243,36 @@ def plot_summary(s: dict, out: Path) -> Path:
     for i, t in enumerate(tasks):
         ax = axes[i][0]
         for j, v in enumerate(names):
-            for k, (scope, alpha, hatch) in enumerate((("all", 0.35, None), ("beyond", 0.9, None))):
+            for k, (scope, alpha, hatch) in enumerate((("all", 0.35, None), ("beyond", 0.9, None), ("end", 0.6, "//"))):
                 r = s["variants"][v]["retrieval"].get(t, {}).get(scope)
                 if r is None:
                     continue
-                x, (lo, hi) = j + (k - 0.5) * 0.38, r["interval"]
-                ax.bar(x, r["rate"], width=0.36, color=colour[v.split("_")[0]], alpha=alpha,
-                       label=SCOPES[scope] if j == 0 else None)
+                x, (lo, hi) = j + (k - 1) * 0.27, r["interval"]
+                ax.bar(x, r["rate"], width=0.25, color=colour[v.split("_")[0]], alpha=alpha, hatch=hatch,
+                       edgecolor="white" if hatch else None, label=SCOPES[scope] if j == 0 else None)
                 ax.errorbar(x, r["rate"], yerr=[[r["rate"] - lo], [hi - r["rate"]]], color="black", capsize=3)
         ax.set_xticks(range(len(names)), names, rotation=20)
-        ax.set_ylim(0, 1.05)
+        ax.set_ylim(0, 1.3)
+        ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
         ax.set_ylabel(f"{TASK_NAMES[t]} exact match")
         ax.set_title(f"{TASK_NAMES[t]} at {s['length']} tokens (95% Wilson CI)")
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=7, loc="upper center", ncol=2)
         ax = axes[i][1]
-        for v in names:
+        for j, v in enumerate(names):
             r = s["variants"][v]["retrieval"].get(t)
-            if r is not None:
-                ax.plot(r["depths"], r["accuracy_by_depth"], marker="o", color=colour[v.split("_")[0]],
-                        ls="--" if v in dashed else "-", label=v)
+            if r is None:
+                continue
+            n = r["samples_per_cell"]
+            ci = [wilson_interval(round(a * n), n) for a in r["accuracy_by_depth"]]
+            x = [d + 0.012 * (j - (len(names) - 1) / 2) for d in r["depths"]]  # side by side, not on top
+            ax.errorbar(x, r["accuracy_by_depth"], yerr=[[a - lo for a, (lo, _) in zip(r["accuracy_by_depth"], ci)],
+                                                         [hi - a for a, (_, hi) in zip(r["accuracy_by_depth"], ci)]],
+                        marker="o", ms=4, capsize=2, color=colour[v.split("_")[0]], ls="--" if v in dashed else "-",
+                        label=v)
         ax.set_xlabel("needle depth (0 = start of the prompt)")
         ax.set_ylim(-0.03, 1.03)
-        ax.set_title("by depth (the window holds depth 1.0)")
+        per = {s["variants"][v]["retrieval"][t]["samples_per_cell"] for v in names if t in s["variants"][v]["retrieval"]}
+        ax.set_title(f"by depth ({'/'.join(map(str, sorted(per)))} prompts each, 95% CI; the window holds depth 1)")
         ax.legend(fontsize=8)
         ax = axes[i][2]
         if i == 0:

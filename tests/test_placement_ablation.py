@@ -63,17 +63,18 @@ def test_summary_counts_intervals_and_which_differences_exclude_zero(tmp_path):
     assert r["accuracy_by_depth"] == [1.0, 0.95, 0.9, 1.0, 1.0]
     assert (r["all"]["correct"], r["all"]["prompts"]) == (97, 100)
     assert (r["beyond"]["correct"], r["beyond"]["prompts"]) == (57, 60)  # depths 0.25, 0.5, 0.75
+    assert (r["end"]["correct"], r["end"]["prompts"]) == (20, 20)  # depth 1
     assert r["all"]["interval"] == pytest.approx((0.9155, 0.9897), abs=1e-4)  # Wilson 95% for 97/100
     c = {(x["a"], x["b"], x["scope"]): x for x in s["comparisons"]}
     pairs = {("retrieval_10", "middle_10"), ("retrieval_10", "full"), ("middle_10", "full")}
-    assert set(c) == {(a, b, scope) for a, b in pairs for scope in ("all", "beyond")}
+    assert set(c) == {(a, b, scope) for a, b in pairs for scope in ("all", "beyond", "end")}
     assert c[("retrieval_10", "middle_10", "all")]["significant"] and c[("middle_10", "full", "beyond")]["significant"]
     assert not c[("retrieval_10", "full", "all")]["significant"]  # 0.97 vs 0.99: the interval holds 0
     assert c[("retrieval_10", "middle_10", "all")]["difference"] == pytest.approx(0.61)
     assert c[("retrieval_10", "middle_10", "beyond")]["difference"] == pytest.approx(57 / 60 - 1 / 60)
     md = pa.summary_markdown(s)
     assert ("| retrieval_10 | 6, 7, 14, 15, 17, 18, 20, 21, 22, 23 | 0.97 [0.92, 0.99] (n=100) | 0.95 [0.86, 0.98] "
-            "(n=60) | 3.500 |") in md
+            "(n=60) | 1.00 [0.84, 1.00] (n=20) | 3.500 |") in md
     assert "| full | all |" in md and "| retrieval_10 - middle_10 | passkey | all depths | +0.61" in md
     assert pa.plot_summary(s, tmp_path).stat().st_size > 10_000
 
