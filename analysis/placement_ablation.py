@@ -188,7 +188,7 @@ def build_summary(out: Path, scores: dict, names: dict) -> dict:
     any_eval = next(iter(evals.values()), {})
     return {"what": "a LongGen layout applied to the base model at inference, no training: full layers placed by the "
                     "model's retrieval scores vs the middle ones, same budget",
-            "length": any_eval.get("retrieval", {}).get("passkey", {}).get("lengths", [None])[0],
+            "length": next(iter(any_eval.get("retrieval", {}).values()), {}).get("lengths", [None])[0],
             "sparse_pattern": f"AttnSink(sink={SPARSE['sink']}, window={SPARSE['window']})", "scopes": SCOPES,
             "scoring": any_eval.get("scoring"), "device": any_eval.get("device"), "dtype": any_eval.get("dtype"),
             "card": any_eval.get("card"), "torch": any_eval.get("torch"), "layer_scores": scores,

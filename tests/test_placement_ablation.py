@@ -72,6 +72,7 @@ def test_summary_counts_intervals_and_which_differences_exclude_zero(tmp_path):
     assert not c[("retrieval_10", "full", "all")]["significant"]  # 0.97 vs 0.99: the interval holds 0
     assert c[("retrieval_10", "middle_10", "all")]["difference"] == pytest.approx(0.61)
     assert c[("retrieval_10", "middle_10", "beyond")]["difference"] == pytest.approx(57 / 60 - 1 / 60)
+    assert s["length"] == 4096
     md = pa.summary_markdown(s)
     assert ("| retrieval_10 | 6, 7, 14, 15, 17, 18, 20, 21, 22, 23 | 0.97 [0.92, 0.99] (n=100) | 0.95 [0.86, 0.98] "
             "(n=60) | 1.00 [0.84, 1.00] (n=20) | 3.500 |") in md
