@@ -14,14 +14,16 @@ before any training (which can move retrieval around).
 
 Stages (each skipped when its JSON exists, so a cut run resumes):
 - ``scores.json``: the base model's retrieval scores (``flexgen_long.retrieval.score_model_dir``, at the finetuning
-  recipe's defaults unless ``--score-length`` / ``--score-samples``), or those of ``--scores`` (a ``recipes/longgen_layers.py --json`` file of the same model).
+  recipe's defaults unless ``--score-length`` / ``--score-samples``), or those of ``--scores`` (a
+  ``recipes/longgen_layers.py --json`` file of the same model).
 - ``eval_<variant>.json``: the eval recipe (``recipes/configs/smollm2/eval_32k.yaml`` with overrides) on ``full``,
   and for each budget n ``retrieval_<n>`` and ``middle_<n>``; with ``--controls`` also ``bottom_<n>`` (the n layers
   that score lowest: what the ranking says matters least).
-- ``summary.json``, ``summary.md`` and ``summary.png``: each accuracy with its 95% Wilson interval, over every depth
-  over the depths whose needle lies beyond every sparse layer's reach (0 < depth < 1: after the sinks, before the
-  window; there only the full layers see it) and at depth 1 (right before the question); retrieval - middle, retrieval - full, middle - full (and retrieval -
-  bottom) per budget, task and scope with Newcombe's interval and whether it excludes 0; the accuracy by depth.
+- ``summary.json``, ``summary.md`` and ``summary.png``: each accuracy with its 95% Wilson interval in three scopes:
+  every depth; the depths whose needle lies beyond every sparse layer's reach (0 < depth < 1: after the sinks, before
+  the window, where only the full layers see it); depth 1 (right before the question). Retrieval - middle, retrieval
+  - full, middle - full (and retrieval - bottom) per budget, task and scope, with Newcombe's interval and whether it
+  excludes 0. The accuracy by depth.
 """
 
 from __future__ import annotations
@@ -271,7 +273,8 @@ def plot_summary(s: dict, out: Path) -> Path:
                         label=v)
         ax.set_xlabel("needle depth (0 = start of the prompt)")
         ax.set_ylim(-0.03, 1.03)
-        per = {s["variants"][v]["retrieval"][t]["samples_per_cell"] for v in names if t in s["variants"][v]["retrieval"]}
+        per = {s["variants"][v]["retrieval"][t]["samples_per_cell"] for v in names
+               if t in s["variants"][v]["retrieval"]}
         ax.set_title(f"by depth ({'/'.join(map(str, sorted(per)))} prompts each, 95% CI; the window holds depth 1)")
         ax.legend(fontsize=8)
         ax = axes[i][2]
