@@ -40,7 +40,6 @@ if str(REPO) not in sys.path:  # recipes/ is imported as a package from the repo
     sys.path.insert(0, str(REPO))
 
 EVAL_CONFIG = "recipes/configs/smollm2/eval_32k.yaml"
-SPARSE = {"sink": 64, "window": 448}  # the eval config's AttnSink: 512 keys per sparse layer
 TASK_NAMES = {"passkey": "passkey", "multikey_needle": "multi-key needle"}
 
 
@@ -116,8 +115,7 @@ def eval_overrides(name: str, full, args, out: Path) -> list[str]:
             f"samples_per_cell={args.samples_per_cell}", f"perplexity_documents={args.perplexity_documents}",
             # the RoPE table to the prompt + its answer; the model's own RoPE base (no extension: within its context)
             f"model.max_seq_len={args.length + ANSWER_ROOM}",
-            "model.full_layers=" + (full if isinstance(full, str) else json.dumps(full).replace(" ", "")),
-            f"model.sparse_pattern.sink={SPARSE['sink']}", f"model.sparse_pattern.window={SPARSE['window']}"]
+            "model.full_layers=" + (full if isinstance(full, str) else json.dumps(full).replace(" ", ""))]  # sparse layers: the config's AttnSink(64, 448), 512 keys
     return over
 
 
@@ -191,7 +189,8 @@ def build_summary(out: Path, scores: dict, names: dict) -> dict:
     return {"what": "a LongGen layout applied to the base model at inference, no training: full layers placed by the "
                     "model's retrieval scores vs the middle ones, same budget",
             "length": next(iter(any_eval.get("retrieval", {}).values()), {}).get("lengths", [None])[0],
-            "sparse_pattern": f"AttnSink(sink={SPARSE['sink']}, window={SPARSE['window']})", "scopes": SCOPES,
+            "sparse_pattern": next((p for e in evals.values() for p in e["layout"].get("patterns", []) if p != "Full()"),
+                                   None), "scopes": SCOPES,
             "scoring": any_eval.get("scoring"), "device": any_eval.get("device"), "dtype": any_eval.get("dtype"),
             "card": any_eval.get("card"), "torch": any_eval.get("torch"), "layer_scores": scores,
             "variants": rows, "comparisons": compare}

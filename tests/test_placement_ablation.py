@@ -42,7 +42,8 @@ def test_variants_take_the_top_the_middle_and_the_bottom_of_the_ranking():
 
 def _eval(name, full_layers, correct_by_depth, n_per_depth=20, ppl=3.5):
     depths = [0.0, 0.25, 0.5, 0.75, 1.0]
-    return {"name": name, "layout": {"full_layers": full_layers}, "device": "cpu", "dtype": "fp32", "card": None,
+    patterns = ["Full()" if i in full_layers else "AttnSink(sink=64, window=448)" for i in range(30)]
+    return {"name": name, "layout": {"full_layers": full_layers, "patterns": patterns}, "device": "cpu", "dtype": "fp32", "card": None,
             "torch": "x", "scoring": "exact", "seconds": 1.0,
             "retrieval": {"passkey": {"lengths": [4096], "depths": depths, "samples_per_cell": n_per_depth,
                                       "accuracy": [[k / n_per_depth] for k in correct_by_depth],
